@@ -1,0 +1,224 @@
+"""The inline edit syntax: one string that holds a source prompt, its edit, and word weights.
+
+    a [cat->dog] riding a bicycle          replace: source "a cat ...", edit "a dog ..."
+    a house on a mountain[+ at winter]     refine: the edit gains " at winter"
+    a [fluffy ->]teddy bear                the edit drops "fluffy " ([- fluffy] says the same)
+    a (fluffy:2.5) teddy bear              reweight "fluffy" in the edit by 2.5
+
+A backslash makes the next character literal (``\\[``, ``\\(``, ``\\\\``). Runs of spaces collapse to one, so
+words are what ``prompt.split(" ")`` gives. Weights are keyed by word position in the edit prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["ParsedPrompt", "PromptSyntaxError", "parse_prompt"]
+
+_SPECIAL = "[]()"
+
+
+class PromptSyntaxError(ValueError):
+    """A malformed inline prompt; `column` (1-based) points at the offending character."""
+
+    def __init__(self, text: str, column: int, message: str):
+        self.text = text
+        self.column = column
+        self.reason = message
+        pointer = " " * (column - 1) + "^"
+        super().__init__(f"column {column}: {message}\n  {text}\n  {pointer}")
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """What an inline prompt says: the source, the edit (None without markup) and per-word weights."""
+
+    source: str
+    edit: str | None
+    weights: dict[int, float] = field(default_factory=dict)  # word position in `edit` -> weight
+
+
+@dataclass
+class _Output:
+    """Characters of one prompt being built, each tagged with the weight group (start column) it came from."""
+
+    chars: list[str] = field(default_factory=list)
+    groups: list[int | None] = field(default_factory=list)
+
+    def add(self, char: str, group: int | None = None) -> None:
+        self.chars.append(char)
+        self.groups.append(group)
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+        self.source = _Output()
+        self.edit = _Output()
+        self.weights: dict[int, float] = {}  # weight group column -> weight
+        self.marked = False
+
+    def error(self, pos: int, message: str) -> PromptSyntaxError:
+        return PromptSyntaxError(self.text, pos + 1, message)
+
+    def literal(self, stop: str) -> tuple[str, int] | None:
+        """Read one (possibly escaped) character that is not in `stop`; None at a stop character or the end."""
+        if self.pos >= len(self.text) or self.text[self.pos] in stop:
+            return None
+        start = self.pos
+        if self.text[self.pos] == "\\":
+            if self.pos + 1 >= len(self.text):
+                raise self.error(self.pos, "a backslash must be followed by the character it escapes, e.g. '\\['")
+            self.pos += 1
+        self.pos += 1
+        return self.text[self.pos - 1], start
+
+    def parse(self) -> ParsedPrompt:
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char == "[":
+                self.swap()
+            elif char == "(":
+                self.weighted(self.source, self.edit)
+            elif char in "])":
+                opener = "[" if char == "]" else "("
+                raise self.error(self.pos, f"'{char}' without a matching '{opener}'; write '\\{char}' for a literal one")
+            else:
+                read = self.literal("")
+                assert read is not None
+                self.source.add(read[0])
+                self.edit.add(read[0])
+        return self.result()
+
+    def swap(self) -> None:
+        """`[old->new]`, `[+added]` or `[-removed]`; weight groups are allowed in the new text only."""
+        opened = self.pos
+        self.pos += 1
+        self.marked = True
+        body = self.text[self.pos:]
+        if body.startswith("+") or (body.startswith("-") and not body.startswith("->")):
+            sign = body[0]
+            self.pos += 1
+            self.span(self.edit if sign == "+" else self.source, opened, allow_weights=sign == "+", arrow=False)
+            return
+        self.span(self.source, opened, allow_weights=False, arrow=True)
+        if not self.text.startswith("->", self.pos):
+            raise self.error(self.pos, "expected '->' inside '[...]': write [old->new], [+added] or [-removed]")
+        self.pos += 2
+        self.span(self.edit, opened, allow_weights=True, arrow=False)
+
+    def span(self, out: _Output, opened: int, *, allow_weights: bool, arrow: bool) -> None:
+        """Read text into `out` up to the closing ']' (or up to '->' when `arrow`), consuming the ']'."""
+        while True:
+            if self.pos >= len(self.text):
+                raise self.error(opened, "'[' is never closed: add ']' after the edited words")
+            char = self.text[self.pos]
+            if arrow and self.text.startswith("->", self.pos):
+                return
+            if char == "]":
+                if arrow:
+                    raise self.error(self.pos, "expected '->' before ']': write [old->new], [+added] or [-removed]")
+                self.pos += 1
+                return
+            if char == "[":
+                raise self.error(self.pos, "'[' inside '[...]': edits cannot nest; write '\\[' for a literal one")
+            if char == "(":
+                if not allow_weights:
+                    raise self.error(self.pos, "a (word:weight) group can only stand outside '[...]' or in its new text")
+                self.weighted(out)
+                continue
+            if char == ")":
+                raise self.error(self.pos, "')' without a matching '('; write '\\)' for a literal one")
+            read = self.literal("")
+            assert read is not None
+            out.add(read[0])
+
+    def weighted(self, *outs: _Output) -> None:
+        """`(words:weight)`: the words go to every output in `outs`, tagged with this group."""
+        opened = self.pos
+        self.pos += 1
+        self.marked = True
+        words: list[str] = []
+        while (read := self.literal("[]():")) is not None:
+            words.append(read[0])
+        if self.pos >= len(self.text):
+            raise self.error(opened, "'(' is never closed: write (word:weight), e.g. (fluffy:2.5)")
+        char = self.text[self.pos]
+        if char in "[(":
+            raise self.error(self.pos, f"'{char}' inside a (word:weight) group: groups and edits cannot nest in one")
+        if char != ":":
+            raise self.error(self.pos, "expected ':weight' before this character: write (word:weight), e.g. (fluffy:2.5)")
+        if not "".join(words).strip():
+            raise self.error(opened, "a (word:weight) group needs at least one word, e.g. (fluffy:2.5)")
+        colon = self.pos
+        self.pos += 1
+        number_start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in "[]()":
+            self.pos += 1
+        if self.pos >= len(self.text) or self.text[self.pos] != ")":
+            raise self.error(opened, "'(' is never closed: write (word:weight), e.g. (fluffy:2.5)")
+        number = self.text[number_start:self.pos].strip()
+        try:
+            weight = float(number)
+        except ValueError:
+            raise self.error(colon + 1, f"the weight {number!r} is not a number: write (word:weight), e.g. (fluffy:2.5)") from None
+        if not math.isfinite(weight):
+            raise self.error(colon + 1, f"the weight {number!r} must be a finite number")
+        self.pos += 1
+        self.weights[opened] = weight
+        for out in outs:
+            for char in words:
+                out.add(char, opened)
+
+    def result(self) -> ParsedPrompt:
+        source, _ = _words(self.source)
+        if not source:
+            raise self.error(0, "the source prompt is empty")
+        if not self.marked:
+            return ParsedPrompt(source=" ".join(source), edit=None)
+        edit, groups = _words(self.edit)
+        if not edit:
+            raise self.error(0, "the edit prompt is empty: an edit must keep or add at least one word")
+        weights: dict[int, float] = {}
+        for position, word_groups in enumerate(groups):
+            if len(word_groups) > 1:
+                raise self.error(sorted(word_groups)[1], f"the word {edit[position]!r} is inside two weight groups")
+            if word_groups:
+                weights[position] = self.weights[word_groups.pop()]
+        return ParsedPrompt(source=" ".join(source), edit=" ".join(edit), weights=weights)
+
+
+def _words(out: _Output) -> tuple[list[str], list[set[int]]]:
+    """Split on whitespace, collecting for each word the weight groups its characters came from."""
+    words: list[str] = []
+    groups: list[set[int]] = []
+    current: list[str] = []
+    current_groups: set[int] = set()
+    for char, group in zip(out.chars + [" "], out.groups + [None]):
+        if char.isspace():
+            if current:
+                words.append("".join(current))
+                groups.append(current_groups)
+            current, current_groups = [], set()
+            continue
+        current.append(char)
+        if group is not None:
+            current_groups.add(group)
+    return words, groups
+
+
+def parse_prompt(text: str) -> ParsedPrompt:
+    """Parse an inline prompt into its source, edit and weights.
+
+    Raises `PromptSyntaxError` (a `ValueError`) whose `column` points at the problem.
+
+    >>> parse_prompt("a [cat->dog] riding a bicycle")
+    ParsedPrompt(source='a cat riding a bicycle', edit='a dog riding a bicycle', weights={})
+    >>> parse_prompt("a house on a mountain[+ at winter]").edit
+    'a house on a mountain at winter'
+    >>> parse_prompt("a (fluffy:2.5) teddy bear")
+    ParsedPrompt(source='a fluffy teddy bear', edit='a fluffy teddy bear', weights={1: 2.5})
+    """
+    return _Parser(text).parse()

@@ -1,0 +1,96 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prompt2prompt.syntax import ParsedPrompt, PromptSyntaxError, parse_prompt
+
+
+@pytest.mark.parametrize(
+    "text, source, edit, weights",
+    [
+        ("a [cat->dog] riding a bicycle", "a cat riding a bicycle", "a dog riding a bicycle", {}),
+        ("a photo of a house on a mountain[+ at winter]", "a photo of a house on a mountain",
+         "a photo of a house on a mountain at winter", {}),
+        ("a (fluffy:2.5) teddy bear", "a fluffy teddy bear", "a fluffy teddy bear", {1: 2.5}),
+        ("a [fluffy ->]teddy bear", "a fluffy teddy bear", "a teddy bear", {}),
+        ("a [- fluffy] teddy bear", "a fluffy teddy bear", "a teddy bear", {}),
+        ("a [cat->big dog] riding", "a cat riding", "a big dog riding", {}),
+        ("a [cat->(dog:-0.5)] on a (red:2) bike", "a cat on a red bike", "a dog on a red bike", {1: -0.5, 4: 2.0}),
+        ("a (very fluffy:3) bear", "a very fluffy bear", "a very fluffy bear", {1: 3.0, 2: 3.0}),
+        ("a cat  on\ta mat ", "a cat on a mat", None, {}),
+        (r"a \[cat\] and a \(dog\) \\", r"a [cat] and a (dog) \ ".strip(), None, {}),
+        ("a [cat->dog] (on:1e-1) a mat", "a cat on a mat", "a dog on a mat", {2: 0.1}),
+    ],
+)
+def test_parses_examples(text, source, edit, weights):
+    assert parse_prompt(text) == ParsedPrompt(source=source, edit=edit, weights=weights)
+
+
+@pytest.mark.parametrize(
+    "text, column, fragment",
+    [
+        ("a [cat->dog riding", 3, "never closed"),
+        ("a [cat] riding", 7, "expected '->'"),
+        ("a cat] riding", 6, "without a matching '['"),
+        ("a (fluffy) bear", 10, "expected ':weight'"),
+        ("a (fluffy:lots) bear", 11, "'lots' is not a number"),
+        ("a (fluffy:inf) bear", 11, "finite"),
+        ("a (:2) bear", 3, "at least one word"),
+        ("a (fluffy:2 bear", 3, "never closed"),
+        ("a [cat->[dog]]", 9, "cannot nest"),
+        ("a [(cat:2)->dog]", 4, "outside '[...]'"),
+        ("a ((cat:2):3)", 4, "cannot nest"),
+        ("(a:2)(b:3) cat", 6, "two weight groups"),
+        ("[-cat]", 1, "edit prompt is empty"),
+        ("  ", 1, "source prompt is empty"),
+        ("a cat\\", 6, "backslash"),
+    ],
+)
+def test_errors_point_at_the_column(text, column, fragment):
+    with pytest.raises(PromptSyntaxError) as info:
+        parse_prompt(text)
+    assert info.value.column == column
+    assert fragment in str(info.value)
+    # The message repeats the input with a caret under the column.
+    lines = str(info.value).splitlines()
+    assert lines[1] == "  " + text
+    assert lines[2] == "  " + " " * (column - 1) + "^"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab :.-+>\\[]()0123456789é\t")), max_size=40))
+def test_random_strings_parse_or_point_inside_the_input(text):
+    try:
+        parsed = parse_prompt(text)
+    except PromptSyntaxError as error:
+        assert 1 <= error.column <= max(len(text), 1)
+        return
+    assert parsed.source and parsed.source == " ".join(parsed.source.split())
+    if parsed.edit is None:
+        assert not parsed.weights
+    else:
+        words = parsed.edit.split(" ")
+        assert all(0 <= position < len(words) for position in parsed.weights)
+
+
+_word = st.text(alphabet=st.sampled_from(list("abcxyz")), min_size=1, max_size=6)
+_words = st.lists(_word, min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_words, _words, _words, _words)
+def test_replacement_markup_builds_both_prompts(before, old, new, after):
+    text = " ".join(before) + " [" + " ".join(old) + "->" + " ".join(new) + "] " + " ".join(after)
+    parsed = parse_prompt(text)
+    assert parsed.source == " ".join(before + old + after)
+    assert parsed.edit == " ".join(before + new + after)
+    assert parsed.weights == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(_words, _words, _words, st.floats(min_value=-10, max_value=10, allow_nan=False))
+def test_weight_groups_key_the_edit_words_by_position(before, weighted, after, weight):
+    text = " ".join(before) + " (" + " ".join(weighted) + f":{weight!r}) " + " ".join(after)
+    parsed = parse_prompt(text)
+    assert parsed.source == parsed.edit == " ".join(before + weighted + after)
+    assert parsed.weights == {len(before) + i: weight for i in range(len(weighted))}
