@@ -1,0 +1,180 @@
+"""Load a Stable Diffusion pipeline from a hub id, a local diffusers folder, a single .safetensors file, or "demo"."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "default_device", "load_pipeline", "parse_dtype",
+           "resolve_model"]
+
+DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: `id` as the user named it, `path` on disk, and the hub `revision` when known."""
+
+    id: str
+    path: Path
+    revision: str | None = None
+    single_file: bool = False
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
+    """Find `model` on disk, fetching a hub id into the Hugging Face cache unless offline.
+
+    Args:
+        model: "demo", a diffusers folder, a `.safetensors` file, or a hub id such as
+            "stable-diffusion-v1-5/stable-diffusion-v1-5".
+        revision: a hub branch, tag or commit; only for hub ids.
+    """
+    if model == "demo":
+        if not (DEMO_MODEL / "model_index.json").is_file():
+            raise ModelLoadError(f"the demo model is missing from this install (expected {DEMO_MODEL}); "
+                                 "reinstall prompt2prompt, or pass --model with another model")
+        return ModelSource(id="demo", path=DEMO_MODEL)
+    path = Path(model).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise ModelLoadError(f"revision={revision!r} only applies to hub ids, but {model!r} is a local path")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ModelLoadError(f"{model!r} is a file but not a .safetensors checkpoint; pass a .safetensors "
+                                     "file or a diffusers folder (one with model_index.json)")
+            return ModelSource(id=str(path.resolve()), path=path.resolve(), single_file=True)
+        return ModelSource(id=str(path.resolve()), path=path.resolve())
+    if not _HUB_ID.match(model) or model.endswith(".safetensors"):
+        raise ModelLoadError(f"no such file or folder: {model!r}; pass a diffusers folder, a .safetensors file, "
+                             "a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'demo'")
+    return _download(model, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> ModelSource:
+    from diffusers import DiffusionPipeline
+
+    offline = _offline()
+    try:
+        folder = Path(DiffusionPipeline.download(repo_id, revision=revision, local_files_only=offline))
+    except OSError as error:
+        if offline:
+            raise ModelLoadError(
+                f"{repo_id!r} is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. "
+                f"Download it once on a machine with internet access (`hf download {repo_id}`, with HF_HUB_OFFLINE "
+                "unset) and copy the cache over, or pass --model with a local diffusers folder"
+            ) from None
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub: {error}. Check the id and "
+                             "your network, or pass --model with a local diffusers folder") from None
+    # Cached snapshots live in .../snapshots/<commit>/: that commit pins the weights for replay.
+    commit = folder.name if folder.parent.name == "snapshots" else revision
+    return ModelSource(id=repo_id, path=folder, revision=commit)
+
+
+def default_device() -> str:
+    """The device to run on by default: "cuda" when a GPU is available, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """A torch dtype from its name ("float16", "fp16", "bf16", ...); None gives fp16 on CUDA and fp32 elsewhere.
+
+    >>> parse_dtype(None, "cpu"), parse_dtype("fp16", "cuda")
+    (torch.float32, torch.float16)
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def _pipeline_class(source: ModelSource):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if source.single_file:
+        return StableDiffusionXLPipeline if _is_sdxl_checkpoint(source.path) else StableDiffusionPipeline
+    index_file = source.path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{source.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
+                             "save one with pipe.save_pretrained(folder), or pass a .safetensors file")
+    index = json.loads(index_file.read_text())
+    if "unet" not in index or "text_encoder" not in index:
+        raise ModelLoadError(f"{source.id!r} holds a {index.get('_class_name', 'non-diffusers')} model; "
+                             "prompt2prompt edits Stable Diffusion 1.x, 2.x and SDXL pipelines")
+    return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise ModelLoadError(f"cannot read {str(path)!r} as a safetensors file: {error}") from None
+    if not any(key.startswith("model.diffusion_model.") for key in keys):
+        raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion checkpoint (it has no "
+                             "'model.diffusion_model.*' weights); pass an original SD 1.x/2.x/SDXL .safetensors file")
+    # SDXL checkpoints carry a second text encoder under conditioner.embedders.1.
+    return any(key.startswith("conditioner.embedders.1.") for key in keys)
+
+
+def load_pipeline(
+    model: str | ModelSource,
+    *,
+    device: str | torch.device | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+):
+    """Load a StableDiffusionPipeline or StableDiffusionXLPipeline, on `device` in `torch_dtype`.
+
+    Args:
+        model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.
+        device: defaults to "cuda" when available, else "cpu".
+        torch_dtype: a dtype or its name; defaults to float16 on CUDA and float32 elsewhere.
+        revision: a hub branch, tag or commit.
+
+    Example: `pipe = load_pipeline("demo")`.
+    """
+    source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
+    device = device or default_device()
+    dtype = parse_dtype(torch_dtype, device)
+    cls = _pipeline_class(source)
+    try:
+        with warnings.catch_warnings():
+            # Recent diffusers rename torch_dtype to dtype; the old name still works there and is the only one before.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            if source.single_file:
+                pipe = cls.from_single_file(str(source.path), torch_dtype=dtype, local_files_only=_offline())
+            else:
+                pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        hint = (" A single-file checkpoint needs its base model's configuration from the hub (or its cache)."
+                if source.single_file else "")
+        raise ModelLoadError(f"cannot load {source.id!r}: {str(error).rstrip('.')}.{hint}") from None
+    return pipe.to(device)

@@ -1,0 +1,22 @@
+"""Tiny pipelines saved to disk, as the CLI, the loader and the web app take them: a diffusers folder per session."""
+
+from pathlib import Path
+
+import pytest
+from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD 1.x pipeline: 32 px images (16x16 latents), DDIM scheduler."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A saved tiny SDXL pipeline."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder

@@ -1,0 +1,128 @@
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import constants
+from safetensors.torch import save_file
+from saved_models import tiny_sd_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
+
+from prompt2prompt import loading
+from prompt2prompt.loading import ModelLoadError, load_pipeline, parse_dtype, resolve_model
+
+
+def test_loads_a_diffusers_folder_on_cpu_in_float32(tiny_sd_dir):
+    pipe = load_pipeline(str(tiny_sd_dir))
+    assert type(pipe) is StableDiffusionPipeline
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+    assert resolve_model(str(tiny_sd_dir)).revision is None
+
+
+def test_detects_sdxl_folders(tiny_sdxl_dir):
+    pipe = load_pipeline(str(tiny_sdxl_dir), torch_dtype="bf16")
+    assert type(pipe) is StableDiffusionXLPipeline
+    assert pipe.unet.dtype == torch.bfloat16
+
+
+def test_demo_resolves_to_the_packaged_folder(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "DEMO_MODEL", tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="demo model is missing"):
+        resolve_model("demo")
+    monkeypatch.setattr(loading, "DEMO_MODEL", tiny_sd_dir)
+    source = resolve_model("demo")
+    assert (source.id, source.path) == ("demo", tiny_sd_dir)
+    assert type(load_pipeline("demo")) is StableDiffusionPipeline
+
+
+def _fake_hub_cache(cache, repo_id, folder, commit):
+    """The Hugging Face cache layout: refs/main names the commit whose snapshot holds the files."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def _go_offline(monkeypatch):
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; patch its constant too so nothing reaches the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_hub_id_loads_from_the_cache_and_records_its_commit(tiny_sd_dir, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_cache(tmp_path, "p2p-tests/tiny-sd", tiny_sd_dir, commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _go_offline(monkeypatch)
+    source = resolve_model("p2p-tests/tiny-sd")
+    assert (source.id, source.revision) == ("p2p-tests/tiny-sd", commit)
+    assert type(load_pipeline(source)) is StableDiffusionPipeline
+
+
+def test_offline_hub_id_missing_from_the_cache_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _go_offline(monkeypatch)
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline("p2p-tests/not-cached")
+    message = str(info.value)
+    assert "'p2p-tests/not-cached' is not in the Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE=1" in message and "hf download p2p-tests/not-cached" in message
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("./no/such/folder", "no such file or folder: './no/such/folder'"),
+        ("weights.safetensors", "no such file or folder"),
+    ],
+)
+def test_missing_paths_are_named(name, match):
+    with pytest.raises(ModelLoadError, match=match):
+        resolve_model(name)
+
+
+def test_rejects_folders_and_files_that_are_not_sd_pipelines(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}')
+    with pytest.raises(ModelLoadError, match="holds a FluxPipeline model"):
+        load_pipeline(str(tmp_path))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\0")
+    with pytest.raises(ModelLoadError, match="not a .safetensors checkpoint"):
+        load_pipeline(str(pickle))
+    other = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(2)}, other)
+    with pytest.raises(ModelLoadError, match="is not a Stable Diffusion checkpoint"):
+        load_pipeline(str(other))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors header")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_pipeline(str(corrupt))
+
+
+def test_single_file_checkpoints_are_told_apart_by_their_text_encoders(tmp_path, monkeypatch):
+    sd = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(1),
+               "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1)}, sd)
+    xl = tmp_path / "xl.safetensors"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(1),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, xl)
+    assert loading._pipeline_class(resolve_model(str(sd))) is StableDiffusionPipeline
+    assert loading._pipeline_class(resolve_model(str(xl))) is StableDiffusionXLPipeline
+    # Offline, the base model's configuration is missing from the (empty) cache: a clear error, no traceback.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    _go_offline(monkeypatch)
+    with pytest.raises(ModelLoadError, match="needs its base model's configuration"):
+        load_pipeline(str(sd))
+
+
+def test_dtype_defaults_follow_the_device(monkeypatch):
+    assert parse_dtype(None, "cpu") == torch.float32
+    assert parse_dtype("auto", "cuda") == torch.float16
+    assert parse_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        parse_dtype("float8", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loading.default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.default_device() == "cpu"
