@@ -1,0 +1,174 @@
+"""Image input for real-image editing: any file, PIL image or array, in any mode, fitted to a size the model accepts."""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, PathLike, Image.Image, np.ndarray]
+
+# Latent sizes are kept to multiples of 8: every SD-family UNet (at most three 2x downsamplings) accepts them,
+# and the engine's default blend resolution (latent side / 4) stays an integer.
+LATENT_MULTIPLE = 8
+
+
+def load_image(image: ImageInput, *, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Read a path, PIL image or array into an 8-bit RGB PIL image, upright.
+
+    EXIF orientation is applied; transparency (RGBA, LA, palette) is composited over `background`; 16-bit and
+    float images are scaled to 8 bits rather than clipped; CMYK is converted. Arrays are (H, W), (H, W, 1),
+    (H, W, 3) or (H, W, 4), of uint8, uint16, bool, or floats in [0, 1].
+
+    >>> load_image(np.zeros((4, 6), dtype=np.uint16)).size
+    (6, 4)
+    """
+    if isinstance(image, (str, PathLike)):
+        image = _open(Path(image))
+    elif isinstance(image, np.ndarray):
+        image = _from_array(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(
+            f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}; "
+            "convert tensors with `tensor.permute(1, 2, 0).cpu().numpy()`"
+        )
+    image = ImageOps.exif_transpose(image)
+    return _to_rgb(image, background)
+
+
+def fit_image(
+    image: Image.Image,
+    height: int,
+    width: int,
+    *,
+    fit: Literal["crop", "pad"] = "crop",
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Resize `image` to `width` x `height`, keeping its aspect ratio: centre-crop the overflow or pad the rest.
+
+    >>> fit_image(Image.new("RGB", (40, 20)), 16, 16, fit="pad").size
+    (16, 16)
+    """
+    if fit == "crop":
+        return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    if fit == "pad":
+        return ImageOps.pad(image, (width, height), method=Image.Resampling.LANCZOS, color=background)
+    raise ValueError(f"fit must be 'crop' or 'pad', not {fit!r}")
+
+
+def image_size(pipe, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The pixel size (height, width) to use with `pipe`: the caller's, checked, or the model's default.
+
+    Both sides must be multiples of 8 latent pixels (64 px for an SD VAE).
+    """
+    factor = pipe.vae_scale_factor
+    default = pipe.unet.config.sample_size * factor
+    height = default if height is None else height
+    width = default if width is None else width
+    unit = LATENT_MULTIPLE * factor
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
+            nearest = max(unit, round(value / unit) * unit) if isinstance(value, (int, float)) else default
+            raise ValueError(
+                f"{name}={value!r} is not a size this model accepts: it must be a positive multiple of {unit} px "
+                f"({LATENT_MULTIPLE} latent pixels of a {factor}x VAE); use for example {name}={nearest}"
+            )
+    return height, width
+
+
+def prepare_image(
+    pipe,
+    image: ImageInput,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    fit: Literal["crop", "pad"] = "crop",
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Load `image` and fit it to `height` x `width` (default: the model's own size) for `pipe`."""
+    height, width = image_size(pipe, height=height, width=width)
+    return fit_image(load_image(image, background=background), height, width, fit=fit, background=background)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (1, 3, H, W) float32 tensor in [-1, 1], the VAE's input range."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def psnr(image: ImageInput, reference: ImageInput) -> float:
+    """Peak signal-to-noise ratio in dB between two 8-bit RGB images of the same size.
+
+    >>> round(psnr(np.full((2, 2), 0, np.uint8), np.full((2, 2), 255, np.uint8)), 1)
+    0.0
+    """
+    a = np.asarray(load_image(image), dtype=np.float64)
+    b = np.asarray(load_image(reference), dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs images of the same size, got {a.shape[1::-1]} and {b.shape[1::-1]}")
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at '{path}'")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so that a truncated file fails here and not deep inside a resize
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"cannot read '{path}' as an image ({error}); the file is corrupt or not in a format Pillow reads "
+            "(PNG, JPEG, WebP, TIFF, BMP, ...)"
+        ) from error
+    return image
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(
+            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}; "
+            "for a channels-first (C, H, W) array use `array.transpose(1, 2, 0)`"
+        )
+    if array.size == 0:
+        raise ValueError(f"the image array is empty (shape {array.shape})")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = _to_uint8(array.astype(np.float64) / 65535.0)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError(
+                f"a float image array must hold values in [0, 1], got [{array.min()}, {array.max()}]; "
+                "divide 8-bit values by 255"
+            )
+        array = _to_uint8(array)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8, uint16, bool or float in [0, 1], not {array.dtype}")
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1] if array.ndim == 3 else 2]
+    return Image.fromarray(np.ascontiguousarray(array), mode=mode)
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's own conversion clips these to 0..255, which turns a 16-bit image white
+        values = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if image.mode == "F" else 65535.0
+        image = Image.fromarray(_to_uint8(np.clip(values / scale, 0, 1)), mode="L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (*background, 255))
+        image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
