@@ -1,0 +1,192 @@
+"""Token alignment: words to token positions, and the source-to-edit token mappers of Prompt-to-Prompt.
+
+Pure functions over a tokenizer; nothing here knows about diffusion. Positions count the BOS token as 0,
+so the first word's tokens start at 1, and every tensor spans the text encoder's 77 positions.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOKENS = 77
+
+WordRef = str | int
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A prompt's words, its unpadded token ids (BOS..EOS) and the token positions of each word."""
+
+    prompt: str
+    words: list[str]
+    ids: list[int]
+    word_tokens: list[list[int]]
+
+
+def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
+    """Split `prompt` into words (on single spaces) and find each word's token positions from the offsets.
+
+    >>> t = tokenize(clip_tokenizer(), "a lasagne with croutons")  # doctest: +SKIP
+    >>> t.word_tokens  # doctest: +SKIP
+    [[1], [2, 3], [4], [5, 6, 7]]
+    """
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if len(ids) > max_length:
+        raise ValueError(
+            f"the prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's {max_length} "
+            f"(BOS and EOS included); shorten it"
+        )
+    words = prompt.split(" ")
+    spans, start = [], 0
+    for word in words:
+        spans.append((start, start + len(word)))
+        start += len(word) + 1
+    word_tokens: list[list[int]] = [[] for _ in words]
+    for pos, (a, b) in enumerate(offsets):
+        if b <= a:  # special tokens carry an empty span
+            continue
+        for w, (ws, we) in enumerate(spans):
+            if ws <= a and b <= we:
+                word_tokens[w].append(pos)
+                break
+    return Tokenized(prompt, words, ids, word_tokens)
+
+
+def _strip(word: str) -> str:
+    return word.strip(".,;:!?'\"()[]{}").lower()
+
+
+def find_words(tokenized: Tokenized, word: WordRef) -> list[int]:
+    """Indices of the words that `word` names: a position, or every occurrence of a text.
+
+    Text matches exactly first; failing that, case-insensitively with surrounding punctuation stripped.
+    """
+    words = tokenized.words
+    if isinstance(word, bool) or not isinstance(word, (str, int)):
+        raise TypeError(f"a word is named by its text or its position, not {word!r}")
+    if isinstance(word, int):
+        if not -len(words) <= word < len(words):
+            raise ValueError(f"word position {word} is outside the prompt {tokenized.prompt!r}, which has {len(words)} words")
+        return [word % len(words)]
+    found = [i for i, w in enumerate(words) if w == word]
+    if not found:
+        found = [i for i, w in enumerate(words) if _strip(w) == _strip(word) and _strip(word)]
+    if not found:
+        raise ValueError(f"the word {word!r} is not in the prompt {tokenized.prompt!r}; its words are {words}")
+    return found
+
+
+def word_token_positions(tokenized: Tokenized, words: WordRef | Sequence[WordRef]) -> list[int]:
+    """Token positions of the named words; a string with spaces names each of its words.
+
+    >>> word_token_positions(tokenize(clip_tokenizer(), "a cat riding a bicycle"), "a")  # doctest: +SKIP
+    [1, 4]
+    """
+    refs: list[WordRef] = []
+    for ref in [words] if isinstance(words, (str, int)) else list(words):
+        refs.extend(ref.split(" ") if isinstance(ref, str) else [ref])
+    positions: list[int] = []
+    for ref in refs:
+        for w in find_words(tokenized, ref):
+            positions.extend(p for p in tokenized.word_tokens[w] if p not in positions)
+    return sorted(positions)
+
+
+def replacement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX_TOKENS) -> torch.Tensor:
+    """The (77, 77) matrix M with M[k, j] = how much edit token j takes from source token k, for a word swap.
+
+    Differing words with equal token counts map one to one; otherwise every edit token of the word takes
+    1/len(edit tokens) from every source token of the word. Everything else maps along the walk.
+    """
+    if len(source.words) != len(edit.words):
+        raise ValueError(
+            f"replace needs prompts with the same number of words, but the source {source.prompt!r} has "
+            f"{len(source.words)} and the edit {edit.prompt!r} has {len(edit.words)}; use mode='refine' to add words"
+        )
+    # A changed word with no tokens (an extra space) has nothing to map and would stall the walk.
+    changed = [w for w, (a, b) in enumerate(zip(source.words, edit.words)) if a != b and source.word_tokens[w]]
+    src_spans = [source.word_tokens[w] for w in changed]
+    edit_spans = [edit.word_tokens[w] for w in changed]
+    mapper = torch.zeros(max_length, max_length)
+    i = j = cur = 0
+    while i < max_length and j < max_length:
+        if cur < len(changed) and src_spans[cur][0] == i:
+            s, e = src_spans[cur], edit_spans[cur]
+            if len(s) == len(e):
+                mapper[s, e] = 1.0
+            else:
+                for t in e:
+                    mapper[s, t] = 1.0 / len(e)
+            cur += 1
+            i += len(s)
+            j += len(e)
+        else:
+            mapper[i, j] = 1.0
+            i += 1
+            j += 1
+    empty = mapper.sum(0) == 0
+    mapper[empty.nonzero().flatten(), empty.nonzero().flatten()] = 1.0
+    return mapper
+
+
+def needleman_wunsch(x: Sequence[int], y: Sequence[int]) -> list[int]:
+    """Globally align y to x (gap 0, match +1, mismatch -1); return for each y element its x index or -1.
+
+    Cells take max(left, up, diagonal) with ties broken in that order; the path is traced back from
+    the bottom-right corner.
+
+    >>> needleman_wunsch([1, 5, 9], [1, 5, 7, 9])
+    [0, 1, -1, 2]
+    """
+    gap, match, mismatch = 0, 1, -1
+    n, m = len(x), len(y)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    # 1: left (consumes y), 2: up (consumes x), 3: diagonal, 4: origin
+    trace = [[0] * (m + 1) for _ in range(n + 1)]
+    for jj in range(1, m + 1):
+        score[0][jj], trace[0][jj] = jj * gap, 1
+    for ii in range(1, n + 1):
+        score[ii][0], trace[ii][0] = ii * gap, 2
+    trace[0][0] = 4
+    for ii in range(1, n + 1):
+        for jj in range(1, m + 1):
+            left = score[ii][jj - 1] + gap
+            up = score[ii - 1][jj] + gap
+            diag = score[ii - 1][jj - 1] + (match if x[ii - 1] == y[jj - 1] else mismatch)
+            best = max(left, up, diag)
+            score[ii][jj] = best
+            trace[ii][jj] = 1 if best == left else 2 if best == up else 3
+    mapping = [-1] * m
+    ii, jj = n, m
+    while ii > 0 or jj > 0:
+        step = trace[ii][jj]
+        if step == 3:
+            ii, jj = ii - 1, jj - 1
+            mapping[jj] = ii
+        elif step == 1:
+            jj -= 1
+        elif step == 2:
+            ii -= 1
+        else:
+            break
+    return mapping
+
+
+def refinement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refinement mapper m (77,) and alpha (77,): edit token j takes source token m[j] where alpha[j] is 1.
+
+    Inserted edit tokens get alpha 0 (they keep their own attention); padding after the edit's EOS maps
+    to the source's padding.
+    """
+    n_x, n_y = len(source.ids), len(edit.ids)
+    aligned = needleman_wunsch(source.ids, edit.ids)
+    mapper = torch.zeros(max_length, dtype=torch.long)
+    alpha = torch.ones(max_length)
+    for j, k in enumerate(aligned):
+        mapper[j] = max(k, 0)
+        alpha[j] = float(k >= 0)
+    for j in range(n_y, max_length):
+        mapper[j] = min(n_x + (j - n_y), max_length - 1)
+    return mapper, alpha

@@ -1,0 +1,495 @@
+"""The Editor: runs Prompt-to-Prompt edits through a diffusers Stable Diffusion pipeline.
+
+It does not fork the pipeline's denoising loop. Each `edit()` builds one run's state, installs
+`P2PAttnProcessor`s that point at it, advances the step and blends latents in `callback_on_step_end`,
+and restores the UNet's previous processors when it returns.
+"""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .alignment import MAX_TOKENS, Tokenized, WordRef, refinement_mapper, replacement_mapper, tokenize, word_token_positions
+from .blend import apply_blend, blend_mask
+from .processor import EditPlan, P2PAttnProcessor, RunState
+from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, step_mask
+
+Words = WordRef | Sequence[WordRef]
+
+MODES = ("auto", "replace", "refine")
+ATTENTION = ("fused", "explicit")
+# Arguments the editor sets itself; passing them through would silently fight the edit.
+_RESERVED = {
+    "prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+    "num_images_per_prompt", "callback_on_step_end_tensor_inputs", "return_dict",
+}
+
+
+def _check_fraction(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], not {value!r}")
+    return float(value)
+
+
+def _check_words(words: Words, what: str) -> Words:
+    items = [words] if isinstance(words, (str, int)) else words
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not all(
+        isinstance(w, (str, int)) and not isinstance(w, bool) for w in items
+    ):
+        raise TypeError(f"{what} must be a word (text or position) or a sequence of words, not {words!r}")
+    return words
+
+
+@dataclass
+class LocalBlend:
+    """Confine an edit to where its words attend: outside the mask, the edit keeps the source's latents.
+
+    Args:
+        source_words: words of the source prompt whose region may change.
+        edit_words: words of the edit prompt whose region may change.
+        threshold: mask threshold on the max-normalised attention (0.3: the paper's notebooks).
+        start: fraction of the run after which blending starts (0.2).
+        exclude_source_words, exclude_edit_words: words whose region must not change.
+        exclude_threshold: threshold of the exclusion masks.
+    """
+
+    source_words: Words
+    edit_words: Words
+    _: KW_ONLY
+    threshold: float = 0.3
+    start: float = 0.2
+    exclude_source_words: Words = ()
+    exclude_edit_words: Words = ()
+    exclude_threshold: float = 0.3
+
+    def __post_init__(self):
+        _check_words(self.source_words, "LocalBlend source_words")
+        _check_words(self.edit_words, "LocalBlend edit_words")
+        _check_words(self.exclude_source_words, "LocalBlend exclude_source_words")
+        _check_words(self.exclude_edit_words, "LocalBlend exclude_edit_words")
+        _check_fraction(self.threshold, "LocalBlend threshold")
+        _check_fraction(self.start, "LocalBlend start")
+        _check_fraction(self.exclude_threshold, "LocalBlend exclude_threshold")
+
+
+@dataclass
+class Edit:
+    """One edit of the source prompt.
+
+    Args:
+        prompt: the edited prompt.
+        mode: "replace" (word swap, same number of words), "refine" (added or removed words), or "auto".
+        cross_steps: cross-attention window: a fraction, a (start, end) pair, or a dict with "default" and
+            per-word windows (0.8: the paper's demos).
+        self_steps: self-attention window (0.4: the paper's demos).
+        weights: reweighting of edit-prompt words, e.g. {"fluffy": 2.0}; negative values allowed.
+        blend: an optional LocalBlend.
+    """
+
+    prompt: str
+    _: KW_ONLY
+    mode: str = "auto"
+    cross_steps: CrossSteps = 0.8
+    self_steps: Window = 0.4
+    weights: Mapping[WordRef, float] | None = None
+    blend: LocalBlend | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError(f"an Edit needs a non-empty prompt, not {self.prompt!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"Edit mode must be one of {MODES}, not {self.mode!r}")
+        if isinstance(self.cross_steps, Mapping):
+            for word, window in self.cross_steps.items():
+                as_window(window, f"cross_steps[{word!r}]")
+        else:
+            as_window(self.cross_steps, "cross_steps")
+        as_window(self.self_steps, "self_steps")
+        if self.weights is not None:
+            if not isinstance(self.weights, Mapping):
+                raise TypeError(f"weights must be a dict of word -> weight, not {self.weights!r}")
+            for word, weight in self.weights.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                    raise ValueError(f"the weight of {word!r} must be a finite number, not {weight!r}")
+        if self.blend is not None and not isinstance(self.blend, LocalBlend):
+            raise TypeError(f"blend must be a LocalBlend, not {self.blend!r}")
+
+
+@dataclass
+class EditResult:
+    """The outcome of `Editor.edit`: the source first, then one image per edit."""
+
+    images: Any  # list of PIL images, an array, or a (P, C, h, w) latent tensor, by output_type
+    prompts: list[str]
+    tokens: list[list[str]]  # per prompt, the token texts from BOS to EOS
+    attention: dict[int, torch.Tensor] | None = None  # resolution -> (P, h, w, 77) maps
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # edit index -> last local-blend mask (h, w)
+
+
+def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tokenized], num_inference_steps: int) -> EditPlan:
+    """Turn the edits into the per-run tensors the attention processor reads."""
+    n, e = num_inference_steps, len(edits)
+    plan = EditPlan(
+        num_prompts=e + 1,
+        num_inference_steps=n,
+        replace=torch.zeros(e, dtype=torch.bool),
+        mapper=torch.zeros(e, MAX_TOKENS, MAX_TOKENS),
+        refine_index=torch.arange(MAX_TOKENS).repeat(e, 1),
+        alpha=torch.ones(e, MAX_TOKENS),
+        weights=torch.ones(e, MAX_TOKENS),
+        cross=torch.zeros(n, e, MAX_TOKENS),
+        self_active=torch.zeros(n, e, dtype=torch.bool),
+    )
+    for i, (edit, target) in enumerate(zip(edits, tokenized)):
+        mode = edit.mode
+        if mode == "auto":
+            mode = "replace" if len(source.words) == len(target.words) else "refine"
+        if mode == "replace":
+            plan.replace[i] = True
+            plan.mapper[i] = replacement_mapper(source, target)
+        else:
+            index, alpha = refinement_mapper(source, target)
+            plan.refine_index[i], plan.alpha[i] = index, alpha
+            plan.mapper[i] = F.one_hot(index, MAX_TOKENS).T.float()  # M[k, j] = 1 where m[j] = k
+        for word, weight in (edit.weights or {}).items():
+            plan.weights[i, word_token_positions(target, word)] = float(weight)
+        plan.cross[:, i] = cross_mask(edit.cross_steps, n, target)
+        plan.self_active[:, i] = step_mask(edit.self_steps, n, "self_steps")
+    return plan
+
+
+def _swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """Replace the unconditional half of [uncond..., cond...] embeddings with the inversion's for this step."""
+    if embeds.shape[0] != 2 * num_prompts:  # no classifier-free guidance: there is no unconditional half
+        return embeds
+    half = num_prompts
+    return torch.cat([uncond.to(embeds).expand(half, *embeds.shape[1:]), embeds[half:]])
+
+
+def _level_sizes(latent_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    sizes = [latent_size]
+    for _ in range(levels - 1):
+        h, w = sizes[-1]
+        sizes.append((math.ceil(h / 2), math.ceil(w / 2)))  # stride-2 convs with padding 1 round up
+    return sizes
+
+
+def _cross_levels(unet) -> tuple[set[int], set[int]]:
+    """Levels with cross-attention in the down/up blocks, and in the mid block."""
+    config = unet.config
+    n = len(config.block_out_channels)
+    down_up = {i for i, t in enumerate(config.down_block_types) if "CrossAttn" in t}
+    down_up |= {n - 1 - i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
+    mid = {n - 1} if config.mid_block_type and "CrossAttn" in config.mid_block_type else set()
+    return down_up, mid
+
+
+class Editor:
+    """Prompt-to-Prompt on a loaded StableDiffusionPipeline or StableDiffusionXLPipeline.
+
+    Args:
+        pipe: the diffusers pipeline; its own attention processors are restored after every call.
+        self_replace_max_res: self-attention is replaced in layers whose side is at most this
+            (None: latent side / 4, i.e. 16 for SD at 512 px).
+        blend_res: the layer side whose cross-attention drives local blending (None: latent side / 4).
+        attention: "fused" (scaled-dot-product attention everywhere) or "explicit" (materialised
+            probabilities, the reference).
+
+    Example:
+        >>> editor = Editor(pipe)  # doctest: +SKIP
+        >>> result = editor.edit("a cat riding a bicycle", [Edit("a dog riding a bicycle")], seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, pipe, *, self_replace_max_res: int | None = None, blend_res: int | None = None, attention: str = "fused"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+        for name in ("unet", "tokenizer", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise TypeError(f"Editor needs a Stable Diffusion pipeline with a {name}; got {type(pipe).__name__}")
+        for name, value in (("self_replace_max_res", self_replace_max_res), ("blend_res", blend_res)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (a layer's side in latent pixels) or None, not {value!r}")
+        self.pipe = pipe
+        self.self_replace_max_res = self_replace_max_res
+        self.blend_res = blend_res
+        self.attention = attention
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs) -> "Editor":
+        """Load a pipeline (hub id, local folder, single .safetensors file, or "demo") and wrap it."""
+        from .loading import load_pipeline
+
+        return cls(load_pipeline(model, device=device, torch_dtype=torch_dtype), **kwargs)
+
+    def invert(self, image, prompt: str, **kwargs):
+        """Invert a real image so that `edit(..., inversion=...)` can edit it; see `prompt2prompt.inversion.invert`."""
+        from .inversion import invert
+
+        return invert(self.pipe, image, prompt, **kwargs)
+
+    def tokenize(self, prompt: str) -> Tokenized:
+        """The prompt's words and token positions under this pipeline's tokenizer."""
+        return tokenize(self.pipe.tokenizer, prompt)
+
+    def edit(
+        self,
+        prompt: str,
+        edits: Sequence[Edit | str] | Edit | str = (),
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        record_attention: bool | int | Sequence[int] = False,
+        inversion=None,
+        **pipeline_kwargs,
+    ) -> EditResult:
+        """Generate the source prompt and its edits in one batch, edits steered by the source's attention.
+
+        Args:
+            prompt: the source prompt.
+            edits: Edit objects (a plain string is an Edit with the defaults).
+            num_inference_steps: denoising steps (50, or the inversion's).
+            guidance_scale: classifier-free guidance (7.5, or the inversion's); <= 1 turns it off.
+            seed / generator / latents: the initial latent, one draw shared by all prompts, or (P, C, h, w).
+            record_attention: True, a layer side, or a list of sides: keep per-token cross-attention maps.
+            inversion: an Inversion from `invert()`, to edit a real image.
+            **pipeline_kwargs: passed to the diffusers pipeline (eta, guidance_rescale, cross_attention_kwargs, ...).
+        """
+        pipe = self.pipe
+        # 1. Check inputs
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"the source prompt must be a non-empty string, not {prompt!r}")
+        if isinstance(edits, (Edit, str)):
+            edits = [edits]
+        edits = [Edit(e) if isinstance(e, str) else e for e in edits]
+        for e in edits:
+            if not isinstance(e, Edit):
+                raise TypeError(f"edits must be Edit objects or prompt strings, not {e!r}")
+        reserved = sorted(_RESERVED & set(pipeline_kwargs))
+        if reserved:
+            raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        if inversion is not None:
+            num_inference_steps, guidance_scale, height, width = self._inversion_settings(
+                inversion, num_inference_steps, guidance_scale, height, width, negative_prompt, latents, seed, generator
+            )
+        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
+        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
+
+        # 2. Tokens, mappers and windows
+        source = self.tokenize(prompt)
+        targets = [self.tokenize(e.prompt) for e in edits]
+        plan = build_plan(source, edits, targets, num_inference_steps)
+        prompts = [prompt] + [e.prompt for e in edits]
+        num_prompts = len(prompts)
+
+        # 3. Sizes, layers and what to record
+        scale = pipe.vae_scale_factor
+        default = pipe.unet.config.sample_size * scale
+        height, width = height or default, width or default
+        if height % scale or width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, but are {height} and {width}")
+        latent_size = (height // scale, width // scale)
+        sizes = _level_sizes(latent_size, len(pipe.unet.config.block_out_channels))
+        down_up, mid = _cross_levels(pipe.unet)
+        default_size = sizes[min(2, len(sizes) - 1)]
+        blend_size = None
+        if any(e.blend is not None for e in edits):
+            blend_size = self._size_for(self.blend_res, "blend_res", sizes, down_up, default_size)
+        record_sizes: set[tuple[int, int]] = set()
+        if record_attention is not False and record_attention is not None:
+            if record_attention is True:
+                requested = [None]
+            elif isinstance(record_attention, int):
+                requested = [record_attention]
+            else:
+                requested = list(record_attention)
+            record_sizes = {self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested}
+        self_max = self.self_replace_max_res if self.self_replace_max_res is not None else max(default_size)
+        state = RunState(
+            plan=plan,
+            sizes={h * w: (h, w) for h, w in sizes},
+            self_max_side=self_max,
+            blend_size=blend_size,
+            record_sizes=record_sizes,
+            explicit=self.attention == "explicit",
+        )
+        blends = self._blend_positions(source, edits, targets)
+
+        # 4. Initial latents: one draw shared by every prompt
+        device = pipe._execution_device
+        dtype = pipe.unet.dtype
+        shape = (1, pipe.unet.config.in_channels, *latent_size)
+        if inversion is not None:
+            latents = inversion.latents
+        if latents is None:
+            if seed is not None:
+                generator = torch.Generator("cpu").manual_seed(seed)
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu", dtype=dtype)
+        if latents.ndim != 4 or latents.shape[0] not in (1, num_prompts) or tuple(latents.shape[1:]) != shape[1:]:
+            raise ValueError(
+                f"latents must have shape (1, {shape[1]}, {shape[2]}, {shape[3]}) or ({num_prompts}, ...), "
+                f"not {tuple(latents.shape)}"
+            )
+        latents = latents.to(device=device, dtype=dtype).expand(num_prompts, -1, -1, -1).clone()
+
+        # 5. Run the pipeline with the processors installed
+        callback = self._callback(state, blends, num_inference_steps, latent_size, inversion, pipeline_kwargs.pop("callback_on_step_end", None))
+        call_kwargs: dict[str, Any] = dict(
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=self._tensor_inputs(inversion),
+            **pipeline_kwargs,
+        )
+        if inversion is not None and inversion.uncond_embeddings is not None:
+            call_kwargs.update(self._inversion_embeddings(prompts, inversion, device))
+        else:
+            call_kwargs["prompt"] = prompts
+            if negative_prompt is not None:
+                call_kwargs["negative_prompt"] = [negative_prompt] * num_prompts
+        saved = pipe.unet.attn_processors
+        saved_scheduler = pipe.scheduler
+        try:
+            if inversion is not None:
+                from diffusers import DDIMScheduler
+
+                pipe.scheduler = DDIMScheduler.from_config(saved_scheduler.config)
+            pipe.unet.set_attn_processor({name: P2PAttnProcessor(state, name) for name in saved})
+            images = pipe(**call_kwargs).images
+        finally:
+            pipe.unet.set_attn_processor(saved)
+            pipe.scheduler = saved_scheduler
+
+        # 6. Result
+        attention = None
+        if record_sizes:
+            attention = {max(s): state.records[s] / state.record_counts[s] for s in record_sizes if s in state.records}
+        tokens = [[t.replace("</w>", "") for t in pipe.tokenizer.convert_ids_to_tokens(tok.ids)] for tok in [source, *targets]]
+        return EditResult(images=images, prompts=prompts, tokens=tokens, attention=attention, masks=callback.masks)
+
+    def _tensor_inputs(self, inversion) -> list[str]:
+        names = ["latents", "prompt_embeds"]
+        if inversion is not None and inversion.uncond_pooled is not None and "add_text_embeds" in self.pipe._callback_tensor_inputs:
+            names.append("add_text_embeds")
+        return names
+
+    @staticmethod
+    def _size_for(res, what: str, sizes, allowed: set[int], default) -> tuple[int, int]:
+        if res is None:
+            size = default
+        else:
+            if isinstance(res, bool) or not isinstance(res, int):
+                raise ValueError(f"{what} must be a layer side (an integer), not {res!r}")
+            matches = [s for s in sizes if max(s) == res]
+            if not matches:
+                raise ValueError(f"{what} {res} is not a layer side of this model at this size; the sides are {[max(s) for s in sizes]}")
+            size = matches[0]
+        if sizes.index(size) not in allowed:
+            with_cross = [max(sizes[i]) for i in sorted(allowed)]
+            raise ValueError(f"{what}: the model has no cross-attention at side {max(size)}; it has it at {with_cross}")
+        return size
+
+    @staticmethod
+    def _blend_positions(source: Tokenized, edits: Sequence[Edit], targets: Sequence[Tokenized]) -> dict[int, dict]:
+        """Per edit with a LocalBlend, the token positions of its words (checked before any compute)."""
+        blends = {}
+        for e, (edit, target) in enumerate(zip(edits, targets)):
+            b = edit.blend
+            if b is None:
+                continue
+            blends[e] = dict(
+                source_positions=word_token_positions(source, b.source_words),
+                edit_positions=word_token_positions(target, b.edit_words),
+                exclude_source_positions=word_token_positions(source, b.exclude_source_words),
+                exclude_edit_positions=word_token_positions(target, b.exclude_edit_words),
+                threshold=b.threshold,
+                exclude_threshold=b.exclude_threshold,
+                start=b.start,
+            )
+        return blends
+
+    def _callback(self, state: RunState, blends: dict[int, dict], n: int, latent_size, inversion, user_callback: Callable | None):
+        masks: dict[int, torch.Tensor] = {}
+
+        def on_step_end(pipe, k: int, t, kwargs: dict) -> dict:
+            order = getattr(pipe.scheduler, "order", 1)
+            total = len(pipe.scheduler.timesteps)
+            i = step_index(k, order, n)
+            last_of_step = k == total - 1 or step_index(k + 1, order, n) != i
+            outputs: dict[str, torch.Tensor] = {}
+            if last_of_step:
+                latents = kwargs["latents"]
+                if inversion is not None and inversion.corrections is not None:
+                    latents = torch.cat([latents[:1] + inversion.corrections[i].to(latents), latents[1:]])
+                for e, b in blends.items():
+                    if i < math.floor(b["start"] * n + 1e-6) or state.blend_sum is None:
+                        continue
+                    maps = state.blend_sum / max(state.blend_layers, 1)
+                    spec = {key: v for key, v in b.items() if key != "start"}
+                    mask = blend_mask(maps[0], maps[1 + e], latent_size, **spec)
+                    masks[e] = mask.cpu()
+                    latents = apply_blend(latents, 1 + e, mask.to(latents.device))
+                outputs["latents"] = latents
+            if k + 1 < total:
+                state.step = step_index(k + 1, order, n)
+                if inversion is not None and inversion.uncond_embeddings is not None:
+                    outputs["prompt_embeds"] = _swap_uncond(kwargs["prompt_embeds"], inversion.uncond_embeddings[state.step], state.plan.num_prompts)
+                    if inversion.uncond_pooled is not None and "add_text_embeds" in kwargs:
+                        outputs["add_text_embeds"] = _swap_uncond(kwargs["add_text_embeds"], inversion.uncond_pooled[state.step], state.plan.num_prompts)
+            if user_callback is not None:
+                outputs.update(user_callback(pipe, k, t, {**kwargs, **outputs}) or {})
+            return outputs
+
+        on_step_end.masks = masks
+        return on_step_end
+
+    def _inversion_embeddings(self, prompts: list[str], inversion, device) -> dict[str, torch.Tensor]:
+        """Explicit embeddings for an inversion that replaces the unconditional one at every step."""
+        pipe = self.pipe
+        num_prompts = len(prompts)
+        if hasattr(pipe, "text_encoder_2"):
+            cond, _, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=True, negative_prompt=[""] * num_prompts)
+            out = dict(prompt_embeds=cond, pooled_prompt_embeds=pooled)
+            uncond_pooled = neg_pooled if inversion.uncond_pooled is None else inversion.uncond_pooled[0].to(neg_pooled).expand(num_prompts, -1)
+            out["negative_pooled_prompt_embeds"] = uncond_pooled
+        else:
+            cond, _ = pipe.encode_prompt(prompts, device, 1, False)
+            out = dict(prompt_embeds=cond)
+        out["negative_prompt_embeds"] = inversion.uncond_embeddings[0].to(cond).expand(num_prompts, -1, -1)
+        return out
+
+    @staticmethod
+    def _inversion_settings(inversion, steps, guidance, height, width, negative_prompt, latents, seed, generator):
+        if steps is not None and steps != inversion.num_inference_steps:
+            raise ValueError(
+                f"this inversion was made with {inversion.num_inference_steps} steps; edit it with the same "
+                f"num_inference_steps, not {steps}"
+            )
+        if (height is not None and height != inversion.height) or (width is not None and width != inversion.width):
+            raise ValueError(f"this inversion is {inversion.width}x{inversion.height} px; leave height and width unset")
+        if latents is not None or seed is not None or generator is not None:
+            raise ValueError("an inversion supplies the initial latent; do not pass latents, seed or generator with it")
+        if negative_prompt is not None and inversion.uncond_embeddings is not None:
+            raise ValueError(f"the {inversion.method!r} inversion sets the unconditional embedding; negative_prompt cannot be used with it")
+        guidance = inversion.guidance_scale if guidance is None else guidance
+        return inversion.num_inference_steps, guidance, inversion.height, inversion.width
