@@ -1,0 +1,384 @@
+"""The `p2p` command line: edit by typing, see the attention, replay any result, serve the web app.
+
+Exit codes: 0 ok, 2 usage error (bad arguments, prompts or words), 1 runtime error (model, files, device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
+from .recipe import Recipe, read_recipe, run_recipe, save_png, save_result, scheduler_config
+from .syntax import parse_prompt
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Prompt-to-Prompt: edit images by editing their prompt.",
+)
+console = Console(stderr=True, soft_wrap=True)
+
+MODES = ("auto", "replace", "refine")
+ModelOption = Annotated[str, typer.Option(
+    "--model", envvar="P2P_MODEL", help="Hub id, diffusers folder, .safetensors file, or 'demo'.")]
+DeviceOption = Annotated[str | None, typer.Option(help="cuda, cpu, ... [default: cuda if available, else cpu]")]
+DtypeOption = Annotated[str, typer.Option(help="float32, float16, bfloat16, or auto (float16 on cuda, else float32).")]
+StepsOption = Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")]
+GuidanceOption = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (<= 1 turns it off).")]
+SeedOption = Annotated[int | None, typer.Option(min=0, help="Seed of the initial latent [default: random, recorded].")]
+
+
+class UsageError(ValueError):
+    """Bad arguments: exit code 2."""
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Print user errors as one message and exit 2 (bad input) or 1 (runtime); bugs keep their tracebacks."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):  # click's own exits subclass RuntimeError: let them through untouched
+        raise
+    except ValueError as error:  # includes PromptSyntaxError, RecipeError and the engine's input checks
+        _print_error(error)
+        raise typer.Exit(2) from None
+    except (OSError, RuntimeError) as error:  # includes ModelLoadError
+        _print_error(error)
+        raise typer.Exit(1) from None
+
+
+def _print_error(error: Exception) -> None:
+    # Escaped: prompts hold brackets that rich would read as markup.
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+
+
+class _StepBar:
+    """Stands in for diffusers' tqdm bar (`with pipe.progress_bar(total=n) as bar: bar.update()`) on a rich task."""
+
+    def __init__(self, progress: Progress, description: str, total: int | None):
+        self.progress = progress
+        self.task = progress.add_task(description, total=total)
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.update(self.task, visible=False)
+
+    def update(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+
+@contextlib.contextmanager
+def _progress(pipe, description: str) -> Iterator[None]:
+    """Show the pipeline's denoising steps as a rich progress bar."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+
+    def progress_bar(iterable=None, total=None):
+        if iterable is not None:
+            return progress.track(iterable, description=description)
+        return _StepBar(progress, description, total)
+
+    pipe.progress_bar = progress_bar  # an instance attribute shadows DiffusionPipeline.progress_bar
+    try:
+        with progress:
+            yield
+    finally:
+        del pipe.progress_bar
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-component loading bars behind one spinner (downloads keep theirs)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None):
+    import prompt2prompt as p2p
+
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)
+    source = resolve_model(model, revision=revision)
+    with _quiet_loading(), console.status(f"loading {model} ..."):
+        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype)
+    return p2p.Editor(pipe), source
+
+
+def _recipe_base(editor, model_source: ModelSource, **fields: Any) -> Recipe:
+    pipe = editor.pipe
+    return Recipe(model=model_source.id, revision=model_source.revision, scheduler=scheduler_config(pipe.scheduler),
+                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, **fields)
+
+
+def _pairs(text: str, option: str, parse) -> tuple[str, Any]:
+    word, sep, value = text.partition("=")
+    if not sep or not word:
+        raise UsageError(f"{option} takes word=value, not {text!r} (e.g. {option} lion=0.4)")
+    try:
+        return word, parse(value)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: {value!r} is not a valid value") from None
+
+
+def _window(text: str, option: str) -> float | list[float]:
+    """'0.8' (from the start to 0.8) or '0.2:0.8'."""
+    try:
+        if ":" in text:
+            start, end = text.split(":")
+            return [float(start), float(end)]
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{option} takes a fraction like 0.8 or a window like 0.2:0.8, not {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    return [word for word in text.split(",") if word]
+
+
+def edit_specs(
+    prompt: str, to: list[str], *, mode: str, cross: str, cross_words: list[str], self_steps: str,
+    blend: str | None, weights: list[str],
+) -> tuple[str, list[dict[str, Any]]]:
+    """The source prompt and the recipe's edit specs for `p2p edit`'s arguments.
+
+    The prompt may carry inline markup ("a [cat->dog]", "(fluffy:2)"), which makes the first edit; each
+    `--to` adds one more. Options other than the prompts apply to every edit.
+    """
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    parsed = parse_prompt(prompt)
+    cross_steps: Any = _window(cross, "--cross")
+    if cross_words:
+        cross_steps = {"default": cross_steps} | dict(_pairs(t, "--cross-word", lambda v: _window(v, "--cross-word"))
+                                                       for t in cross_words)
+    word_weights = [list(_pairs(t, "--weight", float)) for t in weights]
+    blend_spec = None
+    if blend is not None:
+        source_words, sep, edit_words = blend.partition(":")
+        if not sep or not _words(source_words) or not _words(edit_words):
+            raise UsageError(f"--blend takes source_words:edit_words (comma-separated), not {blend!r}; e.g. cat:dog")
+        blend_spec = {"source_words": _words(source_words), "edit_words": _words(edit_words)}
+
+    prompts: list[tuple[str, dict[int, float]]] = []
+    if parsed.edit is not None:
+        prompts.append((parsed.edit, parsed.weights))
+    for text in to:
+        target = parse_prompt(text)
+        if target.edit is not None and target.edit != target.source:
+            raise UsageError(f"--to takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
+                             f"markup: {text!r}; put the markup in the source prompt instead")
+        prompts.append((target.source, target.weights))
+    if not prompts and word_weights:
+        prompts.append((parsed.source, {}))  # a pure reweight of the source
+    if not prompts:
+        raise UsageError("nothing to edit: add --to 'an edit prompt', or inline markup such as 'a [cat->dog]', "
+                         "'a mountain[+ at winter]' or 'a (fluffy:2) bear'")
+    specs = []
+    for edit_prompt, inline_weights in prompts:
+        pairs = [[position, weight] for position, weight in inline_weights.items()] + word_weights
+        specs.append({"prompt": edit_prompt, "mode": mode, "cross_steps": cross_steps,
+                      "self_steps": _window(self_steps, "--self"), "weights": pairs or None, "blend": blend_spec})
+    return parsed.source, specs
+
+
+@app.command()
+def edit(
+    prompt: Annotated[str | None, typer.Argument(help="Source prompt, optionally with inline edits: 'a [cat->dog]'.",
+                                                 show_default=False)] = None,
+    to: Annotated[list[str], typer.Option("--to", help="An edit prompt (repeatable).")] = [],  # noqa: B006
+    source_prompt: Annotated[str | None, typer.Option("--prompt", help="Source prompt (instead of the argument).",
+                                                      show_default=False)] = None,
+    mode: Annotated[str, typer.Option(help="auto, replace or refine.")] = "auto",
+    model: ModelOption = "demo",
+    steps: StepsOption = 50,
+    guidance: GuidanceOption = 7.5,
+    seed: SeedOption = None,
+    cross: Annotated[str, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8.")] = "0.8",
+    cross_word: Annotated[list[str], typer.Option("--cross-word", help="Per-word window: lion=0.4 (repeatable).")] = [],  # noqa: B006
+    self_steps: Annotated[str, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4.")] = "0.4",
+    blend: Annotated[str | None, typer.Option(help="Local blend words, source:edit, e.g. cat:dog.",
+                                              show_default=False)] = None,
+    weight: Annotated[list[str], typer.Option("--weight", help="Reweight a word: word=2.0 (repeatable).")] = [],  # noqa: B006
+    negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
+    height: Annotated[int | None, typer.Option(help="Image height in px [default: the model's].")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width in px [default: the model's].")] = None,
+    image: Annotated[Path | None, typer.Option(help="A real image to edit (with --prompt as its caption).",
+                                               show_default=False)] = None,
+    inversion: Annotated[str, typer.Option(help="Inversion method for --image.")] = "null-text",
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+) -> None:
+    """Edit a prompt: writes the source, each edit and a side-by-side grid, each PNG carrying its recipe."""
+    with _user_errors():
+        if (prompt is None) == (source_prompt is None):
+            raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
+        if image is not None:
+            raise UsageError("--image needs real-image inversion, which is not available in this version yet")
+        source, specs = edit_specs(prompt or source_prompt, to, mode=mode, cross=cross, cross_words=cross_word,
+                                   self_steps=self_steps, blend=blend, weights=weight)
+        editor, model_source = _load_editor(model, device, dtype)
+        recipe = _recipe_base(
+            editor, model_source, source=source, edits=specs, seed=secrets.randbelow(2**31) if seed is None else seed,
+            num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, height=height, width=width,
+        )
+        with _progress(editor.pipe, "editing"):
+            result = run_recipe(recipe, editor)
+        paths = save_result(result.images, recipe, out)
+    _report(paths, recipe.seed)
+
+
+@app.command()
+def attention(
+    prompt: Annotated[str, typer.Argument(help="The prompt whose attention to show.", show_default=False)],
+    res: Annotated[int | None, typer.Option(min=1, help="Layer side to record [default: latent side / 4].")] = None,
+    model: ModelOption = "demo",
+    steps: StepsOption = 50,
+    guidance: GuidanceOption = 7.5,
+    seed: SeedOption = None,
+    negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+) -> None:
+    """Per-token cross-attention heatmaps over the generated image, as a grid PNG."""
+    with _user_errors():
+        source = parse_prompt(prompt)
+        if source.edit is not None:
+            raise UsageError(f"attention takes a plain prompt, without edit markup: {prompt!r}")
+        editor, model_source = _load_editor(model, device, dtype)
+        recipe = _recipe_base(
+            editor, model_source, source=source.source, edits=[], seed=secrets.randbelow(2**31) if seed is None else seed,
+            num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, kind="attention",
+            attention_res=res,
+        )
+        with _progress(editor.pipe, "generating"):
+            result = run_recipe(recipe, editor)
+        paths = save_attention(result, recipe, out)
+    _report(paths, recipe.seed)
+
+
+def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:
+    """Write image.png and attention.png (the per-token heatmap grid), each carrying the recipe."""
+    import prompt2prompt as p2p
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heatmaps = p2p.attention_heatmaps(result, prompt_index=0, res=recipe.attention_res)
+    grid = p2p.image_grid(heatmaps, cols=min(len(heatmaps), 8), width=max(result.images[0].width, 128))
+    return [save_png(result.images[0], out_dir / "image.png", recipe.with_index(0)),
+            save_png(grid, out_dir / "attention.png", recipe.with_index(None))]
+
+
+def _report(paths: list[Path], seed: int) -> None:
+    for path in paths:
+        typer.echo(str(path))
+    console.print(f"seed {seed}", highlight=False)
+
+
+@app.command()
+def replay(
+    png: Annotated[Path, typer.Argument(help="A PNG written by p2p.", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <png folder>/replay].",
+                                             show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Use this model instead of the recipe's (same weights).",
+                                              show_default=False)] = None,
+    device: DeviceOption = None,
+    dtype: Annotated[str | None, typer.Option(help="[default: the recipe's]", show_default=False)] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the replay is identical, bit for bit.")] = False,
+) -> None:
+    """Regenerate a result from the recipe in its PNG, and compare it with the PNG."""
+    with _user_errors():
+        recipe = read_recipe(png)
+        revision = None if model else recipe.revision
+        editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision)
+        with _progress(editor.pipe, "replaying"):
+            result = run_recipe(recipe, editor)
+        out = out or png.parent / "replay"
+        if recipe.kind == "attention":
+            paths = save_attention(result, recipe, out)
+            replayed = paths[0] if recipe.image_index == 0 else paths[1]
+        else:
+            paths = save_result(result.images, recipe, out)
+            replayed = paths[-1] if recipe.image_index is None else paths[recipe.image_index]
+        difference = _pixel_difference(png, replayed)
+    _report(paths, recipe.seed)
+    if difference is None:
+        console.print(f"identical to {png}, bit for bit", highlight=False)
+        return
+    console.print(f"[yellow]differs from {escape(str(png))}[/yellow]: {difference}", highlight=False)
+    if check:
+        raise typer.Exit(1)
+
+
+def _pixel_difference(original: Path, replayed: Path) -> str | None:
+    """None when both PNGs hold the same pixels, else a short description of the difference."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(original) as a, Image.open(replayed) as b:
+        a, b = np.asarray(a.convert("RGB"), dtype=np.int16), np.asarray(b.convert("RGB"), dtype=np.int16)
+    if a.shape != b.shape:
+        return f"size {a.shape[1]}x{a.shape[0]} vs {b.shape[1]}x{b.shape[0]}"
+    delta = np.abs(a - b)
+    if not delta.any():
+        return None
+    changed = int((delta.max(-1) > 0).sum())
+    return f"{changed} of {delta.shape[0] * delta.shape[1]} pixels differ, by at most {int(delta.max())}/255"
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the app to your network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    model: Annotated[list[str], typer.Option("--model", envvar="P2P_MODEL",
+                                             help="Model(s) to offer (repeatable); the first is the default.")] = ["demo"],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="The only folder the app writes to.")] = Path("outputs/web"),
+    max_upload_mb: Annotated[float, typer.Option(min=0.1, help="Largest accepted upload.")] = 10.0,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Start the web app."""
+    with _user_errors():
+        try:
+            from .webapp import launch
+        except ImportError as error:
+            raise RuntimeError(f"the web app needs the 'web' extra ({error}): pip install 'prompt2prompt[web]'") from None
+        launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype)
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo")) -> None:
+    """Run the built-in demo edits on the embedded demo model."""
+    with _user_errors():
+        try:
+            from .demo import run_demo
+        except ImportError as error:
+            raise RuntimeError(f"the demo is missing from this install ({error})") from None
+        paths = run_demo(out)
+    for path in paths:
+        typer.echo(str(path))
+
+
+def main() -> None:
+    """Entry point of the `p2p` command."""
+    app()

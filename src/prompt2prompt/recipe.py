@@ -1,0 +1,202 @@
+"""Recipes: everything needed to regenerate a result, stored as JSON in a text chunk of every PNG we write.
+
+A recipe holds the prompts, the edits, the seed, steps, guidance, the scheduler with its configuration, the
+model id and revision, the dtype and the package version. `run_recipe` regenerates its images; on the same
+device and dtype they are identical, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+__all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "package_version", "read_recipe", "run_recipe",
+           "save_png", "save_result", "scheduler_config"]
+
+RECIPE_KEY = "prompt2prompt"
+FORMAT = 1
+
+
+class RecipeError(ValueError):
+    """A PNG without a readable recipe."""
+
+
+def package_version() -> str:
+    """The installed prompt2prompt version, or "unknown" when running from a source tree that is not installed."""
+    try:
+        return metadata.version("prompt2prompt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Recipe:
+    """The inputs of one run, in JSON-able form.
+
+    `edits` are dicts with the keyword arguments of `prompt2prompt.Edit` (`prompt`, `mode`, `cross_steps`,
+    `self_steps`, `weights` as a list of [word, weight] pairs so that word positions stay integers, and
+    `blend` as the keyword arguments of `LocalBlend`). `kind` is "edit", or "attention" for heatmaps at
+    `attention_res`. `image_index` says which result image a PNG holds (0 the source), None for a grid.
+    """
+
+    source: str
+    edits: list[dict[str, Any]]
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    revision: str | None = None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    kind: str = "edit"
+    attention_res: int | None = None
+    image_index: int | None = None
+    package_version: str = field(default_factory=package_version)
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        """The recipe as one line of JSON."""
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        """Parse a recipe, naming what is missing or unknown."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"the recipe is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"the recipe is a JSON {type(data).__name__}, not an object")
+        if data.get("format") != FORMAT:
+            raise RecipeError(f"recipe format {data.get('format')!r} is not {FORMAT}; replay it with the "
+                              f"prompt2prompt version that wrote it ({data.get('package_version', 'unknown')})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if unknown := sorted(set(data) - names):
+            raise RecipeError(f"the recipe has unknown fields {unknown}")
+        if missing := sorted(required - set(data)):
+            raise RecipeError(f"the recipe lacks the fields {missing}")
+        return cls(**data)
+
+    def with_index(self, index: int | None) -> Recipe:
+        """The same recipe for another image of the result."""
+        return dataclasses.replace(self, image_index=index)
+
+
+def _window(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build_edits(recipe: Recipe) -> list:
+    """The `prompt2prompt.Edit` objects a recipe describes."""
+    from prompt2prompt import Edit, LocalBlend
+
+    edits = []
+    for spec in recipe.edits:
+        spec = dict(spec)
+        if spec.get("weights") is not None:
+            spec["weights"] = {word: weight for word, weight in spec["weights"]}
+        # JSON has no tuples: (start, end) windows come back as lists.
+        for key in ("cross_steps", "self_steps"):
+            if isinstance(spec.get(key), dict):
+                spec[key] = {word: _window(window) for word, window in spec[key].items()}
+            elif key in spec:
+                spec[key] = _window(spec[key])
+        if spec.get("blend") is not None:
+            blend = dict(spec["blend"])
+            spec["blend"] = LocalBlend(blend.pop("source_words"), blend.pop("edit_words"), **blend)
+        edits.append(Edit(spec.pop("prompt"), **spec))
+    return edits
+
+
+def _scheduler_for(pipe, recipe: Recipe):
+    import diffusers
+
+    if not recipe.scheduler:
+        return pipe.scheduler
+    name = recipe.scheduler["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise RecipeError(f"the recipe's scheduler {name!r} is not in this diffusers ({diffusers.__version__})")
+    return cls.from_config(recipe.scheduler)
+
+
+def scheduler_config(scheduler) -> dict[str, Any]:
+    """A scheduler's class and configuration, as JSON-able data that `from_config` takes back."""
+    return json.loads(scheduler.to_json_string())
+
+
+def run_recipe(recipe: Recipe, editor, **edit_kwargs):
+    """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
+
+    The editor's pipeline gets its scheduler back afterwards. Extra keyword arguments go to `editor.edit`.
+    """
+    pipe = editor.pipe
+    previous = pipe.scheduler
+    pipe.scheduler = _scheduler_for(pipe, recipe)
+    record: bool | int = False
+    if recipe.kind == "attention":
+        record = recipe.attention_res or True
+    try:
+        return editor.edit(
+            recipe.source, build_edits(recipe), num_inference_steps=recipe.num_inference_steps,
+            guidance_scale=recipe.guidance_scale, seed=recipe.seed, negative_prompt=recipe.negative_prompt,
+            height=recipe.height, width=recipe.width, record_attention=record, **edit_kwargs,
+        )
+    finally:
+        pipe.scheduler = previous
+
+
+def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
+    """Write `image` as a PNG carrying `recipe`, atomically: readers never see a half-written file."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(RECIPE_KEY, recipe.to_json())
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """The recipe stored in a PNG written by prompt2prompt."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(RECIPE_KEY)
+    except (OSError, Image.UnidentifiedImageError) as error:
+        raise RecipeError(f"cannot read {str(path)!r} as a PNG: {error}") from None
+    if text is None:
+        raise RecipeError(f"{str(path)!r} carries no prompt2prompt recipe; replay a PNG that p2p wrote "
+                          "(image editors and some uploads drop PNG text chunks)")
+    return Recipe.from_json(text)
+
+
+def save_result(images: list[Image.Image], recipe: Recipe, out_dir: str | Path) -> list[Path]:
+    """Write source.png, edit-1.png, ... and grid.png (side by side) into `out_dir`, each carrying the recipe."""
+    from prompt2prompt import image_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = ["source.png"] + [f"edit-{i}.png" for i in range(1, len(images))]
+    paths = [save_png(image, out_dir / name, recipe.with_index(i)) for i, (name, image) in enumerate(zip(names, images))]
+    grid = image_grid(images, [recipe.source] + [spec["prompt"] for spec in recipe.edits], width=images[0].width)
+    paths.append(save_png(grid, out_dir / "grid.png", recipe.with_index(None)))
+    return paths

@@ -1,0 +1,210 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
+from typer.testing import CliRunner
+
+import prompt2prompt as p2p
+from prompt2prompt.cli import app
+from prompt2prompt.loading import load_pipeline
+from prompt2prompt.recipe import RECIPE_KEY, read_recipe, save_png
+
+# 32 px images on the tiny model (16x16 latents); 2 steps keep every run well under a second.
+FAST = ["--steps", "2", "--seed", "7"]
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def inline_edit(tiny_sd_dir, tmp_path_factory):
+    """`p2p edit` with inline replace markup, a weight, a blend and a per-word window; its output folder."""
+    out = tmp_path_factory.mktemp("edit")
+    result = run("edit", "a [cat->dog] riding a (red:1.5) bicycle", "--model", tiny_sd_dir, *FAST,
+                 "--blend", "cat:dog", "--cross-word", "dog=0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_edit_writes_source_edits_and_grid_with_recipes(inline_edit, tiny_sd_dir):
+    out, result = inline_edit
+    names = ["source.png", "edit-1.png", "grid.png"]
+    assert result.stdout.split() == [str(out / name) for name in names]
+    for index, name in zip([0, 1, None], names):
+        with Image.open(out / name) as image:
+            recipe = json.loads(image.text[RECIPE_KEY])
+        assert recipe["image_index"] == index
+    assert Image.open(out / "source.png").size == (32, 32)
+    recipe = read_recipe(out / "edit-1.png")
+    assert recipe.source == "a cat riding a red bicycle"
+    assert recipe.edits == [{
+        "prompt": "a dog riding a red bicycle", "mode": "auto", "cross_steps": {"default": 0.8, "dog": 0.5},
+        "self_steps": 0.4, "weights": [[4, 1.5]], "blend": {"source_words": ["cat"], "edit_words": ["dog"]},
+    }]
+    assert (recipe.seed, recipe.num_inference_steps, recipe.guidance_scale) == (7, 2, 7.5)
+    assert (recipe.model, recipe.revision, recipe.dtype) == (str(tiny_sd_dir), None, "float32")
+    assert recipe.scheduler["_class_name"] == "DDIMScheduler"
+
+
+def test_edit_images_are_the_apis(inline_edit, tiny_sd_dir):
+    """The CLI adds no logic: its images are those of Editor.edit with the same arguments."""
+    out, _ = inline_edit
+    editor = p2p.Editor(load_pipeline(str(tiny_sd_dir)))
+    edit = p2p.Edit("a dog riding a red bicycle", cross_steps={"default": 0.8, "dog": 0.5}, weights={4: 1.5},
+                    blend=p2p.LocalBlend(["cat"], ["dog"]))
+    result = editor.edit("a cat riding a red bicycle", [edit], num_inference_steps=2, seed=7)
+    assert np.array_equal(pixels(out / "source.png"), np.asarray(result.images[0]))
+    assert np.array_equal(pixels(out / "edit-1.png"), np.asarray(result.images[1]))
+
+
+@pytest.mark.parametrize("name", ["edit-1.png", "grid.png"])
+def test_replay_is_bit_for_bit(inline_edit, tmp_path, name):
+    out, _ = inline_edit
+    result = run("replay", out / name, "--out", tmp_path, "--check")
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.stderr
+    assert np.array_equal(pixels(tmp_path / name), pixels(out / name))
+    assert read_recipe(tmp_path / name) == read_recipe(out / name)
+
+
+def test_replay_reports_a_difference(inline_edit, tmp_path):
+    out, _ = inline_edit
+    changed = pixels(out / "edit-1.png").copy()
+    changed[0, 0] ^= 1
+    save_png(Image.fromarray(changed), tmp_path / "changed.png", read_recipe(out / "edit-1.png"))
+    result = run("replay", tmp_path / "changed.png", "--out", tmp_path / "replay")
+    assert result.exit_code == 0 and "1 of 1024 pixels differ, by at most 1/255" in result.stderr
+    assert run("replay", tmp_path / "changed.png", "--out", tmp_path / "replay", "--check").exit_code == 1
+
+
+def test_several_edits_share_the_options(tiny_sd_dir, tmp_path):
+    result = run("edit", "a cat on a mat", "--to", "a dog on a mat", "--to", "a (fluffy:2) cat on a mat",
+                 "--weight", "mat=0.5", "--cross", "0.1:0.9", "--self", "0.2", "--mode", "auto", "--model", tiny_sd_dir,
+                 *FAST, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edit-1.png", "edit-2.png", "grid.png", "source.png"]
+    edits = read_recipe(tmp_path / "grid.png").edits
+    assert [e["prompt"] for e in edits] == ["a dog on a mat", "a fluffy cat on a mat"]
+    assert [e["weights"] for e in edits] == [[["mat", 0.5]], [[1, 2.0], ["mat", 0.5]]]
+    assert all(e["cross_steps"] == [0.1, 0.9] and e["self_steps"] == 0.2 for e in edits)
+    replay = run("replay", tmp_path / "edit-2.png", "--out", tmp_path / "replay", "--check")
+    assert replay.exit_code == 0, replay.output
+
+
+def test_the_model_can_come_from_the_environment(tiny_sd_dir, tmp_path):
+    result = run("edit", "a [cat->dog]", *FAST, "--out", tmp_path, env={"P2P_MODEL": str(tiny_sd_dir)})
+    assert result.exit_code == 0, result.output
+    assert read_recipe(tmp_path / "source.png").model == str(tiny_sd_dir)
+
+
+def test_a_random_seed_is_recorded_and_replays(tiny_sd_dir, tmp_path):
+    result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, "--steps", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    seed = read_recipe(tmp_path / "edit-1.png").seed
+    assert f"seed {seed}" in result.stderr
+    assert run("replay", tmp_path / "edit-1.png", "--check").exit_code == 0
+    assert (tmp_path / "replay" / "edit-1.png").is_file()
+
+
+def test_attention_writes_a_heatmap_grid(tiny_sd_dir, tmp_path):
+    result = run("attention", "a squirrel eating a burger", "--res", "4", "--model", tiny_sd_dir, *FAST,
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    recipe = read_recipe(tmp_path / "attention.png")
+    assert (recipe.kind, recipe.attention_res, recipe.edits) == ("attention", 4, [])
+    tokens = p2p.Editor(load_pipeline(str(tiny_sd_dir))).tokenize("a squirrel eating a burger")
+    words = len(tokens.ids) - 2  # without BOS and EOS
+    with Image.open(tmp_path / "attention.png") as grid:
+        assert grid.width == min(words, 8) * 128
+    replay = run("replay", tmp_path / "attention.png", "--out", tmp_path / "replay", "--check")
+    assert replay.exit_code == 0, replay.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["edit", "a [cat->dog riding"], "column 3: '[' is never closed"),
+        (["edit", "a cat riding"], "nothing to edit"),
+        (["edit", "--to", "a dog"], "exactly once"),
+        (["edit", "a [cat->dog]", "--blend", "cat"], "--blend takes source_words:edit_words"),
+        (["edit", "a [cat->dog]", "--cross", "most"], "--cross takes a fraction"),
+        (["edit", "a [cat->dog]", "--weight", "dog"], "--weight takes word=value"),
+        (["edit", "a [cat->dog]", "--mode", "swap"], "--mode must be one of"),
+        (["edit", "a cat", "--to", "a [cat->dog]"], "--to takes an edit prompt"),
+        (["edit", "a [cat->dog]", "--blend", "cow:dog"], "cow"),
+        (["edit", "a [cat->dog]", "--cross", "1.5"], "1.5"),
+        (["edit", "a [cat->dog]", "--dtype", "float8"], "unknown dtype 'float8'"),
+        (["edit", "--image", "photo.jpg", "--prompt", "a cat", "--to", "a dog"], "not available in this version yet"),
+        (["attention", "a [cat->dog]"], "without edit markup"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(tiny_sd_dir, tmp_path, args, message):
+    result = run(*args, "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_syntax_errors_point_at_the_column(tiny_sd_dir, tmp_path):
+    result = run("edit", "a (fluffy:lots) [teddy->toy] bear", "--model", tiny_sd_dir, "--out", tmp_path)
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[1:] == ["  a (fluffy:lots) [teddy->toy] bear", "            ^"]
+
+
+def test_option_errors_are_usage_errors(tmp_path):
+    assert run("edit", "a [cat->dog]", "--steps", "0").exit_code == 2
+    assert run("frobnicate").exit_code == 2
+
+
+def test_runtime_errors_exit_1(tmp_path):
+    result = run("edit", "a [cat->dog]", "--model", tmp_path / "nowhere", "--out", tmp_path)
+    assert result.exit_code == 1
+    assert "no such file or folder" in result.stderr
+
+
+def test_replay_rejects_pngs_without_a_recipe(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = run("replay", tmp_path / "plain.png")
+    assert result.exit_code == 2 and "carries no prompt2prompt recipe" in result.stderr
+    (tmp_path / "text.png").write_text("not a png")
+    result = run("replay", tmp_path / "text.png")
+    assert result.exit_code == 2 and "cannot read" in result.stderr
+
+
+def _entry_point(args, env):
+    """The installed `p2p` command's code path, in a fresh interpreter (no test-process state)."""
+    code = "from prompt2prompt.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_offline_hub_model_from_the_cache_and_missing_from_it(tiny_sd_dir, tmp_path):
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--p2p-tests--tiny-sd"
+    shutil.copytree(tiny_sd_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    done = _entry_point(["edit", "a [cat->dog]", "--model", "p2p-tests/tiny-sd", *FAST, "--out", tmp_path / "out"], env)
+    assert done.returncode == 0, done.stderr
+    recipe = read_recipe(tmp_path / "out" / "edit-1.png")
+    assert (recipe.model, recipe.revision) == ("p2p-tests/tiny-sd", commit)
+    missing = _entry_point(["edit", "a [cat->dog]", "--model", "p2p-tests/elsewhere", "--out", tmp_path / "x"], env)
+    assert missing.returncode == 1
+    assert "'p2p-tests/elsewhere' is not in the Hugging Face cache" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
