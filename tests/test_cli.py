@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -123,13 +124,33 @@ def test_attention_writes_a_heatmap_grid(tiny_sd_dir, tmp_path):
                  "--out", tmp_path)
     assert result.exit_code == 0, result.output
     recipe = read_recipe(tmp_path / "attention.png")
-    assert (recipe.kind, recipe.attention_res, recipe.edits) == ("attention", 4, [])
+    assert (recipe.kind, recipe.record_attention, recipe.edits) == ("attention", 4, [])
     tokens = p2p.Editor(load_pipeline(str(tiny_sd_dir))).tokenize("a squirrel eating a burger")
     words = len(tokens.ids) - 2  # without BOS and EOS
     with Image.open(tmp_path / "attention.png") as grid:
         assert grid.width == min(words, 8) * 128
     replay = run("replay", tmp_path / "attention.png", "--out", tmp_path / "replay", "--check")
     assert replay.exit_code == 0, replay.output
+
+
+def test_real_image_edit_replays_bit_for_bit(tiny_sd_dir, tmp_path):
+    photo = tmp_path / "photo.png"
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    Image.fromarray(np.stack([np.outer(ramp, ramp) // 255, ramp[None].repeat(32, 0), ramp[:, None].repeat(32, 1)],
+                             -1).astype(np.uint8)).save(photo)
+    result = run("edit", "--image", photo, "--prompt", "a cat sitting next to a mirror", "--to",
+                 "a tiger sitting next to a mirror", "--model", tiny_sd_dir, "--steps", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    recipe = read_recipe(tmp_path / "out" / "edit-1.png")
+    assert recipe.image == {"path": str(photo), "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}
+    assert (recipe.inversion, recipe.seed) == ({"method": "null-text"}, None)
+    replay = run("replay", tmp_path / "out" / "edit-1.png", "--check")
+    assert replay.exit_code == 0, replay.output
+    seeded = run("edit", "--image", photo, "--prompt", "a cat", "--to", "a dog", "--seed", "3", "--model", tiny_sd_dir)
+    assert seeded.exit_code == 2 and "--seed does not apply to --image" in seeded.stderr
+    photo.write_bytes(photo.read_bytes() + b"\0")
+    changed = run("replay", tmp_path / "out" / "edit-1.png")
+    assert changed.exit_code == 2 and "has changed since the recipe was written" in changed.stderr
 
 
 @pytest.mark.parametrize(
@@ -146,7 +167,7 @@ def test_attention_writes_a_heatmap_grid(tiny_sd_dir, tmp_path):
         (["edit", "a [cat->dog]", "--blend", "cow:dog"], "cow"),
         (["edit", "a [cat->dog]", "--cross", "1.5"], "1.5"),
         (["edit", "a [cat->dog]", "--dtype", "float8"], "unknown dtype 'float8'"),
-        (["edit", "--image", "photo.jpg", "--prompt", "a cat", "--to", "a dog"], "not available in this version yet"),
+        (["edit", "--image", "photo.jpg", "--prompt", "a cat", "--to", "a dog"], "'photo.jpg' does not exist"),
         (["attention", "a [cat->dog]"], "without edit markup"),
     ],
 )

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
-from .recipe import Recipe, read_recipe, run_recipe, save_png, save_result, scheduler_config
+from .recipe import Recipe, file_digest, inversion_available, read_recipe, run_recipe, save_png, save_result, scheduler_config
 from .syntax import parse_prompt
 
 app = typer.Typer(
@@ -223,8 +223,9 @@ def edit(
     height: Annotated[int | None, typer.Option(help="Image height in px [default: the model's].")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in px [default: the model's].")] = None,
     image: Annotated[Path | None, typer.Option(help="A real image to edit (with --prompt as its caption).",
-                                               show_default=False)] = None,
-    inversion: Annotated[str, typer.Option(help="Inversion method for --image.")] = "null-text",
+                                               exists=True, dir_okay=False, show_default=False)] = None,
+    inversion: Annotated[str, typer.Option(help="Inversion method for --image: null-text, negative-prompt, "
+                                                "direct or ddim.")] = "null-text",
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
@@ -233,14 +234,22 @@ def edit(
     with _user_errors():
         if (prompt is None) == (source_prompt is None):
             raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
+        real: dict[str, Any] = {}
         if image is not None:
-            raise UsageError("--image needs real-image inversion, which is not available in this version yet")
+            if not inversion_available():
+                raise UsageError("--image needs real-image inversion, which this install of prompt2prompt lacks")
+            if seed is not None:
+                raise UsageError("--seed does not apply to --image: the inversion supplies the initial latent")
+            real = dict(image={"path": str(image.resolve()), "sha256": file_digest(image)},
+                        inversion={"method": inversion})
+        elif seed is None:
+            seed = secrets.randbelow(2**31)
         source, specs = edit_specs(prompt or source_prompt, to, mode=mode, cross=cross, cross_words=cross_word,
                                    self_steps=self_steps, blend=blend, weights=weight)
         editor, model_source = _load_editor(model, device, dtype)
         recipe = _recipe_base(
-            editor, model_source, source=source, edits=specs, seed=secrets.randbelow(2**31) if seed is None else seed,
-            num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, height=height, width=width,
+            editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
+            guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
         )
         with _progress(editor.pipe, "editing"):
             result = run_recipe(recipe, editor)
@@ -270,7 +279,7 @@ def attention(
         recipe = _recipe_base(
             editor, model_source, source=source.source, edits=[], seed=secrets.randbelow(2**31) if seed is None else seed,
             num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, kind="attention",
-            attention_res=res,
+            record_attention=res or True,
         )
         with _progress(editor.pipe, "generating"):
             result = run_recipe(recipe, editor)
@@ -283,16 +292,18 @@ def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:
     import prompt2prompt as p2p
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    heatmaps = p2p.attention_heatmaps(result, prompt_index=0, res=recipe.attention_res)
+    res = None if recipe.record_attention is True else recipe.record_attention
+    heatmaps = p2p.attention_heatmaps(result, prompt_index=0, res=res)
     grid = p2p.image_grid(heatmaps, cols=min(len(heatmaps), 8), width=max(result.images[0].width, 128))
     return [save_png(result.images[0], out_dir / "image.png", recipe.with_index(0)),
             save_png(grid, out_dir / "attention.png", recipe.with_index(None))]
 
 
-def _report(paths: list[Path], seed: int) -> None:
+def _report(paths: list[Path], seed: int | None) -> None:
     for path in paths:
         typer.echo(str(path))
-    console.print(f"seed {seed}", highlight=False)
+    if seed is not None:
+        console.print(f"seed {seed}", highlight=False)
 
 
 @app.command()
@@ -312,7 +323,7 @@ def replay(
         revision = None if model else recipe.revision
         editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision)
         with _progress(editor.pipe, "replaying"):
-            result = run_recipe(recipe, editor)
+            result = run_recipe(recipe, editor, base_dir=png.parent)
         out = out or png.parent / "replay"
         if recipe.kind == "attention":
             paths = save_attention(result, recipe, out)

@@ -8,6 +8,8 @@ device and dtype they are identical, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -18,8 +20,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-__all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "package_version", "read_recipe", "run_recipe",
-           "save_png", "save_result", "scheduler_config"]
+__all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "file_digest", "inversion_available", "package_version", "read_recipe",
+           "run_recipe", "save_png", "save_result", "scheduler_config"]
 
 RECIPE_KEY = "prompt2prompt"
 FORMAT = 1
@@ -43,13 +45,15 @@ class Recipe:
 
     `edits` are dicts with the keyword arguments of `prompt2prompt.Edit` (`prompt`, `mode`, `cross_steps`,
     `self_steps`, `weights` as a list of [word, weight] pairs so that word positions stay integers, and
-    `blend` as the keyword arguments of `LocalBlend`). `kind` is "edit", or "attention" for heatmaps at
-    `attention_res`. `image_index` says which result image a PNG holds (0 the source), None for a grid.
+    `blend` as the keyword arguments of `LocalBlend`). `kind` is "edit", or "attention" for the heatmaps of
+    `record_attention`. `image` ({"path", "sha256"}, a relative path counting from the PNG's folder) is a real
+    image inverted with `invert()`'s keyword arguments `inversion`; its edits take no seed. `image_index`
+    says which result image a PNG holds (0 the source), None for a grid.
     """
 
     source: str
     edits: list[dict[str, Any]]
-    seed: int
+    seed: int | None
     num_inference_steps: int
     guidance_scale: float
     model: str
@@ -61,7 +65,9 @@ class Recipe:
     dtype: str = "float32"
     device: str = "cpu"
     kind: str = "edit"
-    attention_res: int | None = None
+    record_attention: bool | int = False
+    image: dict[str, str] | None = None
+    inversion: dict[str, Any] | None = None
     image_index: int | None = None
     package_version: str = field(default_factory=package_version)
     format: int = FORMAT
@@ -139,22 +145,46 @@ def scheduler_config(scheduler) -> dict[str, Any]:
     return json.loads(scheduler.to_json_string())
 
 
-def run_recipe(recipe: Recipe, editor, **edit_kwargs):
+def inversion_available() -> bool:
+    """Whether this install can invert real images (`prompt2prompt.inversion`)."""
+    return importlib.util.find_spec("prompt2prompt.inversion") is not None
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _input_image(recipe: Recipe, base_dir: Path) -> Path:
+    path = Path(recipe.image["path"])
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        raise RecipeError(f"the recipe's input image {str(path)!r} is missing; put it back to replay this edit")
+    if file_digest(path) != recipe.image["sha256"]:
+        raise RecipeError(f"the input image {str(path)!r} has changed since the recipe was written")
+    return path
+
+
+def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", **edit_kwargs):
     """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
 
-    The editor's pipeline gets its scheduler back afterwards. Extra keyword arguments go to `editor.edit`.
+    A real input image is inverted first; a relative image path counts from `base_dir`. The editor's
+    pipeline gets its scheduler back afterwards. Extra keyword arguments go to `editor.edit`.
     """
     pipe = editor.pipe
     previous = pipe.scheduler
     pipe.scheduler = _scheduler_for(pipe, recipe)
-    record: bool | int = False
-    if recipe.kind == "attention":
-        record = recipe.attention_res or True
+    settings: dict[str, Any] = dict(
+        num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale,
+        height=recipe.height, width=recipe.width,
+    )
     try:
+        if recipe.image is not None:
+            image = _input_image(recipe, Path(base_dir))
+            settings = dict(inversion=editor.invert(image, recipe.source, **settings, **(recipe.inversion or {})))
         return editor.edit(
-            recipe.source, build_edits(recipe), num_inference_steps=recipe.num_inference_steps,
-            guidance_scale=recipe.guidance_scale, seed=recipe.seed, negative_prompt=recipe.negative_prompt,
-            height=recipe.height, width=recipe.width, record_attention=record, **edit_kwargs,
+            recipe.source, build_edits(recipe), seed=recipe.seed, negative_prompt=recipe.negative_prompt,
+            record_attention=recipe.record_attention, **settings, **edit_kwargs,
         )
     finally:
         pipe.scheduler = previous
