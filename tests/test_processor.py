@@ -1,0 +1,90 @@
+"""The attention processor against a literal implementation of the contract's cross- and self-attention edits."""
+
+import pytest
+import torch
+
+from prompt2prompt.alignment import tokenize
+from prompt2prompt.editor import Edit, build_plan
+from prompt2prompt.processor import P2PAttnProcessor, RunState
+
+SOURCE = "a cat riding a bicycle"
+EDITS = [
+    Edit("a dog riding a bicycle", cross_steps={"default": 0.5, "dog": (0.25, 1.0)}),
+    Edit("a lasagne riding a bicycle", weights={"riding": -0.5, "lasagne": 2.0}),
+    Edit("a fluffy cat riding a bicycle", weights={"fluffy": 3.0}, self_steps=(0.25, 0.75)),
+    Edit("a cat riding a bicycle", weights={"cat": -1.0}),
+]
+
+
+def contract_cross(probs, plan, step, src):
+    """The contract, step by step, one edit and one token at a time."""
+    out = probs.clone()
+    a_s = probs[src]
+    for e in range(plan.num_edits):
+        a_e = probs[src + 1 + e]
+        a_final = torch.empty_like(a_e)
+        for j in range(77):
+            if plan.replace[e]:
+                mapped = sum(a_s[..., k] * plan.mapper[e, k, j] for k in range(77))
+            else:
+                alpha = plan.alpha[e, j]
+                mapped = alpha * a_s[..., plan.refine_index[e, j]] + (1 - alpha) * a_e[..., j]
+            mapped = mapped * plan.weights[e, j]
+            c = plan.cross[step, e, j]
+            a_final[..., j] = c * mapped + (1 - c) * a_e[..., j]
+        out[src + 1 + e] = a_final
+    return out
+
+
+@pytest.fixture(scope="module")
+def plan(tokenizer):
+    source = tokenize(tokenizer, SOURCE)
+    return build_plan(source, EDITS, [tokenize(tokenizer, e.prompt) for e in EDITS], num_inference_steps=4)
+
+
+def make_state(plan, q_len, explicit, step):
+    side = int(q_len**0.5)
+    return RunState(plan=plan, sizes={q_len: (side, side)}, self_max_side=side, blend_size=None, record_sizes=set(), explicit=explicit, step=step)
+
+
+@pytest.mark.parametrize("step", range(4))
+@pytest.mark.parametrize("cfg", [True, False])
+def test_cross_attention_matches_the_contract(plan, step, cfg):
+    torch.manual_seed(step)
+    batch = 2 * plan.num_prompts if cfg else plan.num_prompts
+    q, k, v = torch.randn(batch, 2, 16, 8), torch.randn(batch, 2, 77, 8), torch.randn(batch, 2, 77, 8)
+    src = batch - plan.num_prompts
+    probs = ((q @ k.transpose(-1, -2)) * 8**-0.5).softmax(-1)
+    expected = contract_cross(probs, plan, step, src) @ v
+    for explicit in (True, False):
+        proc = P2PAttnProcessor(make_state(plan, 16, explicit, step), "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor")
+        got = proc.attend(q, k, v, None)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if cfg:  # the unconditional half and the source row are plain attention
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(got[: src + 1], plain[: src + 1])
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_self_attention_replacement(plan, step):
+    torch.manual_seed(step)
+    batch = 2 * plan.num_prompts
+    q, k, v = torch.randn(batch, 2, 16, 8), torch.randn(batch, 2, 16, 8), torch.randn(batch, 2, 16, 8)
+    src = plan.num_prompts
+    probs = ((q @ k.transpose(-1, -2)) * 8**-0.5).softmax(-1)
+    for e in range(plan.num_edits):
+        if plan.self_active[step, e]:
+            probs[src + 1 + e] = probs[src]
+    expected = probs @ v
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    for explicit in (True, False):
+        got = P2PAttnProcessor(make_state(plan, 16, explicit, step), name).attend(q, k, v, None)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_self_attention_untouched_above_the_resolution(plan):
+    q, k, v = torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8)
+    state = make_state(plan, 64, False, 0)
+    state.self_max_side = 4  # the layer's side is 8
+    got = P2PAttnProcessor(state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor").attend(q, k, v, None)
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from prompt2prompt.alignment import tokenize
+from prompt2prompt.schedules import as_window, cross_mask, step_index, step_mask, step_range
+
+
+def test_window_bounds_floor_with_tolerance():
+    assert step_range((0.2, 0.5), 10) == range(2, 5)
+    assert step_range(0.8, 50) == range(0, 40)
+    assert step_range(0.29, 100) == range(0, 29)  # 0.29 * 100 is 28.999999999999996 in floating point
+    assert step_range(0, 50) == range(0, 0)
+    assert step_mask((0.5, 1.0), 4).tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    "window, message",
+    [((0.6, 0.2), "starts after it ends"), (1.5, "outside"), ((-0.1, 0.5), "outside"), ("0.5", "number"), ((0.1,), "pair"), (True, "number")],
+)
+def test_invalid_windows_are_named(window, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        as_window(window, "cross_steps")
+
+
+def test_cross_mask_per_word_overrides_default(tokenizer):
+    edit = tokenize(tokenizer, "a lasagne riding a bicycle")
+    c = cross_mask({"default": 0.5, "lasagne": (0.25, 1.0)}, 4, edit)
+    assert c.shape == (4, 77)
+    assert c[:, 0].tolist() == [1, 1, 0, 0]
+    assert c[:, 2].tolist() == c[:, 3].tolist() == [0, 1, 1, 1]  # both tokens of "lasagne"
+    assert c[:, 76].tolist() == [1, 1, 0, 0]
+
+
+def test_cross_mask_unknown_word_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="'lion'"):
+        cross_mask({"default": 0.8, "lion": 0.4}, 10, tokenize(tokenizer, "a cat"))
+
+
+def test_step_index_for_second_order_and_pndm():
+    assert [step_index(k, 2, 3) for k in range(5)] == [0, 0, 1, 1, 2]
+    assert [step_index(k, 1, 3) for k in range(4)] == [0, 1, 2, 2]  # PNDM's N+1 iterations
+    assert torch.equal(step_mask(1.0, 3), torch.ones(3, dtype=torch.bool))
