@@ -1,0 +1,253 @@
+"""The Gradio web app: a source prompt and edit rows in, a gallery, heatmaps and recipe-carrying PNGs out.
+
+It is a thin layer over the Python API and the only module that imports gradio. It binds to 127.0.0.1
+unless told otherwise, runs one edit at a time, and writes only under its output folder (Gradio's upload
+cache included); no input names a path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
+from .recipe import Recipe, file_digest, inversion_available, run_recipe, save_result, scheduler_config
+
+__all__ = ["build_app", "launch"]
+
+MAX_EDITS = 4
+MODES = ["auto", "replace", "refine"]
+METHODS = ["null-text", "negative-prompt", "direct", "ddim"]
+# Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words, blend edit
+# words, exclude source words, exclude edit words.
+ROW_FIELDS = 10
+
+
+class _Editors:
+    """Editors for the offered models, loaded on first use."""
+
+    def __init__(self, models: Sequence[str], device: str | None, dtype: str):
+        self.models = list(models)
+        self.device = device or default_device()
+        self.dtype = parse_dtype(dtype, self.device)
+        self.loaded: dict[str, tuple[Any, ModelSource]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, model: str):
+        import prompt2prompt as p2p
+
+        if model not in self.models:  # the picker offers only these; a forged request gets no other path
+            raise gr.Error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
+        with self.lock:
+            if model not in self.loaded:
+                source = resolve_model(model)
+                pipe = load_pipeline(source, device=self.device, torch_dtype=self.dtype)
+                self.loaded[model] = (p2p.Editor(pipe), source)
+        return self.loaded[model]
+
+
+def _words(prompt: str | None) -> list[str]:
+    """The prompt's distinct words, in order: the choices of the word pickers."""
+    return list(dict.fromkeys((prompt or "").split()))
+
+
+def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
+    """One row's recipe edit spec; None for an empty row."""
+    prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit = values
+    if not (prompt or "").strip():
+        return None
+    blend = None
+    if blend_source or blend_edit or excl_source or excl_edit:
+        if not blend_source or not blend_edit:
+            raise gr.Error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
+        blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
+                 "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or [])}
+    weights = [[word, float(weight)] for word in weight_words or []]
+    return {"prompt": " ".join(prompt.split()), "mode": mode, "cross_steps": float(cross),
+            "self_steps": float(self_steps), "weights": weights or None, "blend": blend}
+
+
+def _check_upload(path: str, max_bytes: int) -> None:
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise gr.Error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises many types for non-images and corrupt files
+        raise gr.Error("the upload is not an image that can be read; use a PNG, JPEG or WebP file") from None
+
+
+def _run_folder(out_dir: Path, seed: int | None) -> Path:
+    """A fresh folder for one run, named by the server only."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = out_dir / f"{stamp}-{seed if seed is not None else 'image'}-{secrets.token_hex(3)}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: str, seed: float | None,
+         steps: float, guidance: float, image: str | None, method: str, count: int, *rows: Any):
+    """The Run button: edit, save the PNGs, and fill the gallery, the heatmaps and the downloads."""
+    import prompt2prompt as p2p
+
+    if not (source or "").strip():
+        raise gr.Error("type a source prompt first")
+    specs = [spec for i in range(int(count))
+             if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
+    if not specs:
+        raise gr.Error("type at least one edit prompt")
+    real: dict[str, Any] = {}
+    if image:
+        if not inversion_available():
+            raise gr.Error("real-image editing needs inversion, which this install lacks")
+        _check_upload(image, max_bytes)
+        seed = None
+    elif seed is None or seed < 0:
+        seed = secrets.randbelow(2**31)
+    try:
+        editor, model_source = editors.get(model)
+    except RuntimeError as error:  # ModelLoadError: its message says how to get the model
+        raise gr.Error(str(error)) from None
+    folder = _run_folder(out_dir, None if seed is None else int(seed))
+    if image:
+        copy = folder / f"input{Path(image).suffix.lower() or '.png'}"
+        shutil.copyfile(image, copy)
+        real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
+    pipe = editor.pipe
+    recipe = Recipe(
+        source=" ".join(source.split()), edits=specs, seed=None if seed is None else int(seed),
+        num_inference_steps=int(steps), guidance_scale=float(guidance), model=model_source.id,
+        revision=model_source.revision, scheduler=scheduler_config(pipe.scheduler),
+        dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, record_attention=True, **real,
+    )
+    try:
+        result = run_recipe(recipe, editor, base_dir=folder)
+    except ValueError as error:  # the engine's checks of the user's words, windows and sizes
+        shutil.rmtree(folder)
+        raise gr.Error(str(error)) from None
+    paths = save_result(result.images, recipe, folder)
+    captions = ["source: " + recipe.source] + [f"edit {i}: {spec['prompt']}" for i, spec in enumerate(specs, 1)]
+    gallery = [(str(path), text) for path, text in zip(paths, captions)]  # the grid (last path) is download-only
+    heatmaps = [(heat, f"{i}: {text}") for i, text in enumerate(result.prompts)
+                for heat in p2p.attention_heatmaps(result, prompt_index=i)]
+    status = f"Seed {recipe.seed}. Saved to `{folder.name}`." if recipe.seed is not None else f"Saved to `{folder.name}`."
+    return gallery, [str(path) for path in paths], heatmaps, recipe.seed, status
+
+
+def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None = None, dtype: str = "auto",
+              max_upload_mb: float = 10.0) -> gr.Blocks:
+    """The web app's Blocks, offering `models` (the first is the default) and writing under `out_dir`.
+
+    Gradio's own upload and file cache is moved into `out_dir` too (GRADIO_TEMP_DIR).
+    """
+    if not models:
+        raise ValueError("the web app needs at least one model, e.g. models=['demo']")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
+    editors = _Editors(models, device, dtype)
+    max_bytes = int(max_upload_mb * 2**20)
+    can_invert = inversion_available()
+
+    with gr.Blocks(title="prompt2prompt", analytics_enabled=False) as app:
+        gr.Markdown("## Prompt-to-Prompt\nEdit an image by editing its prompt.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                source = gr.Textbox(label="Source prompt", placeholder="a cat riding a bicycle", elem_id="source")
+                rows: list[gr.components.Component] = []
+                groups = []
+                for i in range(MAX_EDITS):
+                    with gr.Group(visible=i == 0) as group:
+                        prompt = gr.Textbox(label=f"Edit {i + 1}", placeholder="a dog riding a bicycle",
+                                            elem_id=f"edit-{i + 1}")
+                        with gr.Row():
+                            mode = gr.Radio(MODES, value="auto", label="Mode")
+                            cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention steps")
+                            self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention steps")
+                        with gr.Row():
+                            weight_words = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                                       label="Reweight words")
+                            weight = gr.Slider(-2, 5, value=1.0, step=0.1, label="Weight")
+                        with gr.Row():
+                            blend_source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                                       label="Local blend: source words")
+                            blend_edit = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                                     label="Local blend: edit words")
+                        with gr.Row():
+                            exclude_source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                                         label="Exclude: source words")
+                            exclude_edit = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                                       label="Exclude: edit words")
+                    prompt.change(lambda text: [gr.update(choices=_words(text))] * 3, prompt,
+                                  [weight_words, blend_edit, exclude_edit], queue=False)
+                    groups.append(group)
+                    rows += [prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit,
+                             exclude_source, exclude_edit]
+                with gr.Row():
+                    add = gr.Button("Add edit", size="sm")
+                    remove = gr.Button("Remove edit", size="sm")
+            with gr.Column(scale=2):
+                model = gr.Dropdown(list(models), value=models[0], label="Model")
+                with gr.Row():
+                    seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
+                    reuse = gr.Button("Reuse seed", size="sm")
+                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                with gr.Accordion("Real image", open=False):
+                    if not can_invert:
+                        gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
+                    image = gr.Image(type="filepath", format="png", image_mode="RGB", sources=["upload"],
+                                     label=f"Image to edit (up to {max_upload_mb:g} MB; its caption is the source "
+                                           "prompt)", interactive=can_invert)
+                    method = gr.Dropdown(METHODS, value="null-text", label="Inversion", interactive=can_invert)
+                run = gr.Button("Run", variant="primary", elem_id="run")
+                status = gr.Markdown(elem_id="status")
+        with gr.Tabs():
+            with gr.Tab("Images"):
+                gallery = gr.Gallery(label="Source and edits", columns=MAX_EDITS + 2, elem_id="gallery")
+                files = gr.File(label="Download: PNGs carrying their recipe (p2p replay FILE)", file_count="multiple",
+                                interactive=False, elem_id="downloads")
+            with gr.Tab("Attention"):
+                heatmaps = gr.Gallery(label="Per-token cross-attention", columns=8, elem_id="heatmaps")
+
+        count = gr.State(1)
+        last_seed = gr.State(None)
+        source.change(lambda text: [gr.update(choices=_words(text))] * (2 * MAX_EDITS), source,
+                      [c for i in range(MAX_EDITS) for c in rows[i * ROW_FIELDS + 6:i * ROW_FIELDS + 10:2]],
+                      queue=False)
+
+        def resize(n: int):
+            return [n] + [gr.update(visible=i < n) for i in range(MAX_EDITS)]
+
+        add.click(lambda n: resize(min(n + 1, MAX_EDITS)), count, [count, *groups], queue=False)
+        remove.click(lambda n: resize(max(n - 1, 1)), count, [count, *groups], queue=False)
+        reuse.click(lambda s: -1 if s is None else s, last_seed, seed, queue=False)
+
+        # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
+        def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+            return _run(editors, out_dir, max_bytes, *args)
+
+        run.click(run_edit, [model, source, seed, steps, guidance, image, method, count, *rows],
+                  [gallery, files, heatmaps, last_seed, status], concurrency_limit=1, concurrency_id="edit")
+    app.queue(default_concurrency_limit=1, max_size=32)
+    return app
+
+
+def launch(models: Sequence[str], *, host: str = "127.0.0.1", port: int = 7860, out_dir: str | Path = "outputs/web",
+           max_upload_mb: float = 10.0, device: str | None = None, dtype: str = "auto",
+           prevent_thread_lock: bool = False) -> gr.Blocks:
+    """Serve the web app on `host`:`port` (127.0.0.1 by default: only this machine can reach it)."""
+    app = build_app(models, out_dir=out_dir, device=device, dtype=dtype, max_upload_mb=max_upload_mb)
+    app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
+               allowed_paths=[str(Path(out_dir).resolve())], prevent_thread_lock=prevent_thread_lock, quiet=True)
+    return app

@@ -1,0 +1,185 @@
+"""The web app, driven through Debian's chromium with Playwright (never a downloaded browser)."""
+
+import socket
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
+
+import prompt2prompt as p2p
+from prompt2prompt import webapp
+from prompt2prompt.loading import load_pipeline
+from prompt2prompt.recipe import read_recipe, run_recipe
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "outputs" / "test-artifacts"
+UPLOAD_MB = 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd_dir, tmp_path_factory):
+    """The app on a free localhost port, serving the tiny model; its URL and output folder."""
+    out = tmp_path_factory.mktemp("web") / "out"
+    app = webapp.launch([str(tiny_sd_dir)], port=_free_port(), out_dir=out, max_upload_mb=UPLOAD_MB,
+                        prevent_thread_lock=True)
+    yield app, out
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                  "--disable-default-apps", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page on the app; any request that would leave 127.0.0.1 is refused and recorded."""
+    app, _ = server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    outside: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(app.local_url):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(app.local_url)
+    page.wait_for_selector("#source textarea")
+    yield page
+    page.close()
+    assert outside == [], f"the page tried to reach {outside}"
+
+
+def _set_number(page, selector: str, value: str) -> None:
+    page.fill(selector, value)
+    page.press(selector, "Enter")
+
+
+def _run(page, source: str, edit: str, *, seed: str) -> None:
+    page.fill("#source textarea", source)
+    page.fill("#edit-1 textarea", edit)
+    _set_number(page, "#steps input[type=number]", "2")
+    _set_number(page, "#seed input", seed)
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Saved to')", timeout=120_000)
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_edit_in_the_browser_downloads_a_png_that_replays(page, server, tiny_sd_dir, tmp_path):
+    app, out = server
+    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="-1")
+    assert page.locator("#gallery img").count() == 2  # P = 1 source + 1 edit
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webapp.png"), full_page=True)
+
+    seed = int(page.inner_text("#status").split("Seed ")[1].split(".")[0])
+    page.click("text=Reuse seed")
+    page.wait_for_function(f"document.querySelector('#seed input').value === '{seed}'")
+
+    with page.expect_download() as download:
+        page.click("#downloads a[download='edit-1.png']")
+    png = tmp_path / "edit-1.png"
+    download.value.save_as(png)
+    recipe = read_recipe(png)
+    assert (recipe.source, recipe.seed, recipe.num_inference_steps) == ("a cat riding a bicycle", seed, 2)
+    assert [edit["prompt"] for edit in recipe.edits] == ["a dog riding a bicycle"]
+    (run_folder,) = [folder for folder in out.iterdir() if folder.name != ".gradio"]
+    assert np.array_equal(_pixels(png), _pixels(run_folder / "edit-1.png"))
+
+    editor = p2p.Editor(load_pipeline(recipe.model))
+    replayed = run_recipe(recipe, editor).images[recipe.image_index]
+    assert np.array_equal(_pixels(png), np.asarray(replayed))
+
+
+def test_edit_rows_are_added_and_removed(page):
+    assert not page.locator("#edit-2 textarea").is_visible()
+    page.click("text=Add edit")
+    page.wait_for_selector("#edit-2 textarea", state="visible")
+    page.click("text=Remove edit")
+    page.wait_for_selector("#edit-2 textarea", state="hidden")
+
+
+def test_engine_errors_are_shown_not_raised(page):
+    page.fill("#source textarea", "a cat")
+    page.fill("#edit-1 textarea", "a dog")
+    page.get_by_label("Reweight words").first.fill("unicorn")
+    page.keyboard.press("Enter")
+    page.click("#run")
+    page.wait_for_selector(".toast-body:has-text(\"the word 'unicorn' is not in the prompt 'a dog'\")", timeout=60_000)
+    assert "Saved to" not in page.inner_text("#status")
+
+
+def test_real_image_upload_is_inverted_and_recorded(page, server, tmp_path):
+    _, out = server
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
+    page.click("text=Real image")
+    page.set_input_files("input[type=file]", str(photo))
+    before = set(out.iterdir())
+    _run(page, "a cat", "a dog", seed="-1")
+    (run_folder,) = set(out.iterdir()) - before
+    recipe = read_recipe(run_folder / "edit-1.png")
+    assert recipe.image["path"] == "input.png" and recipe.inversion == {"method": "null-text"}
+    assert recipe.seed is None and (run_folder / "input.png").is_file()
+
+
+def test_serves_nothing_outside_its_output_folder(server):
+    app, out = server
+    assert app.server_name == "127.0.0.1"
+    repo_file = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    for path in ["/etc/passwd", str(repo_file), f"{out}/../../etc/passwd"]:
+        response = httpx.get(f"{app.local_url}gradio_api/file={path}")
+        assert response.status_code in (403, 404), path
+    big = httpx.post(f"{app.local_url}gradio_api/upload",
+                     files={"files": ("big.png", b"\0" * int(1.5 * UPLOAD_MB * 2**20), "image/png")})
+    assert big.status_code == 413
+
+
+def test_uploads_must_be_small_images(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        webapp._check_upload(str(text), 2**20)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (256, 256)).save(photo)
+    with pytest.raises(gr.Error, match="the limit is 0.0 MB"):
+        webapp._check_upload(str(photo), 10)
+    webapp._check_upload(str(photo), 2**20)
+
+
+def test_only_offered_models_load(tiny_sd_dir):
+    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    with pytest.raises(gr.Error, match="unknown model '/etc'"):
+        editors.get("/etc")
+    editor, source = editors.get(str(tiny_sd_dir))
+    assert source.id == str(tiny_sd_dir) and editors.get(str(tiny_sd_dir))[0] is editor
+
+
+def test_runs_queue_one_at_a_time(server):
+    app, _ = server
+    (run,) = [fn for fn in app.fns.values() if fn.name == "run_edit"]
+    assert run.concurrency_limit == 1
