@@ -1,0 +1,130 @@
+"""The shapes world: deterministic scenes, captions whose attribute words are single CLIP tokens, masks, parser."""
+
+import numpy as np
+import pytest
+
+from prompt2prompt.demo import world
+from prompt2prompt.demo.parse import mask_iou, parse
+from prompt2prompt.demo.train import corrupt, load_config, lr_at, save_atomic, step_generator
+
+ATTRIBUTE_WORDS = [*world.COLORS, *world.SHAPES, *world.SIZES, *world.BACKGROUNDS, "left", "right", "top", "bottom",
+                   "center", "gradient"]
+
+
+def test_scenes_and_images_are_a_pure_function_of_the_seed():
+    for seed in (0, 7, 123456):
+        a, b = world.sample_scene(seed, num_objects=2), world.sample_scene(seed, num_objects=2)
+        assert a == b and [o.center for o in a.objects] == [o.center for o in b.objects]
+        assert np.array_equal(world.render(a).image, world.render(b).image)
+    images_a, captions_a = world.render_dataset(12, seed=5, progress=False)
+    images_b, captions_b = world.render_dataset(12, seed=5, progress=False)
+    assert np.array_equal(images_a, images_b) and captions_a == captions_b
+    assert images_a.shape == (12, 64, 64, 3) and images_a.dtype == np.uint8
+    assert len(set(captions_a)) > 6
+
+
+def test_every_attribute_word_is_one_clip_token(tokenizer):
+    for word in ATTRIBUTE_WORDS:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+@pytest.mark.parametrize("old,new", [("red", "green"), ("circle", "square"), ("big", "small"), ("white", "black"),
+                                     ("left", "right")])
+def test_a_word_swap_changes_one_token_in_place(tokenizer, old, new):
+    scene = world.Scene((world.Obj("circle", "red", "big", "left"), world.Obj("star", "blue", "small", "right")),
+                        "white")
+    caption = scene.caption()
+    assert caption == "a big red circle on the left and a small blue star on the right on a white background"
+    before = tokenizer(caption).input_ids
+    after = tokenizer(caption.replace(old, new, 1)).input_ids
+    assert len(before) == len(after)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    assert len(changed) == 1 and tokenizer.convert_ids_to_tokens(after[changed[0]]) == new + "</w>"
+
+
+def test_masks_cover_the_objects_and_nothing_else():
+    for seed in range(20):
+        rendered = world.render(world.sample_scene(seed, num_objects=1 + seed % 2, split="all"))
+        background = world.background_image(rendered.scene.background, rendered.scene.gradient)
+        anywhere = rendered.masks.any(0)
+        # Outside every mask the image is the background, up to anti-aliased edges.
+        outside = np.abs(rendered.image.astype(np.float32) - background).max(-1)[~anywhere]
+        assert np.mean(outside < 2) > 0.97
+        for obj, mask in zip(rendered.scene.objects, rendered.masks):
+            inside = rendered.image[mask].astype(np.float32)
+            distance = np.abs(inside - np.array(world.COLORS[obj.color])).max(-1)
+            assert mask.sum() > 100 and np.median(distance) < 5 and np.mean(distance < 40) > 0.8
+        if len(rendered.masks) == 2:
+            assert not (rendered.masks[0] & rendered.masks[1]).any()
+
+
+def test_big_objects_are_bigger_and_sit_where_the_caption_says():
+    for shape in world.SHAPES:
+        small = world.render(world.Scene((world.Obj(shape, "red", "small", "top", (32.0, 17.0)),), "white")).masks[0]
+        big = world.render(world.Scene((world.Obj(shape, "red", "big", "bottom", (32.0, 47.0)),), "white")).masks[0]
+        assert big.sum() > 1.6 * small.sum()
+        assert np.nonzero(small)[0].mean() < 32 < np.nonzero(big)[0].mean()
+
+
+def test_held_out_captions_never_reach_the_training_split():
+    train = {world.sample_scene(s).caption() for s in range(300)}
+    held = {world.sample_scene(s, split="heldout").caption() for s in range(60)}
+    assert train.isdisjoint(held)
+    assert all(world.is_held_out(world.sample_scene(s, split="heldout")) for s in range(20))
+    share = np.mean([world.is_held_out(world.sample_scene(s, split="all")) for s in range(1000)])
+    assert 0.05 < share < 0.15
+
+
+def test_parser_reads_back_rendered_scenes():
+    objects = correct = backgrounds = 0
+    for seed in range(60):
+        rendered = world.render(world.sample_scene(seed, num_objects=1 + seed % 3 // 2, split="all"))
+        parsed = parse(rendered.image)
+        backgrounds += (parsed.background, parsed.gradient) == (rendered.scene.background, rendered.scene.gradient)
+        for obj, mask in zip(rendered.scene.objects, rendered.masks):
+            objects += 1
+            found = parsed.find(obj.color)
+            correct += (found is not None and (found.shape, found.size, found.position) == (obj.shape, obj.size,
+                                                                                          obj.position)
+                        and mask_iou(found.mask, mask) > 0.9)
+    assert backgrounds == 60
+    assert correct >= objects - 1  # a rare overlap can hide a corner of the first object
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="num_objects must be 1 or 2, got 3"):
+        world.sample_scene(0, num_objects=3)
+    with pytest.raises(ValueError, match="'test'"):
+        world.sample_scene(0, split="test")
+    with pytest.raises(ValueError, match="'hexagon'"):
+        world.shape_coverage("hexagon", (32.0, 32.0), 10.0)
+    with pytest.raises(ValueError, match="shape"):
+        parse(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+def test_probe_corruption_changes_exactly_the_named_attribute():
+    rng = np.random.default_rng(0)
+    caption = "a big red circle on the left on a white gradient background"
+    assert corrupt(caption, "color", rng).split(" ")[2] in set(world.COLORS) - {"red"}
+    assert corrupt(caption, "shape", rng).split(" ")[3] in set(world.SHAPES) - {"circle"}
+    assert corrupt(caption, "background", rng).split(" ")[-3] in set(world.BACKGROUNDS) - {"white"}
+    moved = corrupt(caption, "position", rng)
+    assert moved != caption and moved.endswith("on a white gradient background")
+    assert any(moved.startswith(f"a big red circle {p}") for p in world.POSITION_PHRASES.values())
+
+
+def test_training_helpers_are_deterministic_and_resumable(tmp_path):
+    import torch
+
+    a = torch.randn(4, generator=step_generator(0, 2, 17))
+    assert torch.equal(a, torch.randn(4, generator=step_generator(0, 2, 17)))
+    assert not torch.equal(a, torch.randn(4, generator=step_generator(0, 2, 18)))
+    assert lr_at(0, 1000, 100) == pytest.approx(0.01) and lr_at(100, 1000, 100) == pytest.approx(1.0)
+    assert lr_at(1000, 1000, 100) == pytest.approx(0.1)
+    save_atomic({"step": 3}, tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt.pt")["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+    config = load_config(tmp_path / "run", {"batch": 8})
+    assert load_config(tmp_path / "run", {}).batch == 8
+    with pytest.raises(SystemExit, match="batch"):
+        load_config(tmp_path / "run", {"batch": 16})
+    assert config.batch == 8
