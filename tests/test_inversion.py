@@ -199,6 +199,9 @@ def test_save_load_round_trip(sd, image, tmp_path, method):
                 assert torch.equal(other, value), field
             else:
                 assert other == value, field
+    moved = inv.to(dtype=torch.float64)
+    assert moved.latents.dtype == torch.float64 and moved.method == method
+    assert (moved.corrections is None) == (inv.corrections is None)
 
 
 def test_load_errors(sd, image, tmp_path):
@@ -291,3 +294,20 @@ def test_sdxl_null_text_edit_follows_its_optimisation(sdxl, image):
     inv = editor.invert(image, PROMPT, method="null-text", num_inference_steps=STEPS, num_inner_steps=1, progress=False)
     source = editor.edit(PROMPT, [Edit(PROMPT)], inversion=inv, output_type="latent").images[0]
     torch.testing.assert_close(source, replay_source(sdxl, inv)[-1][0], rtol=0, atol=1e-3)
+
+
+def test_null_text_optimises_in_float32_for_a_float16_pipeline(image, monkeypatch):
+    pipe = tiny_sd_pipeline().to(torch.float16)
+    seen = []
+    adam = torch.optim.Adam
+
+    def recording_adam(params, **kwargs):
+        seen.extend(p.dtype for p in params)
+        return adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", recording_adam)
+    inv = invert(pipe, image, PROMPT, method="null-text", num_inference_steps=2, num_inner_steps=2,
+                 early_stop_epsilon=0.0, progress=False)
+    assert seen == [torch.float32, torch.float32]  # one fp32 embedding per step
+    assert inv.uncond_embeddings.dtype == torch.float16 and inv.latents.dtype == torch.float16
+    assert torch.isfinite(inv.uncond_embeddings).all() and torch.isfinite(inv.trajectory).all()

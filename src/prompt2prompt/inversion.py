@@ -37,7 +37,7 @@ _FORMAT = "prompt2prompt.inversion"
 _VERSION = 1
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no truth value: compare fields yourself
 class Inversion:
     """A real image inverted for editing: pass it to `Editor.edit(..., inversion=inv)`.
 

@@ -1,0 +1,171 @@
+"""Cost and reconstruction PSNR of each inversion method, against one plain generation and one P2P edit.
+
+Per image, in one process and alternating: plain generation of the caption, one P2P edit (source + 1 edit
+prompt), and the inversion by each method. Times are medians over the rounds after a warm-up, as ratios to
+plain generation and to the edit (same model, steps and guidance). PSNR is that of the edit's source row on
+the inversion (the reconstruction) against the input image, averaged over the images; "vae" is the VAE's own
+round trip, the ceiling of every method.
+
+    .venv/bin/python benchmarks/inversion.py                         # SD 1.5 architecture, random weights, 256 px
+    .venv/bin/python benchmarks/inversion.py --model demo --steps 50 --images 8     # the shipped demo model
+    .venv/bin/python benchmarks/inversion.py --size 512 --steps 50 --device cuda --dtype float16
+
+The random model times the methods (cost does not depend on the weights, except null-text's early stop, which
+a random model never reaches: its figure there is the worst case). A trained model gives the PSNR figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from prompt2prompt import Edit, Editor
+from prompt2prompt.images import prepare_image, psnr
+from prompt2prompt.inversion import METHODS, encode_image, invert
+
+COLORS = ("red", "green", "blue", "yellow", "purple")
+CAPTION = "a big red circle on the left on a white background"
+
+
+def _synthetic(size: int) -> Image.Image:
+    """A photo stand-in for a random model: a red disc on a white-to-grey gradient."""
+    ramp = np.linspace(255, 160, size, dtype=np.float32)[:, None, None]
+    image = Image.fromarray(np.broadcast_to(ramp, (size, size, 3)).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse([size * 0.1, size * 0.3, size * 0.5, size * 0.7], fill=(220, 30, 30))
+    return image
+
+
+def _recolor(caption: str) -> str:
+    """The caption with its first colour word swapped for the next colour: the benchmark's edit."""
+    words = caption.split(" ")
+    for k, word in enumerate(words):
+        if word in COLORS:
+            words[k] = COLORS[(COLORS.index(word) + 1) % len(COLORS)]
+            return " ".join(words)
+    return caption + " in green"
+
+
+def _scenes(args) -> list[tuple[Image.Image, str]]:
+    if args.image:
+        return [(Image.open(args.image), args.prompt or CAPTION)]
+    if args.model == "demo" or args.shapes:
+        from prompt2prompt.demo import world
+
+        rendered = [world.render(world.sample_scene(40_000_000 + k, split="heldout")) for k in range(args.images)]
+        return [(Image.fromarray(r.image), r.caption) for r in rendered]
+    return [(_synthetic(args.size or 256), args.prompt or CAPTION)] * args.images
+
+
+def _timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def _decode(pipe, latents: torch.Tensor) -> Image.Image:
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    array = ((pixels[0].float().permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    return Image.fromarray(array)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="'demo', a diffusers folder or a hub id (default: SD 1.5 "
+                        "architecture with random weights)")
+    parser.add_argument("--size", type=int, default=None, help="pixels (default: 256 for the random model, "
+                        "else the model's own)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--images", type=int, default=1, help="images to average the PSNR over")
+    parser.add_argument("--image", default=None, help="one image file to invert instead")
+    parser.add_argument("--prompt", default=None, help="the caption of --image")
+    parser.add_argument("--shapes", action="store_true", help="use held-out shapes-world scenes as images")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per image; the first image's first "
+                        "round is a warm-up")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--inner-steps", type=int, default=10, help="null-text's Adam iterations per step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    if args.model is None:
+        from pipelines import sd15_random_pipeline
+
+        pipe = sd15_random_pipeline().to(device=device, dtype=dtype)
+        args.size = args.size or 256
+    else:
+        from prompt2prompt.loading import load_pipeline
+
+        pipe = load_pipeline(args.model, device=device, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler every inversion edits with
+    editor = Editor(pipe)
+    size = dict(height=args.size, width=args.size) if args.size else {}
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+
+    times: dict[str, list[float]] = {name: [] for name in ["generate", "edit", *args.methods]}
+    scores: dict[str, list[float]] = {name: [] for name in ["vae", *args.methods]}
+    scenes = _scenes(args)
+    for index, (image, caption) in enumerate(scenes):
+        fitted = prepare_image(pipe, image, **size)
+        height, width = fitted.height, fitted.width
+        scores["vae"].append(psnr(_decode(pipe, encode_image(pipe, fitted)), fitted))
+        for round_ in range(args.rounds + (index == 0)):
+            keep = not (index == 0 and round_ == 0)
+            generator = torch.Generator("cpu").manual_seed(round_)
+            seconds, _ = _timed(lambda: pipe(caption, generator=generator, height=height, width=width,
+                                             output_type="latent", **common), device)
+            if keep:
+                times["generate"].append(seconds)
+            seconds, _ = _timed(lambda: editor.edit(caption, [Edit(_recolor(caption))], seed=round_, height=height,
+                                                    width=width, output_type="latent", **common), device)
+            if keep:
+                times["edit"].append(seconds)
+            for method in args.methods:
+                seconds, inv = _timed(lambda: invert(pipe, fitted, caption, method=method, progress=False,
+                                                     num_inner_steps=args.inner_steps, **size, **common), device)
+                if keep:
+                    times[method].append(seconds)
+                if round_ == args.rounds + (index == 0) - 1:
+                    source = editor.edit(caption, [], inversion=inv, output_type="latent").images[:1]
+                    scores[method].append(psnr(_decode(pipe, source), fitted))
+        print(f"image {index + 1}/{len(scenes)}: {caption!r}", file=sys.stderr)
+
+    model = args.model or "SD 1.5 architecture, random weights"
+    print(f"model: {model}; {height}x{width} px, {args.steps} steps, guidance {args.guidance}, {args.device} "
+          f"{args.dtype}, {torch.get_num_threads()} threads; {len(scenes)} image(s), {args.rounds} round(s)")
+    generate, edit = statistics.median(times["generate"]), statistics.median(times["edit"])
+    print()
+    print("| method | time (s) | x plain generation | x one edit | reconstruction PSNR (dB) |")
+    print("|---|---|---|---|---|")
+    print(f"| plain generation (1 prompt) | {generate:.2f} | 1.00 | {generate / edit:.2f} | |")
+    print(f"| one P2P edit (source + 1 edit) | {edit:.2f} | {edit / generate:.2f} | 1.00 | |")
+    for method in args.methods:
+        seconds = statistics.median(times[method])
+        print(f"| {method} inversion | {seconds:.2f} | {seconds / generate:.2f} | {seconds / edit:.2f} "
+              f"| {statistics.mean(scores[method]):.2f} |")
+    print(f"| (VAE round trip, the ceiling) | | | | {statistics.mean(scores['vae']):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
