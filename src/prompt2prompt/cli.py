@@ -390,6 +390,43 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outpu
         typer.echo(str(path))
 
 
+@app.command()
+def batch(
+    manifest: Annotated[Path, typer.Argument(help="JSON Lines manifest, one job per line.", exists=True,
+                                             dir_okay=False, show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder; run again on it to resume.", show_default=False)],
+    workers: Annotated[int, typer.Option(min=0, help="Worker processes, one model replica each (0: this process); "
+                                                     "with --ray, actors [default: one per GPU].")] = 1,
+    ray: Annotated[str | None, typer.Option(help="Run on Ray: auto (a running cluster), ray://HOST:10001, or local.",
+                                            show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Jobs of one model and settings per forward batch.")] = 1,
+    model: ModelOption = "demo",
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Run the valid jobs of a manifest with "
+                                                                      "malformed lines.")] = False,
+    score: Annotated[str | None, typer.Option(help="Score hook package.module:function (see the README).",
+                                              show_default=False)] = None,
+    min_score: Annotated[float | None, typer.Option(help="Do not write edits scoring below this.",
+                                                    show_default=False)] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Run a manifest of edits into --out: resumable after any stop, on local workers or a Ray cluster."""
+    with _user_errors():
+        from .batch import INDEX, load_manifest, load_score_hook, run_batch
+
+        jobs = load_manifest(manifest, model=model, skip_invalid=skip_invalid)
+        for error in jobs.errors:
+            console.print(f"[yellow]skipped[/yellow] {escape(error)}", highlight=False)
+        summary = run_batch(jobs, out, workers=workers, ray_address=ray, batch_size=batch_size, device=device,
+                            dtype=dtype, score=load_score_hook(score) if score else None, min_score=min_score)
+    typer.echo(str(out / INDEX))
+    console.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} done before; "
+                  f"{summary.jobs_per_minute:.1f} jobs/min", highlight=False)
+    if summary.failed:
+        console.print("[red]some jobs failed[/red]: their errors are in the index; run again to retry them")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the `p2p` command."""
     app()
