@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -195,6 +196,16 @@ def test_runtime_errors_exit_1(tmp_path):
     result = run("edit", "a [cat->dog]", "--model", tmp_path / "nowhere", "--out", tmp_path)
     assert result.exit_code == 1
     assert "no such file or folder" in result.stderr
+
+
+def test_serve_on_a_busy_port_is_a_runtime_error(tiny_sd_dir, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", "--model", tiny_sd_dir, "--port", port, "--out", tmp_path)
+    assert result.exit_code == 1
+    assert f"error: Cannot find empty port in range: {port}" in result.stderr
 
 
 def test_replay_rejects_pngs_without_a_recipe(tmp_path):

@@ -374,6 +374,8 @@ def serve(
             from .webapp import launch
         except ImportError as error:
             raise RuntimeError(f"the web app needs the 'web' extra ({error}): pip install 'prompt2prompt[web]'") from None
+        console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
+                      highlight=False)
         launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype)
 
 
