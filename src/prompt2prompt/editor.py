@@ -170,6 +170,21 @@ def _swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, num_prompts: int) -
     return torch.cat([uncond.to(embeds).expand(half, *embeds.shape[1:]), embeds[half:]])
 
 
+def _initial_latents(latents, seed, generator, shape, num_prompts: int, device, dtype) -> torch.Tensor:
+    """(P, C, h, w) initial latents: the given ones, or one draw from the seed or generator shared by all prompts."""
+    if latents is None:
+        if seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        # Drawn like diffusers' prepare_latents, so that plain generation with the same generator matches.
+        latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu", dtype=dtype)
+    if latents.ndim != 4 or latents.shape[0] not in (1, num_prompts) or tuple(latents.shape[1:]) != shape[1:]:
+        raise ValueError(
+            f"latents must have shape (1, {shape[1]}, {shape[2]}, {shape[3]}) or ({num_prompts}, ...), "
+            f"not {tuple(latents.shape)}"
+        )
+    return latents.to(device=device, dtype=dtype).expand(num_prompts, -1, -1, -1).clone()
+
+
 def _level_sizes(latent_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
     sizes = [latent_size]
     for _ in range(levels - 1):
@@ -302,51 +317,18 @@ class Editor:
         scale = pipe.vae_scale_factor
         default = pipe.unet.config.sample_size * scale
         height, width = height or default, width or default
-        if height % scale or width % scale:
-            raise ValueError(f"height and width must be multiples of {scale}, but are {height} and {width}")
+        multiple = max(8, scale)  # diffusers' pipelines require multiples of 8 whatever the VAE
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, but are {height} and {width}")
         latent_size = (height // scale, width // scale)
-        sizes = _level_sizes(latent_size, len(pipe.unet.config.block_out_channels))
-        down_up, mid = _cross_levels(pipe.unet)
-        default_size = sizes[min(2, len(sizes) - 1)]
-        blend_size = None
-        if any(e.blend is not None for e in edits):
-            blend_size = self._size_for(self.blend_res, "blend_res", sizes, down_up, default_size)
-        record_sizes: set[tuple[int, int]] = set()
-        if record_attention is not False and record_attention is not None:
-            if record_attention is True:
-                requested = [None]
-            elif isinstance(record_attention, int):
-                requested = [record_attention]
-            else:
-                requested = list(record_attention)
-            record_sizes = {self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested}
-        self_max = self.self_replace_max_res if self.self_replace_max_res is not None else max(default_size)
-        state = RunState(
-            plan=plan,
-            sizes={h * w: (h, w) for h, w in sizes},
-            self_max_side=self_max,
-            blend_size=blend_size,
-            record_sizes=record_sizes,
-            explicit=self.attention == "explicit",
-        )
+        state = self._run_state(plan, latent_size, any(e.blend is not None for e in edits), record_attention)
         blends = self._blend_positions(source, edits, targets)
 
         # 4. Initial latents: one draw shared by every prompt
-        device = pipe._execution_device
-        dtype = pipe.unet.dtype
         shape = (1, pipe.unet.config.in_channels, *latent_size)
         if inversion is not None:
             latents = inversion.latents
-        if latents is None:
-            if seed is not None:
-                generator = torch.Generator("cpu").manual_seed(seed)
-            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu", dtype=dtype)
-        if latents.ndim != 4 or latents.shape[0] not in (1, num_prompts) or tuple(latents.shape[1:]) != shape[1:]:
-            raise ValueError(
-                f"latents must have shape (1, {shape[1]}, {shape[2]}, {shape[3]}) or ({num_prompts}, ...), "
-                f"not {tuple(latents.shape)}"
-            )
-        latents = latents.to(device=device, dtype=dtype).expand(num_prompts, -1, -1, -1).clone()
+        latents = _initial_latents(latents, seed, generator, shape, num_prompts, pipe._execution_device, pipe.unet.dtype)
 
         # 5. Run the pipeline with the processors installed
         callback = self._callback(state, blends, num_inference_steps, latent_size, inversion, pipeline_kwargs.pop("callback_on_step_end", None))
@@ -362,7 +344,7 @@ class Editor:
             **pipeline_kwargs,
         )
         if inversion is not None and inversion.uncond_embeddings is not None:
-            call_kwargs.update(self._inversion_embeddings(prompts, inversion, device))
+            call_kwargs.update(self._inversion_embeddings(prompts, inversion, pipe._execution_device))
         else:
             call_kwargs["prompt"] = prompts
             if negative_prompt is not None:
@@ -382,10 +364,36 @@ class Editor:
 
         # 6. Result
         attention = None
-        if record_sizes:
-            attention = {max(s): state.records[s] / state.record_counts[s] for s in record_sizes if s in state.records}
+        if state.record_sizes:
+            attention = {max(s): state.records[s] / state.record_counts[s] for s in state.record_sizes if s in state.records}
         tokens = [[t.replace("</w>", "") for t in pipe.tokenizer.convert_ids_to_tokens(tok.ids)] for tok in [source, *targets]]
         return EditResult(images=images, prompts=prompts, tokens=tokens, attention=attention, masks=callback.masks)
+
+    def _run_state(self, plan: EditPlan, latent_size: tuple[int, int], blend: bool, record_attention) -> RunState:
+        """Which layers self-replace, drive local blending and are recorded, by their sizes at this latent size."""
+        unet = self.pipe.unet
+        sizes = _level_sizes(latent_size, len(unet.config.block_out_channels))
+        down_up, mid = _cross_levels(unet)
+        default_size = sizes[min(2, len(sizes) - 1)]  # latent side / 4
+        blend_size = self._size_for(self.blend_res, "blend_res", sizes, down_up, default_size) if blend else None
+        if record_attention is False or record_attention is None:
+            requested = []
+        elif record_attention is True:
+            requested = [None]
+        elif isinstance(record_attention, int):
+            requested = [record_attention]
+        else:
+            requested = list(record_attention)
+        record_sizes = {self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested}
+        self_max = self.self_replace_max_res if self.self_replace_max_res is not None else max(default_size)
+        return RunState(
+            plan=plan,
+            sizes={h * w: (h, w) for h, w in sizes},
+            self_max_side=self_max,
+            blend_size=blend_size,
+            record_sizes=record_sizes,
+            explicit=self.attention == "explicit",
+        )
 
     def _tensor_inputs(self, inversion) -> list[str]:
         names = ["latents", "prompt_embeds"]

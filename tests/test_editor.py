@@ -1,0 +1,203 @@
+"""The Editor on tiny random SD 1.x and SDXL pipelines: fused == explicit, source and no-op rows == plain generation."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
+
+import prompt2prompt as p2p
+
+SOURCE = "a cat riding a bicycle"
+STEPS = 4
+SIZE = dict(height=32, width=32)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def run(pipe, edits, attention="fused", **kwargs):
+    options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
+    options.update(kwargs)
+    return p2p.Editor(pipe, attention=attention).edit(SOURCE, edits, **options)
+
+
+def plain(pipe, prompt, guidance_scale=7.5, **kwargs):
+    size = {**SIZE, **kwargs}
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=STEPS, guidance_scale=guidance_scale, generator=generator, output_type="latent", **size).images[0]
+
+
+CASES = {
+    "replace": [p2p.Edit("a dog riding a bicycle")],
+    "replace-multi-token": [p2p.Edit("a lasagne riding a bicycle", self_steps=(0.25, 0.75))],
+    "refine": [p2p.Edit("a black cat riding a red bicycle")],
+    "reweight-negative": [p2p.Edit(SOURCE, weights={"cat": -0.5, "bicycle": 2.0})],
+    "word-windows": [p2p.Edit("a dog riding a bicycle", cross_steps={"default": 0.5, "dog": (0.25, 1.0)}, self_steps=0.5)],
+    "blend": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", threshold=0.5, start=0.25))],
+    "blend-exclude": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", exclude_source_words="bicycle", exclude_edit_words=["bicycle"]))],
+    "mixed": [
+        p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog")),
+        p2p.Edit("a cat riding a rusty bicycle", mode="refine", weights={"rusty": 2.0}),
+        p2p.Edit(SOURCE, weights={"riding": -1.0}),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_equals_explicit(sd_pipe, case):
+    fused, explicit = run(sd_pipe, CASES[case]), run(sd_pipe, CASES[case], attention="explicit")
+    assert rel_err(fused.images, explicit.images) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["no-cfg", "non-square", "sdxl"])
+def test_fused_equals_explicit_variants(sd_pipe, sdxl_pipe, variant):
+    edits = CASES["mixed"]
+    pipe, kwargs = sd_pipe, {}
+    if variant == "no-cfg":
+        kwargs = dict(guidance_scale=1.0)
+    elif variant == "non-square":
+        kwargs = dict(height=32, width=48)
+    else:
+        pipe = sdxl_pipe
+    fused, explicit = run(pipe, edits, **kwargs), run(pipe, edits, attention="explicit", **kwargs)
+    assert fused.images.shape[0] == 4
+    assert rel_err(fused.images, explicit.images) <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler, PNDMScheduler])
+def test_schedulers(scheduler, sd_pipe):
+    from pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    edits = CASES["blend"]
+    fused, explicit = run(pipe, edits), run(pipe, edits, attention="explicit")
+    assert rel_err(fused.images, explicit.images) <= 1e-4
+    assert rel_err(fused.images[0], plain(pipe, SOURCE)) <= 1e-4
+
+
+@pytest.mark.parametrize("pipe_name", ["sd_pipe", "sdxl_pipe"])
+def test_source_row_is_plain_generation(request, pipe_name):
+    pipe = request.getfixturevalue(pipe_name)
+    result = run(pipe, CASES["mixed"])
+    assert rel_err(result.images[0], plain(pipe, SOURCE)) <= 1e-4
+
+
+def test_noop_edit_is_plain_generation_of_the_edit_prompt(sd_pipe):
+    result = run(sd_pipe, [p2p.Edit("a dog riding a bicycle", cross_steps=0, self_steps=0)])
+    assert rel_err(result.images[1], plain(sd_pipe, "a dog riding a bicycle")) <= 1e-4
+    no_cfg = run(sd_pipe, [p2p.Edit("a black dog riding a bicycle", cross_steps=0, self_steps=0)], guidance_scale=1.0)
+    assert rel_err(no_cfg.images[1], plain(sd_pipe, "a black dog riding a bicycle", guidance_scale=1.0)) <= 1e-4
+
+
+def test_edit_changes_the_output(sd_pipe):
+    edited = run(sd_pipe, [p2p.Edit("a dog riding a bicycle")]).images[1]
+    assert rel_err(edited, plain(sd_pipe, "a dog riding a bicycle")) > 1e-3
+
+
+def test_edits_in_one_batch_equal_each_edit_alone(sd_pipe):
+    together = run(sd_pipe, CASES["mixed"]).images
+    for e, edit in enumerate(CASES["mixed"]):
+        alone = run(sd_pipe, [edit]).images
+        assert rel_err(together[1 + e], alone[1]) <= 1e-4
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(sd_pipe):
+    result = run(sd_pipe, [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", threshold=0.9))])
+    mask = result.masks[0]
+    assert 0 < mask.float().mean() < 1
+    src, edit = result.images[0], result.images[1]
+    assert torch.equal(edit[:, ~mask], src[:, ~mask])
+    assert not torch.equal(edit[:, mask], src[:, mask])
+
+
+def test_processors_are_restored_even_after_an_error(sd_pipe):
+    sentinel = dict(sd_pipe.unet.attn_processors)
+    run(sd_pipe, CASES["replace"])
+    assert dict(sd_pipe.unet.attn_processors) == sentinel
+
+    def boom(pipe, i, t, kwargs):
+        raise RuntimeError("user callback failed")
+
+    with pytest.raises(RuntimeError, match="user callback failed"):
+        run(sd_pipe, CASES["replace"], callback_on_step_end=boom)
+    assert dict(sd_pipe.unet.attn_processors) == sentinel
+
+
+def test_latents_argument_and_per_prompt_latents(sd_pipe):
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    shared = run(sd_pipe, CASES["replace"], seed=None, latents=x).images
+    assert rel_err(shared, run(sd_pipe, CASES["replace"]).images) <= 1e-5
+    per_prompt = run(sd_pipe, CASES["replace"], seed=None, latents=torch.cat([x, torch.randn_like(x)]))
+    assert per_prompt.images.shape == (2, 4, 16, 16)
+
+
+def test_record_attention_and_heatmaps(sd_pipe):
+    result = run(sd_pipe, CASES["refine"], record_attention=[16, 4], output_type="pil")
+    assert set(result.attention) == {16, 4}
+    maps = result.attention[4]
+    assert maps.shape == (2, 4, 4, 77)
+    # averaged softmax rows: the source's maps still sum to one over the 77 tokens
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(4, 4), rtol=1e-4, atol=1e-4)
+    images = p2p.attention_heatmaps(result, prompt_index=1)
+    assert len(images) == len(result.tokens[1]) - 2
+    assert result.tokens[1][1:3] == ["a", "black"]
+
+
+def test_pil_output_and_negative_prompt(sd_pipe):
+    result = run(sd_pipe, CASES["replace"], output_type="pil", negative_prompt="blurry")
+    assert len(result.images) == 2 and result.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "edits, kwargs, message",
+    [
+        ([p2p.Edit("a dog riding a bike today", mode="replace")], {}, "same number of words"),
+        ([p2p.Edit("a dog riding a bicycle", weights={"lion": 2.0})], {}, "'lion'"),
+        ([p2p.Edit("a dog riding a bicycle", cross_steps={"default": 0.8, "lion": 0.4})], {}, "'lion'"),
+        ([p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("squirrel", "dog"))], {}, "'squirrel'"),
+        ([p2p.Edit(" ".join(["dog"] * 80))], {}, "77"),
+        (CASES["replace"], {"seed": 1, "generator": torch.Generator()}, "seed or generator"),
+        (CASES["replace"], {"latents": torch.randn(3, 4, 16, 16)}, "latents must have shape"),
+        (CASES["replace"], {"height": 30}, "multiples of"),
+        (CASES["replace"], {"prompt_embeds": torch.zeros(1)}, "set by the editor"),
+        (CASES["replace"], {"record_attention": 5}, "not a layer side"),
+        (CASES["replace"], {"num_inference_steps": 0}, "positive integer"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(sd_pipe, edits, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        run(sd_pipe, edits, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: p2p.Edit("a dog", mode="swap"), "mode"),
+        (lambda: p2p.Edit("a dog", cross_steps=(0.9, 0.1)), "starts after it ends"),
+        (lambda: p2p.Edit("a dog", self_steps=1.2), "outside"),
+        (lambda: p2p.Edit("a dog", weights={"dog": "big"}), "finite number"),
+        (lambda: p2p.Edit(""), "non-empty"),
+        (lambda: p2p.LocalBlend("cat", "dog", threshold=2), "threshold"),
+        (lambda: p2p.LocalBlend("cat", 3.5), "edit_words"),
+        (lambda: p2p.Editor(object()), "Stable Diffusion pipeline"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_blend_resolution_without_cross_attention_is_refused(sdxl_pipe):
+    editor = p2p.Editor(sdxl_pipe, blend_res=16)  # the tiny SDXL UNet has no cross-attention at its first level
+    with pytest.raises(ValueError, match="no cross-attention at side 16"):
+        editor.edit(SOURCE, CASES["blend"], num_inference_steps=2, seed=0, output_type="latent", **SIZE)
+
+
+def test_v_prediction_zero_snr_model():
+    from pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    fused, explicit = run(pipe, CASES["mixed"]), run(pipe, CASES["mixed"], attention="explicit")
+    assert rel_err(fused.images, explicit.images) <= 1e-4
+    assert rel_err(fused.images[0], plain(pipe, SOURCE)) <= 1e-4
