@@ -810,7 +810,8 @@ def run_batch(
         ray_address: run on Ray: "auto" (a running cluster), "ray://host:10001", or "local" (a new local
             instance); an already initialised Ray is used as it is.
         batch_size: jobs of one model and settings per forward batch; halved once on out-of-memory.
-        threads: torch CPU threads per worker (default: the CPUs shared among the workers).
+        threads: torch CPU threads per worker (default: OMP_NUM_THREADS, else the CPUs shared among pool
+            workers; as they are in this process and in Ray actors).
         score: `score(source_image, edited_image, source_prompt, edit_prompt) -> float`, e.g. a CLIP
             directional similarity; recorded per edit in the job's row.
         min_score: edits scoring below it are not written (the job stays done).
@@ -829,8 +830,8 @@ def run_batch(
         finished = {job_id for job_id, row in index.items() if row["status"] == "done"}
         todo = [job for job in job_list if job.id not in finished]
         skipped = len(job_list) - len(todo)
-        if threads is None and ray_address is None:
-            threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        if threads is None and ray_address is None and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+            threads = max(1, (os.cpu_count() or 1) // workers)  # more would oversubscribe the CPUs
         config = WorkerConfig(device=device, dtype=dtype, threads=threads, batch_size=batch_size, score=score,
                               min_score=min_score)
         counts = {"done": 0, "failed": 0}

@@ -1,0 +1,335 @@
+"""Batch jobs: manifest validation, a 20-job run, kill -9 and resume, failures, out-of-memory retries, Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
+from typer.testing import CliRunner
+
+from prompt2prompt import batch
+from prompt2prompt.batch import INDEX, ManifestError, Worker, load_manifest, run_batch
+from prompt2prompt.cli import app
+from prompt2prompt.recipe import read_recipe
+
+STEPS = 2  # 32 px images on the tiny model: a job takes a fraction of a second
+
+
+def job_lines(count: int, **extra) -> list[dict]:
+    """Varied jobs: word swaps, refinements, reweighting, local blends and two-edit jobs."""
+    animals = ["cat", "dog", "fox", "owl", "bear"]
+    lines = []
+    for i in range(count):
+        a, b = animals[i % 5], animals[(i + 1) % 5]
+        edits: list = [f"a {b} riding a bike"]
+        if i % 3 == 1:
+            edits.append({"prompt": f"a {a} riding a red bike", "cross_steps": {"default": 0.8, "red": [0, 0.5]}})
+        if i % 4 == 2:
+            edits = [{"prompt": f"a {b} riding a bike", "blend": {"source_words": [a], "edit_words": [b]},
+                      "weights": {"bike": 1.5}}]
+        lines.append({"source": f"a {a} riding a bike", "edits": edits, "seed": 100 + i,
+                      "num_inference_steps": STEPS, **extra})
+    return lines
+
+
+def write_manifest(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def index_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / INDEX).read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()  # a truncated PNG fails here
+        return np.asarray(image.convert("RGB"))
+
+
+def assert_complete(out: Path, jobs) -> None:
+    """Every job done exactly once in the index, and every PNG of it whole and carrying its job's recipe."""
+    rows = index_rows(out)
+    assert sorted(row["id"] for row in rows) == sorted(job.id for job in jobs)
+    assert {row["status"] for row in rows} == {"done"}
+    for job in jobs:
+        folder = out / "jobs" / job.id
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == sorted(["job.json", "source.png"] + [f"edit-{i}.png" for i in range(1, len(job.edits) + 1)])
+        for index, name in enumerate(["source.png"] + [f"edit-{i}.png" for i in range(1, len(job.edits) + 1)]):
+            assert pixels(folder / name).shape == (32, 32, 3)
+            recipe = read_recipe(folder / name)
+            assert (recipe.source, recipe.edits, recipe.seed, recipe.image_index) == (job.source, job.edits, job.seed, index)
+    assert not (out / ".staging").exists() or not any((out / ".staging").iterdir())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Jobs run in this process on one thread, as in each worker process: the outputs then match bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest20(tiny_sd_dir, tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("manifest") / "jobs.jsonl", job_lines(20, model=str(tiny_sd_dir)))
+
+
+@pytest.fixture(scope="module")
+def plain_run(manifest20, tmp_path_factory):
+    """The 20 jobs, in this process, 4 jobs per group."""
+    out = tmp_path_factory.mktemp("plain")
+    jobs = load_manifest(manifest20)
+    threads = torch.get_num_threads()
+    summary = run_batch(jobs, out, workers=0, threads=1, batch_size=4, progress=False)
+    torch.set_num_threads(threads)  # a module fixture runs outside one_thread
+    return jobs, out, summary
+
+
+# ------------------------------------------------------------------------------------------------ the manifest
+
+
+def test_every_malformed_line_is_reported_with_its_number(tmp_path, tiny_sd_dir):
+    (tmp_path / "photo.png").write_bytes(b"not a png")
+    good = {"source": "a cat riding a bike", "edits": ["a dog riding a bike"], "model": str(tiny_sd_dir)}
+    path = write_manifest(tmp_path / "m.jsonl", [
+        good,                                                           # 1
+        "{not json",                                                    # 2
+        {**good, "steps": 20},                                          # 3
+        {**good, "edits": []},                                          # 4
+        {**good, "edits": [{"prompt": "a dog", "self_steps": 1.5}]},    # 5
+        "",                                                             # 6: blank lines are allowed
+        {**good, "seed": -1},                                           # 7
+        {**good, "image": "photo.png"},                                 # 8
+        {**good, "image": "missing.png"},                               # 9
+        {**good, "inversion": "ddim"},                                  # 10
+        {**good, "id": "../escape"},                                    # 11
+        {**good, "edits": [{"prompt": "a dog", "blend": {"source_words": ["cat"]}}]},  # 12
+        {**good, "seed": 3},                                            # 13
+        {**good, "seed": 3, "edits": ["a dog riding a bike"]},          # 14: the same job as 13
+        [1, 2],                                                         # 15
+    ])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    message = str(caught.value)
+    expected = {
+        2: "not valid JSON", 3: "'steps' (did you mean 'num_inference_steps'?)", 4: "non-empty list of edits",
+        5: "self_steps", 7: "seed must be a non-negative integer", 8: "cannot be read as an image",
+        9: "'missing.png' is not a file", 10: "'inversion' needs an 'image'", 11: "id must be",
+        12: "source_words and edit_words", 14: "already line 13's", 15: "a job is a JSON object, not list",
+    }
+    lines = message.splitlines()
+    assert lines[0].startswith("12 invalid line(s)") and "--skip-invalid" in lines[0]
+    assert len(lines) == 1 + len(expected)
+    for (number, fragment), line in zip(expected.items(), lines[1:]):
+        assert line.startswith(f"{path}:{number}: ") and fragment in line, line
+
+    manifest = load_manifest(path, skip_invalid=True)
+    assert [job.line for job in manifest.jobs] == [1, 13]
+    assert len(manifest.errors) == len(expected)
+
+
+def test_job_ids_are_stable_hashes_of_the_content(tmp_path, tiny_sd_dir):
+    model = str(tiny_sd_dir)
+    base = {"source": "a cat riding a bike", "model": model, "seed": 1}
+    path = write_manifest(tmp_path / "m.jsonl", [
+        {**base, "edits": ["a dog riding a bike"]},
+        {**base, "seed": 2, "edits": ["a dog riding a bike"]},
+        {**base, "edits": ["a dog riding a bike"], "num_inference_steps": 10},
+        {**base, "id": "mine", "edits": ["a dog riding a bike"]},
+    ])
+    first = load_manifest(path).jobs
+    ids = [job.id for job in first]
+    assert len(set(ids)) == 4 and ids[3] == "mine" and all(len(i) == 16 for i in ids[:3])
+    # Key order, a plain-string edit vs. its full form, and defaults spelled out do not change the content.
+    same = {"edits": [{"prompt": "a dog riding a bike", "mode": "auto", "cross_steps": 0.8, "self_steps": 0.4}],
+            "num_inference_steps": 50, "guidance_scale": 7.5, "seed": 1, "model": model, "source": "a cat riding a bike"}
+    again = load_manifest(write_manifest(tmp_path / "again.jsonl", [same])).jobs
+    assert again[0].id == ids[0]
+    # Without a seed, one is derived from the content: stable, and different per job.
+    unseeded = [{"source": "a cat riding a bike", "edits": [f"a {a} riding a bike"], "model": model} for a in ("dog", "fox")]
+    seeds = [job.seed for job in load_manifest(write_manifest(tmp_path / "u.jsonl", unseeded)).jobs]
+    assert seeds == [job.seed for job in load_manifest(tmp_path / "u.jsonl").jobs] and seeds[0] != seeds[1]
+
+
+def test_cli_reports_bad_lines_and_exits_2(tmp_path, tiny_sd_dir):
+    path = write_manifest(tmp_path / "m.jsonl", [{"source": "a cat", "edits": ["a dog"], "guidance": 3}])
+    result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert f"{path}:1: unknown job field 'guidance' (did you mean 'guidance_scale'?)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def test_twenty_jobs_run_to_folders_with_recipes_and_an_index(plain_run):
+    jobs, out, summary = plain_run
+    assert (summary.done, summary.failed, summary.skipped) == (20, 0, 0)
+    assert_complete(out, jobs.jobs)
+    rows = {row["id"]: row for row in index_rows(out)}
+    for job in jobs.jobs:
+        row = rows[job.id]
+        assert row["line"] == job.line and row["batch"] == 4 and row["seconds"] > 0
+        assert row["paths"] == [f"jobs/{job.id}/source.png"] + [f"jobs/{job.id}/edit-{i}.png" for i in range(1, len(job.edits) + 1)]
+        assert json.loads((out / "jobs" / job.id / "job.json").read_text()) == row
+    # Edits differ from their source: the images are real generations, not copies.
+    first = jobs.jobs[0]
+    assert not np.array_equal(pixels(out / "jobs" / first.id / "source.png"), pixels(out / "jobs" / first.id / "edit-1.png"))
+
+
+def test_a_finished_run_restarted_does_nothing(plain_run, monkeypatch):
+    jobs, out, _ = plain_run
+    monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
+    summary = run_batch(jobs, out, workers=0, progress=False)
+    assert (summary.done, summary.failed, summary.skipped) == (0, 0, 20)
+    assert len(index_rows(out)) == 20
+
+
+def test_resume_repairs_every_state_a_kill_can_leave(plain_run, tmp_path, monkeypatch):
+    """Stopped after a folder's rename but before its index line, mid-line, and mid-staging."""
+    import shutil
+
+    jobs, plain_out, _ = plain_run
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    lines = (out / INDEX).read_text().splitlines()
+    (out / INDEX).write_text("\n".join(lines[:12]) + "\n" + lines[12][:40])  # 7 rows lost, one torn
+    (out / ".staging" / "half-built").mkdir(parents=True)
+    (out / ".staging" / "half-built" / "source.png").write_bytes(b"\x89PNG\r\n")
+    monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
+    summary = run_batch(jobs, out, workers=0, progress=False)
+    assert (summary.done, summary.skipped) == (0, 20)
+    assert_complete(out, jobs.jobs)
+    assert not (out / ".staging").exists()
+
+
+def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from prompt2prompt.cli import main; main()", "batch", str(manifest20),
+               "--out", str(out), "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            index = out / INDEX
+            if index.exists() and index.read_text().count('"done"') >= 3:
+                break
+            time.sleep(0.02)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        process.send_signal(signal.SIGKILL)  # the run's own process only: its workers must die with it
+        process.wait()
+        for _ in range(200):  # the pool worker notices its parent's death
+            if not any(Path(f"/proc/{pid}").exists() for pid in children):
+                break
+            time.sleep(0.05)
+        assert children and not any(Path(f"/proc/{pid}").exists() for pid in children), "orphaned workers"
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "jobs").glob("*/*.png")}
+    jobs = load_manifest(manifest20).jobs
+    done_before = len({p.parent.name for p in finished})
+    assert 3 <= done_before < 20, "the run was not killed mid-way"
+
+    summary = run_batch(jobs, out, workers=0, progress=False)
+    assert (summary.done, summary.skipped) == (20 - done_before, done_before)
+    assert_complete(out, jobs)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished  # not redone
+
+
+def test_a_failing_job_is_recorded_and_the_run_goes_on(tmp_path, tiny_sd_dir):
+    lines = job_lines(3, model=str(tiny_sd_dir))
+    lines[1]["edits"] = [{"prompt": "a dog riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", lines))
+    out = tmp_path / "out"
+    summary = run_batch(manifest, out, workers=0, batch_size=3, progress=False)
+    assert (summary.done, summary.failed) == (2, 1)
+    rows = {row["line"]: row for row in index_rows(out)}
+    assert [rows[n]["status"] for n in (1, 2, 3)] == ["done", "failed", "done"]
+    assert "zebra" in rows[2]["error"] and rows[2]["paths"] == []
+    assert not (out / "jobs" / manifest.jobs[1].id).exists()
+    # A restart retries the failed job only.
+    again = run_batch(manifest, out, workers=0, progress=False)
+    assert (again.done, again.failed, again.skipped) == (0, 1, 2)
+    index = batch.read_index(out)
+    assert [index[job.id]["status"] for job in manifest.jobs] == ["done", "failed", "done"]
+    assert len(index_rows(out)) == 4  # the failed job has its two attempts until the next start compacts them
+
+
+def test_out_of_memory_halves_the_batch_once(tmp_path, tiny_sd_dir, monkeypatch):
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", job_lines(4, model=str(tiny_sd_dir))))
+    real_forward = Worker._forward
+    calls = []
+
+    def forward(self, editor, recipes):
+        calls.append(len(recipes))
+        if len(recipes) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, editor, recipes)
+
+    monkeypatch.setattr(Worker, "_forward", forward)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=4, progress=False)
+    assert summary.done == 4 and calls == [4, 2, 2]
+    assert [row["batch"] for row in index_rows(tmp_path / "out")] == [2, 2, 2, 2]
+
+    def always(self, editor, recipes):
+        calls.append(len(recipes))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    calls.clear()
+    monkeypatch.setattr(Worker, "_forward", always)
+    summary = run_batch(manifest, tmp_path / "out2", workers=0, batch_size=4, progress=False)
+    assert summary.failed == 4 and calls == [4, 2, 2]  # one retry, then recorded
+    assert all(row["error"].startswith("OutOfMemoryError: CUDA out of memory") for row in index_rows(tmp_path / "out2"))
+
+
+def difference(source, edited, source_prompt, edit_prompt) -> float:
+    """A stand-in for a CLIP score: how much the edit changed the image."""
+    return float(np.abs(np.asarray(source, dtype=float) - np.asarray(edited, dtype=float)).mean())
+
+
+def test_score_hook_is_recorded_and_filters_edits(tmp_path, tiny_sd_dir):
+    lines = job_lines(2, model=str(tiny_sd_dir))
+    lines[1]["edits"] = [lines[1]["source"], "a cat riding a bike"]  # the same prompt: an unchanged image
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", lines))
+    out = tmp_path / "out"
+    summary = run_batch(manifest, out, workers=0, score=difference, min_score=0.5, progress=False)
+    assert summary.done == 2
+    rows = index_rows(out)
+    assert rows[0]["scores"][0] > 0.5 and rows[0]["paths"][1].endswith("edit-1.png")
+    assert rows[1]["scores"][0] == 0.0 and rows[1]["scores"][1] > 0.5
+    assert rows[1]["paths"] == [f"jobs/{manifest.jobs[1].id}/source.png", f"jobs/{manifest.jobs[1].id}/edit-2.png"]
+    assert sorted(p.name for p in (out / "jobs" / manifest.jobs[1].id).glob("*.png")) == ["edit-2.png", "source.png"]
+    assert read_recipe(out / rows[1]["paths"][1]).image_index == 2
+
+
+def test_a_local_ray_run_gives_the_plain_run_s_outputs(plain_run, tmp_path):
+    import ray
+
+    jobs, plain_out, _ = plain_run
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_batch(jobs, tmp_path / "ray", ray_address="auto", workers=2, threads=1, batch_size=4,
+                            progress=False)
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.failed) == (20, 0)
+    assert_complete(tmp_path / "ray", jobs.jobs)
+    workers = {row["worker"] for row in index_rows(tmp_path / "ray")}
+    assert len(workers) == 2 and not workers & {row["worker"] for row in index_rows(plain_out)}
+    for png in sorted(plain_out.glob("jobs/*/*.png")):
+        twin = tmp_path / "ray" / png.relative_to(plain_out)
+        assert np.array_equal(pixels(png), pixels(twin)), png.relative_to(plain_out)
+        assert read_recipe(png) == read_recipe(twin)
