@@ -249,6 +249,29 @@ def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tm
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished  # not redone
 
 
+def test_jobs_sharing_settings_run_as_one_forward_batch(tmp_path, tiny_sd_dir):
+    lines = job_lines(5, model=str(tiny_sd_dir))
+    lines[3]["edits"] = [{"prompt": "a bear riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["bear"]}}]
+    lines[4]["negative_prompt"] = "blurry"
+    jobs = load_manifest(write_manifest(tmp_path / "m.jsonl", lines)).jobs
+    worker = Worker(batch.WorkerConfig())
+    editor, source = worker._editor(jobs[0].model)
+    recipes = [worker._recipe(editor, source, job) for job in jobs]
+    batches = []
+    hook = editor.pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        together = batch.edit_together(editor, recipes)
+    finally:
+        hook.remove()
+    prompts = [1 + len(job.edits) for job in jobs if job.line != 4]
+    assert batches == [2 * sum(prompts)] * STEPS  # every UNet call holds all the good jobs, guided
+    assert isinstance(together[3], ValueError) and "'zebra' is not in the prompt" in str(together[3])
+    for recipe, images in zip(recipes, together):
+        if recipe is not recipes[3]:
+            alone = batch.run_recipe(recipe, editor, output_type="np").images
+            np.testing.assert_allclose(images, alone, atol=1e-4)
+
+
 def test_a_failing_job_is_recorded_and_the_run_goes_on(tmp_path, tiny_sd_dir):
     lines = job_lines(3, model=str(tiny_sd_dir))
     lines[1]["edits"] = [{"prompt": "a dog riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]

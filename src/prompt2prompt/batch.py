@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
+import gc
 import hashlib
 import importlib
 import json
@@ -31,6 +33,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -39,6 +42,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .editor import Editor, _initial_latents, build_plan
+from .processor import P2PAttnProcessor
+from .recipe import Recipe, build_edits, file_digest, run_recipe, save_png, scheduler_config
 
 __all__ = ["INDEX", "Job", "Manifest", "ManifestError", "Summary", "load_manifest", "load_score_hook", "plan_groups",
            "read_index", "run_batch"]
@@ -146,8 +158,6 @@ def _normal_edit(edit: Any, index: int) -> dict[str, Any]:
 
 def _check_edits(source: str, edits: list[dict[str, Any]]) -> None:
     """Build the Edit objects once, so that a bad window or weight fails here and not on a GPU."""
-    from .recipe import Recipe, build_edits
-
     for index, spec in enumerate(edits, 1):
         try:
             build_edits(Recipe(source=source, edits=[spec], seed=0, num_inference_steps=1, guidance_scale=1.0, model=""))
@@ -168,10 +178,6 @@ def _model_id(model: str, base: Path) -> str:
 
 
 def _image(value: Any, base: Path) -> dict[str, str]:
-    from PIL import Image, UnidentifiedImageError
-
-    from .recipe import file_digest
-
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a file path, not {value!r}")
     path = Path(value).expanduser()
@@ -372,8 +378,6 @@ class WorkerConfig:
 
 
 def _is_oom(error: BaseException) -> bool:
-    import torch
-
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
@@ -386,8 +390,6 @@ class Worker:
     """Holds one model replica and runs groups of jobs on it; used in-process, in pool processes and as a Ray actor."""
 
     def __init__(self, config: WorkerConfig):
-        import torch
-
         self.config = config
         self.limit = config.batch_size  # lowered for good after an out-of-memory error
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -400,8 +402,6 @@ class Worker:
             from diffusers.utils import logging as diffusers_logging
             from transformers.utils import logging as transformers_logging
 
-            import prompt2prompt as p2p
-
             from .loading import load_pipeline, resolve_model
 
             self._model = None  # free the previous replica before loading the next
@@ -410,7 +410,7 @@ class Worker:
             source = resolve_model(model)
             pipe = load_pipeline(source, device=self.config.device, torch_dtype=self.config.dtype)
             pipe.set_progress_bar_config(disable=True)
-            self._model = (model, p2p.Editor(pipe), source)
+            self._model = (model, Editor(pipe), source)
         return self._model[1], self._model[2]
 
     def run(self, jobs: Sequence[Job]) -> list[Outcome]:
@@ -447,9 +447,7 @@ class Worker:
         return [self._outcome(job, recipe, result, started, finished, len(chunk))
                 for job, recipe, result in zip(chunk, recipes, results)]
 
-    def _recipe(self, editor, source, job: Job):
-        from .recipe import Recipe, scheduler_config
-
+    def _recipe(self, editor, source, job: Job) -> Recipe:
         pipe = editor.pipe
         return Recipe(
             source=job.source, edits=job.edits, seed=job.seed, num_inference_steps=job.num_inference_steps,
@@ -461,15 +459,11 @@ class Worker:
 
     def _forward(self, editor, recipes: list) -> list[Any]:
         """Per recipe, its images as an (P, H, W, 3) array in [0, 1], or the exception that its job raised."""
-        from .recipe import run_recipe
-
         if len(recipes) == 1:
             return [run_recipe(recipes[0], editor, output_type="np").images]
         return edit_together(editor, recipes)
 
     def _outcome(self, job: Job, recipe, result, started: float, finished: float, batch: int) -> Outcome:
-        import numpy as np
-
         if isinstance(result, Exception):
             return Outcome(job.id, "failed", started, finished, batch, self.name, error=_describe(result))
         if not np.isfinite(result).all():
@@ -499,34 +493,102 @@ def image_name(index: int) -> str:
 
 def to_pil(images) -> list:
     """(P, H, W, 3) floats in [0, 1] to PIL images, rounded as diffusers' own "pil" output is."""
-    import numpy as np
-    from PIL import Image
 
     return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
 
 
 def _free_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def edit_together(editor, recipes: list) -> list[Any]:
-    """Run jobs of one model and settings as one forward batch: per recipe its (P, H, W, 3) images or its error."""
-    return [_single(editor, recipe) for recipe in recipes]
+    """Jobs of one model and settings, none with a real image, through the pipeline as one forward batch.
 
+    Each job keeps its own run state, as in `Editor.edit`: a `_GroupAttnProcessor` hands every layer each
+    job's rows to that job's `P2PAttnProcessor`, and the step-end callbacks run per job on its latents.
+    Returns, per recipe, its (P, H, W, 3) images in [0, 1], or the error its preparation raised.
+    """
+    pipe = editor.pipe
+    first = recipes[0]
+    steps = first.num_inference_steps
+    scale = pipe.vae_scale_factor
+    height = first.height or pipe.unet.config.sample_size * scale
+    width = first.width or pipe.unet.config.sample_size * scale
+    latent_size = (height // scale, width // scale)
+    shape = (1, pipe.unet.config.in_channels, *latent_size)
+    results: list[Any] = [None] * len(recipes)
+    runs = []
+    for position, recipe in enumerate(recipes):
+        try:  # what Editor.edit checks before it runs, per job: one job's bad words fail only that job
+            edits = build_edits(recipe)
+            source = editor.tokenize(recipe.source)
+            targets = [editor.tokenize(edit.prompt) for edit in edits]
+            plan = build_plan(source, edits, targets, steps)
+            state = editor._run_state(plan, latent_size, any(edit.blend is not None for edit in edits), False)
+            callback = editor._callback(state, editor._blend_positions(source, edits, targets), steps, latent_size,
+                                        None, None)
+        except (ValueError, TypeError) as error:
+            results[position] = error
+            continue
+        latents = _initial_latents(None, recipe.seed, None, shape, plan.num_prompts, pipe._execution_device,
+                                   pipe.unet.dtype)
+        runs.append((position, recipe, state, callback, latents, [recipe.source] + [edit.prompt for edit in edits]))
+    if not runs:
+        return results
+    counts = [len(run[5]) for run in runs]
+    bounds = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(runs))]
 
-def _single(editor, recipe):
-    from .recipe import run_recipe
+    def on_step_end(pipe, k: int, t, kwargs: dict) -> dict:
+        latents = kwargs["latents"]
+        outputs = [run[3](pipe, k, t, {**kwargs, "latents": latents[a:b]}) for run, (a, b) in zip(runs, bounds)]
+        if not any("latents" in output for output in outputs):
+            return {}
+        return {"latents": torch.cat([o.get("latents", latents[a:b]) for o, (a, b) in zip(outputs, bounds)])}
 
+    negative = None
+    if any(run[1].negative_prompt for run in runs):
+        negative = [run[1].negative_prompt or "" for run in runs for _ in run[5]]  # "" is diffusers' own default
+    saved = pipe.unet.attn_processors
     try:
-        return run_recipe(recipe, editor, output_type="np").images
-    except Exception as error:
-        return error
+        pipe.unet.set_attn_processor({
+            name: _GroupAttnProcessor([P2PAttnProcessor(run[2], name) for run in runs], counts) for name in saved
+        })
+        images = pipe(
+            prompt=[prompt for run in runs for prompt in run[5]], negative_prompt=negative, height=height, width=width,
+            num_inference_steps=steps, guidance_scale=first.guidance_scale, latents=torch.cat([run[4] for run in runs]),
+            output_type="np", callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+        ).images
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    for run, (a, b) in zip(runs, bounds):
+        results[run[0]] = images[a:b]
+    return results
+
+
+class _GroupAttnProcessor(P2PAttnProcessor):
+    """One layer's processor for several jobs in one batch: each job's rows go to that job's own processor.
+
+    The batch is [uncond of every prompt..., cond of every prompt...] (or only the cond half without
+    guidance); a job's rows are its prompts in each half, which is the batch its processor expects.
+    """
+
+    def __init__(self, processors: list, counts: list[int]):  # only `attend` differs from P2PAttnProcessor
+        self.processors = processors
+        self.counts = counts
+
+    def attend(self, q, k, v, mask):
+        total = sum(self.counts)
+        halves = q.shape[0] // total
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        offset = 0
+        for processor, count in zip(self.processors, self.counts):
+            rows = torch.cat([torch.arange(h * total + offset, h * total + offset + count) for h in range(halves)])
+            rows = rows.to(q.device)
+            out[rows] = processor.attend(q[rows], k[rows], v[rows], None if mask is None else mask[rows])
+            offset += count
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,9 +618,6 @@ _POOL_WORKER: Worker | None = None
 def _kill_with_parent() -> None:
     """Make this process die with the process that started it, so that `kill -9` of a run leaves no orphans."""
     with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        import signal
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
@@ -572,8 +631,6 @@ def _pool_init(config: WorkerConfig, counter) -> None:
         counter.value += 1
     device = config.device
     if device in (None, "cuda"):
-        import torch
-
         if torch.cuda.is_available():
             device = f"cuda:{index % torch.cuda.device_count()}"  # one replica per GPU, round robin
     _POOL_WORKER = Worker(dataclasses.replace(config, device=device))
@@ -741,8 +798,6 @@ def _row(job: Job, outcome: Outcome | None, error: BaseException | None = None) 
 
 def _publish(out: Path, job: Job, outcome: Outcome, row: dict[str, Any]) -> None:
     """Write a job's images into .staging/ and rename the finished folder into jobs/ in one step."""
-    from .recipe import save_png
-
     final = out / JOBS / job.id
     staging = out / STAGING / job.id
     shutil.rmtree(staging, ignore_errors=True)
@@ -816,8 +871,6 @@ def run_batch(
             directional similarity; recorded per edit in the job's row.
         min_score: edits scoring below it are not written (the job stays done).
     """
-    from tqdm.auto import tqdm
-
     job_list = list(jobs.jobs if isinstance(jobs, Manifest) else jobs)
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, not {batch_size} and {workers}")
