@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
-from .recipe import Recipe, file_digest, inversion_available, read_recipe, run_recipe, save_png, save_result, scheduler_config
+from .loading import default_device, load_pipeline, parse_dtype, resolve_model
+from .recipe import (Recipe, file_digest, inversion_available, read_recipe, recipe_for, run_recipe, save_png,
+                     save_result)
 from .syntax import parse_prompt
 
 app = typer.Typer(
@@ -122,12 +123,6 @@ def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | 
     with _quiet_loading(), console.status(f"loading {model} ..."):
         pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype)
     return p2p.Editor(pipe), source
-
-
-def _recipe_base(editor, model_source: ModelSource, **fields: Any) -> Recipe:
-    pipe = editor.pipe
-    return Recipe(model=model_source.id, revision=model_source.revision, scheduler=scheduler_config(pipe.scheduler),
-                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, **fields)
 
 
 def _pairs(text: str, option: str, parse) -> tuple[str, Any]:
@@ -247,7 +242,7 @@ def edit(
         source, specs = edit_specs(prompt or source_prompt, to, mode=mode, cross=cross, cross_words=cross_word,
                                    self_steps=self_steps, blend=blend, weights=weight)
         editor, model_source = _load_editor(model, device, dtype)
-        recipe = _recipe_base(
+        recipe = recipe_for(
             editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
             guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
         )
@@ -276,7 +271,7 @@ def attention(
         if source.edit is not None:
             raise UsageError(f"attention takes a plain prompt, without edit markup: {prompt!r}")
         editor, model_source = _load_editor(model, device, dtype)
-        recipe = _recipe_base(
+        recipe = recipe_for(
             editor, model_source, source=source.source, edits=[], seed=secrets.randbelow(2**31) if seed is None else seed,
             num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, kind="attention",
             record_attention=res or True,

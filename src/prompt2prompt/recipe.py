@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 __all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "file_digest", "inversion_available", "package_version", "read_recipe",
-           "run_recipe", "save_png", "save_result", "scheduler_config"]
+           "recipe_for", "run_recipe", "save_png", "save_result", "scheduler_config"]
 
 RECIPE_KEY = "prompt2prompt"
 FORMAT = 1
@@ -143,6 +143,16 @@ def _scheduler_for(pipe, recipe: Recipe):
 def scheduler_config(scheduler) -> dict[str, Any]:
     """A scheduler's class and configuration, as JSON-able data that `from_config` takes back."""
     return json.loads(scheduler.to_json_string())
+
+
+def recipe_for(editor, model, **fields: Any) -> Recipe:
+    """A recipe for a run of `editor`, whose pipeline was loaded from `model` (a `loading.ModelSource`).
+
+    The model id and revision, the scheduler, the dtype and the device come from them; `fields` give the rest.
+    """
+    pipe = editor.pipe
+    return Recipe(model=model.id, revision=model.revision, scheduler=scheduler_config(pipe.scheduler),
+                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, **fields)
 
 
 def inversion_available() -> bool:

@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
-from .recipe import Recipe, file_digest, inversion_available, run_recipe, save_result, scheduler_config
+from .recipe import file_digest, inversion_available, recipe_for, run_recipe, save_result
 
 __all__ = ["build_app", "launch"]
 
@@ -123,12 +123,9 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
         copy = folder / f"input{Path(image).suffix.lower() or '.png'}"
         shutil.copyfile(image, copy)
         real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
-    pipe = editor.pipe
-    recipe = Recipe(
-        source=" ".join(source.split()), edits=specs, seed=None if seed is None else int(seed),
-        num_inference_steps=int(steps), guidance_scale=float(guidance), model=model_source.id,
-        revision=model_source.revision, scheduler=scheduler_config(pipe.scheduler),
-        dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, record_attention=True, **real,
+    recipe = recipe_for(
+        editor, model_source, source=" ".join(source.split()), edits=specs, seed=None if seed is None else int(seed),
+        num_inference_steps=int(steps), guidance_scale=float(guidance), record_attention=True, **real,
     )
     try:
         result = run_recipe(recipe, editor, base_dir=folder)
