@@ -199,7 +199,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     reuse = gr.Button("Reuse seed", size="sm")
                 steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
                 with gr.Accordion("Real image", open=False):
                     if not can_invert:
                         gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
@@ -211,7 +211,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 status = gr.Markdown(elem_id="status")
         with gr.Tabs():
             with gr.Tab("Images"):
-                gallery = gr.Gallery(label="Source and edits", columns=MAX_EDITS + 2, elem_id="gallery")
+                gallery = gr.Gallery(label="Source and edits", columns=MAX_EDITS + 1, height=360, elem_id="gallery")
                 files = gr.File(label="Download: PNGs carrying their recipe (p2p replay FILE)", file_count="multiple",
                                 interactive=False, elem_id="downloads")
             with gr.Tab("Attention"):
