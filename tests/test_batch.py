@@ -272,6 +272,21 @@ def test_jobs_sharing_settings_run_as_one_forward_batch(tmp_path, tiny_sd_dir):
             np.testing.assert_allclose(images, alone, atol=1e-4)
 
 
+def test_an_image_job_inverts_its_image_and_records_it(tmp_path, tiny_sd_dir):
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" / "cat.png")
+    line = {"source": "a photo of a cat", "image": "photos/cat.png", "inversion": {"method": "direct"},
+            "edits": ["a photo of a dog"], "num_inference_steps": STEPS, "model": str(tiny_sd_dir)}
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", [line, {**line, "inversion": "ddim"}]))
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=2, progress=False)
+    assert (summary.done, summary.failed) == (2, 0)
+    assert [row["batch"] for row in index_rows(tmp_path / "out")] == [1, 1]  # each image is inverted alone
+    recipe = read_recipe(tmp_path / "out" / "jobs" / manifest.jobs[0].id / "edit-1.png")
+    assert recipe.image["path"] == str((tmp_path / "photos" / "cat.png").resolve()) and recipe.seed is None
+    assert recipe.inversion == {"method": "direct"}
+
+
 def test_a_failing_job_is_recorded_and_the_run_goes_on(tmp_path, tiny_sd_dir):
     lines = job_lines(3, model=str(tiny_sd_dir))
     lines[1]["edits"] = [{"prompt": "a dog riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .editor import Editor, _initial_latents, build_plan
 from .processor import P2PAttnProcessor
-from .recipe import Recipe, build_edits, file_digest, run_recipe, save_png, scheduler_config
+from .recipe import Recipe, build_edits, file_digest, recipe_for, run_recipe, save_png
 
 __all__ = ["INDEX", "Job", "Manifest", "ManifestError", "Summary", "load_manifest", "load_score_hook", "plan_groups",
            "read_index", "run_batch"]
@@ -448,13 +448,11 @@ class Worker:
                 for job, recipe, result in zip(chunk, recipes, results)]
 
     def _recipe(self, editor, source, job: Job) -> Recipe:
-        pipe = editor.pipe
-        return Recipe(
-            source=job.source, edits=job.edits, seed=job.seed, num_inference_steps=job.num_inference_steps,
-            guidance_scale=job.guidance_scale, negative_prompt=job.negative_prompt, height=job.height,
-            width=job.width, image=job.image, inversion=job.inversion, model=source.id, revision=source.revision,
-            scheduler=scheduler_config(pipe.scheduler), dtype=str(pipe.unet.dtype).removeprefix("torch."),
-            device=pipe.device.type,
+        return recipe_for(
+            editor, source, source=job.source, edits=job.edits, seed=job.seed,
+            num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
+            negative_prompt=job.negative_prompt, height=job.height, width=job.width, image=job.image,
+            inversion=job.inversion,
         )
 
     def _forward(self, editor, recipes: list) -> list[Any]:
