@@ -208,6 +208,13 @@ def test_serve_on_a_busy_port_is_a_runtime_error(tiny_sd_dir, tmp_path):
     assert f"error: Cannot find empty port in range: {port}" in result.stderr
 
 
+def test_demo_reports_a_bad_output_folder(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = run("demo", "--out", tmp_path / "taken")
+    assert result.exit_code == 1
+    assert "is a file; pass another --out" in result.stderr
+
+
 def test_replay_rejects_pngs_without_a_recipe(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = run("replay", tmp_path / "plain.png")

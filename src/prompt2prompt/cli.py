@@ -382,7 +382,8 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outpu
             from .demo import run_demo
         except ImportError as error:
             raise RuntimeError(f"the demo is missing from this install ({error})") from None
-        paths = run_demo(out)
+        with _quiet_loading():
+            paths = run_demo(out)
     for path in paths:
         typer.echo(str(path))
 
@@ -392,8 +393,9 @@ def batch(
     manifest: Annotated[Path, typer.Argument(help="JSON Lines manifest, one job per line.", exists=True,
                                              dir_okay=False, show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder; run again on it to resume.", show_default=False)],
-    workers: Annotated[int, typer.Option(min=0, help="Worker processes, one model replica each (0: this process); "
-                                                     "with --ray, actors [default: one per GPU].")] = 1,
+    workers: Annotated[int | None, typer.Option(min=0, help="Worker processes, one model replica each (0: this "
+                                                            "process) [default: 1; with --ray, one actor per GPU].",
+                                                show_default=False)] = None,
     ray: Annotated[str | None, typer.Option(help="Run on Ray: auto (a running cluster), ray://HOST:10001, or local.",
                                             show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Jobs of one model and settings per forward batch.")] = 1,
