@@ -333,6 +333,22 @@ def test_out_of_memory_halves_the_batch_once(tmp_path, tiny_sd_dir, monkeypatch)
     assert all(row["error"].startswith("OutOfMemoryError: CUDA out of memory") for row in index_rows(tmp_path / "out2"))
 
 
+def test_images_with_nan_fail_their_job_only(tmp_path, tiny_sd_dir, monkeypatch):
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", job_lines(3, model=str(tiny_sd_dir))))
+    real_forward = Worker._forward
+
+    def forward(self, editor, recipes):
+        results = real_forward(self, editor, recipes)
+        results[1] = np.full_like(results[1], np.nan)  # what an fp16 VAE overflow gives
+        return results
+
+    monkeypatch.setattr(Worker, "_forward", forward)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False)
+    assert (summary.done, summary.failed) == (2, 1)
+    rows = index_rows(tmp_path / "out")
+    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("FloatingPointError: the images hold NaN")
+
+
 def difference(source, edited, source_prompt, edit_prompt) -> float:
     """A stand-in for a CLIP score: how much the edit changed the image."""
     return float(np.abs(np.asarray(source, dtype=float) - np.asarray(edited, dtype=float)).mean())

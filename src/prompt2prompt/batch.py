@@ -843,7 +843,7 @@ def run_batch(
     jobs: Manifest | Sequence[Job],
     out: str | os.PathLike,
     *,
-    workers: int = 1,
+    workers: int | None = None,
     ray_address: str | None = None,
     batch_size: int = 1,
     device: str | None = None,
@@ -858,8 +858,8 @@ def run_batch(
     Args:
         jobs: a `Manifest` from `load_manifest`, or its jobs.
         out: the output folder (jobs/<id>/ and results.jsonl).
-        workers: processes, each with one model replica; 0 runs in this process. With Ray, the number of
-            actors (default: one per GPU of the cluster, else 1).
+        workers: processes, each with one model replica (default 1); 0 runs in this process. With Ray, the
+            number of actors (default: one per GPU of the cluster, else 1).
         ray_address: run on Ray: "auto" (a running cluster), "ray://host:10001", or "local" (a new local
             instance); an already initialised Ray is used as it is.
         batch_size: jobs of one model and settings per forward batch; halved once on out-of-memory.
@@ -870,8 +870,10 @@ def run_batch(
         min_score: edits scoring below it are not written (the job stays done).
     """
     job_list = list(jobs.jobs if isinstance(jobs, Manifest) else jobs)
-    if batch_size < 1 or workers < 0:
+    if batch_size < 1 or (workers is not None and workers < 0):
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, not {batch_size} and {workers}")
+    if ray_address is None and workers is None:
+        workers = 1
     if min_score is not None and score is None:
         raise ValueError("min_score filters by the score hook's values; give score= too")
     out = Path(out)
@@ -890,7 +892,7 @@ def run_batch(
             return Summary(0, 0, skipped, time.time() - started, out)
         bar = tqdm(total=len(job_list), initial=skipped, unit="job", desc="p2p batch", disable=not progress,
                    dynamic_ncols=True)
-        executor = (_Ray(config, workers or None, ray_address) if ray_address is not None
+        executor = (_Ray(config, workers, ray_address) if ray_address is not None
                     else _Inline(config) if workers == 0 else _Pool(config, workers))
         results = _Index(out / INDEX)
         try:
