@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
 from typer.testing import CliRunner
@@ -89,6 +90,19 @@ def test_replay_reports_a_difference(inline_edit, tmp_path):
     result = run("replay", tmp_path / "changed.png", "--out", tmp_path / "replay")
     assert result.exit_code == 0 and "1 of 1024 pixels differ, by at most 1/255" in result.stderr
     assert run("replay", tmp_path / "changed.png", "--out", tmp_path / "replay", "--check").exit_code == 1
+
+
+def test_replay_runs_on_the_recorded_number_of_cpu_threads(tiny_sd_dir, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert read_recipe(tmp_path / "edit-1.png").threads == 1
+    assert run("replay", tmp_path / "edit-1.png", "--check").exit_code == 0
+    assert torch.get_num_threads() == threads
 
 
 def test_several_edits_share_the_options(tiny_sd_dir, tmp_path):

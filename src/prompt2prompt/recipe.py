@@ -64,6 +64,7 @@ class Recipe:
     width: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    threads: int | None = None  # torch's CPU threads: CPU sums, and so the last bits, depend on their number
     kind: str = "edit"
     record_attention: bool | int = False
     image: dict[str, str] | None = None
@@ -150,9 +151,13 @@ def recipe_for(editor, model, **fields: Any) -> Recipe:
 
     The model id and revision, the scheduler, the dtype and the device come from them; `fields` give the rest.
     """
+    import torch
+
     pipe = editor.pipe
+    threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
     return Recipe(model=model.id, revision=model.revision, scheduler=scheduler_config(pipe.scheduler),
-                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, **fields)
+                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, threads=threads,
+                  **fields)
 
 
 def inversion_available() -> bool:
@@ -178,17 +183,22 @@ def _input_image(recipe: Recipe, base_dir: Path) -> Path:
 def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", **edit_kwargs):
     """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
 
-    A real input image is inverted first; a relative image path counts from `base_dir`. The editor's
-    pipeline gets its scheduler back afterwards. Extra keyword arguments go to `editor.edit`.
+    A real input image is inverted first; a relative image path counts from `base_dir`. On the CPU it runs
+    on the recipe's number of threads. The editor's pipeline gets its scheduler back afterwards, the process
+    its thread count. Extra keyword arguments go to `editor.edit`.
     """
+    import torch
+
     pipe = editor.pipe
-    previous = pipe.scheduler
-    pipe.scheduler = _scheduler_for(pipe, recipe)
+    previous = pipe.scheduler, torch.get_num_threads()
     settings: dict[str, Any] = dict(
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale,
         height=recipe.height, width=recipe.width,
     )
     try:
+        pipe.scheduler = _scheduler_for(pipe, recipe)
+        if recipe.threads and pipe.device.type == "cpu":
+            torch.set_num_threads(recipe.threads)
         if recipe.image is not None:
             image = _input_image(recipe, Path(base_dir))
             settings = dict(inversion=editor.invert(image, recipe.source, **settings, **(recipe.inversion or {})))
@@ -197,7 +207,8 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", **edit_kwa
             record_attention=recipe.record_attention, **settings, **edit_kwargs,
         )
     finally:
-        pipe.scheduler = previous
+        pipe.scheduler, threads = previous
+        torch.set_num_threads(threads)
 
 
 def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
