@@ -75,13 +75,12 @@ def main() -> None:
         manifest = load_manifest(write_manifest(tmp / "jobs.jsonl", jobs=args.jobs, steps=args.steps, size=args.size,
                                                 model=model))
         threads = max(1, cpus // args.workers)
-        configs = [(f"pool x{args.workers}", dict(workers=args.workers, threads=threads), size)
-                   for size in args.batch_sizes]
-        configs += [(f"ray x{args.workers}", dict(ray_address="auto", workers=args.workers, threads=threads), size)
-                    for size in args.batch_sizes]
+        # Pool and Ray alternate, so that a change in the machine's load does not favour one of them.
+        configs = [(name, dict(options, workers=args.workers, threads=threads), size) for size in args.batch_sizes
+                   for name, options in ((f"pool x{args.workers}", {}), (f"ray x{args.workers}", {"ray_address": "auto"}))]
         print(f"{args.jobs} jobs (1 source + 1 edit, {args.steps} steps) on {'the tiny model' if args.model is None else model}, "
               f"{cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}, load average {os.getloadavg()[0]:.1f}")
-        print(f"{'runner':<10} {'batch':>5} {'end-to-end':>14} {'steady':>14}")
+        print(f"{'runner':<10} {'batch':>5} {'end-to-end':>14} {'steady':>14} {'load':>6}")
         rates = {}
         for name, options, batch_size in configs:
             if "ray_address" in options and not ray.is_initialized():
@@ -90,12 +89,12 @@ def main() -> None:
             summary = run_batch(manifest, out, batch_size=batch_size, device=args.device, progress=False, **options)
             assert summary.done == args.jobs, f"{summary.failed} jobs failed; see {out / INDEX}"
             rates[name, batch_size] = (summary.jobs_per_minute, steady_rate(out))
-            print(f"{name:<10} {batch_size:>5} {rates[name, batch_size][0]:>9.1f} /min {rates[name, batch_size][1]:>9.1f} /min",
-                  flush=True)
+            print(f"{name:<10} {batch_size:>5} {rates[name, batch_size][0]:>9.1f} /min {rates[name, batch_size][1]:>9.1f} /min "
+                  f"{os.getloadavg()[0]:>6.1f}", flush=True)
         ray.shutdown()
-    plain, distributed = rates[f"pool x{args.workers}", args.batch_sizes[-1]], rates[f"ray x{args.workers}", args.batch_sizes[-1]]
-    print(f"ray / pool at batch {args.batch_sizes[-1]}: end-to-end {distributed[0] / plain[0]:.2f}x, "
-          f"steady {distributed[1] / plain[1]:.2f}x")
+    for size in args.batch_sizes:
+        plain, distributed = rates[f"pool x{args.workers}", size], rates[f"ray x{args.workers}", size]
+        print(f"ray / pool at batch {size}: end-to-end {distributed[0] / plain[0]:.2f}x, steady {distributed[1] / plain[1]:.2f}x")
 
 
 if __name__ == "__main__":

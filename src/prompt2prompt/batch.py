@@ -52,8 +52,8 @@ from .editor import Editor, _initial_latents, build_plan
 from .processor import P2PAttnProcessor
 from .recipe import Recipe, build_edits, file_digest, recipe_for, run_recipe, save_png
 
-__all__ = ["INDEX", "Job", "Manifest", "ManifestError", "Summary", "load_manifest", "load_score_hook", "plan_groups",
-           "read_index", "run_batch"]
+__all__ = ["INDEX", "Job", "Manifest", "ManifestError", "Outcome", "Summary", "Worker", "WorkerConfig", "edit_together",
+           "load_manifest", "load_score_hook", "parse_job", "plan_groups", "read_index", "run_batch"]
 
 INDEX = "results.jsonl"
 JOBS = "jobs"
@@ -468,7 +468,7 @@ class Worker:
             return Outcome(job.id, "failed", started, finished, batch, self.name,
                            error="FloatingPointError: the images hold NaN or infinite values (try float32, or another "
                                  "guidance_scale or seed)")
-        images = to_pil(result)
+        images = _to_pil(result)
         indices = list(range(len(images)))
         scores = None
         if self.config.score is not None:
@@ -484,12 +484,12 @@ class Worker:
                        recipe=recipe, scores=scores)
 
 
-def image_name(index: int) -> str:
+def _image_name(index: int) -> str:
     """The file name of a result's image: source.png, then edit-1.png, edit-2.png, ... as `p2p edit` writes them."""
     return "source.png" if index == 0 else f"edit-{index}.png"
 
 
-def to_pil(images) -> list:
+def _to_pil(images) -> list:
     """(P, H, W, 3) floats in [0, 1] to PIL images, rounded as diffusers' own "pil" output is."""
 
     return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
@@ -788,7 +788,7 @@ def _row(job: Job, outcome: Outcome | None, error: BaseException | None = None) 
     row = {"id": job.id, "line": job.line, "status": outcome.status, "error": outcome.error,
            "started": _now(outcome.started), "finished": _now(outcome.finished),
            "seconds": round(outcome.finished - outcome.started, 4), "batch": outcome.batch, "worker": outcome.worker,
-           "paths": [f"{JOBS}/{job.id}/{image_name(i)}" for i in outcome.indices]}
+           "paths": [f"{JOBS}/{job.id}/{_image_name(i)}" for i in outcome.indices]}
     if outcome.scores is not None:
         row["scores"] = outcome.scores
     return row
@@ -801,7 +801,7 @@ def _publish(out: Path, job: Job, outcome: Outcome, row: dict[str, Any]) -> None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for index, image in zip(outcome.indices, outcome.images):
-        save_png(image, staging / image_name(index), outcome.recipe.with_index(index))
+        save_png(image, staging / _image_name(index), outcome.recipe.with_index(index))
     (staging / "job.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
     final.parent.mkdir(exist_ok=True)
     os.rename(staging, final)  # a job is published once: done jobs are never run again
@@ -836,6 +836,7 @@ class Summary:
 
     @property
     def jobs_per_minute(self) -> float:
+        """Jobs finished (done or failed) per minute of this run, its start-up included."""
         return 60.0 * (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -868,6 +869,8 @@ def run_batch(
         score: `score(source_image, edited_image, source_prompt, edit_prompt) -> float`, e.g. a CLIP
             directional similarity; recorded per edit in the job's row.
         min_score: edits scoring below it are not written (the job stays done).
+
+    Example: `run_batch(load_manifest("edits.jsonl"), "runs/edits", batch_size=8)`.
     """
     job_list = list(jobs.jobs if isinstance(jobs, Manifest) else jobs)
     if batch_size < 1 or (workers is not None and workers < 0):
