@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 

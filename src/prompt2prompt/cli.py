@@ -394,7 +394,7 @@ def batch(
                                              dir_okay=False, show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder; run again on it to resume.", show_default=False)],
     workers: Annotated[int | None, typer.Option(min=0, help="Worker processes, one model replica each (0: this "
-                                                            "process) [default: 1; with --ray, one actor per GPU].",
+                                                            "process); default 1, with --ray one actor per GPU.",
                                                 show_default=False)] = None,
     ray: Annotated[str | None, typer.Option(help="Run on Ray: auto (a running cluster), ray://HOST:10001, or local.",
                                             show_default=False)] = None,
