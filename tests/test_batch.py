@@ -162,6 +162,20 @@ def test_job_ids_are_stable_hashes_of_the_content(tmp_path, tiny_sd_dir):
     assert seeds == [job.seed for job in load_manifest(tmp_path / "u.jsonl").jobs] and seeds[0] != seeds[1]
 
 
+def test_model_paths_count_from_the_manifest_or_the_current_folder(tmp_path, tiny_sd_dir, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_sd_dir, tmp_path / "models" / "tiny")
+    (tmp_path / "work").mkdir()
+    line = {"source": "a cat", "edits": ["a dog"]}
+    path = write_manifest(tmp_path / "models" / "m.jsonl", [{**line, "model": "tiny"}, {**line, "seed": 1}])
+    monkeypatch.chdir(tmp_path)
+    jobs = load_manifest(path, model="models/tiny").jobs  # --model: from the current folder
+    assert [job.model for job in jobs] == [str((tmp_path / "models" / "tiny").resolve())] * 2
+    with pytest.raises(ManifestError, match="--model: model './work/tiny' does not exist"):
+        load_manifest(path, model="./work/tiny")  # ("work/tiny" would be a hub id)
+
+
 def test_cli_reports_bad_lines_and_exits_2(tmp_path, tiny_sd_dir):
     path = write_manifest(tmp_path / "m.jsonl", [{"source": "a cat", "edits": ["a dog"], "guidance": 3}])
     result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out")])

@@ -165,7 +165,7 @@ def _check_edits(source: str, edits: list[dict[str, Any]]) -> None:
             raise ValueError(f"edit {index}: {error}") from None
 
 
-def _model_id(model: str, base: Path) -> str:
+def _model_id(model: str, base: Path, where: str) -> str:
     """Local models by absolute path (as the recipe records them); "demo" and hub ids as given."""
     path = Path(model).expanduser()
     path = path if path.is_absolute() else base / path
@@ -173,7 +173,7 @@ def _model_id(model: str, base: Path) -> str:
         return str(path.resolve())
     looks_local = model.startswith((".", "/", "~")) or model.endswith(".safetensors") or model.count("/") > 1
     if looks_local:
-        raise ValueError(f"model {model!r} does not exist (relative paths count from the manifest's folder {str(base)!r})")
+        raise ValueError(f"model {model!r} does not exist (relative paths count from {where} {str(base)!r})")
     return model
 
 
@@ -211,7 +211,10 @@ def _seed_from(digest: str) -> int:
 
 
 def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
-    """Validate one manifest entry (already JSON-decoded) into a Job; raises ValueError saying what is wrong."""
+    """Validate one manifest entry (already JSON-decoded) into a Job; raises ValueError saying what is wrong.
+
+    Relative paths in it count from `base`; `model` is the model of a job that names none, as given.
+    """
     if not isinstance(data, dict):
         raise ValueError(f"a job is a JSON object, not {type(data).__name__}")
     if message := _unknown(data, _JOB_FIELDS, "job"):
@@ -237,11 +240,12 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         value = data.get(name)
         if value is not None and (not _is_int(value) or value <= 0 or value % 8):
             raise ValueError(f"{name} must be a positive multiple of 8 px, not {value!r}")
-    model_name = data.get("model", model)
-    if not isinstance(model_name, str) or not model_name:
+    model_name = data.get("model")
+    if model_name is not None and (not isinstance(model_name, str) or not model_name):
         raise ValueError(f"model must be a hub id, a local path or 'demo', not {model_name!r}")
     content: dict[str, Any] = {
-        "model": _model_id(model_name, base), "source": source, "edits": edits,
+        "model": model if model_name is None else _model_id(model_name, base, "the manifest's folder"),
+        "source": source, "edits": edits,
         "num_inference_steps": steps, "guidance_scale": float(guidance), "negative_prompt": negative,
         "height": data.get("height"), "width": data.get("width"),
     }
@@ -275,7 +279,7 @@ def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid:
 
     Args:
         path: the manifest; relative image and model paths in it count from its folder.
-        model: the model of jobs that name none.
+        model: the model of jobs that name none (a relative path counts from the current folder).
         skip_invalid: keep the valid jobs and list the errors in `Manifest.errors` instead of raising.
 
     Example: `jobs = load_manifest("edits.jsonl").jobs`.
@@ -286,6 +290,10 @@ def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid:
     except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"cannot read the manifest {str(path)!r}: {error}") from None
     base = path.resolve().parent
+    try:
+        model = _model_id(model, Path.cwd(), "the current folder")
+    except ValueError as error:
+        raise ManifestError(f"--model: {error}") from None
     jobs: list[Job] = []
     errors: list[str] = []
     lines_of: dict[str, int] = {}
