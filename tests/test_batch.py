@@ -317,7 +317,7 @@ def test_a_failing_job_is_recorded_and_the_run_goes_on(tmp_path, tiny_sd_dir):
     assert (again.done, again.failed, again.skipped) == (0, 1, 2)
     index = batch.read_index(out)
     assert [index[job.id]["status"] for job in manifest.jobs] == ["done", "failed", "done"]
-    assert len(index_rows(out)) == 4  # the failed job has its two attempts until the next start compacts them
+    assert len(index_rows(out)) == 3  # one row per job: the last attempt
 
 
 def test_out_of_memory_halves_the_batch_once(tmp_path, tiny_sd_dir, monkeypatch):

@@ -783,9 +783,13 @@ def _recover(out: Path) -> dict[str, dict[str, Any]]:
             # The folder is the proof: the run stopped after its rename, before its index line.
             row = json.loads((Path(folder.path) / "job.json").read_text(encoding="utf-8"))
             index[row["id"]] = row
-    lines = [json.dumps(row, ensure_ascii=False) for row in index.values()]
-    _write_atomic(out / INDEX, "".join(line + "\n" for line in lines))  # also cuts a torn last line
+    _write_index(out, index)  # also cuts a torn last line
     return index
+
+
+def _write_index(out: Path, index: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the index with one row per job, atomically."""
+    _write_atomic(out / INDEX, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in index.values()))
 
 
 def _row(job: Job, outcome: Outcome | None, error: BaseException | None = None) -> dict[str, Any]:
@@ -929,6 +933,7 @@ def run_batch(
             executor.close()
             results.close()
             bar.close()
+        _write_index(out, read_index(out))  # a retried job's earlier rows go
     return Summary(counts["done"], counts["failed"], skipped, time.time() - started, out)
 
 
