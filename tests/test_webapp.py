@@ -1,5 +1,6 @@
 """The web app, driven through Debian's chromium with Playwright (never a downloaded browser)."""
 
+import json
 import socket
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def _pixels(path) -> np.ndarray:
 
 def test_edit_in_the_browser_downloads_a_png_that_replays(page, server, tiny_sd_dir, tmp_path):
     app, out = server
+    before = set(out.iterdir())
     _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="-1")
     assert page.locator("#gallery img").count() == 2  # P = 1 source + 1 edit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ def test_edit_in_the_browser_downloads_a_png_that_replays(page, server, tiny_sd_
     recipe = read_recipe(png)
     assert (recipe.source, recipe.seed, recipe.num_inference_steps) == ("a cat riding a bicycle", seed, 2)
     assert [edit["prompt"] for edit in recipe.edits] == ["a dog riding a bicycle"]
-    (run_folder,) = [folder for folder in out.iterdir() if folder.name != ".gradio"]
+    (run_folder,) = set(out.iterdir()) - before - {out / ".gradio"}
     assert np.array_equal(_pixels(png), _pixels(run_folder / "edit-1.png"))
 
     editor = p2p.Editor(load_pipeline(recipe.model))
@@ -157,6 +159,29 @@ def test_serves_nothing_outside_its_output_folder(server):
     big = httpx.post(f"{app.local_url}gradio_api/upload",
                      files={"files": ("big.png", b"\0" * int(1.5 * UPLOAD_MB * 2**20), "image/png")})
     assert big.status_code == 413
+
+
+def test_a_forged_request_cannot_make_the_app_read_a_server_path(server):
+    """The image input only takes files uploaded into the app's own cache; a path outside it is refused."""
+    app, out = server
+    config = httpx.get(f"{app.local_url}config").json()
+    (run,) = [d for d in config["dependencies"] if d.get("api_name") == "run_edit"]
+    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], []]
+    forged = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+
+    def submit(image, session: str) -> bool:
+        data = [app.fns[run["id"]].inputs[0].value, "a cat", 7, 2, 7.5, image, "null-text", 1, *row,
+                *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
+        joined = httpx.post(f"{app.local_url}gradio_api/queue/join",
+                            json={"data": data, "fn_index": run["id"], "session_hash": session})
+        assert joined.status_code == 200
+        with httpx.stream("GET", f"{app.local_url}gradio_api/queue/data?session_hash={session}", timeout=120) as events:
+            return next(json.loads(line[5:]) for line in events.iter_lines() if "process_completed" in line)["success"]
+
+    before = set(out.iterdir())
+    assert submit(forged, "forged") is False
+    assert set(out.iterdir()) == before
+    assert submit(None, "control") is True  # the same request without the forged path runs
 
 
 def test_uploads_must_be_small_images(tmp_path):
