@@ -1,0 +1,11 @@
+import doctest
+
+import pytest
+
+from prompt2prompt import alignment, schedules, visualize
+
+
+@pytest.mark.parametrize("module", [alignment, schedules, visualize], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failures == 0
