@@ -65,14 +65,14 @@ def _scenes(args) -> list[tuple[Image.Image, str]]:
     return [(_synthetic(args.size or 256), args.prompt or CAPTION)] * args.images
 
 
-def _timed(fn, device: torch.device):
+def _timed(fn, device: torch.device, calls: list[int]):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, first = time.perf_counter(), calls[0]
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, calls[0] - first, out
 
 
 def _decode(pipe, latents: torch.Tensor) -> Image.Image:
@@ -94,8 +94,7 @@ def main() -> None:
     parser.add_argument("--image", default=None, help="one image file to invert instead")
     parser.add_argument("--prompt", default=None, help="the caption of --image")
     parser.add_argument("--shapes", action="store_true", help="use held-out shapes-world scenes as images")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per image; the first image's first "
-                        "round is a warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per image (after one warm-up)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--inner-steps", type=int, default=10, help="null-text's Adam iterations per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,6 +122,9 @@ def main() -> None:
     size = dict(height=args.size, width=args.size) if args.size else {}
     common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
 
+    calls = [0]  # UNet forward passes, whatever their batch: the cost unit on a small model
+    pipe.unet.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
+    counts: dict[str, list[int]] = {name: [] for name in ["generate", "edit", *args.methods]}
     times: dict[str, list[float]] = {name: [] for name in ["generate", "edit", *args.methods]}
     scores: dict[str, list[float]] = {name: [] for name in ["vae", *args.methods]}
     scenes = _scenes(args)
@@ -133,22 +135,23 @@ def main() -> None:
         for round_ in range(args.rounds + (index == 0)):
             keep = not (index == 0 and round_ == 0)
             generator = torch.Generator("cpu").manual_seed(round_)
-            seconds, _ = _timed(lambda: pipe(caption, generator=generator, height=height, width=width,
-                                             output_type="latent", **common), device)
-            if keep:
-                times["generate"].append(seconds)
-            seconds, _ = _timed(lambda: editor.edit(caption, [Edit(_recolor(caption))], seed=round_, height=height,
-                                                    width=width, output_type="latent", **common), device)
-            if keep:
-                times["edit"].append(seconds)
-            for method in args.methods:
-                seconds, inv = _timed(lambda: invert(pipe, fitted, caption, method=method, progress=False,
-                                                     num_inner_steps=args.inner_steps, **size, **common), device)
+            runs = {
+                "generate": lambda: pipe(caption, generator=generator, height=height, width=width,
+                                         output_type="latent", **common),
+                "edit": lambda: editor.edit(caption, [Edit(_recolor(caption))], seed=round_, height=height,
+                                            width=width, output_type="latent", **common),
+            }
+            for method in args.methods if keep else ["ddim"]:  # the warm-up skips the costly methods
+                runs[method] = lambda method=method: invert(pipe, fitted, caption, method=method, progress=False,
+                                                            num_inner_steps=args.inner_steps, **size, **common)
+            for name, run in runs.items():
+                seconds, count, inv = _timed(run, device, calls)
                 if keep:
-                    times[method].append(seconds)
-                if round_ == args.rounds + (index == 0) - 1:
+                    times[name].append(seconds)
+                    counts[name].append(count)
+                if name in args.methods and round_ == args.rounds + (index == 0) - 1:
                     source = editor.edit(caption, [], inversion=inv, output_type="latent").images[:1]
-                    scores[method].append(psnr(_decode(pipe, source), fitted))
+                    scores[name].append(psnr(_decode(pipe, source), fitted))
         print(f"image {index + 1}/{len(scenes)}: {caption!r}", file=sys.stderr)
 
     model = args.model or "SD 1.5 architecture, random weights"
@@ -156,15 +159,15 @@ def main() -> None:
           f"{args.dtype}, {torch.get_num_threads()} threads; {len(scenes)} image(s), {args.rounds} round(s)")
     generate, edit = statistics.median(times["generate"]), statistics.median(times["edit"])
     print()
-    print("| method | time (s) | x plain generation | x one edit | reconstruction PSNR (dB) |")
-    print("|---|---|---|---|---|")
-    print(f"| plain generation (1 prompt) | {generate:.2f} | 1.00 | {generate / edit:.2f} | |")
-    print(f"| one P2P edit (source + 1 edit) | {edit:.2f} | {edit / generate:.2f} | 1.00 | |")
-    for method in args.methods:
-        seconds = statistics.median(times[method])
-        print(f"| {method} inversion | {seconds:.2f} | {seconds / generate:.2f} | {seconds / edit:.2f} "
-              f"| {statistics.mean(scores[method]):.2f} |")
-    print(f"| (VAE round trip, the ceiling) | | | | {statistics.mean(scores['vae']):.2f} |")
+    print("| method | time (s) | x plain generation | x one edit | UNet passes | reconstruction PSNR (dB) |")
+    print("|---|---|---|---|---|---|")
+    rows = [("plain generation (1 prompt)", "generate"), ("one P2P edit (source + 1 edit)", "edit")]
+    for name, key in rows + [(f"{method} inversion", method) for method in args.methods]:
+        seconds = statistics.median(times[key])
+        score = f"{statistics.mean(scores[key]):.2f}" if key in scores else ""
+        print(f"| {name} | {seconds:.2f} | {seconds / generate:.2f} | {seconds / edit:.2f} "
+              f"| {statistics.mean(counts[key]):.0f} | {score} |")
+    print(f"| (VAE round trip, the ceiling) | | | | | {statistics.mean(scores['vae']):.2f} |")
 
 
 if __name__ == "__main__":

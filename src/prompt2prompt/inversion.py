@@ -176,13 +176,13 @@ def invert(
     scheduler = ddim_scheduler(pipe, num_inference_steps, device=device)
     cond, uncond = _encode(pipe, prompt, height, width, device)
     with torch.no_grad():
-        trajectory = ddim_trajectory(pipe, scheduler, encode_image(pipe, image), cond, progress=progress)
+        trajectory = _ddim_trajectory(pipe, scheduler, encode_image(pipe, image), cond, progress=progress)
     inversion = Inversion(
         latents=trajectory[-1], trajectory=trajectory, num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale), prompt=prompt, method=method, height=height, width=width,
     )
     if method == "null-text":
-        inversion.uncond_embeddings = null_text_embeddings(
+        inversion.uncond_embeddings = _null_text_embeddings(
             pipe, scheduler, trajectory, cond, uncond, guidance_scale,
             num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, progress=progress,
         )
@@ -192,7 +192,7 @@ def invert(
             inversion.uncond_pooled = cond.pooled.expand(num_inference_steps, *cond.pooled.shape)
     elif method == "direct":
         with torch.no_grad():
-            inversion.corrections = direct_corrections(pipe, scheduler, trajectory, cond, uncond, guidance_scale,
+            inversion.corrections = _direct_corrections(pipe, scheduler, trajectory, cond, uncond, guidance_scale,
                                                        progress=progress)
     return inversion
 
@@ -261,7 +261,7 @@ def encode_image(pipe, image) -> torch.Tensor:
     return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
-def ddim_trajectory(pipe, scheduler: DDIMScheduler, latents: torch.Tensor, cond: _Text, *,
+def _ddim_trajectory(pipe, scheduler: DDIMScheduler, latents: torch.Tensor, cond: _Text, *,
                     progress: bool = True) -> torch.Tensor:
     """DDIM inversion with guidance 1: the pivots x_0 (= `latents`) .. x_T, shape (N + 1, 1, C, h, w)."""
     pivots = [latents]
@@ -272,7 +272,7 @@ def ddim_trajectory(pipe, scheduler: DDIMScheduler, latents: torch.Tensor, cond:
     return torch.stack(pivots)
 
 
-def null_text_embeddings(
+def _null_text_embeddings(
     pipe, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: _Text, uncond: _Text, guidance_scale: float, *,
     num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, progress: bool = True,
 ) -> torch.Tensor:
@@ -316,7 +316,7 @@ def null_text_embeddings(
     return torch.stack(embeddings)
 
 
-def direct_corrections(pipe, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: _Text, uncond: _Text,
+def _direct_corrections(pipe, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: _Text, uncond: _Text,
                        guidance_scale: float, *, progress: bool = True) -> torch.Tensor:
     """Direct inversion: per step, what to add to the source row's guided step to land on the next pivot."""
     n = len(scheduler.timesteps)
