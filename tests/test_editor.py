@@ -201,3 +201,10 @@ def test_v_prediction_zero_snr_model():
     fused, explicit = run(pipe, CASES["mixed"]), run(pipe, CASES["mixed"], attention="explicit")
     assert rel_err(fused.images, explicit.images) <= 1e-4
     assert rel_err(fused.images[0], plain(pipe, SOURCE)) <= 1e-4
+
+
+def test_attention_is_recorded_without_edits(sd_pipe):
+    result = run(sd_pipe, [], record_attention=True)
+    assert result.images.shape[0] == 1
+    assert result.attention[4].shape == (1, 4, 4, 77)
+    assert rel_err(result.images[0], plain(sd_pipe, SOURCE)) <= 1e-4

@@ -127,7 +127,7 @@ class P2PAttnProcessor:
         state, plan = self.state, self.state.plan
         batch, num_prompts = q.shape[0], plan.num_prompts
         size = state.sizes.get(q.shape[2])
-        if batch not in (num_prompts, 2 * num_prompts) or size is None or plan.num_edits == 0:
+        if batch not in (num_prompts, 2 * num_prompts) or size is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         src = batch - num_prompts  # the conditional half comes last: [uncond..., cond...]
         rows = torch.arange(src + 1, batch, device=q.device)
@@ -163,6 +163,8 @@ def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch
 
 def _edit_cross_probs(probs: torch.Tensor, src: int, rows: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
     """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77)."""
+    if len(rows) == 0:  # no edits: only the source, which is recorded but never edited
+        return probs
     a_s = probs[src]  # (heads, Q, 77)
     edited = []
     for e, row in enumerate(rows.tolist()):
