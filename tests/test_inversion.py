@@ -287,8 +287,6 @@ def test_reweight_and_local_blend_on_an_inversion(sd, image, tmp_path):
     assert (blended[:, mask] - source[:, mask]).abs().max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="editor.py _inversion_embeddings encodes negative_prompt=[''] on SDXL, so "
-                   "force_zeros_for_empty_prompt no longer zeroes the pooled unconditional embedding")
 def test_sdxl_null_text_edit_follows_its_optimisation(sdxl, image):
     editor = Editor(sdxl)
     inv = editor.invert(image, PROMPT, method="null-text", num_inference_steps=STEPS, num_inner_steps=1, progress=False)

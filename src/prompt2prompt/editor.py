@@ -476,7 +476,8 @@ class Editor:
         pipe = self.pipe
         num_prompts = len(prompts)
         if hasattr(pipe, "text_encoder_2"):
-            cond, _, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=True, negative_prompt=[""] * num_prompts)
+            # No negative_prompt: like the plain pipeline, so that force_zeros_for_empty_prompt still applies.
+            cond, _, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=True)
             out = dict(prompt_embeds=cond, pooled_prompt_embeds=pooled)
             uncond_pooled = neg_pooled if inversion.uncond_pooled is None else inversion.uncond_pooled[0].to(neg_pooled).expand(num_prompts, -1)
             out["negative_pooled_prompt_embeds"] = uncond_pooled
