@@ -390,7 +390,7 @@ def stage_unet(run: Path, config: Config, steps: int) -> None:
     encoded = torch.load(latents_path, weights_only=False)
     latents, probe = encoded["latents"], encoded["probe"][:config.probe_size]
     data = load_data(run)
-    captions = [str(c) for c in data["captions"]]
+    captions = [str(c) for c in data["captions"][:len(latents)]]
     probe_captions = [str(c) for c in data["probe_captions"]][:config.probe_size]
     torch.manual_seed(config.seed)
     unet, text_encoder = build_unet(config), build_text_encoder(config)
@@ -413,7 +413,7 @@ def stage_unet(run: Path, config: Config, steps: int) -> None:
         log(run, f"unet: resumed at step {start}")
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    log(run, f"unet: {n_unet / 1e6:.2f}M parameters, text encoder {n_text / 1e6:.2f}M, {len(captions)} scenes")
+    log(run, f"unet: {n_unet / 1e6:.2f}M parameters, text encoder {n_text / 1e6:.2f}M, {len(latents)} scenes")
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     unet.train()
     text_encoder.train()
@@ -486,6 +486,8 @@ def stage_export(run: Path, config: Config, out: Path) -> None:
     info = {"unet_steps": unet_ckpt["step"], "vae_steps": vae_ckpt["step"],
             "decoder_steps": vae_ckpt.get("decoder_step", 0), "config": asdict(config)}
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
+    if (out / "MODEL_CARD.md").exists():  # the card is written by hand: carry it over
+        shutil.copy2(out / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
