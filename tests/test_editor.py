@@ -208,3 +208,32 @@ def test_attention_is_recorded_without_edits(sd_pipe):
     assert result.images.shape[0] == 1
     assert result.attention[4].shape == (1, 4, 4, 77)
     assert rel_err(result.images[0], plain(sd_pipe, SOURCE)) <= 1e-4
+
+
+def test_default_blend_level_falls_back_to_the_nearest_with_cross_attention():
+    from diffusers import UNet2DConditionModel
+    from pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=16, cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    result = run(pipe, CASES["blend"])
+    assert result.masks[0].shape == (16, 16)
+    with pytest.raises(ValueError, match="no cross-attention at side 4"):
+        p2p.Editor(pipe, blend_res=4).edit(SOURCE, CASES["blend"], num_inference_steps=2, seed=0, output_type="latent", **SIZE)
+
+
+def test_inversion_guidance_and_negative_prompt_are_checked(sd_pipe):
+    from PIL import Image
+
+    editor = p2p.Editor(sd_pipe)
+    inv = editor.invert(Image.new("RGB", (32, 32), "red"), SOURCE, method="direct", num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale=7.5"):
+        editor.edit(SOURCE, CASES["replace"], inversion=inv, guidance_scale=3.0, output_type="latent")
+    with pytest.raises(ValueError, match="negative_prompt cannot be used"):
+        editor.edit(SOURCE, CASES["replace"], inversion=inv, negative_prompt="blurry", output_type="latent")

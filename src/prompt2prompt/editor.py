@@ -210,7 +210,8 @@ class Editor:
         pipe: the diffusers pipeline; its own attention processors are restored after every call.
         self_replace_max_res: self-attention is replaced in layers whose side is at most this
             (None: latent side / 4, i.e. 16 for SD at 512 px).
-        blend_res: the layer side whose cross-attention drives local blending (None: latent side / 4).
+        blend_res: the layer side whose cross-attention drives local blending (None: latent side / 4, or the
+            nearest side with cross-attention in the down and up blocks when the model has none there).
         attention: "fused" (scaled-dot-product attention everywhere) or "explicit" (materialised
             probabilities, the reference).
 
@@ -405,6 +406,9 @@ class Editor:
     def _size_for(res, what: str, sizes, allowed: set[int], default) -> tuple[int, int]:
         if res is None:
             size = default
+            if sizes.index(size) not in allowed and allowed:
+                # A small model may lack cross-attention at latent side / 4: take the nearest level that has it.
+                size = sizes[min(allowed, key=lambda level: (abs(level - sizes.index(default)), -level))]
         else:
             if isinstance(res, bool) or not isinstance(res, int):
                 raise ValueError(f"{what} must be a layer side (an integer), not {res!r}")
@@ -498,7 +502,16 @@ class Editor:
             raise ValueError(f"this inversion is {inversion.width}x{inversion.height} px; leave height and width unset")
         if latents is not None or seed is not None or generator is not None:
             raise ValueError("an inversion supplies the initial latent; do not pass latents, seed or generator with it")
-        if negative_prompt is not None and inversion.uncond_embeddings is not None:
-            raise ValueError(f"the {inversion.method!r} inversion sets the unconditional embedding; negative_prompt cannot be used with it")
+        if negative_prompt is not None and (inversion.uncond_embeddings is not None or inversion.corrections is not None):
+            raise ValueError(
+                f"the {inversion.method!r} inversion fixes the unconditional branch it reconstructs with; "
+                f"negative_prompt cannot be used with it"
+            )
+        # Null-text embeddings and direct corrections reconstruct the image only at the guidance they were made with.
+        if guidance is not None and guidance != inversion.guidance_scale and inversion.method in ("null-text", "direct"):
+            raise ValueError(
+                f"this {inversion.method!r} inversion was made at guidance_scale={inversion.guidance_scale}; edit it at "
+                f"that guidance (leave guidance_scale unset), or invert again at {guidance}"
+            )
         guidance = inversion.guidance_scale if guidance is None else guidance
         return inversion.num_inference_steps, guidance, inversion.height, inversion.width
