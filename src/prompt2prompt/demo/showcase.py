@@ -71,7 +71,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", *, model: str | Path = "demo"
     paths.append(_save(image_grid(heatmaps, cols=len(heatmaps), width=96), out / "attention.png"))
 
     swap = [Edit(BLEND_EDIT, cross_steps=0.8, self_steps=0.2),
-            Edit(BLEND_EDIT, cross_steps=0.8, self_steps=0.2, blend=LocalBlend("red", "green"))]
+            # The model's attention is diffuse: at the default threshold 0.3 the mask would cover everything.
+            Edit(BLEND_EDIT, cross_steps=0.8, self_steps=0.2, blend=LocalBlend("red", "green", threshold=0.8))]
     blended = editor.edit(BLEND_SOURCE, swap, seed=BLEND_SEED, **common)
     labels = ["source", "red -> green", "red -> green, local blend"]
     paths.append(_save(image_grid(blended.images, labels, width=192), out / "local_blend.png"))
