@@ -137,6 +137,17 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def resume(run: Path, ckpt_path: Path, stage: str, **stateful) -> int:
+    """Loads each named state dict from the stage's checkpoint, if there is one; returns the step to go on from."""
+    if not ckpt_path.exists():
+        return 0
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    log(run, f"{stage}: resumed at step {ckpt['step']}")
+    return ckpt["step"]
+
+
 def save_atomic(obj, path: Path) -> None:
     """`torch.save` to a temporary file, then rename: a kill at any moment leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -234,13 +245,7 @@ def stage_vae(run: Path, config: Config, steps: int) -> None:
     vae = build_vae(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     ckpt_path = run / "vae.pt"
-    start = 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        log(run, f"vae: resumed at step {start}")
+    start = resume(run, ckpt_path, "vae", model=vae, opt=opt)
     val = to_pixels(data["probe_images"])
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae", mininterval=10)
     vae.train()
@@ -401,16 +406,8 @@ def stage_unet(run: Path, config: Config, steps: int) -> None:
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ckpt_path = run / "unet.pt"
-    start = 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        unet.load_state_dict(ckpt["unet"])
-        text_encoder.load_state_dict(ckpt["text_encoder"])
-        ema_unet.load_state_dict(ckpt["ema_unet"])
-        ema_text.load_state_dict(ckpt["ema_text_encoder"])
-        opt.load_state_dict(ckpt["opt"])
-        start = ckpt["step"]
-        log(run, f"unet: resumed at step {start}")
+    start = resume(run, ckpt_path, "unet", unet=unet, text_encoder=text_encoder, ema_unet=ema_unet,
+                   ema_text_encoder=ema_text, opt=opt)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     log(run, f"unet: {n_unet / 1e6:.2f}M parameters, text encoder {n_text / 1e6:.2f}M, {len(latents)} scenes")
