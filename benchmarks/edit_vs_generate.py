@@ -3,13 +3,21 @@
 Three things run in one process, alternating, on the same model and latents:
 plain generation of [source, edit], a fused P2P edit (1 source + 1 edit), and an explicit P2P edit.
 By default the model is Stable Diffusion 1.5's architecture with random weights (the cost does not
-depend on the weights) at 256 px and a few steps, so that it runs on a CPU in minutes.
+depend on the weights) at 256 px and a few steps, so that it runs on a CPU in minutes. `--arch sdxl` is
+SDXL base's architecture (random weights, 1024 px by default: build it on a GPU). `--tiny` swaps in the
+tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
-    python benchmarks/edit_vs_generate.py --size 512 --steps 50 --dtype float16 --device cuda
+    python benchmarks/edit_vs_generate.py --size 512 --steps 50 --dtype float16 --device cuda --json sd15.json
+    python benchmarks/edit_vs_generate.py --arch sdxl --steps 20 --dtype float16 --device cuda --json sdxl.json
+
+On CUDA, peak memory is torch.cuda.max_memory_allocated above what was allocated before the run (the
+model); on a CPU it is the resident-set growth. A run that runs out of GPU memory is reported as OOM.
 """
 
 import argparse
+import gc
+import json
 import os
 import statistics
 import sys
@@ -71,58 +79,120 @@ class PeakMemory:
             self.used = max(self.peak, _rss()) - self.base
 
 
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def build_pipeline(args, device: torch.device, dtype: torch.dtype):
+    if args.model:
+        from prompt2prompt.loading import load_pipeline
+
+        return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
+    import pipelines
+
+    if args.tiny:
+        pipe = pipelines.tiny_sdxl_pipeline() if args.arch == "sdxl" else pipelines.tiny_sd_pipeline()
+        return pipe.to(device=device, dtype=dtype)
+    build = pipelines.sdxl_random_pipeline if args.arch == "sdxl" else pipelines.sd15_random_pipeline
+    return build(device=device, dtype=dtype)  # built on the device: a GPU inits billions of weights in seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"], help="random-weight architecture")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline of --arch (a smoke check)")
+    parser.add_argument("--size", type=int, default=None, help="pixels (default: 256 for sd15, 1024 for sdxl)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the first is a warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--model", default=None, help="a real checkpoint instead of the random SD-1.5 architecture")
+    parser.add_argument("--model", default=None, help="a real checkpoint instead of a random architecture")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.size is None:
+        args.size = 1024 if args.arch == "sdxl" and not args.tiny else 256
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.model:
-        from prompt2prompt.loading import load_pipeline
-
-        pipe = load_pipeline(args.model, device=args.device, torch_dtype=dtype)
-    else:
-        from pipelines import sd15_random_pipeline
-
-        pipe = sd15_random_pipeline().to(device=device, dtype=dtype)
+    start = time.perf_counter()
+    pipe = build_pipeline(args, device, dtype)
+    build_seconds = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    c = pipe.unet.config.in_channels
-    latents = torch.randn(1, c, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+    c, side = pipe.unet.config.in_channels, args.size // pipe.vae_scale_factor
+    latents = torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(0))
+    plain_latents = latents.expand(2, -1, -1, -1).to(device, dtype)
     common = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size, output_type="latent")
     edit = [p2p.Edit(EDIT, cross_steps=0.8, self_steps=0.4)]
     runs = {
-        "plain": lambda: pipe([SOURCE, EDIT], latents=latents.expand(2, -1, -1, -1).to(device, dtype), **common),
+        "plain": lambda: pipe([SOURCE, EDIT], latents=plain_latents, **common),
         "fused": lambda: p2p.Editor(pipe).edit(SOURCE, edit, latents=latents, **common),
         "explicit": lambda: p2p.Editor(pipe, attention="explicit").edit(SOURCE, edit, latents=latents, **common),
     }
     times = {k: [] for k in runs}
     memory = {k: [] for k in runs}
+    failed: dict[str, str] = {}
     for r in range(args.rounds):
         for name, fn in runs.items():
-            with torch.inference_mode(), PeakMemory(device) as peak:
-                start = time.perf_counter()
-                fn()
+            if name in failed:
+                continue
+            try:
+                with torch.inference_mode(), PeakMemory(device) as peak:
+                    start = time.perf_counter()
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - start
+            except OOM as error:
+                failed[name] = "OOM"
+                print(f"round {r} {name:8s} out of memory: {str(error).splitlines()[0]}", flush=True)
+                gc.collect()
                 if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
+                    torch.cuda.empty_cache()
+                continue
             if r > 0 or args.rounds == 1:
                 times[name].append(elapsed)
                 memory[name].append(peak.used)
             print(f"round {r} {name:8s} {elapsed:7.2f} s  peak {peak.used / 2**20:8.1f} MiB", flush=True)
 
-    t = {k: statistics.median(v) for k, v in times.items()}
-    m = {k: max(v) for k, v in memory.items()}
-    print(f"\nSD-1.5 architecture{' (' + args.model + ')' if args.model else ', random weights'}, {args.size} px, "
-          f"{args.steps} steps, guidance 7.5, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
+    t = {k: statistics.median(v) if v and k not in failed else None for k, v in times.items()}
+    m = {k: max(v) if v and k not in failed else None for k, v in memory.items()}
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    arch = {"sd15": "SD-1.5", "sdxl": "SDXL"}[args.arch] + " architecture"
+    weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
+    title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance 7.5, {args.device} {args.dtype}, "
+             f"torch threads {torch.get_num_threads()}")
+    print(f"\n{title}")
     print("| run | wall time (s) | x plain | peak memory (MiB) | x plain |")
     print("|---|---|---|---|---|")
     for k in runs:
-        print(f"| {k} | {t[k]:.2f} | {t[k] / t['plain']:.2f} | {m[k] / 2**20:.0f} | {m[k] / m['plain']:.2f} |")
+        if k in failed:
+            print(f"| {k} | {failed[k]} | | {failed[k]} | |")
+            continue
+        tr, mr = ratio(t[k], t["plain"]), ratio(m[k], m["plain"])
+        print(f"| {k} | {t[k]:.2f} | {'' if tr is None else f'{tr:.2f}'} | {m[k] / 2**20:.0f} "
+              f"| {'' if mr is None else f'{mr:.2f}'} |")
+
+    if args.json:
+        result = {
+            "benchmark": "edit_vs_generate", "title": title, "arch": args.arch, "tiny": args.tiny,
+            "model": args.model or "random", "size": args.size, "steps": args.steps, "guidance": 7.5,
+            "rounds": args.rounds, "warmup_rounds": 1 if args.rounds > 1 else 0, "device": args.device,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "build_seconds": build_seconds,
+            "memory_measure": "cuda max_memory_allocated above the allocated baseline" if device.type == "cuda"
+            else "resident-set growth",
+            "runs": {k: {"status": failed.get(k, "ok"), "seconds": t[k], "peak_bytes": m[k],
+                         "round_seconds": times[k], "round_peak_bytes": memory[k],
+                         "time_vs_plain": ratio(t[k], t["plain"]), "memory_vs_plain": ratio(m[k], m["plain"])}
+                     for k in runs},
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ round trip, the ceiling of every method.
 
     .venv/bin/python benchmarks/inversion.py                         # SD 1.5 architecture, random weights, 256 px
     .venv/bin/python benchmarks/inversion.py --model demo --steps 50 --images 8     # the shipped demo model
-    .venv/bin/python benchmarks/inversion.py --size 512 --steps 50 --device cuda --dtype float16
+    .venv/bin/python benchmarks/inversion.py --size 512 --steps 50 --device cuda --dtype float16 --json inv.json
 
 The random model times the methods (cost does not depend on the weights, except null-text's early stop, which
 a random model never reaches: its figure there is the worst case). A trained model gives the PSNR figures.
@@ -17,6 +17,7 @@ a random model never reaches: its figure there is the worst case). A trained mod
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +110,7 @@ def main() -> None:
     if args.model is None:
         from pipelines import sd15_random_pipeline
 
-        pipe = sd15_random_pipeline().to(device=device, dtype=dtype)
+        pipe = sd15_random_pipeline(device=device, dtype=dtype)  # built on the device: fast on a GPU
         args.size = args.size or 256
     else:
         from prompt2prompt.loading import load_pipeline
@@ -168,6 +170,25 @@ def main() -> None:
         print(f"| {name} | {seconds:.2f} | {seconds / generate:.2f} | {seconds / edit:.2f} "
               f"| {statistics.mean(counts[key]):.0f} | {score} |")
     print(f"| (VAE round trip, the ceiling) | | | | | {statistics.mean(scores['vae']):.2f} |")
+
+    if args.json:
+        methods = {}
+        for name, key in rows + [(f"{method} inversion", method) for method in args.methods]:
+            seconds = statistics.median(times[key])
+            methods[key] = {"name": name, "seconds": seconds, "vs_generate": seconds / generate,
+                            "vs_edit": seconds / edit, "unet_passes": statistics.mean(counts[key]),
+                            "round_seconds": times[key],
+                            "psnr_db": statistics.mean(scores[key]) if key in scores else None}
+        result = {
+            "benchmark": "inversion", "model": model, "height": height, "width": width, "steps": args.steps,
+            "guidance": args.guidance, "inner_steps": args.inner_steps, "device": args.device,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "images": len(scenes), "rounds": args.rounds, "methods": methods,
+            "vae_psnr_db": statistics.mean(scores["vae"]),
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,14 @@ def test_refinement_mapper_removed_word_clamps_padding(tokenizer):
     assert mapper[:7].tolist() == [0, 1, 3, 4, 5, 6, 7]
     assert alpha.eq(1).all()
     assert mapper[7:].tolist() == list(range(8, 77)) + [76]
+
+
+def test_a_tokenizer_without_offsets_gets_a_clear_error(tokenizer):
+    class SlowTokenizer:  # what transformers 4's Python tokenizers do when asked for offsets
+        def __call__(self, text, return_offsets_mapping=False, **kwargs):
+            if return_offsets_mapping:
+                raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+            return tokenizer(text, **kwargs)
+
+    with pytest.raises(TypeError, match="transformers >= 5.17"):
+        tokenize(SlowTokenizer(), "a cat")

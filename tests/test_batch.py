@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DTYPE_NAME, TORCH_DEVICE, tolerance
 from PIL import Image
 from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
 from typer.testing import CliRunner
@@ -19,6 +20,8 @@ from prompt2prompt import batch
 from prompt2prompt.batch import INDEX, ManifestError, Worker, load_manifest, run_batch
 from prompt2prompt.cli import app
 from prompt2prompt.recipe import read_recipe
+
+ON_DEVICE = dict(device=str(TORCH_DEVICE), dtype=DTYPE_NAME)  # P2P_TEST_DEVICE / P2P_TEST_DTYPE
 
 STEPS = 2  # 32 px images on the tiny model: a job takes a fraction of a second
 
@@ -91,7 +94,7 @@ def plain_run(manifest20, tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
     jobs = load_manifest(manifest20)
     threads = torch.get_num_threads()
-    summary = run_batch(jobs, out, workers=0, threads=1, batch_size=4, progress=False)
+    summary = run_batch(jobs, out, workers=0, threads=1, batch_size=4, progress=False, **ON_DEVICE)
     torch.set_num_threads(threads)  # a module fixture runs outside one_thread
     return jobs, out, summary
 
@@ -205,7 +208,7 @@ def test_twenty_jobs_run_to_folders_with_recipes_and_an_index(plain_run):
 def test_a_finished_run_restarted_does_nothing(plain_run, monkeypatch):
     jobs, out, _ = plain_run
     monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
-    summary = run_batch(jobs, out, workers=0, progress=False)
+    summary = run_batch(jobs, out, workers=0, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed, summary.skipped) == (0, 0, 20)
     assert len(index_rows(out)) == 20
 
@@ -222,7 +225,7 @@ def test_resume_repairs_every_state_a_kill_can_leave(plain_run, tmp_path, monkey
     (out / ".staging" / "half-built").mkdir(parents=True)
     (out / ".staging" / "half-built" / "source.png").write_bytes(b"\x89PNG\r\n")
     monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
-    summary = run_batch(jobs, out, workers=0, progress=False)
+    summary = run_batch(jobs, out, workers=0, progress=False, **ON_DEVICE)
     assert (summary.done, summary.skipped) == (0, 20)
     assert_complete(out, jobs.jobs)
     assert not (out / ".staging").exists()
@@ -231,7 +234,7 @@ def test_resume_repairs_every_state_a_kill_can_leave(plain_run, tmp_path, monkey
 def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-c", "from prompt2prompt.cli import main; main()", "batch", str(manifest20),
-               "--out", str(out), "--workers", "1"]
+               "--out", str(out), "--workers", "1", "--device", ON_DEVICE["device"], "--dtype", ON_DEVICE["dtype"]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -257,7 +260,7 @@ def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tm
     done_before = len({p.parent.name for p in finished})
     assert 3 <= done_before < 20, "the run was not killed mid-way"
 
-    summary = run_batch(jobs, out, workers=0, progress=False)
+    summary = run_batch(jobs, out, workers=0, progress=False, **ON_DEVICE)
     assert (summary.done, summary.skipped) == (20 - done_before, done_before)
     assert_complete(out, jobs)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished  # not redone
@@ -268,7 +271,7 @@ def test_jobs_sharing_settings_run_as_one_forward_batch(tmp_path, tiny_sd_dir):
     lines[3]["edits"] = [{"prompt": "a bear riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["bear"]}}]
     lines[4]["negative_prompt"] = "blurry"
     jobs = load_manifest(write_manifest(tmp_path / "m.jsonl", lines)).jobs
-    worker = Worker(batch.WorkerConfig())
+    worker = Worker(batch.WorkerConfig(**ON_DEVICE))
     editor, source = worker._editor(jobs[0].model)
     recipes = [worker._recipe(editor, source, job) for job in jobs]
     batches = []
@@ -283,7 +286,7 @@ def test_jobs_sharing_settings_run_as_one_forward_batch(tmp_path, tiny_sd_dir):
     for recipe, images in zip(recipes, together):
         if recipe is not recipes[3]:
             alone = batch.run_recipe(recipe, editor, output_type="np").images
-            np.testing.assert_allclose(images, alone, atol=1e-4)
+            np.testing.assert_allclose(images, alone, atol=tolerance())
 
 
 def test_an_image_job_inverts_its_image_and_records_it(tmp_path, tiny_sd_dir):
@@ -293,7 +296,7 @@ def test_an_image_job_inverts_its_image_and_records_it(tmp_path, tiny_sd_dir):
     line = {"source": "a photo of a cat", "image": "photos/cat.png", "inversion": {"method": "direct"},
             "edits": ["a photo of a dog"], "num_inference_steps": STEPS, "model": str(tiny_sd_dir)}
     manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", [line, {**line, "inversion": "ddim"}]))
-    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=2, progress=False)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=2, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed) == (2, 0)
     assert [row["batch"] for row in index_rows(tmp_path / "out")] == [1, 1]  # each image is inverted alone
     recipe = read_recipe(tmp_path / "out" / "jobs" / manifest.jobs[0].id / "edit-1.png")
@@ -306,14 +309,14 @@ def test_a_failing_job_is_recorded_and_the_run_goes_on(tmp_path, tiny_sd_dir):
     lines[1]["edits"] = [{"prompt": "a dog riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]
     manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", lines))
     out = tmp_path / "out"
-    summary = run_batch(manifest, out, workers=0, batch_size=3, progress=False)
+    summary = run_batch(manifest, out, workers=0, batch_size=3, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed) == (2, 1)
     rows = {row["line"]: row for row in index_rows(out)}
     assert [rows[n]["status"] for n in (1, 2, 3)] == ["done", "failed", "done"]
     assert "zebra" in rows[2]["error"] and rows[2]["paths"] == []
     assert not (out / "jobs" / manifest.jobs[1].id).exists()
     # A restart retries the failed job only.
-    again = run_batch(manifest, out, workers=0, progress=False)
+    again = run_batch(manifest, out, workers=0, progress=False, **ON_DEVICE)
     assert (again.done, again.failed, again.skipped) == (0, 1, 2)
     index = batch.read_index(out)
     assert [index[job.id]["status"] for job in manifest.jobs] == ["done", "failed", "done"]
@@ -332,7 +335,7 @@ def test_out_of_memory_halves_the_batch_once(tmp_path, tiny_sd_dir, monkeypatch)
         return real_forward(self, editor, recipes)
 
     monkeypatch.setattr(Worker, "_forward", forward)
-    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=4, progress=False)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=4, progress=False, **ON_DEVICE)
     assert summary.done == 4 and calls == [4, 2, 2]
     assert [row["batch"] for row in index_rows(tmp_path / "out")] == [2, 2, 2, 2]
 
@@ -342,7 +345,7 @@ def test_out_of_memory_halves_the_batch_once(tmp_path, tiny_sd_dir, monkeypatch)
 
     calls.clear()
     monkeypatch.setattr(Worker, "_forward", always)
-    summary = run_batch(manifest, tmp_path / "out2", workers=0, batch_size=4, progress=False)
+    summary = run_batch(manifest, tmp_path / "out2", workers=0, batch_size=4, progress=False, **ON_DEVICE)
     assert summary.failed == 4 and calls == [4, 2, 2]  # one retry, then recorded
     assert all(row["error"].startswith("OutOfMemoryError: CUDA out of memory") for row in index_rows(tmp_path / "out2"))
 
@@ -357,7 +360,7 @@ def test_images_with_nan_fail_their_job_only(tmp_path, tiny_sd_dir, monkeypatch)
         return results
 
     monkeypatch.setattr(Worker, "_forward", forward)
-    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed) == (2, 1)
     rows = index_rows(tmp_path / "out")
     assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("FloatingPointError: the images hold NaN")
@@ -373,7 +376,7 @@ def test_score_hook_is_recorded_and_filters_edits(tmp_path, tiny_sd_dir):
     lines[1]["edits"] = [lines[1]["source"], "a cat riding a bike"]  # the same prompt: an unchanged image
     manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", lines))
     out = tmp_path / "out"
-    summary = run_batch(manifest, out, workers=0, score=difference, min_score=0.5, progress=False)
+    summary = run_batch(manifest, out, workers=0, score=difference, min_score=0.5, progress=False, **ON_DEVICE)
     assert summary.done == 2
     rows = index_rows(out)
     assert rows[0]["scores"][0] > 0.5 and rows[0]["paths"][1].endswith("edit-1.png")
@@ -390,7 +393,7 @@ def test_a_local_ray_run_gives_the_plain_run_s_outputs(plain_run, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_batch(jobs, tmp_path / "ray", ray_address="auto", workers=2, threads=1, batch_size=4,
-                            progress=False)
+                            progress=False, **ON_DEVICE)
     finally:
         ray.shutdown()
     assert (summary.done, summary.failed) == (20, 0)

@@ -1,10 +1,11 @@
 import torch
+from conftest import TORCH_DEVICE, TORCH_DTYPE
 
 from prompt2prompt.blend import apply_blend, blend_mask, word_mask
 
 
 def peak_maps(row: int, col: int, token: int, size=(4, 4)) -> torch.Tensor:
-    maps = torch.zeros(*size, 77)
+    maps = torch.zeros(*size, 77, device=TORCH_DEVICE)  # recorded maps accumulate in float32
     maps[row, col, token] = 1.0
     return maps
 
@@ -12,7 +13,7 @@ def peak_maps(row: int, col: int, token: int, size=(4, 4)) -> torch.Tensor:
 def test_word_mask_pools_upsamples_and_thresholds():
     maps = peak_maps(0, 0, token=2)
     pooled = word_mask(maps, [2], (8, 8), 0.3, pool=True)
-    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected = torch.zeros(8, 8, dtype=torch.bool, device=TORCH_DEVICE)
     expected[:4, :4] = True  # the 3x3 pool spreads the peak to cells (0..1, 0..1), each 2x2 at 8x8
     assert torch.equal(pooled, expected)
     unpooled = word_mask(maps, [2], (8, 8), 0.3, pool=False)
@@ -39,8 +40,8 @@ def test_blend_mask_is_the_union_less_the_exclusions():
 
 
 def test_apply_blend_moves_only_the_masked_region():
-    latents = torch.stack([torch.zeros(4, 2, 2), torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])
-    mask = torch.tensor([[True, False], [False, False]])
+    latents = torch.stack([torch.zeros(4, 2, 2), torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)]).to(TORCH_DEVICE, TORCH_DTYPE)
+    mask = torch.tensor([[True, False], [False, False]], device=TORCH_DEVICE)
     out = apply_blend(latents, 1, mask)
     assert out[1, :, 0, 0].eq(1).all() and out[1, :, 1, 1].eq(0).all()
     assert torch.equal(out[2], latents[2]) and torch.equal(out[0], latents[0])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TORCH_DEVICE, TORCH_DTYPE, tolerance
 
 from prompt2prompt.alignment import tokenize
 from prompt2prompt.editor import Edit, build_plan
@@ -44,7 +45,17 @@ def plan(tokenizer):
 
 def make_state(plan, q_len, explicit, step):
     side = int(q_len**0.5)
+    plan = plan.to(TORCH_DEVICE, TORCH_DTYPE)  # as the editor does, once per run
     return RunState(plan=plan, sizes={q_len: (side, side)}, self_max_side=side, blend_size=None, record_sizes=set(), explicit=explicit, step=step)
+
+
+def on_device(*tensors):
+    return [t.to(TORCH_DEVICE, TORCH_DTYPE) for t in tensors]
+
+
+def assert_close(got, expected):
+    """The processor on the test device and dtype against the contract in float32 on the CPU."""
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=tolerance(), atol=tolerance(1e-5))
 
 
 @pytest.mark.parametrize("step", range(4))
@@ -58,10 +69,10 @@ def test_cross_attention_matches_the_contract(plan, step, cfg):
     expected = contract_cross(probs, plan, step, src) @ v
     for explicit in (True, False):
         proc = P2PAttnProcessor(make_state(plan, 16, explicit, step), "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor")
-        got = proc.attend(q, k, v, None)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        got = proc.attend(*on_device(q, k, v), None)
+        assert_close(got, expected)
     if cfg:  # the unconditional half and the source row are plain attention
-        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        plain = torch.nn.functional.scaled_dot_product_attention(*on_device(q, k, v))
         torch.testing.assert_close(got[: src + 1], plain[: src + 1])
 
 
@@ -78,12 +89,12 @@ def test_self_attention_replacement(plan, step):
     expected = probs @ v
     name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
     for explicit in (True, False):
-        got = P2PAttnProcessor(make_state(plan, 16, explicit, step), name).attend(q, k, v, None)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        got = P2PAttnProcessor(make_state(plan, 16, explicit, step), name).attend(*on_device(q, k, v), None)
+        assert_close(got, expected)
 
 
 def test_self_attention_untouched_above_the_resolution(plan):
-    q, k, v = torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8)
+    q, k, v = on_device(torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8))
     state = make_state(plan, 64, False, 0)
     state.self_max_side = 4  # the layer's side is 8
     got = P2PAttnProcessor(state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor").attend(q, k, v, None)

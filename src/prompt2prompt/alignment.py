@@ -31,7 +31,13 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
     >>> t.word_tokens  # doctest: +SKIP
     [[1], [2, 3], [4], [5, 6, 7]]
     """
-    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    try:
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    except NotImplementedError as error:  # transformers 4's slow (Python) tokenizers
+        raise TypeError(
+            f"{type(tokenizer).__name__} gives no character offsets, which word alignment needs; "
+            f"use transformers >= 5.17, whose tokenizers give them"
+        ) from error
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     if len(ids) > max_length:
         raise ValueError(

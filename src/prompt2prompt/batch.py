@@ -587,14 +587,19 @@ class _GroupAttnProcessor(P2PAttnProcessor):
     def attend(self, q, k, v, mask):
         total = sum(self.counts)
         halves = q.shape[0] // total
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        offset = 0
-        for processor, count in zip(self.processors, self.counts):
-            rows = torch.cat([torch.arange(h * total + offset, h * total + offset + count) for h in range(halves)])
-            rows = rows.to(q.device)
-            out[rows] = processor.attend(q[rows], k[rows], v[rows], None if mask is None else mask[rows])
-            offset += count
-        return out
+        starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        # Each job's rows are one slice per half: slicing needs no index tensor on the device.
+        outs = [[] for _ in range(halves)]
+        for processor, start, count in zip(self.processors, starts, self.counts):
+            spans = [slice(h * total + start, h * total + start + count) for h in range(halves)]
+
+            def rows(x):
+                return None if x is None else torch.cat([x[span] for span in spans])
+
+            out = processor.attend(rows(q), rows(k), rows(v), rows(mask))
+            for h, part in enumerate(out.split(count)):
+                outs[h].append(part)
+        return torch.cat([part for half in outs for part in half])
 
 
 # ---------------------------------------------------------------------------------------------------------------

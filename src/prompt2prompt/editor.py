@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .alignment import MAX_TOKENS, Tokenized, WordRef, refinement_mapper, replacement_mapper, tokenize, word_token_positions
 from .blend import apply_blend, blend_mask
-from .processor import EditPlan, P2PAttnProcessor, RunState
+from .processor import EditPlan, P2PAttnProcessor, RunState, fused_schedule
 from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, step_mask
 
 Words = WordRef | Sequence[WordRef]
@@ -131,35 +131,35 @@ class EditResult:
 
 
 def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tokenized], num_inference_steps: int) -> EditPlan:
-    """Turn the edits into the per-run tensors the attention processor reads."""
+    """Turn the edits into the per-run tensors the attention processor reads (on the CPU; see `EditPlan.to`)."""
     n, e = num_inference_steps, len(edits)
-    plan = EditPlan(
-        num_prompts=e + 1,
-        num_inference_steps=n,
-        replace=torch.zeros(e, dtype=torch.bool),
-        mapper=torch.zeros(e, MAX_TOKENS, MAX_TOKENS),
-        refine_index=torch.arange(MAX_TOKENS).repeat(e, 1),
-        alpha=torch.ones(e, MAX_TOKENS),
-        weights=torch.ones(e, MAX_TOKENS),
-        cross=torch.zeros(n, e, MAX_TOKENS),
-        self_active=torch.zeros(n, e, dtype=torch.bool),
-    )
+    replace = [False] * e
+    mapper = torch.zeros(e, MAX_TOKENS, MAX_TOKENS)
+    refine_index = torch.arange(MAX_TOKENS).repeat(e, 1)
+    alpha = torch.ones(e, MAX_TOKENS)
+    weights = torch.ones(e, MAX_TOKENS)
+    cross = torch.zeros(n, e, MAX_TOKENS)
+    self_active = torch.zeros(n, e, dtype=torch.bool)
     for i, (edit, target) in enumerate(zip(edits, tokenized)):
         mode = edit.mode
         if mode == "auto":
             mode = "replace" if len(source.words) == len(target.words) else "refine"
         if mode == "replace":
-            plan.replace[i] = True
-            plan.mapper[i] = replacement_mapper(source, target)
+            replace[i] = True
+            mapper[i] = replacement_mapper(source, target)
         else:
-            index, alpha = refinement_mapper(source, target)
-            plan.refine_index[i], plan.alpha[i] = index, alpha
-            plan.mapper[i] = F.one_hot(index, MAX_TOKENS).T.float()  # M[k, j] = 1 where m[j] = k
+            refine_index[i], alpha[i] = refinement_mapper(source, target)
+            mapper[i] = F.one_hot(refine_index[i], MAX_TOKENS).T.float()  # M[k, j] = 1 where m[j] = k
         for word, weight in (edit.weights or {}).items():
-            plan.weights[i, word_token_positions(target, word)] = float(weight)
-        plan.cross[:, i] = cross_mask(edit.cross_steps, n, target)
-        plan.self_active[:, i] = step_mask(edit.self_steps, n, "self_steps")
-    return plan
+            weights[i, word_token_positions(target, word)] = float(weight)
+        cross[:, i] = cross_mask(edit.cross_steps, n, target)
+        self_active[:, i] = step_mask(edit.self_steps, n, "self_steps")
+    a, b, swap, mix_index, flags = fused_schedule(cross, weights, alpha, self_active)
+    return EditPlan(
+        num_prompts=e + 1, num_inference_steps=n, replace=tuple(replace), mapper=mapper, refine_index=refine_index,
+        alpha=alpha, weights=weights, cross=cross, self_active=self_active, a=a, b=b, swap=swap, mix_index=mix_index,
+        flags=flags,
+    )
 
 
 def _swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, num_prompts: int) -> torch.Tensor:
@@ -328,6 +328,7 @@ class Editor:
         # 4. Initial latents: one draw shared by every prompt
         shape = (1, pipe.unet.config.in_channels, *latent_size)
         if inversion is not None:
+            inversion = inversion.to(pipe._execution_device, pipe.unet.dtype)  # once, not at every step
             latents = inversion.latents
         latents = _initial_latents(latents, seed, generator, shape, num_prompts, pipe._execution_device, pipe.unet.dtype)
 
@@ -366,9 +367,10 @@ class Editor:
         # 6. Result
         attention = None
         if state.record_sizes:
-            attention = {max(s): state.records[s] / state.record_counts[s] for s in state.record_sizes if s in state.records}
+            attention = {max(s): (state.records[s] / state.record_counts[s]).cpu() for s in state.record_sizes if s in state.records}
         tokens = [[t.replace("</w>", "") for t in pipe.tokenizer.convert_ids_to_tokens(tok.ids)] for tok in [source, *targets]]
-        return EditResult(images=images, prompts=prompts, tokens=tokens, attention=attention, masks=callback.masks)
+        return EditResult(images=images, prompts=prompts, tokens=tokens, attention=attention,
+                          masks={e: mask.cpu() for e, mask in callback.masks.items()})
 
     def _run_state(self, plan: EditPlan, latent_size: tuple[int, int], blend: bool, record_attention) -> RunState:
         """Which layers self-replace, drive local blending and are recorded, by their sizes at this latent size."""
@@ -388,7 +390,7 @@ class Editor:
         record_sizes = {self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested}
         self_max = self.self_replace_max_res if self.self_replace_max_res is not None else max(default_size)
         return RunState(
-            plan=plan,
+            plan=plan.to(self.pipe._execution_device, unet.dtype),  # once per run, never per layer
             sizes={h * w: (h, w) for h, w in sizes},
             self_max_side=self_max,
             blend_size=blend_size,
@@ -459,7 +461,7 @@ class Editor:
                     maps = state.blend_sum / max(state.blend_layers, 1)
                     spec = {key: v for key, v in b.items() if key != "start"}
                     mask = blend_mask(maps[0], maps[1 + e], latent_size, **spec)
-                    masks[e] = mask.cpu()
+                    masks[e] = mask  # moved to the CPU once, at the end of the run
                     latents = apply_blend(latents, 1 + e, mask.to(latents.device))
                 outputs["latents"] = latents
             if k + 1 < total:

@@ -7,34 +7,83 @@ says; it is the reference the fused path is tested against. Probabilities are on
 fused path where they are recorded (cross-attention at the recorded resolutions).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class StepFlags:
+    """What the layers do at one step, decided on the host so that no layer asks the device.
+
+    Edits are numbered 0..E-1 (edit e is prompt 1 + e).
+    """
+
+    cross: bool  # some edit's cross-attention differs from its own attention
+    swap: tuple[int, ...]  # edits whose cross-attention row runs as attention(Q_s, K_s, V') alone
+    mix: tuple[int, ...]  # edits that need the source's attention and their own
+    self_replace: tuple[int, ...]  # edits whose self-attention is the source's (where the layer is small enough)
+
+
 @dataclass
 class EditPlan:
-    """Per-run tensors of one edit batch: prompt 0 is the source, prompts 1..E the edits."""
+    """Per-run tensors of one edit batch: prompt 0 is the source, prompts 1..E the edits.
+
+    `editor.build_plan` makes it on the CPU; `to(device, dtype)` moves it, once per run, to where the UNet
+    runs. The per-step decisions (`flags`) stay on the host.
+    """
 
     num_prompts: int
     num_inference_steps: int
-    replace: torch.Tensor  # (E,) bool: replace mode (else refine)
+    replace: tuple[bool, ...]  # (E,) replace mode (else refine)
     mapper: torch.Tensor  # (E, 77, 77) replacement mapper M[k, j]; for refine the one-hot of m
     refine_index: torch.Tensor  # (E, 77) long: refinement mapper m
     alpha: torch.Tensor  # (E, 77) refinement alpha (1 for replace)
     weights: torch.Tensor  # (E, 77) reweighting w
     cross: torch.Tensor  # (N, E, 77) cross window c[i, e, j]
     self_active: torch.Tensor  # (N, E) bool self window
+    a: torch.Tensor  # (N, E, 77) fused coefficients: out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e)
+    b: torch.Tensor  # (N, E, 77)
+    swap: torch.Tensor  # (N, E) bool: b is all zero, so the edit's own attention drops out
+    mix_index: tuple[torch.Tensor | None, ...]  # per step, `flags[i].mix` as a long tensor (None if empty)
+    flags: tuple[StepFlags, ...]  # per step, on the host
 
     @property
     def num_edits(self) -> int:
         return self.num_prompts - 1
 
-    def fused_coefficients(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b), each (E, 77): out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e) at this step."""
-        c, w, alpha = self.cross[step], self.weights, self.alpha
-        return c * w * alpha, c * w * (1 - alpha) + (1 - c)
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "EditPlan":
+        """A copy whose tensors live on `device`, the real-valued ones in `dtype` (the attention's)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        tensors = {name: move(getattr(self, name)) for name in
+                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap")}
+        mix_index = tuple(None if t is None else move(t) for t in self.mix_index)
+        return replace(self, **tensors, mix_index=mix_index)
+
+
+def fused_schedule(cross: torch.Tensor, weights: torch.Tensor, alpha: torch.Tensor, self_active: torch.Tensor):
+    """The fused coefficients (a, b), the swap mask, the mix indices and the host-side flags of every step.
+
+    Args: the plan's `cross` (N, E, 77), `weights` and `alpha` (E, 77) and `self_active` (N, E), on the CPU.
+    """
+    a, b = cross * weights * alpha, cross * weights * (1 - alpha) + (1 - cross)
+    uses_source = (a != 0).any(-1)  # (N, E)
+    swap = (b == 0).all(-1)
+    own = ~uses_source & (b == 1).all(-1)  # the edit's own attention, unchanged
+    mix = uses_source & ~swap
+
+    def edits(mask: torch.Tensor) -> tuple[int, ...]:
+        return tuple(torch.nonzero(mask).flatten().tolist())
+
+    flags = tuple(
+        StepFlags(cross=not bool(own[i].all()), swap=edits(swap[i]), mix=edits(mix[i]), self_replace=edits(self_active[i]))
+        for i in range(cross.shape[0])
+    )
+    mix_index = tuple(torch.tensor(f.mix, dtype=torch.long) if f.mix else None for f in flags)
+    return a, b, swap, mix_index, flags
 
 
 @dataclass
@@ -123,86 +172,103 @@ class P2PAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Edited attention output (B, heads, Q, d); the source and unconditional rows are left as they are."""
+        """Edited attention output (B, heads, Q, d); the source and unconditional rows are left as they are.
+
+        Every branch is decided from host-side values (the plan's step flags, shapes), so a layer call never
+        waits for the device.
+        """
         state, plan = self.state, self.state.plan
         batch, num_prompts = q.shape[0], plan.num_prompts
         size = state.sizes.get(q.shape[2])
         if batch not in (num_prompts, 2 * num_prompts) or size is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         src = batch - num_prompts  # the conditional half comes last: [uncond..., cond...]
-        rows = torch.arange(src + 1, batch, device=q.device)
+        step = state.step
         if self.is_cross:
             recorded = (state.blend_size == size and self.place != "mid") or size in state.record_sizes
             if state.explicit or recorded:
-                probs = _probs(q, k, mask)
-                probs = _edit_cross_probs(probs, src, rows, plan, state.step)
+                probs = _edit_cross_probs(_probs(q, k, mask), src, plan, step)
                 if recorded:
                     state.record(probs[src:], size, self.place)
-                return probs @ v
-            return _fused_cross(q, k, v, mask, src, rows, plan, state.step)
-        active = plan.self_active[state.step] & (max(size) <= state.self_max_side)
-        if not bool(active.any()):
-            return _probs(q, k, mask) @ v if state.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                return _apply(probs, v)
+            return _fused_cross(q, k, v, mask, src, plan, step)
+        replaced = plan.flags[step].self_replace if max(size) <= state.self_max_side else ()
+        if not replaced:
+            return _apply(_probs(q, k, mask), v) if state.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if state.explicit:
             probs = _probs(q, k, mask)
-            probs[rows[active]] = probs[src].clone()
-            return probs @ v
+            for e in replaced:
+                probs[src + 1 + e] = probs[src]
+            return _apply(probs, v)
         # Self-replacement is attention(Q_s, K_s, V_e): give the edit rows the source's queries and keys.
-        edit_rows = rows[active]
-        q = q.index_copy(0, edit_rows, q[src : src + 1].expand(len(edit_rows), -1, -1, -1))
-        k = k.index_copy(0, edit_rows, k[src : src + 1].expand(len(edit_rows), -1, -1, -1))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        rows = plan.self_active[step]
+        return F.scaled_dot_product_attention(_source_rows(q, src, rows), _source_rows(k, src, rows), v, attn_mask=mask)
+
+
+def _source_rows(x: torch.Tensor, src: int, rows: torch.Tensor) -> torch.Tensor:
+    """`x` (B, ...) with the edit rows where `rows` (E,) is set taken from the source row `src`."""
+    first = src + 1
+    picked = torch.where(rows.view(-1, *[1] * (x.dim() - 1)), x[src:first], x[first:])
+    return torch.cat([x[:first], picked])
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, Q, T)
+    """Attention probabilities (B, heads, Q, T) in float32, whatever the inputs' dtype.
+
+    Fused kernels accumulate in float32; materialised probabilities that are edited and multiplied in float32
+    too (`_apply`) keep half-precision explicit runs, and the recorded layers of fused runs, as close to them.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores + mask
     return scores.softmax(-1)
 
 
-def _edit_cross_probs(probs: torch.Tensor, src: int, rows: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
+def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`probs @ v` in float32, returned in v's dtype."""
+    return (probs @ v.float()).to(v.dtype)
+
+
+def _edit_cross_probs(probs: torch.Tensor, src: int, plan: EditPlan, step: int) -> torch.Tensor:
     """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77)."""
-    if len(rows) == 0:  # no edits: only the source, which is recorded but never edited
+    if plan.num_edits == 0:  # only the source, which is recorded but never edited
         return probs
     a_s = probs[src]  # (heads, Q, 77)
     edited = []
-    for e, row in enumerate(rows.tolist()):
-        a_e = probs[row]
-        mapper, alpha, w, c = plan.mapper[e], plan.alpha[e], plan.weights[e], plan.cross[step, e]
+    for e in range(plan.num_edits):
+        a_e = probs[src + 1 + e]
+        alpha, w, c = plan.alpha[e], plan.weights[e], plan.cross[step, e]
         if plan.replace[e]:
-            a_map = a_s @ mapper.to(a_s.dtype)
+            a_map = a_s @ plan.mapper[e].to(a_s.dtype)
         else:
             a_map = alpha * a_s[..., plan.refine_index[e]] + (1 - alpha) * a_e
         a_map = a_map * w
         edited.append(c * a_map + (1 - c) * a_e)
-    probs = probs.clone()
-    probs[rows] = torch.stack(edited).to(probs.dtype)
-    return probs
+    return torch.cat([probs[: src + 1], torch.stack(edited).to(probs.dtype)])  # float32, as `_probs` gives
 
 
-def _fused_cross(q, k, v, mask, src: int, rows: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
-    a, b = plan.fused_coefficients(step)
-    a, b = a.to(v.dtype), b.to(v.dtype)
-    uses_source = (a != 0).any(-1)  # (E,)
-    if not bool(uses_source.any()) and bool((b == 1).all()):
+def _fused_cross(q, k, v, mask, src: int, plan: EditPlan, step: int) -> torch.Tensor:
+    flags = plan.flags[step]
+    if not flags.cross:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    v_edit = v[rows]  # (E, heads, 77, d)
-    v_mapped = torch.einsum("ekj,ehjd->ehkd", plan.mapper.to(v.dtype), v_edit * a[:, None, :, None])
-    # Where b is all zero the edit's own attention drops out: run the row as attention(Q_s, K_s, V').
-    swap = (b == 0).all(-1)
-    both = uses_source & ~swap
-    v = v.index_copy(0, rows, torch.where(swap[:, None, None, None], v_mapped, v_edit * b[:, None, :, None]))
-    if bool(swap.any()):
-        swapped = rows[swap]
-        q = q.index_copy(0, swapped, q[src : src + 1].expand(len(swapped), -1, -1, -1))
-        k = k.index_copy(0, swapped, k[src : src + 1].expand(len(swapped), -1, -1, -1))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if bool(both.any()):
-        n = int(both.sum())
-        m = None if mask is None else mask[src : src + 1].expand(n, -1, -1, -1)
+    first = src + 1
+    a = plan.a[step].to(v.dtype)[:, None, :, None]  # (E, 1, 77, 1); a no-op when the plan is in v's dtype
+    b = plan.b[step].to(v.dtype)[:, None, :, None]
+    v_edit = v[first:]  # (E, heads, 77, d)
+    v_mapped = torch.einsum("ekj,ehjd->ehkd", plan.mapper.to(v.dtype), v_edit * a)
+    v_own = v_edit * b
+    if flags.swap:
+        # Where b is all zero the edit's own attention drops out: run the row as attention(Q_s, K_s, V').
+        swap = plan.swap[step]
+        v_own = torch.where(swap[:, None, None, None], v_mapped, v_own)
+        q, k = _source_rows(q, src, swap), _source_rows(k, src, swap)
+    out = F.scaled_dot_product_attention(q, k, torch.cat([v[:first], v_own]), attn_mask=mask)
+    if flags.mix:
+        n, index = len(flags.mix), plan.mix_index[step]
+        m = None if mask is None else mask[src:first].expand(n, -1, -1, -1)
         from_source = F.scaled_dot_product_attention(
-            q[src : src + 1].expand(n, -1, -1, -1), k[src : src + 1].expand(n, -1, -1, -1), v_mapped[both], attn_mask=m
+            q[src:first].expand(n, -1, -1, -1), k[src:first].expand(n, -1, -1, -1), v_mapped.index_select(0, index),
+            attn_mask=m,
         )
-        out = out.index_add(0, rows[both], from_source)
+        out = torch.cat([out[:first], out[first:].index_add(0, index, from_source)])
     return out
