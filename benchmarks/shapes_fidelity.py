@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from prompt2prompt import Edit, Editor, LocalBlend
 from prompt2prompt.demo import world
 from prompt2prompt.demo.parse import ParsedScene, mask_iou, parse
+from prompt2prompt.files import write_text_atomic
 
 PLAIN_SEED = 20_000_000  # held-out captions and seeds: far above every training seed
 EDIT_SEED = 30_000_000
@@ -213,10 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        for path, content in ((args.out, json.dumps(report, indent=1)), (args.out.with_suffix(".md"), text + "\n")):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(content)
-            os.replace(tmp, path)
+        write_text_atomic(args.out, json.dumps(report, indent=1))
+        write_text_atomic(args.out.with_suffix(".md"), text + "\n")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@
 # default; a step that would start with under 20 s left is skipped and reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
-#   3. pytest on CUDA in float16: tests/test_{processor,editor,blend,inversion,batch,device_guard}.py, those
+#   3. pytest on CUDA in float16: tests/test_{processor,editor,blend,inversion,cache,batch,device_guard}.py, those
 #      that exist, without the Ray test (-k "not local_ray"; P2P_GPU_PYTEST_K replaces the expression)
 #   4. benchmarks/edit_vs_generate.py: SD 1.5 architecture, random weights, 512 px, 50 steps, fp16
 #   5. benchmarks/inversion.py: null-text, negative-prompt and direct inversion, 512 px, 50 steps, fp16
-#   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16
+#   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
+#      benchmarks/reedit.py: a re-edit on a cached source vs a fresh edit, 512 px, 50 steps, fp16
 #   7. pytest tests/test_editor.py in bfloat16 (unless --no-bf16)
 #   8. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
@@ -199,7 +200,7 @@ install_wheels() {  # diffusers and its missing requirements from .whl/, never t
 
 pytest_files() {  # the engine test files that exist
     local f
-    for f in processor editor blend inversion batch device_guard; do
+    for f in processor editor blend inversion cache batch device_guard; do
         [ -f "tests/test_$f.py" ] && printf 'tests/test_%s.py ' "$f"
     done
 }
@@ -240,11 +241,15 @@ main() {
         step bench-sd15 180 "${bench[@]}" --arch sd15 --size 64 --steps 1 --rounds 2 --threads 1 --json "$RUN/bench-sd15.json"
         step bench-inversion 180 "${inversion[@]}" --size 64 --steps 1 --inner-steps 2 --threads 1 --json "$RUN/bench-inversion.json"
         step bench-sdxl 120 "${bench[@]}" --arch sdxl --tiny --size 64 --steps 1 --rounds 2 --threads 1 --json "$RUN/bench-sdxl.json"
+        step bench-reedit 120 "$PY" benchmarks/reedit.py --device "$DEVICE" --dtype "$BENCH_DTYPE" --tiny --size 32 --steps 2 \
+            --rounds 2 --threads 1 --json "$RUN/bench-reedit.json"
     else
         step bench-sd15 80 "${bench[@]}" --arch sd15 --size 512 --steps 50 --rounds 3 --json "$RUN/bench-sd15.json"
         step bench-inversion 140 "${inversion[@]}" --size 512 --steps 50 --json "$RUN/bench-inversion.json"
         step bench-sdxl 100 "${bench[@]}" --arch sdxl --size 1024 --steps "${P2P_GPU_SDXL_STEPS:-20}" --rounds 3 \
             --json "$RUN/bench-sdxl.json"
+        step bench-reedit 50 "$PY" benchmarks/reedit.py --device "$DEVICE" --dtype "$BENCH_DTYPE" --size 512 --steps 50 \
+            --rounds 3 --json "$RUN/bench-reedit.json"
     fi
 
     if ((BF16)) && [ -f tests/test_editor.py ]; then

@@ -158,12 +158,25 @@ def inversion_table(bench: dict) -> list[str]:
     return lines
 
 
+def reedit_table(bench: dict) -> list[str]:
+    seconds, peak = bench.get("seconds") or {}, bench.get("peak_bytes") or {}
+    lines = [f"_{bench.get('title', '')}; cache {_number((bench.get('cache_bytes') or 0) / 2**20, 0)} MiB, made in "
+             f"{_number(bench.get('cache_seconds'))} s; re-edit vs fresh: max abs difference "
+             f"{bench.get('max_abs_difference', float('nan')):.1e}._", "",
+             "| run | wall time (s) | x fresh | peak memory (MiB) |", "|---|---|---|---|"]
+    for key in ("fresh", "re-edit"):
+        ratio = 1.0 if key == "fresh" else bench.get("ratio_seconds")
+        lines.append(f"| {key} | {_number(seconds.get(key))} | {_number(ratio)} "
+                     f"| {_number(None if peak.get(key) is None else peak[key] / 2**20, 0)} |")
+    return lines
+
+
 def main(folder: Path) -> int:
     env = _load_json(folder / "env.json") or {}
     steps = read_steps(folder)
     junits = [read_junit(path) for path in sorted(folder.glob("junit-*.xml"))]
     benches = {}
-    for name in ("sd15", "sdxl", "inversion"):
+    for name in ("sd15", "sdxl", "inversion", "reedit"):
         data = _load_json(folder / f"bench-{name}.json")
         if data is not None:
             benches[name] = data
@@ -229,6 +242,8 @@ def main(folder: Path) -> int:
                        "edit's windows are fractions of the run, so the ratios hardly depend on the step count."]
     md += ["", "## Inversion", ""]
     md += inversion_table(benches["inversion"]) if "inversion" in benches else ["Not measured (see the steps above)."]
+    md += ["", "## Re-edit on a cached source vs a fresh edit", ""]
+    md += reedit_table(benches["reedit"]) if "reedit" in benches else ["Not measured (see the steps above)."]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -14,6 +14,7 @@ from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p
+from prompt2prompt import cli
 from prompt2prompt.cli import app
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.recipe import RECIPE_KEY, read_recipe, save_png
@@ -192,6 +193,28 @@ def test_usage_errors_exit_2_with_a_message(tiny_sd_dir, tmp_path, args, message
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a [cat->dog]", "--blend", "lion:dog"], "the word 'lion' is not in the prompt 'a cat'"),
+        (["a [cat->dog]", "--blend", "cat:lion"], "the word 'lion' is not in the prompt 'a dog'"),
+        (["a [cat->dog]", "--weight", "lion=2"], "the word 'lion' is not in the prompt 'a dog'"),
+        (["a [cat->dog]", "--cross-word", "lion=0.4"], "the word 'lion' is not in the prompt 'a dog'"),
+        (["a cat", "--to", "a fluffy cat", "--mode", "replace"], "replace needs prompts with the same number of words"),
+        (["a [cat->dog]", "--self", "0.9:0.1"], "starts after it ends"),
+    ],
+)
+def test_bad_edits_fail_before_a_model_loads(tmp_path, monkeypatch, args, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the edits were checked")
+
+    monkeypatch.setattr(cli, "resolve_model", no_model)
+    monkeypatch.setattr(cli, "load_editor", no_model)
+    result = run("edit", *args, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
 
 
 def test_syntax_errors_point_at_the_column(tiny_sd_dir, tmp_path):

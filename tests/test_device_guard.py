@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 
 from prompt2prompt.alignment import tokenize
 from prompt2prompt.editor import Edit, LocalBlend, build_plan
-from prompt2prompt.processor import P2PAttnProcessor, RunState
+from prompt2prompt.processor import LayerPlan, P2PAttnProcessor, RunState
 
 SOURCE = "a cat riding a bicycle"
 EDITS = [  # every kind of step: swap, mix, refine, reweight, self-replacement, windows that open late
@@ -35,8 +35,9 @@ def plan(tokenizer):
 
 
 def state_for(plan, *, explicit=False, recorded=False, step=0):
-    return RunState(plan=plan, sizes={16: (4, 4)}, self_max_side=4, blend_size=(4, 4) if recorded else None,
-                    record_sizes={(4, 4)} if recorded else set(), explicit=explicit, step=step)
+    layers = LayerPlan(sizes={16: (4, 4)}, self_max_side=4, blend_size=(4, 4) if recorded else None,
+                       record_sizes=frozenset({(4, 4)}) if recorded else frozenset(), explicit=explicit)
+    return RunState(plan=plan, layers=layers, step=step)
 
 
 def attention_layer(cross: bool) -> Attention:

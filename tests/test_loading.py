@@ -7,8 +7,8 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from saved_models import tiny_sd_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
 
-from prompt2prompt import loading
-from prompt2prompt.loading import ModelLoadError, load_pipeline, parse_dtype, resolve_model
+from prompt2prompt import Editor, loading
+from prompt2prompt.loading import ModelLoadError, load_editor, load_pipeline, parse_dtype, resolve_model
 
 
 def test_loads_a_diffusers_folder_on_cpu_in_float32(tiny_sd_dir):
@@ -126,3 +126,37 @@ def test_dtype_defaults_follow_the_device(monkeypatch):
     assert loading.default_device() == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert loading.default_device() == "cpu"
+
+
+def test_load_editor_wraps_the_pipeline_and_hides_progress_bars_unless_asked(tiny_sd_dir, monkeypatch):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    def bars() -> tuple[bool, bool]:
+        return diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+
+    before = bars()
+    during = []
+    real_load = loading.load_pipeline
+
+    def recording_load(*args, **kwargs):
+        during.append(bars())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pipeline", recording_load)
+    editor, source = load_editor(str(tiny_sd_dir), dtype="float32")
+    assert isinstance(editor, Editor) and editor.pipe.unet.dtype == torch.float32
+    assert source == resolve_model(str(tiny_sd_dir))
+    assert during == [(False, False)] and bars() == before  # quiet while loading, as it was after
+    with editor.pipe.progress_bar(total=1) as bar:
+        assert bar.disable  # no denoising bar either
+
+    shown, _ = load_editor(resolve_model(str(tiny_sd_dir)), progress=True)
+    assert during[1] == before  # the loading bars as the caller has them
+    with shown.pipe.progress_bar(total=1) as bar:
+        assert not bar.disable  # what Gradio's track_tqdm follows
+
+
+def test_load_editor_checks_the_dtype_before_the_model():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_editor("./no/such/folder", dtype="float8")

@@ -6,7 +6,7 @@ from conftest import TORCH_DEVICE, TORCH_DTYPE, tolerance
 
 from prompt2prompt.alignment import tokenize
 from prompt2prompt.editor import Edit, build_plan
-from prompt2prompt.processor import P2PAttnProcessor, RunState
+from prompt2prompt.processor import LayerPlan, P2PAttnProcessor, RunState
 
 SOURCE = "a cat riding a bicycle"
 EDITS = [
@@ -46,7 +46,8 @@ def plan(tokenizer):
 def make_state(plan, q_len, explicit, step):
     side = int(q_len**0.5)
     plan = plan.to(TORCH_DEVICE, TORCH_DTYPE)  # as the editor does, once per run
-    return RunState(plan=plan, sizes={q_len: (side, side)}, self_max_side=side, blend_size=None, record_sizes=set(), explicit=explicit, step=step)
+    layers = LayerPlan(sizes={q_len: (side, side)}, self_max_side=side, blend_size=None, explicit=explicit)
+    return RunState(plan=plan, layers=layers, step=step)
 
 
 def on_device(*tensors):
@@ -96,6 +97,6 @@ def test_self_attention_replacement(plan, step):
 def test_self_attention_untouched_above_the_resolution(plan):
     q, k, v = on_device(torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8))
     state = make_state(plan, 64, False, 0)
-    state.self_max_side = 4  # the layer's side is 8
+    state.layers = LayerPlan(sizes=state.layers.sizes, self_max_side=4, blend_size=None)  # the layer's side is 8
     got = P2PAttnProcessor(state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor").attend(q, k, v, None)
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v))

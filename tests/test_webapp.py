@@ -1,6 +1,7 @@
 """The web app, driven through Debian's chromium with Playwright (never a downloaded browser)."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def server(tiny_sd_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not Path(CHROMIUM).exists():
+        message = (f"no browser at {CHROMIUM}: these tests drive Debian's chromium (`apt-get install chromium`; "
+                   ".ci/run installs it)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; under CI=true they are required")
+        pytest.skip(message)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True,
@@ -147,6 +154,35 @@ def test_real_image_upload_is_inverted_and_recorded(page, server, tmp_path):
     recipe = read_recipe(run_folder / "edit-1.png")
     assert recipe.image["path"] == "input.png" and recipe.inversion == {"method": "null-text"}
     assert recipe.seed is None and (run_folder / "input.png").is_file()
+
+
+def test_a_second_edit_of_the_same_upload_reuses_its_inversion_and_source(page, server, tmp_path, monkeypatch):
+    import prompt2prompt.inversion
+
+    calls = []
+    real_invert = prompt2prompt.inversion.invert
+
+    def counting_invert(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("prompt"))
+        return real_invert(*args, **kwargs)
+
+    monkeypatch.setattr(prompt2prompt.inversion, "invert", counting_invert)  # the server runs in this process
+    _, out = server
+    photo = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
+    page.click("text=Real image")
+    page.set_input_files("input[type=file]", str(photo))
+    _run(page, "a photo of a cat", "a photo of a dog", seed="-1")
+    assert "source reused" not in page.inner_text("#status")
+    before = set(out.iterdir())
+    page.fill("#edit-1 textarea", "a photo of a (fluffy:2) fox")  # only the edit changes; inline weights work
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('source reused')", timeout=120_000)
+    assert calls == ["a photo of a cat"]  # inverted once, for both edits
+    (second,) = set(out.iterdir()) - before
+    recipe = read_recipe(second / "edit-1.png")
+    assert recipe.edits[0]["prompt"] == "a photo of a fluffy fox" and recipe.edits[0]["weights"] == [[4, 2.0]]
+    assert recipe.cached_source and page.locator("#gallery img").count() == 2
 
 
 def test_serves_nothing_outside_its_output_folder(server):

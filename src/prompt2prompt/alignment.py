@@ -90,14 +90,35 @@ def word_token_positions(tokenized: Tokenized, words: WordRef | Sequence[WordRef
     >>> word_token_positions(tokenize(clip_tokenizer(), "a cat riding a bicycle"), "a")  # doctest: +SKIP
     [1, 4]
     """
-    refs: list[WordRef] = []
-    for ref in [words] if isinstance(words, (str, int)) else list(words):
-        refs.extend(ref.split(" ") if isinstance(ref, str) else [ref])
     positions: list[int] = []
-    for ref in refs:
+    for ref in _word_refs(words):
         for w in find_words(tokenized, ref):
             positions.extend(p for p in tokenized.word_tokens[w] if p not in positions)
     return sorted(positions)
+
+
+def check_words(prompt: str, words: WordRef | Sequence[WordRef]) -> None:
+    """Raise the ValueError that `word_token_positions` raises for words missing from `prompt`, without a tokenizer.
+
+    Words are what `prompt.split(" ")` gives, as in `tokenize`, so this needs no model.
+
+    >>> check_words("a cat riding a bicycle", ["cat", "riding a", 4])
+    >>> check_words("a cat riding a bicycle", "dog")
+    Traceback (most recent call last):
+    ...
+    ValueError: the word 'dog' is not in the prompt 'a cat riding a bicycle'; its words are ['a', 'cat', 'riding', 'a', 'bicycle']
+    """
+    words_only = Tokenized(prompt, prompt.split(" "), ids=[], word_tokens=[])  # all that find_words reads
+    for ref in _word_refs(words):
+        find_words(words_only, ref)
+
+
+def _word_refs(words: WordRef | Sequence[WordRef]) -> list[WordRef]:
+    """One reference per word: a string with spaces names each of its words."""
+    refs: list[WordRef] = []
+    for ref in [words] if isinstance(words, (str, int)) else list(words):
+        refs.extend(ref.split(" ") if isinstance(ref, str) else [ref])
+    return refs
 
 
 def replacement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX_TOKENS) -> torch.Tensor:

@@ -41,8 +41,12 @@ def blend_mask(
     return mask & ~excluded
 
 
-def apply_blend(latents: torch.Tensor, row: int, mask: torch.Tensor) -> torch.Tensor:
-    """x_e = x_s + mask * (x_e - x_s) for the edit at `row` of (P, C, h, w) latents; returns new latents."""
+def apply_blend(latents: torch.Tensor, row: int, mask: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    """x_e = x_s + mask * (x_e - x_s) for the edit at `row` of (.., C, h, w) latents; returns new latents.
+
+    The source x_s is `source` (C, h, w) when given (a cached source), else the first row.
+    """
     m = mask.to(latents.dtype)
-    blended = latents[0] + m * (latents[row] - latents[0])
+    source = latents[0] if source is None else source
+    blended = source + m * (latents[row] - source)
     return torch.cat([latents[:row], blended[None], latents[row + 1 :]])

@@ -16,7 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .loading import default_device, load_pipeline, parse_dtype, resolve_model
+from .alignment import check_words
+from .editor import MODES
+from .forms import edit_from_dict
+from .loading import default_device, load_editor, parse_dtype, quiet_loading, resolve_model
 from .recipe import (Recipe, file_digest, inversion_available, read_recipe, recipe_for, run_recipe, save_png,
                      save_result)
 from .syntax import parse_prompt
@@ -27,7 +30,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)
 
-MODES = ("auto", "replace", "refine")
 ModelOption = Annotated[str, typer.Option(
     "--model", envvar="P2P_MODEL", help="Hub id, diffusers folder, .safetensors file, or 'demo'.")]
 DeviceOption = Annotated[str | None, typer.Option(help="cuda, cpu, ... [default: cuda if available, else cpu]")]
@@ -97,32 +99,34 @@ def _progress(pipe, description: str) -> Iterator[None]:
         del pipe.progress_bar
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide diffusers' and transformers' per-component loading bars behind one spinner (downloads keep theirs)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in states:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, enabled in states:
-            if enabled:
-                lib.enable_progress_bar()
-
-
 def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None):
-    import prompt2prompt as p2p
-
-    device = device or default_device()
-    torch_dtype = parse_dtype(dtype, device)
+    """Load `model` behind one spinner; a download, before it, keeps its own progress bars."""
+    parse_dtype(dtype, device or default_device())  # a bad --dtype fails before any download
     source = resolve_model(model, revision=revision)
-    with _quiet_loading(), console.status(f"loading {model} ..."):
-        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype)
-    return p2p.Editor(pipe), source
+    with console.status(f"loading {model} ..."):
+        return load_editor(source, device=device, dtype=dtype)
+
+
+def _check_edits(source: str, specs: list[dict[str, Any]]) -> None:
+    """Check the edits as far as no model is needed, so that a bad option or a misspelt word fails at once.
+
+    Building the Edits checks modes, windows and weights; the words they name must be in their prompts. Words
+    are what `prompt.split(" ")` gives, as in the engine, which checks the rest (the prompts' token counts).
+    """
+    source_words = len(source.split(" "))
+    for edit in map(edit_from_dict, specs):
+        edit_words = len(edit.prompt.split(" "))
+        if edit.mode == "replace" and edit_words != source_words:
+            raise UsageError(f"replace needs prompts with the same number of words, but the source {source!r} has "
+                             f"{source_words} and the edit {edit.prompt!r} has {edit_words}; use --mode refine to "
+                             "add words")
+        check_words(edit.prompt, list(edit.weights or {}))
+        if isinstance(edit.cross_steps, dict):
+            check_words(edit.prompt, [word for word in edit.cross_steps if word != "default"])
+        if edit.blend is not None:
+            for prompt, words in ((source, edit.blend.source_words), (edit.prompt, edit.blend.edit_words),
+                                  (source, edit.blend.exclude_source_words), (edit.prompt, edit.blend.exclude_edit_words)):
+                check_words(prompt, words)
 
 
 def _pairs(text: str, option: str, parse) -> tuple[str, Any]:
@@ -241,6 +245,7 @@ def edit(
             seed = secrets.randbelow(2**31)
         source, specs = edit_specs(prompt or source_prompt, to, mode=mode, cross=cross, cross_words=cross_word,
                                    self_steps=self_steps, blend=blend, weights=weight)
+        _check_edits(source, specs)
         editor, model_source = _load_editor(model, device, dtype)
         recipe = recipe_for(
             editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
@@ -360,6 +365,8 @@ def serve(
                                              help="Model(s) to offer (repeatable); the first is the default.")] = ["demo"],  # noqa: B006
     out: Annotated[Path, typer.Option(help="The only folder the app writes to.")] = Path("outputs/web"),
     max_upload_mb: Annotated[float, typer.Option(min=0.1, help="Largest accepted upload.")] = 10.0,
+    cache_mb: Annotated[float, typer.Option(min=0, help="Memory for the sources and inversions of recent runs, "
+                                                       "reused when only the edits change.")] = 2048,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -371,7 +378,8 @@ def serve(
             raise RuntimeError(f"the web app needs the 'web' extra ({error}): pip install 'prompt2prompt[web]'") from None
         console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
                       highlight=False)
-        launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype)
+        launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype,
+               cache_mb=cache_mb)
 
 
 @app.command()
@@ -382,7 +390,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outpu
             from .demo import run_demo
         except ImportError as error:
             raise RuntimeError(f"the demo is missing from this install ({error})") from None
-        with _quiet_loading():
+        with quiet_loading():
             paths = run_demo(out)
     for path in paths:
         typer.echo(str(path))

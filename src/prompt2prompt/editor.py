@@ -1,13 +1,18 @@
 """The Editor: runs Prompt-to-Prompt edits through a diffusers Stable Diffusion pipeline.
 
-It does not fork the pipeline's denoising loop. Each `edit()` builds one run's state, installs
-`P2PAttnProcessor`s that point at it, advances the step and blends latents in `callback_on_step_end`,
-and restores the UNet's previous processors when it returns.
+It does not fork the pipeline's denoising loop. One way in, in two stages:
+- `prepare()` checks everything and builds what one run needs (tokens, plan, layers, latents) before any
+  model call, touching no pipeline state;
+- `run()` installs `P2PAttnProcessor`s that point at a fresh `RunState`, calls the pipeline with a
+  `StepCallback` (steps, blending, inversion), and restores the processors and the scheduler in `finally`.
+  Several prepared runs can share one forward batch, each with its own state.
+`edit()` is `run(prepare(...))`. A `SourceCache` from `cache_source()` lets later edits of one source skip
+the source's rows.
 """
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +20,8 @@ import torch.nn.functional as F
 
 from .alignment import MAX_TOKENS, Tokenized, WordRef, refinement_mapper, replacement_mapper, tokenize, word_token_positions
 from .blend import apply_blend, blend_mask
-from .processor import EditPlan, P2PAttnProcessor, RunState, fused_schedule
+from .cache import CacheRecorder, SourceCache
+from .processor import EditPlan, GroupAttnProcessor, LayerPlan, P2PAttnProcessor, RunState, fused_schedule
 from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, step_mask
 
 Words = WordRef | Sequence[WordRef]
@@ -25,8 +31,12 @@ ATTENTION = ("fused", "explicit")
 # Arguments the editor sets itself; passing them through would silently fight the edit.
 _RESERVED = {
     "prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
-    "num_images_per_prompt", "callback_on_step_end_tensor_inputs", "return_dict",
+    "num_images_per_prompt", "callback_on_step_end_tensor_inputs", "return_dict", "latents", "height", "width",
+    "num_inference_steps", "guidance_scale", "output_type",
 }
+# Schedulers that draw noise at every step: removing the source's row from the batch would change the noise
+# the edits get, so a cached source cannot stand in for it.
+_STOCHASTIC = ("Ancestral", "SDE", "DDPM", "LCM", "TCD")
 
 
 def _check_fraction(value: float, what: str) -> float:
@@ -162,12 +172,11 @@ def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tok
     )
 
 
-def _swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """Replace the unconditional half of [uncond..., cond...] embeddings with the inversion's for this step."""
-    if embeds.shape[0] != 2 * num_prompts:  # no classifier-free guidance: there is no unconditional half
+def _swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, rows: int) -> torch.Tensor:
+    """Replace the unconditional half of [uncond..., cond...] embeddings (`rows` each) with the inversion's."""
+    if embeds.shape[0] != 2 * rows:  # no classifier-free guidance: there is no unconditional half
         return embeds
-    half = num_prompts
-    return torch.cat([uncond.to(embeds).expand(half, *embeds.shape[1:]), embeds[half:]])
+    return torch.cat([uncond.to(embeds).expand(rows, *embeds.shape[1:]), embeds[rows:]])
 
 
 def _initial_latents(latents, seed, generator, shape, num_prompts: int, device, dtype) -> torch.Tensor:
@@ -201,6 +210,139 @@ def _cross_levels(unet) -> tuple[set[int], set[int]]:
     down_up |= {n - 1 - i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
     mid = {n - 1} if config.mid_block_type and "CrossAttn" in config.mid_block_type else set()
     return down_up, mid
+
+
+@dataclass(frozen=True)
+class BlendSpec:
+    """One edit's local blend, its words resolved to token positions."""
+
+    source_positions: list[int]
+    edit_positions: list[int]
+    exclude_source_positions: list[int]
+    exclude_edit_positions: list[int]
+    threshold: float
+    exclude_threshold: float
+    start: float
+
+    def mask(self, source_maps: torch.Tensor, edit_maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        return blend_mask(
+            source_maps, edit_maps, latent_size, source_positions=self.source_positions,
+            edit_positions=self.edit_positions, threshold=self.threshold,
+            exclude_source_positions=self.exclude_source_positions,
+            exclude_edit_positions=self.exclude_edit_positions, exclude_threshold=self.exclude_threshold,
+        )
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything one edit run needs, checked and built by `Editor.prepare`; run it with `Editor.run`.
+
+    Its running values (the step, recorded maps, blend masks) are not here: every run makes them afresh.
+    """
+
+    prompts: tuple[str, ...]  # the source first, then the edits
+    tokens: tuple[Tokenized, ...]
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None
+    plan: EditPlan  # on the pipeline's device
+    layers: LayerPlan
+    blends: dict[int, BlendSpec]  # edit index -> its local blend
+    latents: torch.Tensor  # (P, C, h, w) initial latents, on the pipeline's device
+    inversion: Any = None  # an Inversion on the pipeline's device
+    cache: SourceCache | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return tuple(self.latents.shape[-2:])
+
+
+class StepCallback:
+    """The step-end callback of one run, in the shape of diffusers' `PipelineCallback`.
+
+    After each loop iteration it advances the run's step (the loop index // the scheduler's order, clamped),
+    and after the last evaluation of a step it adds direct inversion's correction to the source row and
+    blends the edits that have a local blend. It swaps in null-text inversion's unconditional embedding of the
+    next step, serves a cached source's next evaluation, and feeds a cache recorder. A user callback runs last.
+    """
+
+    def __init__(self, run: PreparedRun, state: RunState, *, recorder: CacheRecorder | None = None,
+                 user_callback: Callable | None = None, tensor_inputs: Sequence[str] = ("latents",)):
+        self.run, self.state, self.recorder, self.user_callback = run, state, recorder, user_callback
+        self.tensor_inputs = list(tensor_inputs)
+        self.masks: dict[int, torch.Tensor] = {}  # edit index -> its last blend mask, on the device
+
+    def __call__(self, pipe, k: int, t, kwargs: dict) -> dict:
+        run, state, cache = self.run, self.state, self.run.cache
+        n = run.num_inference_steps
+        order = getattr(pipe.scheduler, "order", 1)
+        total = len(pipe.scheduler.timesteps)
+        i = step_index(k, order, n)
+        outputs: dict[str, torch.Tensor] = {}
+        if cache is not None and cache.blend_maps is not None and state.blend_sum is not None:
+            source = cache.blend_maps[k].to(state.blend_sum)  # the source's maps summed up to this evaluation
+            state.blend_sum = torch.cat([source[None], state.blend_sum[1:]])
+        if self.recorder is not None:
+            self.recorder.end_evaluation(state.blend_sum)
+        if k == total - 1 or step_index(k + 1, order, n) != i:  # the step's last evaluation
+            outputs["latents"] = self._end_step(kwargs["latents"], i)
+        if k + 1 < total:
+            state.step = step_index(k + 1, order, n)
+            if cache is not None:
+                state.source = cache.evaluation(k + 1, run.latents.device)
+            inversion = run.inversion
+            if inversion is not None and inversion.uncond_embeddings is not None:
+                rows = len(run.prompts) - (cache is not None)
+                outputs["prompt_embeds"] = _swap_uncond(kwargs["prompt_embeds"], inversion.uncond_embeddings[state.step], rows)
+                if inversion.uncond_pooled is not None and "add_text_embeds" in kwargs:
+                    outputs["add_text_embeds"] = _swap_uncond(kwargs["add_text_embeds"], inversion.uncond_pooled[state.step], rows)
+        if self.user_callback is not None:
+            outputs.update(self.user_callback(pipe, k, t, {**kwargs, **outputs}) or {})
+        return outputs
+
+    def _end_step(self, latents: torch.Tensor, i: int) -> torch.Tensor:
+        run, state, cache = self.run, self.state, self.run.cache
+        if cache is None:
+            if run.inversion is not None and run.inversion.corrections is not None:
+                latents = torch.cat([latents[:1] + run.inversion.corrections[i].to(latents), latents[1:]])
+            source, first = latents[0], 1
+        else:
+            source, first = cache.step_latents[i, 0].to(latents), 0
+        for e, blend in run.blends.items():
+            if i < math.floor(blend.start * run.num_inference_steps + 1e-6) or state.blend_sum is None:
+                continue
+            maps = state.blend_sum / max(state.blend_layers, 1)
+            self.masks[e] = blend.mask(maps[0], maps[1 + e], run.latent_size)
+            latents = apply_blend(latents, first + e, self.masks[e], source=source)
+        if self.recorder is not None:
+            self.recorder.end_step(latents[:1])
+        return latents
+
+
+def _stochastic(scheduler, pipeline_kwargs: Mapping[str, Any]) -> bool:
+    return any(word in type(scheduler).__name__ for word in _STOCHASTIC) or bool(pipeline_kwargs.get("eta"))
+
+
+def _source_image(image: torch.Tensor, output_type: str, pipe):
+    """The cached source image (1, 3, H, W) in [0, 1] in the form the pipeline returns for `output_type`."""
+    if output_type == "pt":
+        return image
+    array = pipe.image_processor.pt_to_numpy(image)
+    return array if output_type == "np" else pipe.image_processor.numpy_to_pil(array)
+
+
+def _concat(first, rest):
+    """Join the source's output and the edits' outputs, whatever their form (tensors, arrays, PIL lists)."""
+    if isinstance(first, list):
+        return first + list(rest)
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, rest.to(first)])
+    import numpy as np
+
+    return np.concatenate([first, rest])
 
 
 class Editor:
@@ -251,7 +393,19 @@ class Editor:
         """The prompt's words and token positions under this pipeline's tokenizer."""
         return tokenize(self.pipe.tokenizer, prompt)
 
-    def edit(
+    def edit(self, prompt: str, edits: Sequence[Edit | str] | Edit | str = (), *, output_type: str = "pil",
+             **kwargs) -> EditResult:
+        """Generate the source prompt and its edits in one batch, edits steered by the source's attention.
+
+        `edit(prompt, edits, **kwargs)` is `run(prepare(prompt, edits, **kwargs), output_type=output_type)`;
+        see `prepare` for the arguments.
+        """
+        callback = kwargs.pop("callback_on_step_end", None)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        return self.run(self.prepare(prompt, edits, **kwargs), output_type=output_type, callback_on_step_end=callback)
+
+    def prepare(
         self,
         prompt: str,
         edits: Sequence[Edit | str] | Edit | str = (),
@@ -264,21 +418,22 @@ class Editor:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        output_type: str = "pil",
         record_attention: bool | int | Sequence[int] = False,
         inversion=None,
+        cache: SourceCache | None = None,
         **pipeline_kwargs,
-    ) -> EditResult:
-        """Generate the source prompt and its edits in one batch, edits steered by the source's attention.
+    ) -> PreparedRun:
+        """Check an edit run and build everything it needs, before any model call.
 
         Args:
             prompt: the source prompt.
             edits: Edit objects (a plain string is an Edit with the defaults).
-            num_inference_steps: denoising steps (50, or the inversion's).
-            guidance_scale: classifier-free guidance (7.5, or the inversion's); <= 1 turns it off.
+            num_inference_steps: denoising steps (50, or the inversion's or cache's).
+            guidance_scale: classifier-free guidance (7.5, or the inversion's or cache's); <= 1 turns it off.
             seed / generator / latents: the initial latent, one draw shared by all prompts, or (P, C, h, w).
             record_attention: True, a layer side, or a list of sides: keep per-token cross-attention maps.
             inversion: an Inversion from `invert()`, to edit a real image.
+            cache: a SourceCache from `cache_source()`: the source is not computed again.
             **pipeline_kwargs: passed to the diffusers pipeline (eta, guidance_rescale, cross_attention_kwargs, ...).
         """
         pipe = self.pipe
@@ -296,11 +451,24 @@ class Editor:
             raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        if cache is not None:
+            if not isinstance(cache, SourceCache):
+                raise TypeError(f"cache must be a SourceCache from Editor.cache_source(), not {type(cache).__name__}")
+            if prompt != cache.prompt:
+                raise ValueError(f"this source cache is of the prompt {cache.prompt!r}, not {prompt!r}")
+            if latents is not None or seed is not None or generator is not None:
+                raise ValueError("a source cache supplies the initial latent; do not pass latents, seed or generator with it")
+            if inversion is not None and inversion is not cache.inversion:
+                raise ValueError("a source cache made from an inversion brings it: do not pass another inversion")
+            inversion = cache.inversion
+            num_inference_steps = cache.settings["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+            guidance_scale = cache.settings["guidance_scale"] if guidance_scale is None else guidance_scale
+            height = cache.settings["height"] if height is None else height
+            width = cache.settings["width"] if width is None else width
         if inversion is not None:
             num_inference_steps, guidance_scale, height, width = self._inversion_settings(
-                inversion, num_inference_steps, guidance_scale, height, width, negative_prompt, latents, seed, generator
+                inversion, num_inference_steps, guidance_scale, height, width, negative_prompt,
+                latents, seed, generator, cache,
             )
         num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
         guidance_scale = 7.5 if guidance_scale is None else guidance_scale
@@ -311,8 +479,7 @@ class Editor:
         source = self.tokenize(prompt)
         targets = [self.tokenize(e.prompt) for e in edits]
         plan = build_plan(source, edits, targets, num_inference_steps)
-        prompts = [prompt] + [e.prompt for e in edits]
-        num_prompts = len(prompts)
+        prompts = (prompt, *(e.prompt for e in edits))
 
         # 3. Sizes, layers and what to record
         scale = pipe.vae_scale_factor
@@ -322,57 +489,190 @@ class Editor:
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, but are {height} and {width}")
         latent_size = (height // scale, width // scale)
-        state = self._run_state(plan, latent_size, any(e.blend is not None for e in edits), record_attention)
-        blends = self._blend_positions(source, edits, targets)
+        blend = cache is not None or any(e.blend is not None for e in edits)  # a cache always records blend maps
+        layers = self._layer_plan(latent_size, blend, record_attention)
+        blends = self._blend_specs(source, edits, targets)
+        if cache is not None:
+            missing = sorted(max(s) for s in layers.record_sizes if s not in cache.records)
+            if missing:
+                raise ValueError(f"record_attention asks for sides {missing}, which the source cache did not record; "
+                                 "pass the same record_attention to cache_source()")
+            cache.check(self._cache_settings(num_inference_steps, guidance_scale, height, width, negative_prompt,
+                                             pipeline_kwargs, layers), id(pipe))
 
         # 4. Initial latents: one draw shared by every prompt
+        device, dtype = pipe._execution_device, pipe.unet.dtype
         shape = (1, pipe.unet.config.in_channels, *latent_size)
-        if inversion is not None:
-            inversion = inversion.to(pipe._execution_device, pipe.unet.dtype)  # once, not at every step
+        if cache is not None:
+            latents = cache.latents
+        elif inversion is not None:
             latents = inversion.latents
-        latents = _initial_latents(latents, seed, generator, shape, num_prompts, pipe._execution_device, pipe.unet.dtype)
+        latents = _initial_latents(latents, seed, generator, shape, len(prompts), device, dtype)
+        if inversion is not None:
+            inversion = inversion.to(device, dtype)  # once, not at every step
 
-        # 5. Run the pipeline with the processors installed
-        callback = self._callback(state, blends, num_inference_steps, latent_size, inversion, pipeline_kwargs.pop("callback_on_step_end", None))
-        call_kwargs: dict[str, Any] = dict(
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            latents=latents,
-            output_type=output_type,
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=self._tensor_inputs(inversion),
-            **pipeline_kwargs,
+        run = PreparedRun(
+            prompts=prompts, tokens=(source, *targets), num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+            plan=plan.to(device, dtype), layers=layers, blends=blends, latents=latents, inversion=inversion,
+            cache=cache, pipeline_kwargs=dict(pipeline_kwargs),
         )
+        return run
+
+    def run(self, run_or_runs: PreparedRun | Sequence[PreparedRun], *, output_type: str = "pil",
+            callback_on_step_end: Callable | None = None, **pipeline_kwargs) -> EditResult | list[EditResult]:
+        """Run one prepared run, or several as one forward batch (each keeps its own attention control).
+
+        Runs in one batch must share steps, guidance and size, and have no inversion and no cache.
+        Returns an EditResult, or one per run.
+        """
+        reserved = sorted(_RESERVED & set(pipeline_kwargs))
+        if reserved:
+            raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', not {output_type!r}")
+        if isinstance(run_or_runs, PreparedRun):
+            return self._run_one(run_or_runs, output_type, callback_on_step_end, pipeline_kwargs)
+        runs = list(run_or_runs)
+        if not runs or not all(isinstance(r, PreparedRun) for r in runs):
+            raise TypeError("run() takes a PreparedRun from prepare(), or a non-empty list of them")
+        if len(runs) == 1:
+            return [self._run_one(runs[0], output_type, callback_on_step_end, pipeline_kwargs)]
+        return self._run_group(runs, output_type, pipeline_kwargs)
+
+    def cache_source(self, prompt: str, *, device: torch.device | str | None = None, **kwargs) -> SourceCache:
+        """Run the source alone and record what its edits need, so that later edits skip the source's rows.
+
+        Takes `prepare`'s settings (steps, guidance, seed or latents, negative prompt, size, inversion,
+        record_attention, pipeline keywords); every later run with the cache must share them. `device` is where
+        the cache lives (default: the pipeline's; "cpu" keeps a GPU's memory free, and each step is moved over
+        as the run reaches it). The cache's size is `cache.nbytes`.
+        """
+        run = self.prepare(prompt, [], **kwargs)
+        run = replace(run, layers=self._layer_plan(run.latent_size, True, kwargs.get("record_attention", False)))
+        if _stochastic(self.pipe.scheduler, run.pipeline_kwargs):
+            raise ValueError(f"{type(self.pipe.scheduler).__name__} (or eta > 0) draws noise at every step, so a "
+                             "source cannot be cached for it; use a deterministic scheduler such as DDIM or Euler")
+        recorder = CacheRecorder(device)
+        state = RunState(plan=run.plan, layers=run.layers, recorder=recorder)
+        callback = StepCallback(run, state, recorder=recorder, tensor_inputs=self._tensor_inputs(run))
+        image = self._call(run, state, callback, "pt", {})
+        return recorder.finish(
+            prompt=prompt, pipeline_id=id(self.pipe),
+            settings=self._cache_settings(run.num_inference_steps, run.guidance_scale, run.height, run.width,
+                                          run.negative_prompt, run.pipeline_kwargs, run.layers),
+            latents=run.latents[:1], image=image, records=state.records, record_counts=dict(state.record_counts),
+            inversion=run.inversion,
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _run_one(self, run: PreparedRun, output_type: str, user_callback, pipeline_kwargs) -> EditResult:
+        cache = run.cache
+        state = RunState(plan=run.plan, layers=run.layers, cached=cache is not None)
+        callback = StepCallback(run, state, user_callback=user_callback, tensor_inputs=self._tensor_inputs(run))
+        if cache is None:
+            images = self._call(run, state, callback, output_type, pipeline_kwargs)
+        else:
+            source = cache.step_latents[-1].to(run.latents) if output_type == "latent" else _source_image(cache.image, output_type, self.pipe)
+            if len(run.prompts) == 1:  # nothing to run: the source alone
+                images = source
+            else:
+                state.source = cache.evaluation(0, run.latents.device)
+                images = _concat(source, self._call(run, state, callback, output_type, pipeline_kwargs))
+        return self._result(run, state, callback, images)
+
+    def _call(self, run: PreparedRun, state: RunState, callback: StepCallback, output_type: str, pipeline_kwargs):
+        """The pipeline call of one run, with its processors installed; restores the pipeline in `finally`."""
+        pipe = self.pipe
+        skip = run.cache is not None  # a cached source's rows are not computed
+        prompts = list(run.prompts[skip:])
+        call_kwargs: dict[str, Any] = dict(
+            height=run.height, width=run.width, num_inference_steps=run.num_inference_steps,
+            guidance_scale=run.guidance_scale, latents=run.latents[skip:], output_type=output_type,
+            callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+            **{**run.pipeline_kwargs, **pipeline_kwargs},
+        )
+        inversion = run.inversion
         if inversion is not None and inversion.uncond_embeddings is not None:
             call_kwargs.update(self._inversion_embeddings(prompts, inversion, pipe._execution_device))
         else:
             call_kwargs["prompt"] = prompts
-            if negative_prompt is not None:
-                call_kwargs["negative_prompt"] = [negative_prompt] * num_prompts
+            if run.negative_prompt is not None:
+                call_kwargs["negative_prompt"] = [run.negative_prompt] * len(prompts)
+        processors = {name: P2PAttnProcessor(state, name) for name in pipe.unet.attn_processors}
+        return self._with_processors(processors, inversion is not None, call_kwargs)
+
+    def _with_processors(self, processors: dict, ddim: bool, call_kwargs: dict):
+        pipe = self.pipe
         saved = pipe.unet.attn_processors
         saved_scheduler = pipe.scheduler
         try:
-            if inversion is not None:
+            if ddim:  # an inversion is exact for the DDIM step it was made with
                 from diffusers import DDIMScheduler
 
                 pipe.scheduler = DDIMScheduler.from_config(saved_scheduler.config)
-            pipe.unet.set_attn_processor({name: P2PAttnProcessor(state, name) for name in saved})
-            images = pipe(**call_kwargs).images
+            pipe.unet.set_attn_processor(processors)
+            return pipe(**call_kwargs).images
         finally:
             pipe.unet.set_attn_processor(saved)
             pipe.scheduler = saved_scheduler
 
-        # 6. Result
+    def _run_group(self, runs: list[PreparedRun], output_type: str, pipeline_kwargs) -> list[EditResult]:
+        first = runs[0]
+        for r in runs:
+            if r.inversion is not None or r.cache is not None:
+                raise ValueError("runs with an inversion or a source cache cannot share a forward batch; run them one by one")
+            shared = (r.num_inference_steps, r.guidance_scale, r.height, r.width, r.pipeline_kwargs)
+            if shared != (first.num_inference_steps, first.guidance_scale, first.height, first.width, first.pipeline_kwargs):
+                raise ValueError("runs in one forward batch must share steps, guidance, size and pipeline keywords")
+        states = [RunState(plan=r.plan, layers=r.layers) for r in runs]
+        callbacks = [StepCallback(r, s) for r, s in zip(runs, states)]
+        counts = [len(r.prompts) for r in runs]
+        bounds = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(runs))]
+
+        def on_step_end(pipe, k: int, t, kwargs: dict) -> dict:
+            latents = kwargs["latents"]
+            outputs = [cb(pipe, k, t, {**kwargs, "latents": latents[a:b]}) for cb, (a, b) in zip(callbacks, bounds)]
+            if not any("latents" in o for o in outputs):
+                return {}
+            return {"latents": torch.cat([o.get("latents", latents[a:b]) for o, (a, b) in zip(outputs, bounds)])}
+
+        prompts = [p for r in runs for p in r.prompts]
+        negative = None
+        if any(r.negative_prompt is not None for r in runs):
+            negative = [r.negative_prompt or "" for r in runs for _ in r.prompts]  # "" is diffusers' own default
+        call_kwargs = dict(
+            prompt=prompts, negative_prompt=negative, height=first.height, width=first.width,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            latents=torch.cat([r.latents for r in runs]), output_type=output_type, callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"], **{**first.pipeline_kwargs, **pipeline_kwargs},
+        )
+        processors = {name: GroupAttnProcessor([P2PAttnProcessor(s, name) for s in states], counts)
+                      for name in self.pipe.unet.attn_processors}
+        images = self._with_processors(processors, False, call_kwargs)
+        return [self._result(r, s, cb, images[a:b]) for r, s, cb, (a, b) in zip(runs, states, callbacks, bounds)]
+
+    def _result(self, run: PreparedRun, state: RunState, callback: StepCallback, images) -> EditResult:
         attention = None
-        if state.record_sizes:
-            attention = {max(s): (state.records[s] / state.record_counts[s]).cpu() for s in state.record_sizes if s in state.records}
-        tokens = [[t.replace("</w>", "") for t in pipe.tokenizer.convert_ids_to_tokens(tok.ids)] for tok in [source, *targets]]
-        return EditResult(images=images, prompts=prompts, tokens=tokens, attention=attention,
+        if run.layers.record_sizes:
+            attention = {}
+            for size in run.layers.record_sizes:
+                if size not in state.records and run.cache is None:
+                    continue
+                maps = state.records.get(size)
+                if run.cache is not None:
+                    source = (run.cache.records[size] / run.cache.record_counts[size]).cpu()  # (1, h, w, 77)
+                    edits = maps[1:] / state.record_counts[size] if maps is not None else source[:0]
+                    attention[max(size)] = torch.cat([source, edits.cpu()])
+                else:
+                    attention[max(size)] = (maps / state.record_counts[size]).cpu()
+        tokenizer = self.pipe.tokenizer
+        tokens = [[t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(tok.ids)] for tok in run.tokens]
+        return EditResult(images=images, prompts=list(run.prompts), tokens=tokens, attention=attention,
                           masks={e: mask.cpu() for e, mask in callback.masks.items()})
 
-    def _run_state(self, plan: EditPlan, latent_size: tuple[int, int], blend: bool, record_attention) -> RunState:
+    def _layer_plan(self, latent_size: tuple[int, int], blend: bool, record_attention) -> LayerPlan:
         """Which layers self-replace, drive local blending and are recorded, by their sizes at this latent size."""
         unet = self.pipe.unet
         sizes = _level_sizes(latent_size, len(unet.config.block_out_channels))
@@ -387,19 +687,25 @@ class Editor:
             requested = [record_attention]
         else:
             requested = list(record_attention)
-        record_sizes = {self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested}
+        record_sizes = frozenset(self._size_for(r, "record_attention", sizes, down_up | mid, default_size) for r in requested)
         self_max = self.self_replace_max_res if self.self_replace_max_res is not None else max(default_size)
-        return RunState(
-            plan=plan.to(self.pipe._execution_device, unet.dtype),  # once per run, never per layer
-            sizes={h * w: (h, w) for h, w in sizes},
-            self_max_side=self_max,
-            blend_size=blend_size,
-            record_sizes=record_sizes,
-            explicit=self.attention == "explicit",
+        return LayerPlan(sizes={h * w: (h, w) for h, w in sizes}, self_max_side=self_max, blend_size=blend_size,
+                         record_sizes=record_sizes, explicit=self.attention == "explicit")
+
+    def _cache_settings(self, num_inference_steps, guidance_scale, height, width, negative_prompt, pipeline_kwargs,
+                        layers: LayerPlan) -> dict[str, Any]:
+        """What a run shares with its cached source: everything that shapes the source's rows."""
+        scheduler = self.pipe.scheduler
+        return dict(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            negative_prompt=negative_prompt, scheduler=f"{type(scheduler).__name__} {sorted(dict(scheduler.config).items())}",
+            pipeline_kwargs=repr(sorted(pipeline_kwargs.items())), self_max_side=layers.self_max_side,
+            blend_size=layers.blend_size, attention=self.attention, dtype=str(self.pipe.unet.dtype),
         )
 
-    def _tensor_inputs(self, inversion) -> list[str]:
+    def _tensor_inputs(self, run: PreparedRun) -> list[str]:
         names = ["latents", "prompt_embeds"]
+        inversion = run.inversion
         if inversion is not None and inversion.uncond_pooled is not None and "add_text_embeds" in self.pipe._callback_tensor_inputs:
             names.append("add_text_embeds")
         return names
@@ -424,58 +730,21 @@ class Editor:
         return size
 
     @staticmethod
-    def _blend_positions(source: Tokenized, edits: Sequence[Edit], targets: Sequence[Tokenized]) -> dict[int, dict]:
+    def _blend_specs(source: Tokenized, edits: Sequence[Edit], targets: Sequence[Tokenized]) -> dict[int, BlendSpec]:
         """Per edit with a LocalBlend, the token positions of its words (checked before any compute)."""
         blends = {}
         for e, (edit, target) in enumerate(zip(edits, targets)):
             b = edit.blend
             if b is None:
                 continue
-            blends[e] = dict(
+            blends[e] = BlendSpec(
                 source_positions=word_token_positions(source, b.source_words),
                 edit_positions=word_token_positions(target, b.edit_words),
                 exclude_source_positions=word_token_positions(source, b.exclude_source_words),
                 exclude_edit_positions=word_token_positions(target, b.exclude_edit_words),
-                threshold=b.threshold,
-                exclude_threshold=b.exclude_threshold,
-                start=b.start,
+                threshold=b.threshold, exclude_threshold=b.exclude_threshold, start=b.start,
             )
         return blends
-
-    def _callback(self, state: RunState, blends: dict[int, dict], n: int, latent_size, inversion, user_callback: Callable | None):
-        masks: dict[int, torch.Tensor] = {}
-
-        def on_step_end(pipe, k: int, t, kwargs: dict) -> dict:
-            order = getattr(pipe.scheduler, "order", 1)
-            total = len(pipe.scheduler.timesteps)
-            i = step_index(k, order, n)
-            last_of_step = k == total - 1 or step_index(k + 1, order, n) != i
-            outputs: dict[str, torch.Tensor] = {}
-            if last_of_step:
-                latents = kwargs["latents"]
-                if inversion is not None and inversion.corrections is not None:
-                    latents = torch.cat([latents[:1] + inversion.corrections[i].to(latents), latents[1:]])
-                for e, b in blends.items():
-                    if i < math.floor(b["start"] * n + 1e-6) or state.blend_sum is None:
-                        continue
-                    maps = state.blend_sum / max(state.blend_layers, 1)
-                    spec = {key: v for key, v in b.items() if key != "start"}
-                    mask = blend_mask(maps[0], maps[1 + e], latent_size, **spec)
-                    masks[e] = mask  # moved to the CPU once, at the end of the run
-                    latents = apply_blend(latents, 1 + e, mask.to(latents.device))
-                outputs["latents"] = latents
-            if k + 1 < total:
-                state.step = step_index(k + 1, order, n)
-                if inversion is not None and inversion.uncond_embeddings is not None:
-                    outputs["prompt_embeds"] = _swap_uncond(kwargs["prompt_embeds"], inversion.uncond_embeddings[state.step], state.plan.num_prompts)
-                    if inversion.uncond_pooled is not None and "add_text_embeds" in kwargs:
-                        outputs["add_text_embeds"] = _swap_uncond(kwargs["add_text_embeds"], inversion.uncond_pooled[state.step], state.plan.num_prompts)
-            if user_callback is not None:
-                outputs.update(user_callback(pipe, k, t, {**kwargs, **outputs}) or {})
-            return outputs
-
-        on_step_end.masks = masks
-        return on_step_end
 
     def _inversion_embeddings(self, prompts: list[str], inversion, device) -> dict[str, torch.Tensor]:
         """Explicit embeddings for an inversion that replaces the unconditional one at every step."""
@@ -494,7 +763,7 @@ class Editor:
         return out
 
     @staticmethod
-    def _inversion_settings(inversion, steps, guidance, height, width, negative_prompt, latents, seed, generator):
+    def _inversion_settings(inversion, steps, guidance, height, width, negative_prompt, latents, seed, generator, cache=None):
         if steps is not None and steps != inversion.num_inference_steps:
             raise ValueError(
                 f"this inversion was made with {inversion.num_inference_steps} steps; edit it with the same "
@@ -502,7 +771,7 @@ class Editor:
             )
         if (height is not None and height != inversion.height) or (width is not None and width != inversion.width):
             raise ValueError(f"this inversion is {inversion.width}x{inversion.height} px; leave height and width unset")
-        if latents is not None or seed is not None or generator is not None:
+        if cache is None and (latents is not None or seed is not None or generator is not None):
             raise ValueError("an inversion supplies the initial latent; do not pass latents, seed or generator with it")
         if negative_prompt is not None and (inversion.uncond_embeddings is not None or inversion.corrections is not None):
             raise ValueError(

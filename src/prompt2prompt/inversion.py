@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .files import write_atomic, write_text_atomic
 from .images import ImageInput, prepare_image, to_tensor
 
 METHODS = ("null-text", "negative-prompt", "direct", "ddim")
@@ -90,8 +89,9 @@ class Inversion:
         tensors_path, sidecar_path = _paths(path)
         tensors = {name: t.detach().to("cpu").clone() for name in _TENSORS if (t := getattr(self, name)) is not None}
         sidecar = {"format": _FORMAT, "version": _VERSION, **self._fields(), "tensors": sorted(tensors)}
-        _write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
-        _write_atomic(sidecar_path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(tensors_path, lambda tmp: save_file(tensors, tmp))
+        write_text_atomic(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
         return tensors_path
 
     @classmethod
@@ -394,15 +394,3 @@ def _paths(path: str | PathLike) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
-
-
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

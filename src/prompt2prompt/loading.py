@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "default_device", "load_pipeline", "parse_dtype",
-           "resolve_model"]
+__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "default_device", "load_editor", "load_pipeline", "parse_dtype",
+           "quiet_loading", "resolve_model"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -178,3 +180,49 @@ def load_pipeline(
                 if source.single_file else "")
         raise ModelLoadError(f"cannot load {source.id!r}: {str(error).rstrip('.')}.{hint}") from None
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-component loading bars inside the block, and restore them after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def load_editor(
+    model: str | ModelSource,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+    progress: bool = False,
+):
+    """Load a pipeline as `load_pipeline` does and wrap it in an `Editor`; returns the editor and the model's source.
+
+    Args:
+        model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.
+        device, dtype, revision: as `load_pipeline`'s `device`, `torch_dtype` and `revision`.
+        progress: show progress bars: the components' loading bars and the pipeline's denoising bar (which
+            Gradio's `track_tqdm` follows). Without it both are hidden; downloads keep their own bars either way.
+
+    Example: `editor, source = load_editor("demo")`.
+    """
+    from .editor import Editor  # here, not at the top: this module stays a leaf that the editor can import
+
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype, device)  # before resolving: a bad dtype fails before any download
+    source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
+    with contextlib.nullcontext() if progress else quiet_loading():
+        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=not progress)
+    return Editor(pipe), source

@@ -7,6 +7,7 @@ says; it is the reference the fused path is tested against. Probabilities are on
 fused path where they are recorded (cross-attention at the recorded resolutions).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -86,31 +87,64 @@ def fused_schedule(cross: torch.Tensor, weights: torch.Tensor, alpha: torch.Tens
     return a, b, swap, mix_index, flags
 
 
-@dataclass
-class RunState:
-    """What the processors of one edit run share: the plan, the current step and the recorded maps."""
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which layers self-replace, drive local blending and are recorded, at one run's latent size."""
 
-    plan: EditPlan
     sizes: dict[int, tuple[int, int]]  # query length -> (h, w) of the layer
     self_max_side: int
     blend_size: tuple[int, int] | None  # None: no local blend in this run
-    record_sizes: set[tuple[int, int]]
+    record_sizes: frozenset[tuple[int, int]] = frozenset()
     explicit: bool = False
+
+    def recorded(self, size: tuple[int, int], place: str) -> bool:
+        """Whether a cross-attention layer of this size and place (down, mid, up) has its maps recorded."""
+        return (self.blend_size == size and place != "mid") or size in self.record_sizes
+
+    def self_replaces(self, size: tuple[int, int]) -> bool:
+        return max(size) <= self.self_max_side
+
+
+@dataclass
+class RunState:
+    """One run's running values, made fresh by every run: the step and the maps recorded so far.
+
+    With a cached source (`cached`), the batch holds only the edits' rows and `source` gives, at the current
+    evaluation, the source's conditional queries and keys per layer; a run that builds a cache passes each
+    layer's source queries and keys to `recorder`.
+    """
+
+    plan: EditPlan
+    layers: LayerPlan
     step: int = 0
+    cached: bool = False
+    source: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    recorder: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
     blend_sum: torch.Tensor | None = None  # (P, h, w, 77) summed over layers and evaluations
     blend_layers: int = 0
     records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
-        """Accumulate conditional cross-attention maps (P, heads, Q, 77), averaged over heads."""
+        """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.
+
+        `probs` holds the source and the edits, or the edits alone in a cached run (the source's row then
+        comes from the cache).
+        """
         maps = probs.mean(1).reshape(probs.shape[0], size[0], size[1], probs.shape[-1]).float()
-        if self.blend_size == size and place != "mid":
-            self.blend_sum = maps if self.blend_sum is None else self.blend_sum + maps
+        first = self.plan.num_prompts - maps.shape[0]
+        if self.layers.blend_size == size and place != "mid":
+            self.blend_sum = _accumulate(self.blend_sum, maps, first, self.plan.num_prompts)
             self.blend_layers += 1
-        if size in self.record_sizes:
-            self.records[size] = maps if size not in self.records else self.records[size] + maps
+        if size in self.layers.record_sizes:
+            self.records[size] = _accumulate(self.records.get(size), maps, first, self.plan.num_prompts)
             self.record_counts[size] = self.record_counts.get(size, 0) + 1
+
+
+def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+    if total is None:
+        total = maps.new_zeros(rows, *maps.shape[1:])
+    return torch.cat([total[:first], total[first:] + maps])
 
 
 def _place(name: str) -> str:
@@ -122,6 +156,7 @@ class P2PAttnProcessor:
 
     def __init__(self, state: RunState, name: str):
         self.state = state
+        self.name = name
         self.is_cross = ".attn2." in name or name.endswith("attn2.processor")
         self.place = _place(name)
 
@@ -177,38 +212,56 @@ class P2PAttnProcessor:
         Every branch is decided from host-side values (the plan's step flags, shapes), so a layer call never
         waits for the device.
         """
-        state, plan = self.state, self.state.plan
-        batch, num_prompts = q.shape[0], plan.num_prompts
-        size = state.sizes.get(q.shape[2])
-        if batch not in (num_prompts, 2 * num_prompts) or size is None:
+        state, plan, layers = self.state, self.state.plan, self.state.layers
+        size = layers.sizes.get(q.shape[2])
+        per_half = plan.num_edits if state.cached else plan.num_prompts
+        if size is None or q.shape[0] not in (per_half, 2 * per_half):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        src = batch - num_prompts  # the conditional half comes last: [uncond..., cond...]
+        first = q.shape[0] - plan.num_edits  # the conditional half comes last: [uncond..., source, edits...]
         step = state.step
         if self.is_cross:
-            recorded = (state.blend_size == size and self.place != "mid") or size in state.record_sizes
-            if state.explicit or recorded:
-                probs = _edit_cross_probs(_probs(q, k, mask), src, plan, step)
+            q_s, k_s, mask_s = self._source(q, k, mask, first)
+            recorded = layers.recorded(size, self.place)
+            if layers.explicit or recorded:
+                probs = _probs(q, k, mask)
+                a_s = _probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
+                probs = _edit_cross_probs(probs, first, a_s, plan, step)
                 if recorded:
-                    state.record(probs[src:], size, self.place)
+                    state.record(probs[first if state.cached else first - 1 :], size, self.place)
                 return _apply(probs, v)
-            return _fused_cross(q, k, v, mask, src, plan, step)
-        replaced = plan.flags[step].self_replace if max(size) <= state.self_max_side else ()
+            return _fused_cross(q, k, v, mask, first, q_s, k_s, mask_s, plan, step)
+        if not layers.self_replaces(size):
+            return _apply(_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q_s, k_s, mask_s = self._source(q, k, mask, first)
+        replaced = plan.flags[step].self_replace
         if not replaced:
-            return _apply(_probs(q, k, mask), v) if state.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if state.explicit:
+            return _apply(_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if layers.explicit:
             probs = _probs(q, k, mask)
+            a_s = _probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
             for e in replaced:
-                probs[src + 1 + e] = probs[src]
+                probs[first + e] = a_s
             return _apply(probs, v)
         # Self-replacement is attention(Q_s, K_s, V_e): give the edit rows the source's queries and keys.
         rows = plan.self_active[step]
-        return F.scaled_dot_product_attention(_source_rows(q, src, rows), _source_rows(k, src, rows), v, attn_mask=mask)
+        q, k = _with_source(q, first, q_s, rows), _with_source(k, first, k_s, rows)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def _source(self, q, k, mask, first: int):
+        """The source's conditional (query, key, mask), each (1, ...): its batch row, or the cache's."""
+        state = self.state
+        if state.cached:
+            q_s, k_s = state.source[self.name]
+            return q_s, k_s, None if mask is None else mask[first : first + 1]
+        q_s, k_s = q[first - 1 : first], k[first - 1 : first]
+        if state.recorder is not None:
+            state.recorder(self.name, q_s, k_s)
+        return q_s, k_s, None if mask is None else mask[first - 1 : first]
 
 
-def _source_rows(x: torch.Tensor, src: int, rows: torch.Tensor) -> torch.Tensor:
-    """`x` (B, ...) with the edit rows where `rows` (E,) is set taken from the source row `src`."""
-    first = src + 1
-    picked = torch.where(rows.view(-1, *[1] * (x.dim() - 1)), x[src:first], x[first:])
+def _with_source(x: torch.Tensor, first: int, x_s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`x` (B, ...) with the edit rows (from `first` on) where `rows` (E,) is set replaced by the source's `x_s`."""
+    picked = torch.where(rows.view(-1, *[1] * (x.dim() - 1)), x_s, x[first:])
     return torch.cat([x[:first], picked])
 
 
@@ -229,14 +282,16 @@ def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (probs @ v.float()).to(v.dtype)
 
 
-def _edit_cross_probs(probs: torch.Tensor, src: int, plan: EditPlan, step: int) -> torch.Tensor:
-    """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77)."""
+def _edit_cross_probs(probs: torch.Tensor, first: int, a_s: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
+    """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77) of the edit rows.
+
+    `a_s` (heads, Q, 77) is the source's; the rows before `first` are returned as they are.
+    """
     if plan.num_edits == 0:  # only the source, which is recorded but never edited
         return probs
-    a_s = probs[src]  # (heads, Q, 77)
     edited = []
     for e in range(plan.num_edits):
-        a_e = probs[src + 1 + e]
+        a_e = probs[first + e]
         alpha, w, c = plan.alpha[e], plan.weights[e], plan.cross[step, e]
         if plan.replace[e]:
             a_map = a_s @ plan.mapper[e].to(a_s.dtype)
@@ -244,14 +299,14 @@ def _edit_cross_probs(probs: torch.Tensor, src: int, plan: EditPlan, step: int) 
             a_map = alpha * a_s[..., plan.refine_index[e]] + (1 - alpha) * a_e
         a_map = a_map * w
         edited.append(c * a_map + (1 - c) * a_e)
-    return torch.cat([probs[: src + 1], torch.stack(edited).to(probs.dtype)])  # float32, as `_probs` gives
+    return torch.cat([probs[:first], torch.stack(edited).to(probs.dtype)])  # float32, as `_probs` gives
 
 
-def _fused_cross(q, k, v, mask, src: int, plan: EditPlan, step: int) -> torch.Tensor:
+def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, step: int) -> torch.Tensor:
+    """Cross-attention of the whole batch with the edit rows (from `first` on) edited, on fused attention only."""
     flags = plan.flags[step]
     if not flags.cross:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    first = src + 1
     a = plan.a[step].to(v.dtype)[:, None, :, None]  # (E, 1, 77, 1); a no-op when the plan is in v's dtype
     b = plan.b[step].to(v.dtype)[:, None, :, None]
     v_edit = v[first:]  # (E, heads, 77, d)
@@ -261,14 +316,41 @@ def _fused_cross(q, k, v, mask, src: int, plan: EditPlan, step: int) -> torch.Te
         # Where b is all zero the edit's own attention drops out: run the row as attention(Q_s, K_s, V').
         swap = plan.swap[step]
         v_own = torch.where(swap[:, None, None, None], v_mapped, v_own)
-        q, k = _source_rows(q, src, swap), _source_rows(k, src, swap)
+        q, k = _with_source(q, first, q_s, swap), _with_source(k, first, k_s, swap)
     out = F.scaled_dot_product_attention(q, k, torch.cat([v[:first], v_own]), attn_mask=mask)
     if flags.mix:
         n, index = len(flags.mix), plan.mix_index[step]
-        m = None if mask is None else mask[src:first].expand(n, -1, -1, -1)
+        m = None if mask_s is None else mask_s.expand(n, -1, -1, -1)
         from_source = F.scaled_dot_product_attention(
-            q[src:first].expand(n, -1, -1, -1), k[src:first].expand(n, -1, -1, -1), v_mapped.index_select(0, index),
-            attn_mask=m,
+            q_s.expand(n, -1, -1, -1), k_s.expand(n, -1, -1, -1), v_mapped.index_select(0, index), attn_mask=m
         )
         out = torch.cat([out[:first], out[first:].index_add(0, index, from_source)])
     return out
+
+
+class GroupAttnProcessor(P2PAttnProcessor):
+    """One layer's processor for several runs in one forward batch: each run's rows go to its own processor.
+
+    The batch is [uncond of every prompt..., cond of every prompt...] (or only the cond half without
+    guidance); a run's rows are one slice per half, which is the batch its processor expects.
+    """
+
+    def __init__(self, processors: list[P2PAttnProcessor], counts: list[int]):  # only `attend` differs
+        self.processors = processors
+        self.counts = counts
+
+    def attend(self, q, k, v, mask):
+        total = sum(self.counts)
+        halves = q.shape[0] // total
+        starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        outs: list[list[torch.Tensor]] = [[] for _ in range(halves)]
+        for processor, start, count in zip(self.processors, starts, self.counts):
+            spans = [slice(h * total + start, h * total + start + count) for h in range(halves)]
+
+            def rows(x):  # slices need no index tensor on the device
+                return None if x is None else torch.cat([x[span] for span in spans])
+
+            out = processor.attend(rows(q), rows(k), rows(v), rows(mask))
+            for h, part in enumerate(out.split(count)):
+                outs[h].append(part)
+        return torch.cat([part for half in outs for part in half])

@@ -11,14 +11,18 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
+
+from .files import write_atomic
+from .forms import edit_from_dict
+
+if TYPE_CHECKING:
+    from .cache import SourceStore
 
 __all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "file_digest", "inversion_available", "package_version", "read_recipe",
            "recipe_for", "run_recipe", "save_png", "save_result", "scheduler_config"]
@@ -45,7 +49,7 @@ class Recipe:
 
     `edits` are dicts with the keyword arguments of `prompt2prompt.Edit` (`prompt`, `mode`, `cross_steps`,
     `self_steps`, `weights` as a list of [word, weight] pairs so that word positions stay integers, and
-    `blend` as the keyword arguments of `LocalBlend`). `kind` is "edit", or "attention" for the heatmaps of
+    `blend` as the keyword arguments of `LocalBlend`): the form of `prompt2prompt.forms`. `kind` is "edit", or "attention" for the heatmaps of
     `record_attention`. `image` ({"path", "sha256"}, a relative path counting from the PNG's folder) is a real
     image inverted with `invert()`'s keyword arguments `inversion`; its edits take no seed. `image_index`
     says which result image a PNG holds (0 the source), None for a grid.
@@ -70,6 +74,7 @@ class Recipe:
     image: dict[str, str] | None = None
     inversion: dict[str, Any] | None = None
     image_index: int | None = None
+    cached_source: bool = False  # made on a cached source (the edits' rows alone): replayed the same way
     package_version: str = field(default_factory=package_version)
     format: int = FORMAT
 
@@ -103,30 +108,9 @@ class Recipe:
         return dataclasses.replace(self, image_index=index)
 
 
-def _window(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def build_edits(recipe: Recipe) -> list:
     """The `prompt2prompt.Edit` objects a recipe describes."""
-    from prompt2prompt import Edit, LocalBlend
-
-    edits = []
-    for spec in recipe.edits:
-        spec = dict(spec)
-        if spec.get("weights") is not None:
-            spec["weights"] = {word: weight for word, weight in spec["weights"]}
-        # JSON has no tuples: (start, end) windows come back as lists.
-        for key in ("cross_steps", "self_steps"):
-            if isinstance(spec.get(key), dict):
-                spec[key] = {word: _window(window) for word, window in spec[key].items()}
-            elif key in spec:
-                spec[key] = _window(spec[key])
-        if spec.get("blend") is not None:
-            blend = dict(spec["blend"])
-            spec["blend"] = LocalBlend(blend.pop("source_words"), blend.pop("edit_words"), **blend)
-        edits.append(Edit(spec.pop("prompt"), **spec))
-    return edits
+    return [edit_from_dict(spec) for spec in recipe.edits]
 
 
 def _scheduler_for(pipe, recipe: Recipe):
@@ -180,12 +164,15 @@ def _input_image(recipe: Recipe, base_dir: Path) -> Path:
     return path
 
 
-def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", **edit_kwargs):
+def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: SourceStore | None = None, **edit_kwargs):
     """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
 
     A real input image is inverted first; a relative image path counts from `base_dir`. On the CPU it runs
     on the recipe's number of threads. The editor's pipeline gets its scheduler back afterwards, the process
-    its thread count. Extra keyword arguments go to `editor.edit`.
+    its thread count. A recipe with `cached_source` runs its edits on a cached source, as it was made (a cached
+    run and a fresh one agree to float precision, not always to the last bit). With `sources`, the inversion
+    and the cached source are taken from there when another recipe of the same source (everything but the
+    edits) made them, and kept there otherwise: only the edits run. Extra keyword arguments go to `editor.edit`.
     """
     import torch
 
@@ -195,20 +182,41 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", **edit_kwa
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale,
         height=recipe.height, width=recipe.width,
     )
+    source = dict(seed=recipe.seed, negative_prompt=recipe.negative_prompt, record_attention=recipe.record_attention)
     try:
         pipe.scheduler = _scheduler_for(pipe, recipe)
         if recipe.threads and pipe.device.type == "cpu":
             torch.set_num_threads(recipe.threads)
         if recipe.image is not None:
             image = _input_image(recipe, Path(base_dir))
-            settings = dict(inversion=editor.invert(image, recipe.source, **settings, **(recipe.inversion or {})))
-        return editor.edit(
-            recipe.source, build_edits(recipe), seed=recipe.seed, negative_prompt=recipe.negative_prompt,
-            record_attention=recipe.record_attention, **settings, **edit_kwargs,
-        )
+
+            def invert():
+                return editor.invert(image, recipe.source, **settings, **(recipe.inversion or {}))
+
+            key = ("inversion", recipe.model, recipe.revision, recipe.image["sha256"], recipe.source,
+                   json.dumps(recipe.inversion, sort_keys=True), *settings.values(), json.dumps(recipe.scheduler))
+            settings = dict(inversion=invert() if sources is None else sources.get_or_make(key, invert))
+        if recipe.cached_source:
+            def make():
+                return editor.cache_source(recipe.source, **source, **settings)
+
+            cache = make() if sources is None else sources.get_or_make(("source", source_key(recipe)), make)
+            return editor.edit(recipe.source, build_edits(recipe), cache=cache,
+                               record_attention=recipe.record_attention, **edit_kwargs)
+        return editor.edit(recipe.source, build_edits(recipe), **source, **settings, **edit_kwargs)
     finally:
         pipe.scheduler, threads = previous
         torch.set_num_threads(threads)
+
+
+def source_key(recipe: Recipe) -> str:
+    """What decides a recipe's source: everything but its edits and which image a PNG holds."""
+    fields = dataclasses.asdict(recipe)
+    for name in ("edits", "image_index", "kind", "package_version", "cached_source"):
+        fields.pop(name)
+    if recipe.image is not None:
+        fields["image"] = recipe.image["sha256"]  # the same picture under another path is the same source
+    return json.dumps(fields, sort_keys=True)
 
 
 def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
@@ -216,15 +224,7 @@ def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_itxt(RECIPE_KEY, recipe.to_json())
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
 def read_recipe(path: str | Path) -> Recipe:

@@ -19,39 +19,40 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from .loading import ModelSource, default_device, load_pipeline, parse_dtype, resolve_model
+from .cache import SourceStore
+from .editor import MODES
+from .inversion import METHODS
+from .loading import ModelSource, default_device, load_editor, parse_dtype
 from .recipe import file_digest, inversion_available, recipe_for, run_recipe, save_result
+from .syntax import PromptSyntaxError, parse_prompt
 
 __all__ = ["build_app", "launch"]
 
 MAX_EDITS = 4
-MODES = ["auto", "replace", "refine"]
-METHODS = ["null-text", "negative-prompt", "direct", "ddim"]
 # Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words, blend edit
 # words, exclude source words, exclude edit words.
 ROW_FIELDS = 10
 
 
 class _Editors:
-    """Editors for the offered models, loaded on first use."""
+    """Editors for the offered models, loaded on first use, and the sources and inversions of recent runs."""
 
-    def __init__(self, models: Sequence[str], device: str | None, dtype: str):
+    def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float):
         self.models = list(models)
         self.device = device or default_device()
         self.dtype = parse_dtype(dtype, self.device)
         self.loaded: dict[str, tuple[Any, ModelSource]] = {}
         self.lock = threading.Lock()
+        # Changing only the edit rows re-runs only the edits: the source and its inversion are kept here.
+        self.sources = SourceStore(int(cache_mb * 2**20))
 
     def get(self, model: str):
-        import prompt2prompt as p2p
-
         if model not in self.models:  # the picker offers only these; a forged request gets no other path
             raise gr.Error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
         with self.lock:
             if model not in self.loaded:
-                source = resolve_model(model)
-                pipe = load_pipeline(source, device=self.device, torch_dtype=self.dtype)
-                self.loaded[model] = (p2p.Editor(pipe), source)
+                # With progress bars: Gradio's track_tqdm follows the pipeline's denoising bar.
+                self.loaded[model] = load_editor(model, device=self.device, dtype=self.dtype, progress=True)
         return self.loaded[model]
 
 
@@ -60,19 +61,31 @@ def _words(prompt: str | None) -> list[str]:
     return list(dict.fromkeys((prompt or "").split()))
 
 
+def _parse(text: str, what: str):
+    try:
+        return parse_prompt(text)
+    except PromptSyntaxError as error:
+        raise gr.Error(f"{what}: {error}") from None
+
+
 def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
-    """One row's recipe edit spec; None for an empty row."""
+    """One row's recipe edit spec; None for an empty row. The prompt may weight words inline: "a (fluffy:2) cat"."""
     prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit = values
     if not (prompt or "").strip():
         return None
+    parsed = _parse(prompt, f"edit {index}")
+    if parsed.edit is not None and parsed.edit != parsed.source:
+        raise gr.Error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
+                       "markup; put that in the source prompt")
     blend = None
     if blend_source or blend_edit or excl_source or excl_edit:
         if not blend_source or not blend_edit:
             raise gr.Error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
         blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
                  "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or [])}
-    weights = [[word, float(weight)] for word in weight_words or []]
-    return {"prompt": " ".join(prompt.split()), "mode": mode, "cross_steps": float(cross),
+    weights = [[position, w] for position, w in parsed.weights.items()]
+    weights += [[word, float(weight)] for word in weight_words or []]
+    return {"prompt": parsed.source, "mode": mode, "cross_steps": float(cross),
             "self_steps": float(self_steps), "weights": weights or None, "blend": blend}
 
 
@@ -102,10 +115,15 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
 
     if not (source or "").strip():
         raise gr.Error("type a source prompt first")
-    specs = [spec for i in range(int(count))
-             if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
+    parsed = _parse(source, "the source prompt")  # inline markup ("a [cat->dog]") makes the first edit
+    specs = []
+    if parsed.edit is not None:
+        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": 0.8, "self_steps": 0.4,
+                      "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
+    specs += [spec for i in range(int(count))
+              if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
     if not specs:
-        raise gr.Error("type at least one edit prompt")
+        raise gr.Error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'")
     real: dict[str, Any] = {}
     if image:
         if not inversion_available():
@@ -124,35 +142,39 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
         shutil.copyfile(image, copy)
         real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
     recipe = recipe_for(
-        editor, model_source, source=" ".join(source.split()), edits=specs, seed=None if seed is None else int(seed),
-        num_inference_steps=int(steps), guidance_scale=float(guidance), record_attention=True, **real,
+        editor, model_source, source=parsed.source, edits=specs, seed=None if seed is None else int(seed),
+        num_inference_steps=int(steps), guidance_scale=float(guidance), record_attention=True, cached_source=True,
+        **real,
     )
+    hits, started = editors.sources.hits, time.perf_counter()
     try:
-        result = run_recipe(recipe, editor, base_dir=folder)
+        result = run_recipe(recipe, editor, base_dir=folder, sources=editors.sources)
     except ValueError as error:  # the engine's checks of the user's words, windows and sizes
         shutil.rmtree(folder)
         raise gr.Error(str(error)) from None
+    timing = f"{time.perf_counter() - started:.1f} s" + (", source reused" if editors.sources.hits > hits else "")
     paths = save_result(result.images, recipe, folder)
     captions = ["source: " + recipe.source] + [f"edit {i}: {spec['prompt']}" for i, spec in enumerate(specs, 1)]
     gallery = [(str(path), text) for path, text in zip(paths, captions)]  # the grid (last path) is download-only
     heatmaps = [(heat, f"{i}: {text}") for i, text in enumerate(result.prompts)
                 for heat in p2p.attention_heatmaps(result, prompt_index=i)]
-    status = f"Seed {recipe.seed}. Saved to `{folder.name}`." if recipe.seed is not None else f"Saved to `{folder.name}`."
+    status = (f"Seed {recipe.seed}. " if recipe.seed is not None else "") + f"Saved to `{folder.name}`. {timing}."
     return gallery, [str(path) for path in paths], heatmaps, recipe.seed, status
 
 
 def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None = None, dtype: str = "auto",
-              max_upload_mb: float = 10.0) -> gr.Blocks:
+              max_upload_mb: float = 10.0, cache_mb: float = 2048) -> gr.Blocks:
     """The web app's Blocks, offering `models` (the first is the default) and writing under `out_dir`.
 
-    Gradio's own upload and file cache is moved into `out_dir` too (GRADIO_TEMP_DIR).
+    Gradio's own upload and file cache is moved into `out_dir` too (GRADIO_TEMP_DIR). Sources and inversions of
+    recent runs are kept within `cache_mb` MiB, so that changing only the edits re-runs only the edits.
     """
     if not models:
         raise ValueError("the web app needs at least one model, e.g. models=['demo']")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
-    editors = _Editors(models, device, dtype)
+    editors = _Editors(models, device, dtype, cache_mb)
     max_bytes = int(max_upload_mb * 2**20)
     can_invert = inversion_available()
 
@@ -168,7 +190,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                         prompt = gr.Textbox(label=f"Edit {i + 1}", placeholder="a dog riding a bicycle",
                                             elem_id=f"edit-{i + 1}")
                         with gr.Row():
-                            mode = gr.Radio(MODES, value="auto", label="Mode")
+                            mode = gr.Radio(list(MODES), value="auto", label="Mode")
                             cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention steps")
                             self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention steps")
                         with gr.Row():
@@ -206,7 +228,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                     image = gr.Image(type="filepath", format="png", image_mode="RGB", sources=["upload"],
                                      label=f"Image to edit (up to {max_upload_mb:g} MB; its caption is the source "
                                            "prompt)", interactive=can_invert)
-                    method = gr.Dropdown(METHODS, value="null-text", label="Inversion", interactive=can_invert)
+                    method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion", interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
         with gr.Tabs():
@@ -242,9 +264,10 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
 
 def launch(models: Sequence[str], *, host: str = "127.0.0.1", port: int = 7860, out_dir: str | Path = "outputs/web",
            max_upload_mb: float = 10.0, device: str | None = None, dtype: str = "auto",
-           prevent_thread_lock: bool = False) -> gr.Blocks:
+           prevent_thread_lock: bool = False, cache_mb: float = 2048) -> gr.Blocks:
     """Serve the web app on `host`:`port` (127.0.0.1 by default: only this machine can reach it)."""
-    app = build_app(models, out_dir=out_dir, device=device, dtype=dtype, max_upload_mb=max_upload_mb)
+    app = build_app(models, out_dir=out_dir, device=device, dtype=dtype, max_upload_mb=max_upload_mb,
+                    cache_mb=cache_mb)
     app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
                allowed_paths=[str(Path(out_dir).resolve())], prevent_thread_lock=prevent_thread_lock, quiet=True)
     return app

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from prompt2prompt.files import write_atomic
 
 MODEL_DIR = Path(__file__).parent / "model"
 SOURCE = "a big red circle in the center on a white background"
@@ -32,10 +33,7 @@ def demo_edits():
 
 
 def _save(image, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def run_demo(out_dir: str | Path = "outputs/demo", *, model: str | Path = "demo",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from prompt2prompt.demo import world
+from prompt2prompt.files import write_atomic
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "tests" / "assets" / "clip-tokenizer"
 HELDOUT_SEED = 10_000_000  # held-out scenes use seeds from here on; training seeds stay far below
@@ -150,9 +151,7 @@ def resume(run: Path, ckpt_path: Path, stage: str, **stateful) -> int:
 
 def save_atomic(obj, path: Path) -> None:
     """`torch.save` to a temporary file, then rename: a kill at any moment leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def log(run: Path, message: str) -> None:
@@ -216,10 +215,8 @@ def stage_data(run: Path, config: Config) -> None:
                                             two_object_fraction=config.two_object_fraction)
     probe_images, probe_captions = world.render_dataset(64, seed=HELDOUT_SEED + config.seed, two_object_fraction=0.0,
                                                         split="heldout", progress=False)
-    tmp = run / "data.tmp.npz"
-    np.savez(tmp, images=images, captions=np.array(captions), probe_images=probe_images,
-             probe_captions=np.array(probe_captions))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: np.savez(tmp, images=images, captions=np.array(captions), probe_images=probe_images,
+                                            probe_captions=np.array(probe_captions)))
     log(run, f"data: {len(captions)} scenes, {len(set(captions))} distinct captions -> {path}")
 
 
@@ -229,6 +226,11 @@ def load_data(run: Path) -> dict:
         raise SystemExit(f"{path} is missing: run the 'data' stage first")
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR in dB of a mean squared error measured in [-1, 1] (a range of 2), as on uint8 images in [0, 255]."""
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -271,7 +273,7 @@ def stage_vae(run: Path, config: Config, steps: int) -> None:
                 vae.eval()
                 mse = F.mse_loss(vae.decode(vae.encode(val).latent_dist.mean).sample, val).item()
                 vae.train()
-            log(run, f"vae: step {done} loss {loss.item():.4f} val mse {mse:.5f}")
+            log(run, f"vae: step {done} loss {loss.item():.4f} val mse {mse:.5f} ({psnr_db(mse):.2f} dB)")
     encode_latents(run, config, vae, images[:config.num_latents], data["probe_images"])
 
 

@@ -1,0 +1,312 @@
+"""Batch manifests: JSON Lines of jobs, each line checked before any model is loaded.
+
+A line is one job: a source prompt (or a real image and its caption), its edits in the form of
+`prompt2prompt.forms`, and the run's settings. `load_manifest` reports every malformed line with its number;
+a job's id is, unless given, a hash of its content, so that a restarted run recognises its finished jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..forms import edit_from_dict
+from ..inversion import METHODS
+from ..recipe import file_digest
+
+__all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
+
+_EDIT_FIELDS = ("prompt", "mode", "cross_steps", "self_steps", "weights", "blend")
+_EDIT_DEFAULTS = {"mode": "auto", "cross_steps": 0.8, "self_steps": 0.4, "weights": None, "blend": None}
+_JOB_FIELDS = ("id", "model", "source", "image", "edits", "seed", "num_inference_steps", "guidance_scale",
+               "negative_prompt", "height", "width", "inversion")
+# Names people type from the CLI or other tools, and the manifest's name for each.
+_ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "prompt": "source", "negative": "negative_prompt",
+            "cfg": "guidance_scale", "job_id": "id", "to": "edits"}
+_INVERSION_OPTIONS = ("method", "fit", "num_inner_steps", "early_stop_epsilon")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+ScoreHook = Callable[[Any, Any, str, str], float]
+
+
+class ManifestError(ValueError):
+    """A manifest with malformed lines; the message lists every one with its line number."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated manifest line. `spec` is its content, the input of the default id."""
+
+    id: str
+    line: int
+    model: str
+    source: str
+    edits: list[dict[str, Any]]
+    seed: int | None
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    image: dict[str, str] | None = None  # {"path": absolute path, "sha256": ...}
+    inversion: dict[str, Any] | None = None  # keyword arguments of `invert()`
+
+    def group_key(self) -> tuple:
+        """Jobs with equal keys can share one forward batch; a real image is inverted alone."""
+        if self.image is not None:
+            return (self.model, "image", self.id)
+        return (self.model, self.num_inference_steps, self.guidance_scale, self.height, self.width)
+
+
+@dataclass
+class Manifest:
+    """The valid jobs of a manifest, and the errors of the lines that were skipped."""
+
+    path: Path
+    jobs: list[Job]
+    errors: list[str] = field(default_factory=list)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unknown(fields: Iterable[str], known: Sequence[str], what: str) -> str | None:
+    unknown = sorted(set(fields) - set(known))
+    if not unknown:
+        return None
+    hints = [f"{name!r} (did you mean {_ALIASES[name]!r}?)" if name in _ALIASES else repr(name) for name in unknown]
+    return f"unknown {what} field {', '.join(hints)}; the fields are {', '.join(known)}"
+
+
+def _normal_edit(edit: Any, index: int) -> dict[str, Any]:
+    """An edit as the recipe stores it: every field present, weights as [word, weight] pairs."""
+    where = f"edit {index}"
+    if isinstance(edit, str):
+        edit = {"prompt": edit}
+    if not isinstance(edit, dict):
+        raise ValueError(f"{where} must be a prompt string or an object with {', '.join(_EDIT_FIELDS)}, not {edit!r}")
+    if message := _unknown(edit, _EDIT_FIELDS, "edit"):
+        raise ValueError(f"{where}: {message}")
+    if "prompt" not in edit:
+        raise ValueError(f"{where} has no 'prompt'")
+    spec = {**_EDIT_DEFAULTS, **edit}
+    weights = spec["weights"]
+    if isinstance(weights, dict):  # JSON object keys are text; pairs keep word positions as integers
+        spec["weights"] = [[word, weight] for word, weight in weights.items()]
+    elif weights is not None and not (isinstance(weights, list) and all(isinstance(p, list) and len(p) == 2 for p in weights)):
+        raise ValueError(f"{where}: weights must be an object {{word: weight}} or a list of [word, weight] pairs, "
+                         f"not {weights!r}")
+    if spec["blend"] is not None and (not isinstance(spec["blend"], dict)
+                                      or not {"source_words", "edit_words"} <= set(spec["blend"])):
+        raise ValueError(f"{where}: blend must be an object with source_words and edit_words (and the other "
+                         f"LocalBlend options), not {spec['blend']!r}")
+    return {name: spec[name] for name in _EDIT_FIELDS}
+
+
+def _check_edits(edits: list[dict[str, Any]]) -> None:
+    """Build the Edit objects once, so that a bad window or weight fails here and not on a GPU."""
+    for index, spec in enumerate(edits, 1):
+        try:
+            edit_from_dict(spec)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"edit {index}: {error}") from None
+
+
+def _model_id(model: str, base: Path, where: str) -> str:
+    """Local models by absolute path (as the recipe records them); "demo" and hub ids as given."""
+    path = Path(model).expanduser()
+    path = path if path.is_absolute() else base / path
+    if model != "demo" and path.exists():
+        return str(path.resolve())
+    looks_local = model.startswith((".", "/", "~")) or model.endswith(".safetensors") or model.count("/") > 1
+    if looks_local:
+        raise ValueError(f"model {model!r} does not exist (relative paths count from {where} {str(base)!r})")
+    return model
+
+
+def _image(value: Any, base: Path) -> dict[str, str]:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"image must be a file path, not {value!r}")
+    path = Path(value).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not path.is_file():
+        raise ValueError(f"image {value!r} is not a file (relative paths count from the manifest's folder {str(base)!r})")
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"image {value!r} cannot be read as an image: {error}") from None
+    return {"path": str(path), "sha256": file_digest(path)}
+
+
+def _inversion(value: Any) -> dict[str, Any]:
+    spec = {"method": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict):
+        raise ValueError(f"inversion must be a method name or an object with {', '.join(_INVERSION_OPTIONS)}, not {value!r}")
+    if message := _unknown(spec, _INVERSION_OPTIONS, "inversion"):
+        raise ValueError(message)
+    spec = {"method": "null-text", **spec}
+    if spec["method"] not in METHODS:
+        raise ValueError(f"inversion method {spec['method']!r} is not one of {', '.join(METHODS)}")
+    return spec
+
+
+def _seed_from(digest: str) -> int:
+    return int(digest[:8], 16) % 2**31
+
+
+def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
+    """Validate one manifest entry (already JSON-decoded) into a Job; raises ValueError saying what is wrong.
+
+    Relative paths in it count from `base`; `model` is the model of a job that names none, as given.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a job is a JSON object, not {type(data).__name__}")
+    if message := _unknown(data, _JOB_FIELDS, "job"):
+        raise ValueError(message)
+    source = data.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"'source' must be the source prompt (the image's caption for an image job), not {source!r}")
+    edits = data.get("edits")
+    if not isinstance(edits, list) or not edits:
+        raise ValueError(f"'edits' must be a non-empty list of edits, not {edits!r}")
+    edits = [_normal_edit(edit, i) for i, edit in enumerate(edits, 1)]
+    _check_edits(edits)
+    steps = data.get("num_inference_steps", 50)
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, not {steps!r}")
+    guidance = data.get("guidance_scale", 7.5)
+    if not _is_number(guidance):
+        raise ValueError(f"guidance_scale must be a finite number, not {guidance!r}")
+    negative = data.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"negative_prompt must be a string, not {negative!r}")
+    for name in ("height", "width"):
+        value = data.get(name)
+        if value is not None and (not _is_int(value) or value <= 0 or value % 8):
+            raise ValueError(f"{name} must be a positive multiple of 8 px, not {value!r}")
+    model_name = data.get("model")
+    if model_name is not None and (not isinstance(model_name, str) or not model_name):
+        raise ValueError(f"model must be a hub id, a local path or 'demo', not {model_name!r}")
+    content: dict[str, Any] = {
+        "model": model if model_name is None else _model_id(model_name, base, "the manifest's folder"),
+        "source": source, "edits": edits,
+        "num_inference_steps": steps, "guidance_scale": float(guidance), "negative_prompt": negative,
+        "height": data.get("height"), "width": data.get("width"),
+    }
+    image = inversion = None
+    seed = data.get("seed")
+    if "image" in data:
+        if seed is not None:
+            raise ValueError("seed does not apply to an image job: the inversion supplies the initial latent")
+        image = _image(data["image"], base)
+        inversion = _inversion(data.get("inversion", "null-text"))
+        content.update(image=image["sha256"], inversion=inversion)  # the content, wherever the file lives
+    elif "inversion" in data:
+        raise ValueError("'inversion' needs an 'image' to invert")
+    elif seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+    content["seed"] = seed
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    job_id = data.get("id", digest[:16])
+    if not isinstance(job_id, str) or not _ID.match(job_id):
+        raise ValueError(f"id must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                         f"not {job_id!r}")
+    if image is None and seed is None:
+        seed = _seed_from(digest)  # stable across restarts, different across jobs
+    return Job(id=job_id, line=line, model=content["model"], source=source, edits=edits, seed=seed,
+               num_inference_steps=steps, guidance_scale=float(guidance), negative_prompt=negative,
+               height=content["height"], width=content["width"], image=image, inversion=inversion)
+
+
+def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid: bool = False) -> Manifest:
+    """Read and validate a JSON Lines manifest; every malformed line is reported with its number.
+
+    Args:
+        path: the manifest; relative image and model paths in it count from its folder.
+        model: the model of jobs that name none (a relative path counts from the current folder).
+        skip_invalid: keep the valid jobs and list the errors in `Manifest.errors` instead of raising.
+
+    Example: `jobs = load_manifest("edits.jsonl").jobs`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"cannot read the manifest {str(path)!r}: {error}") from None
+    base = path.resolve().parent
+    try:
+        model = _model_id(model, Path.cwd(), "the current folder")
+    except ValueError as error:
+        raise ManifestError(f"--model: {error}") from None
+    jobs: list[Job] = []
+    errors: list[str] = []
+    lines_of: dict[str, int] = {}
+    for number, text_line in enumerate(text.splitlines(), 1):
+        if not text_line.strip():
+            continue
+        try:
+            job = parse_job(json.loads(text_line), line=number, base=base, model=model)
+        except json.JSONDecodeError as error:
+            errors.append(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
+            continue
+        except ValueError as error:
+            errors.append(f"{path}:{number}: {error}")
+            continue
+        if job.id in lines_of:
+            errors.append(f"{path}:{number}: job id {job.id!r} is already line {lines_of[job.id]}'s; "
+                          "give one of them another explicit 'id' (or drop the duplicate)")
+            continue
+        lines_of[job.id] = number
+        jobs.append(job)
+    if not jobs and not errors:
+        errors.append(f"{path}: the manifest has no jobs; write one JSON object per line")
+    if errors and not skip_invalid:
+        raise ManifestError(f"{len(errors)} invalid line(s) in the manifest (fix them, or pass --skip-invalid "
+                            "to run the rest):\n" + "\n".join(errors))
+    return Manifest(path=path, jobs=jobs, errors=errors)
+
+
+def plan_groups(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs that share a model and settings, in manifest order, cut into groups of at most `batch_size`.
+
+    >>> [len(g) for g in plan_groups([], 4)]
+    []
+    """
+    by_key: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        by_key.setdefault(job.group_key(), []).append(job)
+    groups: list[list[Job]] = []
+    for members in by_key.values():
+        groups += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    # Grouped by model first, so that a worker switches model as rarely as the manifest allows.
+    return sorted(groups, key=lambda g: (g[0].model, g[0].line))
+
+
+def load_score_hook(spec: str) -> ScoreHook:
+    """Import a scoring function given as "package.module:function"."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"a score hook is given as 'package.module:function', not {spec!r}")
+    try:
+        hook = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import the score hook {spec!r}: {error}") from None
+    if not callable(hook):
+        raise ValueError(f"the score hook {spec!r} is not callable")
+    return hook
