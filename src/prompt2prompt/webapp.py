@@ -37,7 +37,7 @@ ROW_FIELDS = 10
 class _Editors:
     """Editors for the offered models, loaded on first use, and the sources and inversions of recent runs."""
 
-    def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float):
+    def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float = 2048):
         self.models = list(models)
         self.device = device or default_device()
         self.dtype = parse_dtype(dtype, self.device)
