@@ -44,3 +44,13 @@ def test_bad_fields_fail_as_the_edit_does():
         edit_from_dict({"prompt": "a dog", "self_steps": 1.5})
     with pytest.raises(TypeError):
         edit_from_dict({"prompt": "a dog", "strength": 2})
+
+
+def test_edit_and_local_blend_carry_their_dict_form():
+    from prompt2prompt import Edit, LocalBlend
+
+    blend = LocalBlend("cat", ["dog"], threshold=0.5, exclude_edit_words=["bike"])
+    edit = Edit("a dog on a bike", cross_steps={"default": 0.8, "dog": (0.2, 0.6)}, weights={1: -1.0}, blend=blend)
+    assert Edit.from_dict(edit.to_dict()) == edit
+    assert LocalBlend.from_dict(blend.to_dict()) == blend
+    assert edit.to_dict()["blend"] == blend.to_dict()

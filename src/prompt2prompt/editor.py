@@ -85,6 +85,19 @@ class LocalBlend:
         _check_fraction(self.start, "LocalBlend start")
         _check_fraction(self.exclude_threshold, "LocalBlend exclude_threshold")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its keyword arguments as plain data (the recipe and manifest form); `LocalBlend.from_dict` reads it back."""
+        from .forms import blend_to_dict
+
+        return blend_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LocalBlend":
+        """The LocalBlend that `data` (its keyword arguments) describes."""
+        from .forms import blend_from_dict
+
+        return blend_from_dict(data)
+
 
 @dataclass
 class Edit:
@@ -127,6 +140,23 @@ class Edit:
                     raise ValueError(f"the weight of {word!r} must be a finite number, not {weight!r}")
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
             raise TypeError(f"blend must be a LocalBlend, not {self.blend!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """This edit as plain data (the recipe and manifest form, see `prompt2prompt.forms`).
+
+        >>> Edit.from_dict(Edit("a dog", weights={"dog": 2.0}).to_dict()) == Edit("a dog", weights={"dog": 2.0})
+        True
+        """
+        from .forms import edit_to_dict
+
+        return edit_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Edit":
+        """The Edit that `data` describes (the form `to_dict` writes); a clear error for a malformed one."""
+        from .forms import edit_from_dict
+
+        return edit_from_dict(data)
 
 
 @dataclass
