@@ -78,16 +78,23 @@ class CacheRecorder:
         self.blend_maps: list[torch.Tensor] = []
         self.step_latents: list[torch.Tensor] = []
 
-    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(self.device or tensor.device, copy=True)
+    def _keep(self, tensor: torch.Tensor, *, clone: bool = True) -> torch.Tensor:
+        """`tensor` on the cache's device: a copy, unless it is already a private copy on that device."""
+        device = torch.device(self.device) if self.device is not None else tensor.device
+        if device != tensor.device:
+            return tensor.detach().to(device)
+        return tensor.detach().clone() if clone else tensor
 
     def __call__(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
-        """A layer's source query and key (1, heads, ., d) at the current evaluation."""
-        self.evaluations[-1][name] = (self._keep(query), self._keep(key))
+        """A layer's source query and key (1, heads, ., d) at the current evaluation, kept on the run's device."""
+        # Moved to the cache's device once per evaluation (`end_evaluation`), not in every layer call.
+        self.evaluations[-1][name] = (query.detach().clone(), key.detach().clone())
 
     def end_evaluation(self, blend_sum: torch.Tensor | None) -> None:
         if blend_sum is not None:
             self.blend_maps.append(self._keep(blend_sum[0]))
+        self.evaluations[-1] = {name: (self._keep(q, clone=False), self._keep(k, clone=False))
+                                for name, (q, k) in self.evaluations[-1].items()}
         self.evaluations.append({})
 
     def end_step(self, latents: torch.Tensor) -> None:
