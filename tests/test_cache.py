@@ -70,11 +70,12 @@ def test_a_cached_inverted_source(sd_pipe, method):
     cached = editor.edit(SOURCE, EDITS["mixed"], cache=cache, output_type="latent")
     bound = tolerance(1e-4, scale=fresh.images.abs().max().item())
     if method == "direct":
-        # The direct source row is the guided step plus (pivot - the inversion's guided step): it lands on the
-        # pivot up to each run's own rounding of that step (about 1e-3 on this random UNet at guidance 7.5, in a
-        # fresh run as in a cached one), so both are held to the pivot, and the edit rows to each other.
-        for images in (fresh.images, cached.images):
-            assert max_diff(images[0], inv.trajectory[0, 0]) <= max(3e-3, bound)
+        # The direct source row is the guided step plus (pivot - the inversion's guided step). A cached source
+        # is computed in a batch like the inversion's, so it lands on the pivot to float precision; a fresh
+        # run's batch also holds the edits, whose other rounding this random UNet at guidance 7.5 amplifies
+        # to about 1e-3. So each source row is held to the pivot, and the edit rows to each other.
+        assert max_diff(cached.images[0], inv.trajectory[0, 0]) <= tolerance(1e-6, scale=bound)
+        assert max_diff(fresh.images[0], inv.trajectory[0, 0]) <= max(3e-3, bound)
         assert max_diff(cached.images[1:], fresh.images[1:]) <= bound
     else:
         assert max_diff(cached.images, fresh.images) <= bound

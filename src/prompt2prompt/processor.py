@@ -228,7 +228,14 @@ class P2PAttnProcessor:
                 probs = _edit_cross_probs(probs, first, a_s, plan, step)
                 if recorded:
                     state.record(probs[first if state.cached else first - 1 :], size, self.place)
-                return _apply(probs, v)
+                if layers.explicit or first == 0:
+                    return _apply(probs, v)
+                # A fused run's recorded layer: the edit rows from their edited probabilities, the other rows as
+                # plain generation computes them, so that recording never changes the source's or an
+                # unconditional row's numbers (a direct inversion's source row relies on that).
+                m = None if mask is None else mask[:first]
+                plain = F.scaled_dot_product_attention(q[:first], k[:first], v[:first], attn_mask=m)
+                return torch.cat([plain, _apply(probs[first:], v[first:])])
             return _fused_cross(q, k, v, mask, first, q_s, k_s, mask_s, plan, step)
         if not layers.self_replaces(size):
             return _apply(_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
