@@ -20,3 +20,11 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
     tiny_sdxl_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pickle_dir(tmp_path_factory) -> Path:
+    """The tiny SD 1.x pipeline saved with pickle (.bin) weights for its UNet and VAE, as old checkpoints are."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd-pickle"
+    tiny_sd_pipeline().save_pretrained(folder, safe_serialization=False)
+    return folder

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from prompt2prompt.alignment import (
+    check_words,
     find_words,
     needleman_wunsch,
     refinement_mapper,
@@ -114,3 +115,30 @@ def test_a_tokenizer_without_offsets_gets_a_clear_error(tokenizer):
 
     with pytest.raises(TypeError, match="transformers >= 5.17"):
         tokenize(SlowTokenizer(), "a cat")
+
+
+@pytest.mark.parametrize("source", [
+    "a  cat riding a bicycle",  # two spaces in a row
+    "a cat\triding a\nbicycle",  # tabs and newlines separate words too
+    "  a cat riding a bicycle ",  # leading and trailing spaces
+    "a \t\n cat   riding  a  bicycle",
+])
+def test_runs_of_whitespace_separate_words_and_make_no_empty_word(tokenizer, source):
+    spaced = tokenize(tokenizer, source)
+    single = tokenize(tokenizer, "a cat riding a bicycle")
+    assert spaced.words == single.words == ["a", "cat", "riding", "a", "bicycle"]
+    assert spaced.word_tokens == single.word_tokens
+    edit = tokenize(tokenizer, "a dog riding a bicycle")
+    assert torch.equal(replacement_mapper(spaced, edit), replacement_mapper(single, edit))
+    lasagne = tokenize(tokenizer, "a lasagne riding  a bicycle")  # a changed word of another token count
+    assert torch.equal(replacement_mapper(spaced, lasagne),
+                       replacement_mapper(single, tokenize(tokenizer, "a lasagne riding a bicycle")))
+    assert find_words(spaced, "riding") == [2] and word_token_positions(spaced, "a  bicycle") == [1, 4, 5]
+
+
+def test_words_are_checked_without_a_tokenizer_on_the_same_split():
+    check_words("a  cat\triding", ["cat", "riding", 2])
+    with pytest.raises(ValueError, match="position 3"):
+        check_words("a  cat\triding", [3])  # three words, not four
+    with pytest.raises(ValueError, match="must hold some text"):
+        check_words("a cat", " ")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,3 +405,188 @@ def test_a_local_ray_run_gives_the_plain_run_s_outputs(plain_run, tmp_path):
         twin = tmp_path / "ray" / png.relative_to(plain_out)
         assert np.array_equal(pixels(png), pixels(twin)), png.relative_to(plain_out)
         assert read_recipe(png) == read_recipe(twin)
+
+
+# ------------------------------------------------------------------------------------------------ untrusted input
+
+
+def test_manifest_settings_have_the_recipe_s_bounds(tmp_path, tiny_sd_dir):
+    good = {"source": "a cat riding a bike", "edits": ["a dog riding a bike"], "model": str(tiny_sd_dir)}
+    (tmp_path / "photo.png").write_bytes(b"")
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    path = write_manifest(tmp_path / "m.jsonl", [
+        {**good, "num_inference_steps": 10**6},                                          # 1
+        {**good, "height": 8192},                                                        # 2
+        '{"source": "a cat", "edits": ["a dog"], "guidance_scale": NaN}',                # 3
+        {**good, "guidance_scale": 1e308},                                               # 4
+        {**good, "edits": ["a dog riding a bike"] * 65},                                 # 5
+        {**good, "image": "photo.png", "inversion": {"num_inner_steps": 10**6}},         # 6
+        {**good, "image": "photo.png", "inversion": {"early_stop_epsilon": -1}},         # 7
+        {**good, "id": "job-1\n"},                                                       # 8
+        {**good, "seed": 2**63},                                                         # 9
+        '{"source": "a cat", "edits": ["a dog"], "seed": ' + "9" * 5000 + "}",           # 10
+        "[" * 100_000,                                                                   # 11
+        {**good, "model": "~nobody-here/model"},                                         # 12
+    ])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    expected = {
+        1: "num_inference_steps must be an integer from 1 to 1000 (set P2P_ALLOW_LARGE=1 for more)",
+        2: "height must be a positive multiple of 8 px up to 4096", 3: "guidance_scale must be a finite number",
+        4: "guidance_scale must be a finite number from -100 to 100", 5: "edits must be a non-empty list of edits of at most 64",
+        6: "inversion num_inner_steps must be an integer from 0 to 100", 7: "early_stop_epsilon must be a finite number >= 0",
+        8: "id must be 1-100 letters", 9: "seed must be a non-negative integer", 10: "Exceeds the limit (4300 digits)",
+        11: "not valid JSON (nested too deeply)", 12: "model '~nobody-here/model' is neither a usable path nor a hub id",
+    }
+    lines = str(caught.value).splitlines()[1:]
+    assert len(lines) == len(expected)
+    for (number, fragment), line in zip(expected.items(), lines):
+        assert line.startswith(f"{path}:{number}: ") and fragment in line, line
+
+
+def test_an_id_ending_in_a_newline_is_refused(tmp_path):
+    line = {"source": "a cat", "edits": ["a dog"]}
+    assert batch.parse_job({**line, "id": "job-1"}, line=1, base=tmp_path, model="demo").id == "job-1"
+    for job_id in ("job-1\n", "job-1\n\n", "\njob-1", "x" * 101):
+        with pytest.raises(ValueError, match="id must be 1-100 letters"):
+            batch.parse_job({**line, "id": job_id}, line=1, base=tmp_path, model="demo")
+
+
+def _four_jobs(tiny_sd_dir, monkeypatch) -> list[dict]:
+    """Two valid jobs, one that overflows when prepared (as a weight beyond float16 would) and one with a word
+    not in its prompt."""
+    from prompt2prompt import Editor
+
+    real_prepare = Editor.prepare
+
+    def prepare(self, prompt, *args, **kwargs):
+        if "overflowing" in prompt:
+            raise OverflowError("the overflowing job's weight does not fit in float16")
+        return real_prepare(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "prepare", prepare)
+    lines = [{"source": f"a {a} riding a bike", "edits": [f"a {b} riding a bike"], "seed": i, "num_inference_steps": STEPS,
+              "model": str(tiny_sd_dir)} for i, (a, b) in enumerate([("cat", "dog"), ("overflowing", "fox"),
+                                                                     ("fox", "owl"), ("owl", "bear")])]
+    lines[2]["edits"] = [{"prompt": "a owl riding a bike", "blend": {"source_words": ["zebra"], "edit_words": ["owl"]}}]
+    return lines
+
+
+def _assert_own_outcomes(rows: dict, jobs, *, extra: dict | None = None) -> None:
+    assert [rows[job.id]["status"] for job in jobs[:4]] == ["done", "failed", "failed", "done"]
+    assert rows[jobs[1].id]["error"] == "OverflowError: the overflowing job's weight does not fit in float16"
+    assert "zebra" in rows[jobs[2].id]["error"]
+    assert rows[jobs[0].id]["error"] is None and rows[jobs[3].id]["error"] is None
+    for job_id, fragment in (extra or {}).items():
+        assert rows[job_id]["status"] == "failed" and fragment in rows[job_id]["error"]
+
+
+def test_a_job_that_overflows_fails_alone_in_its_forward_batch(tmp_path, tiny_sd_dir, monkeypatch):
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", _four_jobs(tiny_sd_dir, monkeypatch)))
+    out = tmp_path / "out"
+    summary = run_batch(manifest, out, workers=0, batch_size=4, progress=False, **ON_DEVICE)
+    assert (summary.done, summary.failed) == (2, 2)
+    rows = {row["id"]: row for row in index_rows(out)}
+    _assert_own_outcomes(rows, manifest.jobs)
+    assert [rows[job.id]["batch"] for job in manifest.jobs] == [4, 4, 4, 4]  # the valid two ran together
+    again = run_batch(manifest, out, workers=0, batch_size=4, progress=False, **ON_DEVICE)  # every retry alike
+    assert (again.done, again.failed, again.skipped) == (0, 2, 2)
+    _assert_own_outcomes(batch.read_index(out), manifest.jobs)
+
+
+def test_a_forward_batch_that_raises_runs_each_job_alone(tmp_path, tiny_sd_dir, monkeypatch):
+    """An error of the whole forward batch (an overflow inside the UNet, say) is one job's: the others still finish."""
+    from prompt2prompt import Editor
+
+    lines = _four_jobs(tiny_sd_dir, monkeypatch) + [{"source": "a poisoned cat", "edits": ["a poisoned dog"], "seed": 9,
+                                        "num_inference_steps": STEPS, "model": str(tiny_sd_dir)}]
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", lines))
+    real_run = Editor.run
+
+    def run(self, runs, **kwargs):
+        if any("poisoned" in r.prompts[0] for r in (runs if isinstance(runs, list) else [runs])):
+            raise OverflowError("the poisoned job overflows")
+        return real_run(self, runs, **kwargs)
+
+    monkeypatch.setattr(Editor, "run", run)
+    out = tmp_path / "out"
+    summary = run_batch(manifest, out, workers=0, batch_size=5, progress=False, **ON_DEVICE)
+    assert (summary.done, summary.failed) == (2, 3)
+    rows = {row["id"]: row for row in index_rows(out)}
+    _assert_own_outcomes(rows, manifest.jobs, extra={manifest.jobs[4].id: "OverflowError: the poisoned job overflows"})
+    assert {rows[job.id]["batch"] for job in manifest.jobs} == {1}  # each alone after the batch failed
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == sorted([manifest.jobs[0].id, manifest.jobs[3].id])
+
+
+@pytest.mark.parametrize("obstacle, message", [
+    ("jobs-file", "is not a folder (the job folders go there)"),
+    ("job-file", "is not a job folder"),
+    ("index-folder", "is not a file (the results index goes there)"),
+    ("stray-folder", "has no readable job.json (FileNotFoundError), so it is no finished job's folder"),
+    ("bad-job-json", "has no readable job.json (JSONDecodeError)"),
+])
+def test_a_file_in_the_way_fails_before_compute(tmp_path, tiny_sd_dir, monkeypatch, obstacle, message):
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", job_lines(2, model=str(tiny_sd_dir))))
+    out = tmp_path / "out"
+    (out / ".staging" / "half").mkdir(parents=True)
+    if obstacle == "jobs-file":
+        (out / "jobs").write_text("")
+    elif obstacle == "job-file":
+        (out / "jobs").mkdir()
+        (out / "jobs" / manifest.jobs[1].id).write_text("")
+    elif obstacle == "index-folder":
+        (out / INDEX).mkdir()
+    else:
+        (out / "jobs" / "stray").mkdir(parents=True)
+        if obstacle == "bad-job-json":
+            (out / "jobs" / "stray" / "job.json").write_text("{torn")
+    monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("compute started"))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        run_batch(manifest, out, workers=0, progress=False, **ON_DEVICE)
+    assert not (out / ".staging").exists()
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "m.jsonl"), "--out", str(out), "--workers", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split())  # rich wraps long lines at the console's width
+
+
+def test_a_staging_file_and_an_empty_staging_are_cleaned(plain_run, tmp_path, monkeypatch):
+    import shutil
+
+    jobs, plain_out, _ = plain_run
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    (out / ".staging").write_text("not a folder")
+    monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
+    run_batch(jobs, out, workers=0, progress=False, **ON_DEVICE)
+    assert not (out / ".staging").exists()
+    assert not (plain_out / ".staging").exists()  # a run leaves no .staging behind
+
+
+def test_a_hand_corrupted_index_is_repaired_from_the_job_folders(plain_run, tmp_path, monkeypatch):
+    import shutil
+
+    jobs, plain_out, _ = plain_run
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    lines = (out / INDEX).read_text().splitlines()
+    garbage = ['[1, 2]', '"text"', '{"id": 5, "status": "done"}', '{"status": "done"}', '{"id": "x"}', "{}", "null",
+               '{"id": "not-run", "status": "done", "line": 99}', "[" * 50_000, '{"id": "y", "status": "done"} trailing']
+    (out / INDEX).write_bytes(("\n".join(garbage + lines[:5] + ["\x00\x01 torn"]) + "\n").encode() + b"\xff\xfe\n")
+    monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
+    summary = run_batch(jobs, out, workers=0, progress=False, **ON_DEVICE)
+    assert (summary.done, summary.skipped) == (0, 20)
+    assert_complete(out, jobs.jobs)  # the folders indexed again; the "done" row of a job without a folder dropped
+
+
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, tiny_sd_dir):
+    import stat
+
+    manifest = load_manifest(write_manifest(tmp_path / "m.jsonl", job_lines(1, model=str(tiny_sd_dir))))
+    previous = os.umask(0o022)
+    try:
+        run_batch(manifest, tmp_path / "out", workers=0, progress=False, **ON_DEVICE)
+    finally:
+        os.umask(previous)
+    files = [tmp_path / "out" / INDEX, *(tmp_path / "out" / "jobs").glob("*/*")]
+    assert len(files) == 4  # the index, source.png, edit-1.png, job.json
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o644 for path in files}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
+from saved_models import tiny_sd_dir, tiny_sd_pickle_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p
@@ -195,6 +195,10 @@ def test_usage_errors_exit_2_with_a_message(tiny_sd_dir, tmp_path, args, message
     assert not list(tmp_path.iterdir())
 
 
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -207,11 +211,8 @@ def test_usage_errors_exit_2_with_a_message(tiny_sd_dir, tmp_path, args, message
     ],
 )
 def test_bad_edits_fail_before_a_model_loads(tmp_path, monkeypatch, args, message):
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the edits were checked")
-
-    monkeypatch.setattr(cli, "resolve_model", no_model)
-    monkeypatch.setattr(cli, "load_editor", no_model)
+    monkeypatch.setattr(cli, "resolve_model", _no_model)
+    monkeypatch.setattr(cli, "load_editor", _no_model)
     result = run("edit", *args, "--out", tmp_path)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
@@ -284,3 +285,177 @@ def test_offline_hub_model_from_the_cache_and_missing_from_it(tiny_sd_dir, tmp_p
     assert "'p2p-tests/elsewhere' is not in the Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr
 
+
+
+def _crafted(inline_edit, path, **changes):
+    """edit-1.png of `inline_edit` with its recipe changed as a crafted PNG would change it (unchecked)."""
+    import dataclasses
+
+    out, _ = inline_edit
+    recipe = dataclasses.replace(read_recipe(out / "edit-1.png"), **changes)
+    with Image.open(out / "edit-1.png") as image:
+        save_png(image.convert("RGB"), path, recipe)
+    return path
+
+
+def _one_message(result) -> str:
+    assert "Traceback" not in result.output
+    return " ".join(result.stderr.split())  # rich wraps long lines at the console's width
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"image_index": 5}, "image_index must be null (the grid) or an index from 0 to 1 of the 2 image(s)"),
+        ({"num_inference_steps": 10**7}, "num_inference_steps must be an integer from 1 to 1000"),
+        ({"threads": 500}, "threads must be an integer from 1 to 256"),
+        ({"height": 10**6}, "height must be a positive multiple of 8 px up to 4096"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"edits": [{"prompt": 3}]}, "edit 1: an Edit needs a non-empty prompt"),
+        ({"scheduler": {"_class_name": "DDIMScheduler", "num_train_timesteps": 10**12}}, "scheduler 'num_train_timesteps'"),
+        ({"inversion": {"method": "ddim", "num_inner_steps": 10**9}}, "the recipe's inversion needs an image"),
+    ],
+)
+def test_replay_refuses_crafted_recipes_before_a_model_loads(inline_edit, tmp_path, monkeypatch, changes, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the recipe was checked")
+
+    monkeypatch.setattr(cli, "resolve_model", no_model)
+    monkeypatch.setattr(cli, "load_editor", no_model)
+    result = run("replay", _crafted(inline_edit, tmp_path / "crafted.png", **changes), "--out", tmp_path / "replay")
+    assert result.exit_code == 2, result.output
+    assert message in _one_message(result)
+    assert not (tmp_path / "replay").exists()
+
+
+def test_replay_takes_only_a_scheduler_the_pipeline_lists(inline_edit, tmp_path, monkeypatch):
+    monkeypatch.setattr(p2p.Editor, "run", lambda *args, **kwargs: pytest.fail("the run started"))
+    crafted = _crafted(inline_edit, tmp_path / "crafted.png", scheduler={"_class_name": "StableDiffusionPipeline"})
+    result = run("replay", crafted, "--out", tmp_path / "replay")
+    assert result.exit_code == 2, result.output
+    assert "the recipe's scheduler 'StableDiffusionPipeline' is not one that this pipeline takes" in _one_message(result)
+
+
+def test_replay_of_a_result_with_nan_is_a_runtime_error(inline_edit, tmp_path, monkeypatch):
+    from prompt2prompt.editor import EditResult
+
+    monkeypatch.setattr(p2p.Editor, "edit", lambda *args, **kwargs: EditResult(np.full((2, 32, 32, 3), np.nan), [], []))
+    result = run("replay", inline_edit[0] / "edit-1.png", "--out", tmp_path / "replay")
+    assert result.exit_code == 1, result.output
+    assert "error: the result has NaN/inf values" in _one_message(result)
+    assert not (tmp_path / "replay").exists()
+
+
+def _one_error(result, message: str) -> None:
+    """One `error:` line naming the problem (a syntax error adds the prompt and a caret under its column)."""
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == (3 if lines[0].startswith("error: column") else 1), result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["edit", ""], "column 1: the source prompt is empty"),
+        (["edit", "--prompt", " ", "--to", "a dog"], "column 1: the source prompt is empty"),
+        (["edit", "a (red:1e39) cat"], "column 8: the weight '1e39' is outside [-100, 100]"),
+        (["edit", "a [a->b->c] d"], "column 8: '->' stands once in an edit"),
+        (["edit", "a [->] d"], "column 3: '[->]' changes nothing"),
+        (["edit", "a [+] d"], "column 3: '[+...]' adds nothing"),
+        (["edit", "a [-] d"], "column 3: '[-...]' removes nothing"),
+        (["edit", "a [cat->dog]", "--guidance", "nan"], "guidance_scale must be a finite number"),
+        (["edit", "a [cat->dog]", "--guidance", "-inf"], "guidance_scale must be a finite number"),
+        (["edit", "a [cat->dog]", "--weight", "dog=1e30"], "the weight of 'dog' is 1e+30, outside [-100, 100]"),
+        (["edit", "a [cat->dog]", "--cross", "nan"], "has values outside [0, 1]"),
+        (["edit", "a [cat->dog]", "--steps", "5000"], "--steps must be an integer from 1 to 1000"),
+        (["edit", "a [cat->dog]", "--height", "100000"], "--height must be a positive multiple of 8 px"),
+        (["edit", "a [cat->dog]", "--device", "foo"], "unknown device 'foo'"),
+        (["edit", "a [cat->dog]", "--seed", str(2**64)], "Invalid value for '--seed'"),
+        (["edit", "a [cat->dog]", "--steps", "0"], "Invalid value for '--steps'"),
+        (["edit", "a [cat->dog]", "--bogus"], "No such option: --bogus"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["attention", "a cat", "--guidance", "inf"], "guidance_scale must be a finite number"),
+        (["serve", "--max-upload-mb", "nan"], "--max-upload-mb"),
+        (["serve", "--device", "meta"], "runs on cpu, cuda, mps or xpu"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2_before_any_model_loads(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "resolve_model", _no_model)
+    monkeypatch.setattr(cli, "load_editor", _no_model)
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    _one_error(result, message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_runtime_errors_are_one_line_and_exit_1_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "resolve_model", _no_model)
+    monkeypatch.setattr(cli, "load_editor", _no_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run("edit", "a [cat->dog]", "--device", "cuda", "--out", tmp_path)
+    assert result.exit_code == 1
+    _one_error(result, "device 'cuda' is not available")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for command in (["edit", "a [cat->dog]"], ["attention", "a cat"], ["serve"]):
+        result = run(*command, "--out", tmp_path / "taken" / "inside")
+        assert result.exit_code == 1, result.output
+        _one_error(result, f"cannot write into --out '{tmp_path / 'taken' / 'inside'}': '{tmp_path / 'taken'}' is a file")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        result = run("edit", "a [cat->dog]", "--out", locked / "new")
+        assert result.exit_code == 1
+        _one_error(result, f"cannot write into --out '{locked / 'new'}': Permission denied; pass another --out")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["a [cat->dog]", "--height", "256", "--width", "256"], "more than 4 times this model's native 32x32"),
+        (["a [cat->dog]", "--negative", "blurry " * 80], "the negative prompt 'blurry blurry"),
+    ],
+)
+def test_settings_the_model_cannot_render_are_usage_errors(tiny_sd_dir, tmp_path, args, message):
+    result = run("edit", *args, "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    _one_error(result, message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_decompression_bomb_image_is_a_usage_error(tiny_sd_dir, tmp_path):
+    from test_images import bomb_png
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(20_000, 20_000))
+    result = run("edit", "--image", bomb, "--prompt", "a cat", "--to", "a dog", "--model", tiny_sd_dir, "--steps", "2",
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    _one_error(result, "is too large to decode safely")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_images_fail_and_write_no_png(tiny_sd_dir, tmp_path, monkeypatch):
+    real_run = p2p.Editor.run
+
+    def diverging_run(self, *args, **kwargs):  # what a huge guidance or a float16 overflow gives
+        result = real_run(self, *args, **kwargs)
+        result.images[1:] = float("nan")
+        return result
+
+    monkeypatch.setattr(p2p.Editor, "run", diverging_run)
+    result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    assert result.exit_code == 1, result.output
+    _one_error(result, "NaN")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_pickle_weights_need_allow_pickle(tiny_sd_pickle_dir, tmp_path):
+    result = run("edit", "a [cat->dog]", "--model", tiny_sd_pickle_dir, *FAST, "--out", tmp_path)
+    assert result.exit_code == 1
+    _one_error(result, "has pickle weights (unet/diffusion_pytorch_model.bin) and no safetensors ones")
+    assert "--allow-pickle" in result.stderr
+    result = run("edit", "a [cat->dog]", "--model", tiny_sd_pickle_dir, *FAST, "--allow-pickle", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "edit-1.png").is_file()

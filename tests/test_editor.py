@@ -182,6 +182,8 @@ def test_bad_input_gets_a_clear_error(sd_pipe, edits, kwargs, message):
         (lambda: p2p.Edit("a dog", cross_steps=(0.9, 0.1)), "starts after it ends"),
         (lambda: p2p.Edit("a dog", self_steps=1.2), "outside"),
         (lambda: p2p.Edit("a dog", weights={"dog": "big"}), "finite number"),
+        (lambda: p2p.Edit("a dog", weights={"dog": 10**400}), "finite number"),  # no OverflowError
+        (lambda: p2p.Edit("a dog", weights={"dog": 1e39}), r"outside \[-100, 100\]"),
         (lambda: p2p.Edit(""), "non-empty"),
         (lambda: p2p.LocalBlend("cat", "dog", threshold=2), "threshold"),
         (lambda: p2p.LocalBlend("cat", 3.5), "edit_words"),
@@ -259,3 +261,42 @@ def test_results_live_where_the_user_reads_them(sd_pipe):
     assert result.images.device == sd_pipe.device and result.images.dtype == sd_pipe.unet.dtype  # like diffusers'
     assert all(m.device.type == "cpu" for m in result.masks.values())
     assert all(a.device.type == "cpu" and a.dtype == torch.float32 for a in result.attention.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, not nan"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number, not inf"),
+        ({"guidance_scale": 10**400}, "guidance_scale must be a finite number"),
+        ({"guidance_scale": "7.5"}, "guidance_scale must be a finite number"),
+        ({"seed": -1}, "seed must be an integer from 0"),
+        ({"seed": 2**64}, "seed must be an integer from 0"),
+        ({"height": 0}, "positive integers"),
+        ({"height": 32.0}, "positive integers"),
+        ({"height": 256, "width": 256}, "more than 4 times this model's native 32x32"),
+        ({"negative_prompt": " ".join(["blurry"] * 80)}, "the negative prompt .* is 82 tokens long"),
+        ({"negative_prompt": 3}, "negative_prompt must be a string"),
+    ],
+)
+def test_settings_that_cannot_render_are_refused_before_any_compute(sd_pipe, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        p2p.Editor(sd_pipe).prepare(SOURCE, CASES["replace"], num_inference_steps=2, **{**SIZE, **kwargs})
+
+
+def test_a_long_negative_prompt_is_refused_by_either_sdxl_tokenizer(sdxl_pipe):
+    with pytest.raises(ValueError, match="the negative prompt .* more than the text encoder's 77"):
+        p2p.Editor(sdxl_pipe).prepare(SOURCE, [], negative_prompt="blurry " * 80, num_inference_steps=2, **SIZE)
+    p2p.Editor(sdxl_pipe).prepare(SOURCE, [], negative_prompt="blurry " * 10, num_inference_steps=2, **SIZE)
+
+
+def test_runs_of_whitespace_in_api_prompts_make_no_empty_word(sd_pipe):
+    editor = p2p.Editor(sd_pipe)
+    options = dict(num_inference_steps=2, seed=0, **SIZE)
+    edit = p2p.Edit("a dog riding  a\tbicycle", weights={"bicycle": 2.0}, cross_steps={"default": 0.8, 4: 0.5})
+    spaced = editor.prepare("  a  cat riding a bicycle\n", [edit], **options)
+    single = editor.prepare(SOURCE, [p2p.Edit("a dog riding a bicycle", weights={"bicycle": 2.0},
+                                              cross_steps={"default": 0.8, 4: 0.5})], **options)
+    assert spaced.plan.replace == single.plan.replace == (True,)  # five words each: a word swap
+    for name in ("mapper", "weights", "cross"):
+        assert torch.equal(getattr(spaced.plan, name), getattr(single.plan, name)), name

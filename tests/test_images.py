@@ -1,12 +1,15 @@
 """Image input: files, PIL images and arrays in any mode, fitted to the sizes a model accepts."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from prompt2prompt.images import fit_image, image_size, load_image, prepare_image, psnr, to_tensor
+from prompt2prompt.images import (check_pixels, fit_image, image_size, load_image, open_image, prepare_image, psnr,
+                                  to_tensor)
 
 
 class _Pipe:
@@ -142,3 +145,33 @@ def test_to_tensor_range_and_psnr():
     assert psnr(noisy, noisy) == float("inf")
     with pytest.raises(ValueError, match="same size"):
         psnr(noisy, np.zeros((2, 2, 3), np.uint8))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims `width` x `height` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20_000, 10_000])  # over twice Pillow's limit (its error), and over it (a warning)
+def test_a_decompression_bomb_is_one_clear_error_before_decoding(tmp_path, side):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(side, side))
+    for read in (load_image, open_image):
+        with pytest.raises(ValueError, match=r"^'.*bomb.png' is too large to decode safely .*resize it first$"):
+            read(bomb)
+
+
+def test_sizes_beyond_4x_the_models_pixels_are_refused():
+    assert image_size(_Pipe, height=1024, width=1024) == (1024, 1024)
+    assert image_size(_Pipe, height=512, width=2048) == (512, 2048)
+    with pytest.raises(ValueError, match="height=1536 and width=1536 make 2359296 pixels, more than 4 times this "
+                                         "model's native 512x512; .*e.g. 1024x1024"):
+        image_size(_Pipe, height=1536, width=1536)
+    with pytest.raises(ValueError, match="more than 4 times"):
+        check_pixels(_Pipe, 8192, 8192)
+    with pytest.raises(ValueError, match="height=nan"):
+        image_size(_Pipe, height=float("nan"))  # no nearest size to suggest, and no crash looking for one

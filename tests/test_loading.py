@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from saved_models import tiny_sd_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
+from saved_models import tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
 
 from prompt2prompt import Editor, loading
 from prompt2prompt.loading import ModelLoadError, load_editor, load_pipeline, parse_dtype, resolve_model
@@ -160,3 +160,74 @@ def test_load_editor_wraps_the_pipeline_and_hides_progress_bars_unless_asked(tin
 def test_load_editor_checks_the_dtype_before_the_model():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_editor("./no/such/folder", dtype="float8")
+
+
+def test_devices_are_checked_before_anything_loads(monkeypatch):
+    from prompt2prompt.loading import check_device
+
+    assert check_device("cpu") == "cpu"
+    for name, message in [("foo", "unknown device 'foo'"), ("meta", "runs on cpu, cuda, mps or xpu")]:
+        with pytest.raises(ValueError, match=message):
+            load_editor("./no/such/folder", device=name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device 'cuda' is not available: this machine .* has no cuda device"):
+        load_editor("./no/such/folder", device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1"
+    with pytest.raises(RuntimeError, match="has 2 cuda device"):
+        check_device("cuda:2")
+
+
+def test_pickle_weights_load_only_when_allowed(tiny_sd_pickle_dir):
+    with pytest.raises(ModelLoadError, match=r"has pickle weights \(unet/diffusion_pytorch_model.bin\) and no "
+                                             r"safetensors ones; .*--allow-pickle \(allow_pickle=True\)"):
+        load_pipeline(str(tiny_sd_pickle_dir))
+    with pytest.raises(ModelLoadError, match="has pickle weights"):
+        Editor.from_pretrained(str(tiny_sd_pickle_dir))
+    assert type(load_pipeline(str(tiny_sd_pickle_dir), allow_pickle=True)) is StableDiffusionPipeline
+    assert isinstance(load_editor(str(tiny_sd_pickle_dir), allow_pickle=True)[0], Editor)
+    assert isinstance(Editor.from_pretrained(str(tiny_sd_pickle_dir), allow_pickle=True), Editor)
+
+
+class _RunsCode:
+    """Unpickling this runs code: it touches `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("content", ["not a pickle", "runs code"])
+def test_opted_in_pickles_that_cannot_be_read_safely_are_one_load_error(tiny_sd_pickle_dir, tmp_path, content):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_pickle_dir, folder)
+    marker = tmp_path / "ran"
+    for weights in [folder / "unet" / "diffusion_pytorch_model.bin", folder / "text_encoder" / "pytorch_model.bin"]:
+        if content == "runs code":
+            torch.save({"weight": _RunsCode(marker)}, weights)
+        else:
+            weights.write_bytes(b"\x80\x04garbage")
+    (folder / "text_encoder" / "model.safetensors").unlink()  # the text encoder's pickle is read by transformers
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_pipeline(str(folder), allow_pickle=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ("{not json", "cannot read .*model_index.json"),
+        ("[1, 2]", "holds a non-diffusers model"),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["os", "system"]}',
+         "takes its 'text_encoder' component from 'os'; prompt2prompt loads components from diffusers and transformers"),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"], '
+         '"safety_checker": ["antigravity", "X"]}', "from 'antigravity'"),
+    ],
+)
+def test_a_model_index_that_names_other_code_is_refused(tmp_path, index, message):
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(ModelLoadError, match=message):
+        load_pipeline(str(tmp_path))

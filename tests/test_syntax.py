@@ -20,6 +20,9 @@ from prompt2prompt.syntax import ParsedPrompt, PromptSyntaxError, parse_prompt
         ("a cat  on\ta mat ", "a cat on a mat", None, {}),
         (r"a \[cat\] and a \(dog\) \\", r"a [cat] and a (dog) \ ".strip(), None, {}),
         ("a [cat->dog] (on:1e-1) a mat", "a cat on a mat", "a dog on a mat", {2: 0.1}),
+        ("a [+ x\\->y] d", "a d", "a x->y d", {}),  # an escaped arrow is text
+        ("a [->dog] d", "a d", "a dog d", {}),  # an empty old side inserts, as [+dog] does
+        ("a (red:-100) cat", "a red cat", "a red cat", {1: -100.0}),
     ],
 )
 def test_parses_examples(text, source, edit, weights):
@@ -44,6 +47,16 @@ def test_parses_examples(text, source, edit, weights):
         ("[-cat]", 1, "edit prompt is empty"),
         ("  ", 1, "source prompt is empty"),
         ("a cat\\", 6, "backslash"),
+        ("a [a->b->c] d", 8, "'->' stands once in an edit"),
+        ("a [- x->y] d", 7, "'->' stands once in an edit"),
+        ("a [->] d", 3, "'[->]' changes nothing"),
+        ("a [ -> ] d", 3, "'[->]' changes nothing"),
+        ("a [+] d", 3, "adds nothing"),
+        ("a [+  ] d", 3, "adds nothing"),
+        ("a [-] d", 3, "removes nothing"),
+        ("a (red:1e39) cat", 8, "outside [-100, 100]"),
+        ("a (red:-101) cat", 8, "outside [-100, 100]"),
+        ("a (red:1e400) cat", 8, "finite"),
     ],
 )
 def test_errors_point_at_the_column(text, column, fragment):

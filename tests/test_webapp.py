@@ -3,6 +3,8 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -244,3 +246,60 @@ def test_runs_queue_one_at_a_time(server):
     app, _ = server
     (run,) = [fn for fn in app.fns.values() if fn.name == "run_edit"]
     assert run.concurrency_limit == 1
+
+
+def test_a_file_that_is_no_image_gets_the_apps_message_not_a_bare_error(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.click("text=Real image")
+    page.set_input_files("input[type=file]", str(notes))
+    page.wait_for_selector(".toast-body:has-text('the upload is not an image that can be read')", timeout=60_000)
+
+
+def test_a_diverged_run_is_an_error_and_leaves_no_folder(page, server, monkeypatch):
+    _, out = server
+
+    def diverged(*args, **kwargs):  # what run_recipe raises for NaN images (a float16 overflow, a huge weight)
+        raise RuntimeError("the result has NaN/inf values")
+
+    monkeypatch.setattr(webapp, "run_recipe", diverged)  # the server runs in this process
+    before = set(out.iterdir())
+    page.fill("#source textarea", "a cat")
+    page.fill("#edit-1 textarea", "a dog")
+    page.click("#run")
+    page.wait_for_selector(".toast-body:has-text('the result has NaN/inf values')", timeout=60_000)
+    assert set(out.iterdir()) == before
+
+
+def test_a_decompression_bomb_upload_is_refused_before_decoding(tmp_path):
+    from test_images import bomb_png
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(20_000, 20_000))
+    with pytest.raises(gr.Error, match="the upload is too large to decode safely"):
+        webapp._check_upload(str(bomb), 2**20)
+
+
+def test_errors_reach_the_user_as_their_message():
+    assert webapp._shown(ValueError("the word 'x' is not in the prompt")).message == "the word 'x' is not in the prompt"
+    assert webapp._shown(KeyError("x")).message == "KeyError: 'x'"
+
+
+def test_gradio_writes_nothing_outside_the_output_folder(tiny_sd_dir, tmp_path):
+    """Launched as `p2p serve` does, in a fresh interpreter: gradio's folders are made under --out only."""
+    home, temp, cwd, out = (tmp_path / name for name in ("home", "tmp", "cwd", "out"))
+    for folder in (home, temp, cwd):
+        folder.mkdir()
+    code = ("import sys, httpx; from prompt2prompt.webapp import launch; "
+            f"app = launch([sys.argv[1]], port={_free_port()}, out_dir=sys.argv[2], prevent_thread_lock=True); "
+            "httpx.post(app.local_url + 'gradio_api/upload', files={'files': ('a.txt', b'x')}).raise_for_status(); "
+            "app.close()")
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_sd_dir), str(out)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
+    # torch makes its (empty) compiler cache folder when diffusers imports it: not gradio's, and not a file
+    assert [path.name for path in temp.iterdir() if not path.name.startswith("torchinductor_")] == []
+    assert list((out / ".gradio").rglob("a.txt"))

@@ -4,6 +4,7 @@ Pure functions over a tokenizer; nothing here knows about diffusion. Positions c
 so the first word's tokens start at 1, and every tensor spans the text encoder's 77 positions.
 """
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +25,19 @@ class Tokenized:
     word_tokens: list[list[int]]
 
 
+def word_spans(prompt: str) -> list[tuple[int, int]]:
+    """The character span `(start, end)` of each word of `prompt`: words are separated by runs of whitespace.
+
+    Two spaces in a row make no empty word, and tabs and newlines separate words as spaces do.
+
+    >>> word_spans(" a  cat\\tnaps ")
+    [(1, 2), (4, 7), (8, 12)]
+    """
+    return [match.span() for match in re.finditer(r"\S+", prompt)]
+
+
 def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
-    """Split `prompt` into words (on single spaces) and find each word's token positions from the offsets.
+    """Split `prompt` into words (on runs of whitespace) and find each word's token positions from the offsets.
 
     >>> t = tokenize(clip_tokenizer(), "a lasagne with croutons")  # doctest: +SKIP
     >>> t.word_tokens  # doctest: +SKIP
@@ -44,11 +56,8 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
             f"the prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's {max_length} "
             f"(BOS and EOS included); shorten it"
         )
-    words = prompt.split(" ")
-    spans, start = [], 0
-    for word in words:
-        spans.append((start, start + len(word)))
-        start += len(word) + 1
+    spans = word_spans(prompt)
+    words = [prompt[start:end] for start, end in spans]
     word_tokens: list[list[int]] = [[] for _ in words]
     for pos, (a, b) in enumerate(offsets):
         if b <= a:  # special tokens carry an empty span
@@ -100,7 +109,7 @@ def word_token_positions(tokenized: Tokenized, words: WordRef | Sequence[WordRef
 def check_words(prompt: str, words: WordRef | Sequence[WordRef]) -> None:
     """Raise the ValueError that `word_token_positions` raises for words missing from `prompt`, without a tokenizer.
 
-    Words are what `prompt.split(" ")` gives, as in `tokenize`, so this needs no model.
+    Words are those of `word_spans`, as in `tokenize`, so this needs no model.
 
     >>> check_words("a cat riding a bicycle", ["cat", "riding a", 4])
     >>> check_words("a cat riding a bicycle", "dog")
@@ -108,7 +117,8 @@ def check_words(prompt: str, words: WordRef | Sequence[WordRef]) -> None:
     ...
     ValueError: the word 'dog' is not in the prompt 'a cat riding a bicycle'; its words are ['a', 'cat', 'riding', 'a', 'bicycle']
     """
-    words_only = Tokenized(prompt, prompt.split(" "), ids=[], word_tokens=[])  # all that find_words reads
+    prompt_words = [prompt[start:end] for start, end in word_spans(prompt)]
+    words_only = Tokenized(prompt, prompt_words, ids=[], word_tokens=[])  # all that find_words reads
     for ref in _word_refs(words):
         find_words(words_only, ref)
 
@@ -117,7 +127,9 @@ def _word_refs(words: WordRef | Sequence[WordRef]) -> list[WordRef]:
     """One reference per word: a string with spaces names each of its words."""
     refs: list[WordRef] = []
     for ref in [words] if isinstance(words, (str, int)) else list(words):
-        refs.extend(ref.split(" ") if isinstance(ref, str) else [ref])
+        if isinstance(ref, str) and not ref.split():
+            raise ValueError(f"a word to look up must hold some text, not {ref!r}")
+        refs.extend(ref.split() if isinstance(ref, str) else [ref])
     return refs
 
 
@@ -132,7 +144,7 @@ def replacement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX
             f"replace needs prompts with the same number of words, but the source {source.prompt!r} has "
             f"{len(source.words)} and the edit {edit.prompt!r} has {len(edit.words)}; use mode='refine' to add words"
         )
-    # A changed word with no tokens (an extra space) has nothing to map and would stall the walk.
+    # A changed word with no tokens (characters the tokenizer drops) has nothing to map and would stall the walk.
     changed = [w for w, (a, b) in enumerate(zip(source.words, edit.words)) if a != b and source.word_tokens[w]]
     src_spans = [source.word_tokens[w] for w in changed]
     edit_spans = [edit.word_tokens[w] for w in changed]

@@ -6,7 +6,10 @@ Exit codes: 0 ok, 2 usage error (bad arguments, prompts or words), 1 runtime err
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,19 +19,46 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .alignment import check_words
+from .alignment import check_words, word_spans
 from .editor import MODES
 from .forms import edit_from_dict
-from .loading import default_device, load_editor, parse_dtype, quiet_loading, resolve_model
-from .recipe import (Recipe, file_digest, inversion_available, read_recipe, recipe_for, run_recipe, save_png,
-                     save_result)
-from .syntax import parse_prompt
+from .loading import check_device, load_editor, parse_dtype, quiet_loading, resolve_model
+from .recipe import (MAX_STEPS, Recipe, check_guidance, check_int, check_side, file_digest, inversion_available,
+                     read_recipe, recipe_for, run_recipe, save_png, save_result)
+from .syntax import PromptSyntaxError, parse_prompt
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+# click's exceptions, wherever this typer takes click from (recent typers carry their own copy)
+_CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
+
+
+class _Commands(typer.core.TyperGroup):
+    """The `p2p` group: click's own usage errors (a bad option value, an unknown option) are one line too."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(_CLICK_ERRORS, "NoArgsIsHelpError", ()) as error:
+            error.show()  # the help text, as `p2p` alone asks for
+            sys.exit(error.exit_code)
+        except _CLICK_ERRORS.ClickException as error:
+            context = getattr(error, "ctx", None)
+            _print_error(error.format_message() + (f" (see '{context.command_path} --help')" if context else ""))
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # an Exit's code; a command that returns gives None
+
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prompt-to-Prompt: edit images by editing their prompt.",
 )
-console = Console(stderr=True, soft_wrap=True)
 
 ModelOption = Annotated[str, typer.Option(
     "--model", envvar="P2P_MODEL", help="Hub id, diffusers folder, .safetensors file, or 'demo'.")]
@@ -36,7 +66,11 @@ DeviceOption = Annotated[str | None, typer.Option(help="cuda, cpu, ... [default:
 DtypeOption = Annotated[str, typer.Option(help="float32, float16, bfloat16, or auto (float16 on cuda, else float32).")]
 StepsOption = Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")]
 GuidanceOption = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (<= 1 turns it off).")]
-SeedOption = Annotated[int | None, typer.Option(min=0, help="Seed of the initial latent [default: random, recorded].")]
+SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
+                                                help="Seed of the initial latent [default: random, recorded].")]
+AllowPickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also load pickle (.bin) weights, with torch.load(weights_only=True). Off: safetensors "
+                           "only, since a pickle can run code.")]
 
 
 class UsageError(ValueError):
@@ -45,7 +79,10 @@ class UsageError(ValueError):
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Print user errors as one message and exit 2 (bad input) or 1 (runtime); bugs keep their tracebacks."""
+    """Print any error as one message, never a traceback, and exit 2 (bad input) or 1 (runtime).
+
+    Anything else than a ValueError, OSError or RuntimeError (a bug, most likely) is printed as `TypeName: message`.
+    """
     try:
         yield
     except (typer.Exit, typer.Abort):  # click's own exits subclass RuntimeError: let them through untouched
@@ -53,14 +90,43 @@ def _user_errors() -> Iterator[None]:
     except ValueError as error:  # includes PromptSyntaxError, RecipeError and the engine's input checks
         _print_error(error)
         raise typer.Exit(2) from None
-    except (OSError, RuntimeError) as error:  # includes ModelLoadError
+    except (OSError, RuntimeError) as error:  # includes ModelLoadError and NaN results
         _print_error(error)
+        raise typer.Exit(1) from None
+    except Exception as error:
+        _print_error(f"{type(error).__name__}: {error}")
         raise typer.Exit(1) from None
 
 
-def _print_error(error: Exception) -> None:
+def _print_error(error: Exception | str) -> None:
+    """`error: message` on one line; a prompt syntax error keeps its caret under the column, below."""
+    text = str(error) if isinstance(error, PromptSyntaxError) else " ".join(str(error).split())
     # Escaped: prompts hold brackets that rich would read as markup.
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(text)}", highlight=False)
+
+
+def _make_out(out: Path) -> None:
+    """Create the --out folder before any model loads, so that a path that cannot be one fails at once."""
+    folder = out
+    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
+        folder = folder.parent  # the nearest existing folder, where `mkdir -p out` starts
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write into --out {str(out)!r}: {str(folder)!r} is a file; pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or error
+        raise type(error)(f"cannot write into --out {str(out)!r}: {reason}; pass another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into --out {str(out)!r}: it is not writable; pass another --out")
+
+
+def _check_numbers(steps: int, guidance: float, height: int | None = None, width: int | None = None) -> None:
+    """The run's numbers, checked as a recipe's are, before any model loads."""
+    check_int(steps, "--steps", 1, MAX_STEPS)
+    check_guidance(guidance)
+    check_side(height, "--height")
+    check_side(width, "--width")
 
 
 class _StepBar:
@@ -82,9 +148,9 @@ class _StepBar:
 
 @contextlib.contextmanager
 def _progress(pipe, description: str) -> Iterator[None]:
-    """Show the pipeline's denoising steps as a rich progress bar."""
+    """Show the pipeline's denoising steps as a rich progress bar, on a terminal (elsewhere it leaves a blank line)."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
+                        console=console, transient=True, disable=not console.is_terminal)
 
     def progress_bar(iterable=None, total=None):
         if iterable is not None:
@@ -99,23 +165,24 @@ def _progress(pipe, description: str) -> Iterator[None]:
         del pipe.progress_bar
 
 
-def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None):
+def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None,
+                 allow_pickle: bool = False):
     """Load `model` behind one spinner; a download, before it, keeps its own progress bars."""
-    parse_dtype(dtype, device or default_device())  # a bad --dtype fails before any download
+    parse_dtype(dtype, check_device(device))  # a bad --device or --dtype fails before any download
     source = resolve_model(model, revision=revision)
     with console.status(f"loading {model} ..."):
-        return load_editor(source, device=device, dtype=dtype)
+        return load_editor(source, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
 
 def _check_edits(source: str, specs: list[dict[str, Any]]) -> None:
     """Check the edits as far as no model is needed, so that a bad option or a misspelt word fails at once.
 
     Building the Edits checks modes, windows and weights; the words they name must be in their prompts. Words
-    are what `prompt.split(" ")` gives, as in the engine, which checks the rest (the prompts' token counts).
+    are those of `alignment.word_spans`, as in the engine, which checks the rest (the prompts' token counts).
     """
-    source_words = len(source.split(" "))
+    source_words = len(word_spans(source))
     for edit in map(edit_from_dict, specs):
-        edit_words = len(edit.prompt.split(" "))
+        edit_words = len(word_spans(edit.prompt))
         if edit.mode == "replace" and edit_words != source_words:
             raise UsageError(f"replace needs prompts with the same number of words, but the source {source!r} has "
                              f"{source_words} and the edit {edit.prompt!r} has {edit_words}; use --mode refine to "
@@ -227,12 +294,14 @@ def edit(
                                                 "direct or ddim.")] = "null-text",
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
+    allow_pickle: AllowPickleOption = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
 ) -> None:
     """Edit a prompt: writes the source, each edit and a side-by-side grid, each PNG carrying its recipe."""
     with _user_errors():
         if (prompt is None) == (source_prompt is None):
             raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
+        _check_numbers(steps, guidance, height, width)
         real: dict[str, Any] = {}
         if image is not None:
             if not inversion_available():
@@ -243,10 +312,11 @@ def edit(
                         inversion={"method": inversion})
         elif seed is None:
             seed = secrets.randbelow(2**31)
-        source, specs = edit_specs(prompt or source_prompt, to, mode=mode, cross=cross, cross_words=cross_word,
-                                   self_steps=self_steps, blend=blend, weights=weight)
+        source, specs = edit_specs(source_prompt if prompt is None else prompt, to, mode=mode, cross=cross,
+                                   cross_words=cross_word, self_steps=self_steps, blend=blend, weights=weight)
         _check_edits(source, specs)
-        editor, model_source = _load_editor(model, device, dtype)
+        _make_out(out)
+        editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
         recipe = recipe_for(
             editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
             guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
@@ -268,6 +338,7 @@ def attention(
     negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
+    allow_pickle: AllowPickleOption = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
 ) -> None:
     """Per-token cross-attention heatmaps over the generated image, as a grid PNG."""
@@ -275,7 +346,9 @@ def attention(
         source = parse_prompt(prompt)
         if source.edit is not None:
             raise UsageError(f"attention takes a plain prompt, without edit markup: {prompt!r}")
-        editor, model_source = _load_editor(model, device, dtype)
+        _check_numbers(steps, guidance)
+        _make_out(out)
+        editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
         recipe = recipe_for(
             editor, model_source, source=source.source, edits=[], seed=secrets.randbelow(2**31) if seed is None else seed,
             num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, kind="attention",
@@ -315,16 +388,19 @@ def replay(
                                               show_default=False)] = None,
     device: DeviceOption = None,
     dtype: Annotated[str | None, typer.Option(help="[default: the recipe's]", show_default=False)] = None,
+    allow_pickle: AllowPickleOption = False,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the replay is identical, bit for bit.")] = False,
 ) -> None:
     """Regenerate a result from the recipe in its PNG, and compare it with the PNG."""
     with _user_errors():
         recipe = read_recipe(png)
+        out = out or png.parent / "replay"
+        _make_out(out)
         revision = None if model else recipe.revision
-        editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision)
+        editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision,
+                                 allow_pickle=allow_pickle)
         with _progress(editor.pipe, "replaying"):
             result = run_recipe(recipe, editor, base_dir=png.parent)
-        out = out or png.parent / "replay"
         if recipe.kind == "attention":
             paths = save_attention(result, recipe, out)
             replayed = paths[0] if recipe.image_index == 0 else paths[1]
@@ -364,14 +440,20 @@ def serve(
     model: Annotated[list[str], typer.Option("--model", envvar="P2P_MODEL",
                                              help="Model(s) to offer (repeatable); the first is the default.")] = ["demo"],  # noqa: B006
     out: Annotated[Path, typer.Option(help="The only folder the app writes to.")] = Path("outputs/web"),
-    max_upload_mb: Annotated[float, typer.Option(min=0.1, help="Largest accepted upload.")] = 10.0,
-    cache_mb: Annotated[float, typer.Option(min=0, help="Memory for the sources and inversions of recent runs, "
-                                                       "reused when only the edits change.")] = 2048,
+    max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024, help="Largest accepted upload.")] = 10.0,
+    cache_mb: Annotated[float, typer.Option(min=0, max=2**20, help="Memory for the sources and inversions of recent "
+                                                                  "runs, reused when only the edits change.")] = 2048,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Start the web app."""
     with _user_errors():
+        for option, value in (("--max-upload-mb", max_upload_mb), ("--cache-mb", cache_mb)):
+            if math.isnan(value):  # NaN passes click's range checks
+                raise UsageError(f"{option} must be a number, not {value}")
+        _make_out(out)
+        parse_dtype(dtype, check_device(device))
         try:
             from .webapp import launch
         except ImportError as error:
@@ -379,13 +461,14 @@ def serve(
         console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
                       highlight=False)
         launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype,
-               cache_mb=cache_mb)
+               cache_mb=cache_mb, allow_pickle=allow_pickle)
 
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo")) -> None:
     """Run the built-in demo edits on the embedded demo model."""
     with _user_errors():
+        _make_out(out)
         try:
             from .demo import run_demo
         except ImportError as error:
@@ -421,6 +504,8 @@ def batch(
     with _user_errors():
         from .batch import INDEX, load_manifest, load_score_hook, run_batch
 
+        if min_score is not None and not math.isfinite(min_score):  # click parses "nan" and "inf" as floats
+            raise UsageError(f"--min-score must be a finite number, not {min_score}")
         jobs = load_manifest(manifest, model=model, skip_invalid=skip_invalid)
         for error in jobs.errors:
             console.print(f"[yellow]skipped[/yellow] {escape(error)}", highlight=False)

@@ -11,6 +11,7 @@ the source's rows.
 """
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
@@ -21,12 +22,16 @@ import torch.nn.functional as F
 from .alignment import MAX_TOKENS, Tokenized, WordRef, refinement_mapper, replacement_mapper, tokenize, word_token_positions
 from .blend import apply_blend, blend_mask
 from .cache import CacheRecorder, SourceCache
+from .images import check_pixels
 from .processor import EditPlan, GroupAttnProcessor, LayerPlan, P2PAttnProcessor, RunState, fused_schedule
 from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, step_mask
 
 Words = WordRef | Sequence[WordRef]
 
 MODES = ("auto", "replace", "refine")
+# |weight| of a reweighted word: far beyond single digits a word swamps every other token's attention and the
+# activations overflow (float16 first), so larger values are refused rather than rendered black.
+MAX_WEIGHT = 100.0
 ATTENTION = ("fused", "explicit")
 # Arguments the editor sets itself; passing them through would silently fight the edit.
 _RESERVED = {
@@ -37,6 +42,16 @@ _RESERVED = {
 # Schedulers that draw noise at every step: removing the source's row from the batch would change the noise
 # the edits get, so a cached source cannot stand in for it.
 _STOCHASTIC = ("Ancestral", "SDE", "DDPM", "LCM", "TCD")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool; numpy's count) that is finite, even as a float: 10**400 is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_fraction(value: float, what: str) -> float:
@@ -136,8 +151,10 @@ class Edit:
             if not isinstance(self.weights, Mapping):
                 raise TypeError(f"weights must be a dict of word -> weight, not {self.weights!r}")
             for word, weight in self.weights.items():
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                if not is_finite_number(weight):
                     raise ValueError(f"the weight of {word!r} must be a finite number, not {weight!r}")
+                if abs(weight) > MAX_WEIGHT:
+                    raise ValueError(f"the weight of {word!r} is {weight!r}, outside [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
             raise TypeError(f"blend must be a LocalBlend, not {self.blend!r}")
 
@@ -407,11 +424,16 @@ class Editor:
         self.attention = attention
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs) -> "Editor":
-        """Load a pipeline (hub id, local folder, single .safetensors file, or "demo") and wrap it."""
+    def from_pretrained(cls, model: str, *, device: str | None = None, torch_dtype: torch.dtype | None = None,
+                        allow_pickle: bool = False, **kwargs) -> "Editor":
+        """Load a pipeline (hub id, local folder, single .safetensors file, or "demo") and wrap it.
+
+        Weights load from safetensors only; `allow_pickle=True` also accepts pickle (.bin) weights, read with
+        `torch.load(weights_only=True)` (see `loading.load_pipeline`).
+        """
         from .loading import load_pipeline
 
-        return cls(load_pipeline(model, device=device, torch_dtype=torch_dtype), **kwargs)
+        return cls(load_pipeline(model, device=device, torch_dtype=torch_dtype, allow_pickle=allow_pickle), **kwargs)
 
     def invert(self, image, prompt: str, **kwargs):
         """Invert a real image so that `edit(..., inversion=...)` can edit it; see `prompt2prompt.inversion.invert`."""
@@ -504,6 +526,13 @@ class Editor:
         guidance_scale = 7.5 if guidance_scale is None else guidance_scale
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
+        if not is_finite_number(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
+        if negative_prompt is not None:
+            self._check_negative_prompt(negative_prompt)
 
         # 2. Tokens, mappers and windows
         source = self.tokenize(prompt)
@@ -514,10 +543,14 @@ class Editor:
         # 3. Sizes, layers and what to record
         scale = pipe.vae_scale_factor
         default = pipe.unet.config.sample_size * scale
-        height, width = height or default, width or default
+        height = default if height is None else height
+        width = default if width is None else width
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise ValueError(f"height and width must be positive integers, but are {height!r} and {width!r}")
         multiple = max(8, scale)  # diffusers' pipelines require multiples of 8 whatever the VAE
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, but are {height} and {width}")
+        check_pixels(pipe, height, width)
         latent_size = (height // scale, width // scale)
         blend = cache is not None or any(e.blend is not None for e in edits)  # a cache always records blend maps
         layers = self._layer_plan(latent_size, blend, record_attention)
@@ -758,6 +791,18 @@ class Editor:
             with_cross = [max(sizes[i]) for i in sorted(allowed)]
             raise ValueError(f"{what}: the model has no cross-attention at side {max(size)}; it has it at {with_cross}")
         return size
+
+    def _check_negative_prompt(self, negative_prompt: str) -> None:
+        """A negative prompt is refused where the text encoder would cut it, as a prompt is."""
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string or None, not {type(negative_prompt).__name__}")
+        for tokenizer in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)):
+            length = 0 if tokenizer is None else len(tokenizer(negative_prompt, truncation=False).input_ids)
+            if length > MAX_TOKENS:
+                raise ValueError(
+                    f"the negative prompt {negative_prompt!r} is {length} tokens long, more than the text encoder's "
+                    f"{MAX_TOKENS} (BOS and EOS included); shorten it"
+                )
 
     @staticmethod
     def _blend_specs(source: Tokenized, edits: Sequence[Edit], targets: Sequence[Tokenized]) -> dict[int, BlendSpec]:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 ImageInput = Union[str, PathLike, Image.Image, np.ndarray]
 
 # Latent sizes are kept to multiples of 8: every SD-family UNet (at most three 2x downsamplings) accepts them,
 # and the engine's default blend resolution (latent side / 4) stays an integer.
 LATENT_MULTIPLE = 8
+# Sizes up to 4x a model's native pixel count (1024x1024 for SD 1.5, 2048x2048 for SDXL): beyond, the output
+# degrades and self-attention's cost (quadratic in the pixels) turns a run into hours or an out-of-memory error.
+MAX_PIXELS_FACTOR = 4
 
 
 def load_image(image: ImageInput, *, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -28,7 +32,7 @@ def load_image(image: ImageInput, *, background: tuple[int, int, int] = (255, 25
     (6, 4)
     """
     if isinstance(image, (str, PathLike)):
-        image = _open(Path(image))
+        image = open_image(image)
     elif isinstance(image, np.ndarray):
         image = _from_array(image)
     elif not isinstance(image, Image.Image):
@@ -36,7 +40,11 @@ def load_image(image: ImageInput, *, background: tuple[int, int, int] = (255, 25
             f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}; "
             "convert tensors with `tensor.permute(1, 2, 0).cpu().numpy()`"
         )
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # a crafted EXIF block can break Pillow's parser in many ways
+        raise ValueError(f"the image's EXIF orientation cannot be read ({_one_line(error)}); save it without "
+                         "EXIF") from None
     return _to_rgb(image, background)
 
 
@@ -72,12 +80,28 @@ def image_size(pipe, *, height: int | None = None, width: int | None = None) -> 
     unit = LATENT_MULTIPLE * factor
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
-            nearest = max(unit, round(value / unit) * unit) if isinstance(value, (int, float)) else default
+            sane = isinstance(value, (int, float)) and 0 < value < 2**31  # NaN and 10**400 have no nearest
+            nearest = max(unit, round(value / unit) * unit) if sane else default
             raise ValueError(
                 f"{name}={value!r} is not a size this model accepts: it must be a positive multiple of {unit} px "
                 f"({LATENT_MULTIPLE} latent pixels of a {factor}x VAE); use for example {name}={nearest}"
             )
+    check_pixels(pipe, height, width)
     return height, width
+
+
+def check_pixels(pipe, height: int, width: int) -> None:
+    """Refuse a size of more than `MAX_PIXELS_FACTOR` times the model's native pixel count.
+
+    Example: on SD 1.5 (512x512 native) 1024x1024 and 512x2048 pass, 1536x1536 is refused.
+    """
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if height * width > MAX_PIXELS_FACTOR * native * native:
+        raise ValueError(
+            f"height={height} and width={width} make {height * width} pixels, more than {MAX_PIXELS_FACTOR} times "
+            f"this model's native {native}x{native}; use at most {MAX_PIXELS_FACTOR * native * native} pixels, "
+            f"e.g. {2 * native}x{2 * native}"
+        )
 
 
 def prepare_image(
@@ -114,18 +138,38 @@ def psnr(image: ImageInput, reference: ImageInput) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: str | PathLike) -> Image.Image:
+    """Open and decode an image file, refusing what is not an image and what is too large to decode safely.
+
+    Real images to edit (files, uploads) come through here. Raises FileNotFoundError for a missing file and
+    ValueError for anything else, one line that starts with the quoted path: not an image, corrupt or truncated, or
+    larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89 million pixels), which a
+    crafted header can claim in a few bytes.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at '{path}'")
     try:
-        image = Image.open(path)
-        image.load()  # decode now, so that a truncated file fails here and not deep inside a resize
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decode now, so that a truncated file fails here and not deep inside a resize
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(
-            f"cannot read '{path}' as an image ({error}); the file is corrupt or not in a format Pillow reads "
-            "(PNG, JPEG, WebP, TIFF, BMP, ...)"
-        ) from error
+            f"'{path}' is too large to decode safely ({_one_line(error)}); prompt2prompt reads images of up to "
+            f"{Image.MAX_IMAGE_PIXELS} pixels: resize it first"
+        ) from None
+    except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(
+            f"'{path}' is not an image that can be read ({_one_line(error)}): it is corrupt or in a format Pillow "
+            "does not read; use PNG, JPEG, WebP, TIFF or BMP"
+        ) from None
     return image
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

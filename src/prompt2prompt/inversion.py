@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .alignment import tokenize
+from .editor import is_finite_number
 from .files import write_atomic, write_text_atomic
 from .images import ImageInput, prepare_image, to_tensor
 
@@ -162,13 +164,20 @@ def invert(
         raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be one string (the image's caption), not {type(prompt).__name__}")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    if not prompt.strip():
+        raise ValueError("prompt must be the image's caption, not empty")
+    tokenize(pipe.tokenizer, prompt)  # a caption over 77 tokens is refused here, not after the inversion
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if not is_finite_number(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if method == "null-text" and guidance_scale <= 1:
         raise ValueError(f"null-text inversion optimises the unconditional branch of classifier-free guidance, "
                          f"which guidance_scale={guidance_scale} turns off; use a guidance_scale above 1")
-    if num_inner_steps < 0:
-        raise ValueError(f"num_inner_steps must be >= 0, got {num_inner_steps}")
+    if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 0:
+        raise ValueError(f"num_inner_steps must be an integer >= 0, got {num_inner_steps!r}")
+    if not is_finite_number(early_stop_epsilon) or early_stop_epsilon < 0:
+        raise ValueError(f"early_stop_epsilon must be a finite number >= 0, got {early_stop_epsilon!r}")
 
     image = prepare_image(pipe, image, height=height, width=width, fit=fit)
     width, height = image.size

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Iterator
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "default_device", "load_editor", "load_pipeline", "parse_dtype",
-           "quiet_loading", "resolve_model"]
+__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device", "load_editor",
+           "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -100,6 +102,37 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device | None) -> str | torch.device:
+    """`device` if this machine has it (None: `default_device()`).
+
+    Raises ValueError for a name torch does not know or a device type prompt2prompt does not run on, and
+    RuntimeError for a device this machine lacks ("cuda" without a GPU, "cuda:3" on a machine with two).
+
+    >>> check_device("cpu"), check_device(None) in ("cpu", "cuda")
+    ('cpu', True)
+    """
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps or xpu") from None
+    backends = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if parsed.type == "cpu":
+        return device
+    if parsed.type not in backends:
+        raise ValueError(f"prompt2prompt runs on cpu, cuda, mps or xpu devices, not {device!r}")
+    backend = backends[parsed.type]
+    if backend is None or not backend.is_available():
+        raise RuntimeError(f"device {device!r} is not available: this machine (torch {torch.__version__}) has no "
+                           f"{parsed.type} device; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise RuntimeError(f"device {device!r} is not available: this machine has {count} {parsed.type} device(s), "
+                           f"numbered from 0")
+    return device
+
+
 def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     """A torch dtype from its name ("float16", "fp16", "bf16", ...); None gives fp16 on CUDA and fp32 elsewhere.
 
@@ -124,11 +157,66 @@ def _pipeline_class(source: ModelSource):
     if not index_file.is_file():
         raise ModelLoadError(f"{source.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
                              "save one with pipe.save_pretrained(folder), or pass a .safetensors file")
-    index = json.loads(index_file.read_text())
-    if "unet" not in index or "text_encoder" not in index:
-        raise ModelLoadError(f"{source.id!r} holds a {index.get('_class_name', 'non-diffusers')} model; "
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise ModelLoadError(f"cannot read {str(index_file)!r}: {' '.join(str(error).split())}") from None
+    if not isinstance(index, dict) or "unet" not in index or "text_encoder" not in index:
+        kind = index.get("_class_name", "non-diffusers") if isinstance(index, dict) else "non-diffusers"
+        raise ModelLoadError(f"{source.id!r} holds a {kind} model; "
                              "prompt2prompt edits Stable Diffusion 1.x, 2.x and SDXL pipelines")
+    _check_libraries(source, index)
     return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
+
+
+def _check_libraries(source: ModelSource, index: dict) -> None:
+    """Refuse components from other libraries than diffusers and transformers.
+
+    diffusers imports the module that model_index.json names for each component: a folder naming another
+    module would have any installed code run, or its own with `trust_remote_code`.
+    """
+    from diffusers import pipelines
+
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue  # settings such as requires_safety_checker
+        library = entry[0] if len(entry) == 2 else entry
+        if library is None or library in ("diffusers", "transformers"):
+            continue
+        module = getattr(pipelines, library, None) if isinstance(library, str) and library.isidentifier() else None
+        if inspect.ismodule(module) and module.__name__.startswith("diffusers."):
+            continue  # a diffusers pipeline module, e.g. "stable_diffusion" for the safety checker
+        raise ModelLoadError(f"{source.id!r} takes its {name!r} component from {library!r}; prompt2prompt loads "
+                             "components from diffusers and transformers only")
+
+
+def _check_safetensors(source: ModelSource) -> None:
+    """Refuse a folder whose weights are pickles only, naming the way to opt in."""
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        folder = source.path / component
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ModelLoadError(
+                f"{source.id!r} has pickle weights ({component}/{pickles[0]}) and no safetensors ones; prompt2prompt "
+                "loads safetensors only, as a pickle can run code. Convert the weights to safetensors, or pass "
+                "--allow-pickle (allow_pickle=True) to read them with torch.load(weights_only=True)"
+            )
+
+
+def _load_failure(source: ModelSource, error: Exception) -> str:
+    """One line on why a model did not load."""
+    if isinstance(error, pickle.UnpicklingError) or "weights only load failed" in str(error).lower():
+        return (f"cannot load {source.id!r}: its pickle weights cannot be read safely (torch.load(weights_only=True) "
+                "refused them: corrupt, or holding objects other than tensors); use safetensors weights")
+    lines = str(error).strip().splitlines() or [""]
+    detail = lines[0].rstrip(".")
+    if not isinstance(error, (OSError, ValueError)):  # their messages are self-explaining; others need their type
+        detail = f"{type(error).__name__}: {detail}"
+    hint = (" A single-file checkpoint needs its base model's configuration from the hub (or its cache)."
+            if source.single_file else "")
+    return f"cannot load {source.id!r}: {detail}.{hint}"
 
 
 def _is_sdxl_checkpoint(path: Path) -> bool:
@@ -152,6 +240,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     torch_dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ):
     """Load a StableDiffusionPipeline or StableDiffusionXLPipeline, on `device` in `torch_dtype`.
 
@@ -160,26 +249,31 @@ def load_pipeline(
         device: defaults to "cuda" when available, else "cpu".
         torch_dtype: a dtype or its name; defaults to float16 on CUDA and float32 elsewhere.
         revision: a hub branch, tag or commit.
+        allow_pickle: also load pickle (.bin) weights where a component has no safetensors ones. Off by default,
+            as unpickling can run code; even on, they are read with `torch.load(weights_only=True)`, which
+            accepts tensors and refuses other objects.
 
     Example: `pipe = load_pipeline("demo")`.
     """
     source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
-    device = device or default_device()
+    device = check_device(device)
     dtype = parse_dtype(torch_dtype, device)
     cls = _pipeline_class(source)
+    if not allow_pickle and not source.single_file:
+        _check_safetensors(source)
     try:
         with warnings.catch_warnings():
             # Recent diffusers rename torch_dtype to dtype; the old name still works there and is the only one before.
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
-            if source.single_file:
+            if source.single_file:  # resolve_model takes .safetensors files only
                 pipe = cls.from_single_file(str(source.path), torch_dtype=dtype, local_files_only=_offline())
             else:
-                pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as error:
-        hint = (" A single-file checkpoint needs its base model's configuration from the hub (or its cache)."
-                if source.single_file else "")
-        raise ModelLoadError(f"cannot load {source.id!r}: {str(error).rstrip('.')}.{hint}") from None
-    return pipe.to(device)
+                # use_safetensors=None prefers safetensors and falls back to pickles, loaded with weights_only=True.
+                pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True,
+                                           use_safetensors=None if allow_pickle else True)
+        return pipe.to(device)
+    except Exception as error:  # a model folder is untrusted input: missing files, broken configs, bad weights
+        raise ModelLoadError(_load_failure(source, error)) from None
 
 
 @contextlib.contextmanager
@@ -206,12 +300,14 @@ def load_editor(
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
     progress: bool = False,
+    allow_pickle: bool = False,
 ):
     """Load a pipeline as `load_pipeline` does and wrap it in an `Editor`; returns the editor and the model's source.
 
     Args:
         model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.
-        device, dtype, revision: as `load_pipeline`'s `device`, `torch_dtype` and `revision`.
+        device, dtype, revision, allow_pickle: as `load_pipeline`'s `device`, `torch_dtype`, `revision` and
+            `allow_pickle`.
         progress: show progress bars: the components' loading bars and the pipeline's denoising bar (which
             Gradio's `track_tqdm` follows). Without it both are hidden; downloads keep their own bars either way.
 
@@ -219,10 +315,10 @@ def load_editor(
     """
     from .editor import Editor  # here, not at the top: this module stays a leaf that the editor can import
 
-    device = device or default_device()
-    torch_dtype = parse_dtype(dtype, device)  # before resolving: a bad dtype fails before any download
+    device = check_device(device)
+    torch_dtype = parse_dtype(dtype, device)  # before resolving: a bad device or dtype fails before any download
     source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
     with contextlib.nullcontext() if progress else quiet_loading():
-        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype)
+        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=not progress)
     return Editor(pipe), source

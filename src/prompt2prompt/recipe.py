@@ -3,6 +3,11 @@
 A recipe holds the prompts, the edits, the seed, steps, guidance, the scheduler with its configuration, the
 model id and revision, the dtype and the package version. `run_recipe` regenerates its images; on the same
 device and dtype they are identical, bit for bit.
+
+A PNG can come from anyone, so a recipe read from one is untrusted input: `Recipe.from_json` checks the type
+and range of every field before any model loads, and `run_recipe` takes the recipe's scheduler only from the
+pipeline's compatible ones. The `MAX_*` bounds (shared with batch manifests) keep a crafted recipe from running
+for days or filling the memory; the environment variable `P2P_ALLOW_LARGE=1` lifts them for a real need.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,20 +27,189 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, PngImagePlugin
 
 from .files import write_atomic
+from .editor import is_finite_number
 from .forms import edit_from_dict
+from .inversion import METHODS
+from .loading import parse_dtype
 
 if TYPE_CHECKING:
     from .cache import SourceStore
 
-__all__ = ["RECIPE_KEY", "Recipe", "RecipeError", "build_edits", "file_digest", "inversion_available", "package_version", "read_recipe",
-           "recipe_for", "run_recipe", "save_png", "save_result", "scheduler_config"]
+__all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS",
+           "MAX_SIDE", "MAX_STEPS", "MAX_THREADS", "MAX_TRAIN_TIMESTEPS", "RECIPE_KEY", "Recipe", "RecipeError", "allow_large",
+           "build_edits", "check_edits", "check_finite", "check_guidance", "check_int", "check_inversion", "check_seed",
+           "check_side", "file_digest", "inversion_available", "package_version", "read_recipe", "recipe_for",
+           "run_recipe", "save_png", "save_result", "scheduler_config"]
 
 RECIPE_KEY = "prompt2prompt"
 FORMAT = 1
+KINDS = ("edit", "attention")
+EDIT_FIELDS = ("prompt", "mode", "cross_steps", "self_steps", "weights", "blend")  # `prompt2prompt.forms`
+INVERSION_OPTIONS = ("method", "fit", "num_inner_steps", "early_stop_epsilon")  # keyword arguments of `invert()`
+
+# Upper bounds of what a recipe or a manifest line may ask for; P2P_ALLOW_LARGE=1 in the environment lifts them.
+ALLOW_LARGE = "P2P_ALLOW_LARGE"
+MAX_STEPS = 1000  # SD's schedulers are trained on 1000 timesteps: more steps repeat them
+MAX_SIDE = 4096  # px, 4x SDXL's 1024
+MAX_INNER_STEPS = 100  # null-text's Adam iterations per step (10: the paper's)
+MAX_EDITS = 64  # edits of one source: each is one more row of every forward batch
+MAX_THREADS = 256  # torch CPU threads; a replay runs on no more than this machine's CPUs (see run_recipe)
+MAX_GUIDANCE = 100.0  # |guidance_scale|; SD uses 5-15
+MAX_TRAIN_TIMESTEPS = 10_000  # any integer and list length of a scheduler's configuration (SD: 1000 timesteps)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class RecipeError(ValueError):
-    """A PNG without a readable recipe."""
+    """A recipe that cannot be read or replayed; the message names the field and what it may be."""
+
+
+def allow_large() -> bool:
+    """Whether `P2P_ALLOW_LARGE` is set (to anything but "" or "0"): the `MAX_*` bounds are then lifted."""
+    return os.environ.get(ALLOW_LARGE, "") not in ("", "0")
+
+
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: its repr, on one line, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _upper(bound: float) -> tuple[float, str]:
+    """The bound in force and how a message says so."""
+    if allow_large():
+        return math.inf, ""
+    return bound, f" (set {ALLOW_LARGE}=1 for more)"
+
+
+def check_int(value: Any, name: str, low: int, high: int) -> int:
+    """`value` if it is an integer from `low` to `high` (lifted by P2P_ALLOW_LARGE), else a RecipeError.
+
+    >>> check_int(50, "num_inference_steps", 1, 1000)
+    50
+    >>> check_int(5000, "num_inference_steps", 1, 1000)
+    Traceback (most recent call last):
+    ...
+    prompt2prompt.recipe.RecipeError: num_inference_steps must be an integer from 1 to 1000 (...), not 5000
+    """
+    top, hint = _upper(high)
+    if not _is_int(value) or not low <= value <= top:
+        span = f"from {low} to {high}{hint}" if top < math.inf else f"of at least {low}"
+        raise RecipeError(f"{name} must be an integer {span}, not {_show(value)}")
+    return value
+
+
+def check_seed(value: Any) -> int | None:
+    """A seed: None, or an integer in [0, 2**63), torch's range."""
+    if value is not None and (not _is_int(value) or not 0 <= value < 2**63):
+        raise RecipeError(f"seed must be a non-negative integer below 2**63 (or null), not {_show(value)}")
+    return value
+
+
+def check_guidance(value: Any) -> float:
+    """A guidance scale: a finite number, at most MAX_GUIDANCE either way (lifted by P2P_ALLOW_LARGE)."""
+    top, hint = _upper(MAX_GUIDANCE)
+    if not is_finite_number(value) or abs(value) > top:
+        span = f" from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}{hint}" if top < math.inf else ""
+        raise RecipeError(f"guidance_scale must be a finite number{span}, not {_show(value)}")
+    return float(value)
+
+
+def check_side(value: Any, name: str) -> int | None:
+    """An image side: None (the model's) or a positive multiple of 8 px up to MAX_SIDE (lifted by P2P_ALLOW_LARGE)."""
+    top, hint = _upper(MAX_SIDE)
+    if value is not None and (not _is_int(value) or value <= 0 or value % 8 or value > top):
+        span = f" up to {MAX_SIDE}{hint}" if top < math.inf else ""
+        raise RecipeError(f"{name} must be a positive multiple of 8 px{span}, or null, not {_show(value)}")
+    return value
+
+
+def check_inversion(spec: Any) -> dict[str, Any]:
+    """Keyword arguments of `invert()` as a recipe or a manifest holds them: known keys, each in its range."""
+    if not isinstance(spec, dict):
+        raise RecipeError(f"inversion must be an object with {', '.join(INVERSION_OPTIONS)}, not {_show(spec)}")
+    if unknown := sorted(set(spec) - set(INVERSION_OPTIONS)):
+        raise RecipeError(f"inversion has unknown fields {_show(unknown)}; the fields are "
+                          f"{', '.join(INVERSION_OPTIONS)}")
+    if spec.get("method", "null-text") not in METHODS:
+        raise RecipeError(f"inversion method {_show(spec['method'])} is not one of {', '.join(METHODS)}")
+    if spec.get("fit", "crop") not in ("crop", "pad"):
+        raise RecipeError(f"inversion fit must be 'crop' or 'pad', not {_show(spec['fit'])}")
+    if "num_inner_steps" in spec:
+        check_int(spec["num_inner_steps"], "inversion num_inner_steps", 0, MAX_INNER_STEPS)
+    epsilon = spec.get("early_stop_epsilon", 0.0)
+    if not is_finite_number(epsilon) or epsilon < 0:
+        raise RecipeError(f"inversion early_stop_epsilon must be a finite number >= 0, not {_show(epsilon)}")
+    return spec
+
+
+def _check_edit(spec: Any, where: str) -> None:
+    if not isinstance(spec, dict):
+        raise RecipeError(f"{where} must be an object with {', '.join(EDIT_FIELDS)}, not {_show(spec)}")
+    if unknown := sorted(set(spec) - set(EDIT_FIELDS)):
+        raise RecipeError(f"{where} has unknown fields {_show(unknown)}; the fields are {', '.join(EDIT_FIELDS)}")
+    if "prompt" not in spec:
+        raise RecipeError(f"{where} has no 'prompt'")
+    weights = spec.get("weights")
+    if weights is not None and not (isinstance(weights, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and (isinstance(pair[0], str) or _is_int(pair[0]))
+            for pair in weights)):
+        raise RecipeError(f"{where}: weights must be a list of [word or position, weight] pairs, not {_show(weights)}")
+    blend = spec.get("blend")
+    if blend is not None and (not isinstance(blend, dict) or not {"source_words", "edit_words"} <= set(blend)):
+        raise RecipeError(f"{where}: blend must be an object with source_words and edit_words (and the other "
+                          f"LocalBlend options), not {_show(blend)}")
+    try:
+        edit_from_dict(spec)  # the Edit and LocalBlend checks: windows, weights, words, thresholds
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{where}: {error}") from None
+
+
+def check_edits(edits: Any, *, allow_empty: bool = False) -> list[dict[str, Any]]:
+    """Edits in the form of `prompt2prompt.forms`: a list of at most MAX_EDITS dicts, each a valid `Edit`.
+
+    >>> check_edits([{"prompt": "a dog", "cross_steps": [0.2, 0.9]}])
+    [{'prompt': 'a dog', 'cross_steps': [0.2, 0.9]}]
+    >>> check_edits([{"prompt": "a dog", "self_steps": 1.5}])
+    Traceback (most recent call last):
+    ...
+    prompt2prompt.recipe.RecipeError: edit 1: self_steps 1.5 has values outside [0, 1]; windows are fractions of the run
+    """
+    top, hint = _upper(MAX_EDITS)
+    if not isinstance(edits, list) or not (allow_empty or edits) or len(edits) > top:
+        span = f" of at most {MAX_EDITS}{hint}" if top < math.inf else ""
+        kind = "list" if allow_empty else "non-empty list"
+        raise RecipeError(f"edits must be a {kind} of edits{span}, not {_show(edits)}")
+    for index, spec in enumerate(edits, 1):
+        _check_edit(spec, f"edit {index}")
+    return edits
+
+
+def _check_text(value: Any, name: str, *, optional: bool = False, empty: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not (empty or value.strip()):
+        raise RecipeError(f"{name} must be a {'' if empty else 'non-empty '}string{' or null' if optional else ''}, "
+                          f"not {_show(value)}")
+
+
+def _check_scheduler(config: Any) -> None:
+    """A scheduler's configuration, by type and size; `_scheduler_for` checks its class against the pipeline."""
+    if not isinstance(config, dict):
+        raise RecipeError(f"scheduler must be an object (a diffusers scheduler configuration), not {_show(config)}")
+    if not config:
+        return  # the pipeline's own
+    _check_text(config.get("_class_name"), "scheduler _class_name")
+    for key, value in config.items():
+        if _is_int(value):
+            check_int(abs(value), f"scheduler {_show(key)} (in absolute value)", 0, MAX_TRAIN_TIMESTEPS)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"scheduler {_show(key)} must be a finite number, not {_show(value)}")
+        elif isinstance(value, list):
+            check_int(len(value), f"the length of scheduler {_show(key)}", 0, MAX_TRAIN_TIMESTEPS)
 
 
 def package_version() -> str:
@@ -84,24 +261,90 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        """Parse a recipe, naming what is missing or unknown."""
+        """Parse and validate a recipe, naming what is missing, unknown or out of range (see `validate`)."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # ValueError: also an integer of more than 4300 digits
             raise RecipeError(f"the recipe is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"the recipe is a JSON {type(data).__name__}, not an object")
-        if data.get("format") != FORMAT:
-            raise RecipeError(f"recipe format {data.get('format')!r} is not {FORMAT}; replay it with the "
-                              f"prompt2prompt version that wrote it ({data.get('package_version', 'unknown')})")
+        if not _is_int(data.get("format")) or data["format"] != FORMAT:
+            raise RecipeError(f"recipe format {_show(data.get('format'))} is not {FORMAT}; replay it with the "
+                              f"prompt2prompt version that wrote it ({_show(data.get('package_version', 'unknown'))})")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         if unknown := sorted(set(data) - names):
-            raise RecipeError(f"the recipe has unknown fields {unknown}")
+            raise RecipeError(f"the recipe has unknown fields {_show(unknown)}")
         if missing := sorted(required - set(data)):
             raise RecipeError(f"the recipe lacks the fields {missing}")
-        return cls(**data)
+        return cls(**data).validate()
+
+    def validate(self) -> Recipe:
+        """Check the type and range of every field, before any model loads; returns the recipe.
+
+        Raises RecipeError naming the first bad field and what it may be. The words of the edits are checked
+        against the prompts later, by `Editor.prepare`, before any compute.
+        """
+        _check_text(self.source, "source")
+        check_edits(self.edits, allow_empty=True)
+        check_seed(self.seed)
+        check_int(self.num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
+        check_guidance(self.guidance_scale)
+        _check_text(self.model, "model")
+        _check_text(self.revision, "revision", optional=True)
+        _check_scheduler(self.scheduler)
+        _check_text(self.negative_prompt, "negative_prompt", optional=True, empty=True)
+        check_side(self.height, "height")
+        check_side(self.width, "width")
+        self._check_settings()
+        self._check_image()
+        self._check_output()
+        return self
+
+    def _check_settings(self) -> None:
+        try:
+            if not isinstance(self.dtype, str):
+                raise ValueError(f"not {_show(self.dtype)}")
+            parse_dtype(self.dtype, "cpu")
+        except ValueError as error:
+            raise RecipeError(f"dtype must name a torch floating-point dtype (float32, float16, bfloat16): "
+                              f"{error}") from None
+        _check_text(self.device, "device")
+        if self.threads is not None:
+            check_int(self.threads, "threads", 1, MAX_THREADS)
+        if not isinstance(self.cached_source, bool):
+            raise RecipeError(f"cached_source must be true or false, not {_show(self.cached_source)}")
+        _check_text(self.package_version, "package_version")
+
+    def _check_image(self) -> None:
+        if self.image is None:
+            if self.inversion is not None:
+                raise RecipeError("the recipe's inversion needs an image to invert, and the recipe has none")
+            return
+        if not isinstance(self.image, dict) or set(self.image) != {"path", "sha256"}:
+            raise RecipeError(f"image must be an object with path and sha256, not {_show(self.image)}")
+        _check_text(self.image["path"], "image path")
+        if "\0" in self.image["path"]:
+            raise RecipeError(f"image path {_show(self.image['path'])} holds a NUL character")
+        if not isinstance(self.image["sha256"], str) or not _SHA256.fullmatch(self.image["sha256"]):
+            raise RecipeError(f"image sha256 must be 64 lowercase hex digits, not {_show(self.image['sha256'])}")
+        if self.seed is not None:
+            raise RecipeError("a recipe with an image takes no seed: the inversion supplies the initial latent")
+        check_inversion(self.inversion or {})
+
+    def _check_output(self) -> None:
+        if self.kind not in KINDS:
+            raise RecipeError(f"kind must be one of {', '.join(KINDS)}, not {_show(self.kind)}")
+        if not isinstance(self.record_attention, bool):
+            check_int(self.record_attention, "record_attention (a layer side, or true/false)", 1, MAX_SIDE)
+        if self.kind == "attention" and (self.edits or self.record_attention is False):
+            raise RecipeError("an attention recipe records attention (record_attention true or a side) and has no "
+                              "edits")
+        images = 1 if self.kind == "attention" else 1 + len(self.edits)  # and the grid, index None
+        if self.image_index is not None and (not _is_int(self.image_index) or not 0 <= self.image_index < images):
+            raise RecipeError(f"image_index must be null (the grid) or an index from 0 to {images - 1} of the "
+                              f"{images} image(s) of this recipe, not {_show(self.image_index)}")
 
     def with_index(self, index: int | None) -> Recipe:
         """The same recipe for another image of the result."""
@@ -114,15 +357,22 @@ def build_edits(recipe: Recipe) -> list:
 
 
 def _scheduler_for(pipe, recipe: Recipe):
-    import diffusers
-
+    """The recipe's scheduler, if the pipeline lists its class as compatible, built and set up before any compute."""
     if not recipe.scheduler:
         return pipe.scheduler
     name = recipe.scheduler["_class_name"]
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise RecipeError(f"the recipe's scheduler {name!r} is not in this diffusers ({diffusers.__version__})")
-    return cls.from_config(recipe.scheduler)
+    compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
+    if name not in compatible:
+        raise RecipeError(f"the recipe's scheduler {_show(name)} is not one that this pipeline takes; the compatible "
+                          f"ones are {', '.join(sorted(compatible))}")
+    try:
+        # A trial set_timesteps, on a scheduler of its own, so that a bad configuration fails here and not mid-run;
+        # the configuration is untrusted, so any failure of diffusers on it is the recipe's.
+        compatible[name].from_config(recipe.scheduler).set_timesteps(recipe.num_inference_steps)
+        return compatible[name].from_config(recipe.scheduler)
+    except Exception as error:  # noqa: BLE001
+        raise RecipeError(f"the recipe's {name} configuration does not work: {type(error).__name__}: "
+                          f"{_show(str(error))}") from None
 
 
 def scheduler_config(scheduler) -> dict[str, Any]:
@@ -150,33 +400,86 @@ def inversion_available() -> bool:
 
 
 def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes, in hex, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_finite(images: Any) -> None:
+    """Raise RuntimeError when a result's images hold NaN or infinite values (a float16 overflow, usually).
+
+    `images`: a float array or tensor, or a list of them or of PIL images. A PIL image can no longer hold NaN:
+    diffusers turned those pixels into 0s, so an image that is black in every pixel and channel counts as NaN.
+    `run_recipe` checks the float images itself, before they become PIL images.
+
+    >>> import numpy as np
+    >>> check_finite(np.full((2, 8, 8, 3), 0.5))
+    >>> check_finite([np.full((8, 8, 3), np.nan)])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: the result has NaN/inf values (a float16 overflow, usually): run in float32 ...
+    """
+    import numpy as np
+    import torch
+
+    items = images if isinstance(images, (list, tuple)) else [images]
+    for item in items:
+        if isinstance(item, Image.Image):
+            bad = item.mode in ("RGB", "L") and item.getbbox() is None  # every pixel 0
+        elif isinstance(item, torch.Tensor):
+            bad = not bool(torch.isfinite(item).all())
+        else:
+            array = np.asarray(item)
+            bad = array.dtype.kind in "fc" and not np.isfinite(array).all()
+        if bad:
+            raise RuntimeError("the result has NaN/inf values (a float16 overflow, usually): run in float32 "
+                               "(--dtype float32), or try another guidance scale or seed")
 
 
 def _input_image(recipe: Recipe, base_dir: Path) -> Path:
     path = Path(recipe.image["path"])
     path = path if path.is_absolute() else base_dir / path
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as error:  # a name too long, say
+        raise RecipeError(f"the recipe's input image path is unusable: {error.strerror}") from None
+    if not found:
         raise RecipeError(f"the recipe's input image {str(path)!r} is missing; put it back to replay this edit")
     if file_digest(path) != recipe.image["sha256"]:
         raise RecipeError(f"the input image {str(path)!r} has changed since the recipe was written")
     return path
 
 
+def _replay_threads(threads: int) -> int:
+    """The recorded thread count, but no more than this machine's CPUs unless P2P_ALLOW_LARGE is set."""
+    if allow_large():
+        return threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(threads, cpus)
+
+
 def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: SourceStore | None = None, **edit_kwargs):
     """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
 
     A real input image is inverted first; a relative image path counts from `base_dir`. On the CPU it runs
-    on the recipe's number of threads. The editor's pipeline gets its scheduler back afterwards, the process
-    its thread count. A recipe with `cached_source` runs its edits on a cached source, as it was made (a cached
-    run and a fresh one agree to float precision, not always to the last bit). With `sources`, the inversion
-    and the cached source are taken from there when another recipe of the same source (everything but the
-    edits) made them, and kept there otherwise: only the edits run. Extra keyword arguments go to `editor.edit`.
+    on the recipe's number of threads (no more than the machine's CPUs, unless P2P_ALLOW_LARGE is set). The
+    editor's pipeline gets its scheduler back afterwards, the process its thread count. A recipe with
+    `cached_source` runs its edits on a cached source, as it was made (a cached run and a fresh one agree to
+    float precision, not always to the last bit). With `sources`, the inversion and the cached source are taken
+    from there when another recipe of the same source (everything but the edits) made them, and kept there
+    otherwise: only the edits run. Extra keyword arguments go to `editor.edit`.
+
+    The scheduler and the edits' words are checked before any compute (RecipeError, a ValueError); a result
+    with NaN or infinite values raises RuntimeError (see `check_finite`).
     """
     import torch
 
     pipe = editor.pipe
+    output_type = edit_kwargs.pop("output_type", "pil")
+    edit_kwargs["output_type"] = "np" if output_type == "pil" else output_type  # NaN shows in floats only
     previous = pipe.scheduler, torch.get_num_threads()
     settings: dict[str, Any] = dict(
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale,
@@ -186,7 +489,11 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
     try:
         pipe.scheduler = _scheduler_for(pipe, recipe)
         if recipe.threads and pipe.device.type == "cpu":
-            torch.set_num_threads(recipe.threads)
+            torch.set_num_threads(_replay_threads(recipe.threads))
+        if recipe.image is not None or recipe.cached_source:
+            # The words and windows, checked before an inversion or a source run spends any compute.
+            editor.prepare(recipe.source, build_edits(recipe), **settings, negative_prompt=recipe.negative_prompt,
+                           record_attention=recipe.record_attention, seed=0)
         if recipe.image is not None:
             image = _input_image(recipe, Path(base_dir))
 
@@ -201,12 +508,17 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
                 return editor.cache_source(recipe.source, **source, **settings)
 
             cache = make() if sources is None else sources.get_or_make(("source", source_key(recipe)), make)
-            return editor.edit(recipe.source, build_edits(recipe), cache=cache,
-                               record_attention=recipe.record_attention, **edit_kwargs)
-        return editor.edit(recipe.source, build_edits(recipe), **source, **settings, **edit_kwargs)
+            result = editor.edit(recipe.source, build_edits(recipe), cache=cache,
+                                 record_attention=recipe.record_attention, **edit_kwargs)
+        else:
+            result = editor.edit(recipe.source, build_edits(recipe), **source, **settings, **edit_kwargs)
     finally:
         pipe.scheduler, threads = previous
         torch.set_num_threads(threads)
+    check_finite(result.images)
+    if output_type == "pil":
+        result = dataclasses.replace(result, images=pipe.image_processor.numpy_to_pil(result.images))
+    return result
 
 
 def source_key(recipe: Recipe) -> str:

@@ -5,14 +5,17 @@
     a [fluffy ->]teddy bear                the edit drops "fluffy " ([- fluffy] says the same)
     a (fluffy:2.5) teddy bear              reweight "fluffy" in the edit by 2.5
 
-A backslash makes the next character literal (``\\[``, ``\\(``, ``\\\\``). Runs of spaces collapse to one, so
-words are what ``prompt.split(" ")`` gives. Weights are keyed by word position in the edit prompt.
+A backslash makes the next character literal (``\\[``, ``\\(``, ``\\\\``, ``\\->``). Runs of whitespace collapse to
+one space, and words are what runs of whitespace separate, as everywhere in prompt2prompt. Weights are keyed by
+word position in the edit prompt; they are bounded by `MAX_WEIGHT`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from .editor import MAX_WEIGHT
 
 __all__ = ["ParsedPrompt", "PromptSyntaxError", "parse_prompt"]
 
@@ -97,17 +100,24 @@ class _Parser:
         opened = self.pos
         self.pos += 1
         self.marked = True
-        body = self.text[self.pos:]
-        if body.startswith("+") or (body.startswith("-") and not body.startswith("->")):
-            sign = body[0]
+        source_start, edit_start = len(self.source.chars), len(self.edit.chars)
+        if self.text.startswith("+", self.pos) or (self.text.startswith("-", self.pos)
+                                                   and not self.text.startswith("->", self.pos)):
+            sign = self.text[self.pos]
             self.pos += 1
-            self.span(self.edit if sign == "+" else self.source, opened, allow_weights=sign == "+", arrow=False)
+            out, start = (self.edit, edit_start) if sign == "+" else (self.source, source_start)
+            self.span(out, opened, allow_weights=sign == "+", arrow=False)
+            if not "".join(out.chars[start:]).strip():
+                verb, example = ("adds", "[+ at winter]") if sign == "+" else ("removes", "[- fluffy]")
+                raise self.error(opened, f"'[{sign}...]' {verb} nothing: put words after the '{sign}', e.g. {example}")
             return
         self.span(self.source, opened, allow_weights=False, arrow=True)
         if not self.text.startswith("->", self.pos):
             raise self.error(self.pos, "expected '->' inside '[...]': write [old->new], [+added] or [-removed]")
         self.pos += 2
         self.span(self.edit, opened, allow_weights=True, arrow=False)
+        if not ("".join(self.source.chars[source_start:]) + "".join(self.edit.chars[edit_start:])).strip():
+            raise self.error(opened, "'[->]' changes nothing: put the old words before '->' and the new ones after it")
 
     def span(self, out: _Output, opened: int, *, allow_weights: bool, arrow: bool) -> None:
         """Read text into `out` up to the closing ']' (or up to '->' when `arrow`), consuming the ']'."""
@@ -115,8 +125,11 @@ class _Parser:
             if self.pos >= len(self.text):
                 raise self.error(opened, "'[' is never closed: add ']' after the edited words")
             char = self.text[self.pos]
-            if arrow and self.text.startswith("->", self.pos):
-                return
+            if self.text.startswith("->", self.pos):
+                if arrow:
+                    return
+                raise self.error(self.pos, "'->' stands once in an edit, between the old and the new words of "
+                                           "[old->new]; write '\\->' for a literal arrow")
             if char == "]":
                 if arrow:
                     raise self.error(self.pos, "expected '->' before ']': write [old->new], [+added] or [-removed]")
@@ -166,6 +179,8 @@ class _Parser:
             raise self.error(colon + 1, f"the weight {number!r} is not a number: write (word:weight), e.g. (fluffy:2.5)") from None
         if not math.isfinite(weight):
             raise self.error(colon + 1, f"the weight {number!r} must be a finite number")
+        if abs(weight) > MAX_WEIGHT:
+            raise self.error(colon + 1, f"the weight {number!r} is outside [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         self.pos += 1
         self.weights[opened] = weight
         for out in outs:

@@ -2,29 +2,36 @@
 
 It is a thin layer over the Python API and the only module that imports gradio. It binds to 127.0.0.1
 unless told otherwise, runs one edit at a time, and writes only under its output folder (Gradio's upload
-cache included); no input names a path.
+cache and temporary files included); no input names a path.
+
+Gradio fixes some of its folders from GRADIO_TEMP_DIR when it is imported, so this module imports it only in
+`build_app`, after pointing GRADIO_TEMP_DIR into the output folder. A program that imported gradio before keeps
+the uploads under the output folder, but gradio's other temporary folders where its import put them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import gradio as gr
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from .cache import SourceStore
 from .editor import MODES
+from .images import open_image
 from .inversion import METHODS
-from .loading import ModelSource, default_device, load_editor, parse_dtype
-from .recipe import file_digest, inversion_available, recipe_for, run_recipe, save_result
+from .loading import ModelSource, check_device, load_editor, parse_dtype
+from .recipe import (MAX_STEPS, check_guidance, check_int, file_digest, inversion_available, recipe_for, run_recipe,
+                     save_result)
 from .syntax import PromptSyntaxError, parse_prompt
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 __all__ = ["build_app", "launch"]
 
@@ -34,13 +41,33 @@ MAX_EDITS = 4
 ROW_FIELDS = 10
 
 
+def _error(message: str) -> Exception:
+    """The error a user sees in the app, as a toast: a `gradio.Error`."""
+    import gradio as gr  # imported by build_app already, with its folders set
+
+    return gr.Error(message)
+
+
+def _shown(error: Exception) -> Exception:
+    """`error` as a `gradio.Error`, whose message the user sees (Gradio shows others as a bare "Error")."""
+    import gradio as gr
+
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, (ValueError, OSError, RuntimeError)):  # the engine's checks, files, models, NaN results
+        return _error(str(error))
+    return _error(f"{type(error).__name__}: {error}")
+
+
 class _Editors:
     """Editors for the offered models, loaded on first use, and the sources and inversions of recent runs."""
 
-    def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float = 2048):
+    def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float = 2048,
+                 allow_pickle: bool = False):
         self.models = list(models)
-        self.device = device or default_device()
+        self.device = check_device(device)
         self.dtype = parse_dtype(dtype, self.device)
+        self.allow_pickle = allow_pickle
         self.loaded: dict[str, tuple[Any, ModelSource]] = {}
         self.lock = threading.Lock()
         # Changing only the edit rows re-runs only the edits: the source and its inversion are kept here.
@@ -48,11 +75,12 @@ class _Editors:
 
     def get(self, model: str):
         if model not in self.models:  # the picker offers only these; a forged request gets no other path
-            raise gr.Error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
+            raise _error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
         with self.lock:
             if model not in self.loaded:
                 # With progress bars: Gradio's track_tqdm follows the pipeline's denoising bar.
-                self.loaded[model] = load_editor(model, device=self.device, dtype=self.dtype, progress=True)
+                self.loaded[model] = load_editor(model, device=self.device, dtype=self.dtype, progress=True,
+                                                 allow_pickle=self.allow_pickle)
         return self.loaded[model]
 
 
@@ -65,7 +93,7 @@ def _parse(text: str, what: str):
     try:
         return parse_prompt(text)
     except PromptSyntaxError as error:
-        raise gr.Error(f"{what}: {error}") from None
+        raise _error(f"{what}: {error}") from None
 
 
 def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
@@ -75,12 +103,12 @@ def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
         return None
     parsed = _parse(prompt, f"edit {index}")
     if parsed.edit is not None and parsed.edit != parsed.source:
-        raise gr.Error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
-                       "markup; put that in the source prompt")
+        raise _error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
+                     "markup; put that in the source prompt")
     blend = None
     if blend_source or blend_edit or excl_source or excl_edit:
         if not blend_source or not blend_edit:
-            raise gr.Error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
+            raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
         blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
                  "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or [])}
     weights = [[position, w] for position, w in parsed.weights.items()]
@@ -89,15 +117,17 @@ def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
             "self_steps": float(self_steps), "weights": weights or None, "blend": blend}
 
 
-def _check_upload(path: str, max_bytes: int) -> None:
+def _check_upload(path: str, max_bytes: int) -> str:
+    """`path` if it holds an image within the limits; the upload component takes any file, so that a wrong one
+    gets this message and not Gradio's bare "Error"."""
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise gr.Error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
+        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception:  # PIL raises many types for non-images and corrupt files
-        raise gr.Error("the upload is not an image that can be read; use a PNG, JPEG or WebP file") from None
+        open_image(path).close()
+    except ValueError as error:  # its message starts with the quoted path: name the upload instead
+        raise _error(str(error).replace(f"'{path}'", "the upload", 1)) from None
+    return path
 
 
 def _run_folder(out_dir: Path, seed: int | None) -> Path:
@@ -114,7 +144,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
     import prompt2prompt as p2p
 
     if not (source or "").strip():
-        raise gr.Error("type a source prompt first")
+        raise _error("type a source prompt first")
     parsed = _parse(source, "the source prompt")  # inline markup ("a [cat->dog]") makes the first edit
     specs = []
     if parsed.edit is not None:
@@ -123,37 +153,41 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
     specs += [spec for i in range(int(count))
               if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
     if not specs:
-        raise gr.Error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'")
+        raise _error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'")
+    try:
+        steps, guidance = int(steps), float(guidance)
+    except (TypeError, ValueError, OverflowError):  # only a forged request sends these: the sliders give numbers
+        raise _error(f"steps and guidance must be numbers, not {steps!r} and {guidance!r}") from None
+    check_int(steps, "steps", 1, MAX_STEPS)
+    check_guidance(guidance)
     real: dict[str, Any] = {}
     if image:
         if not inversion_available():
-            raise gr.Error("real-image editing needs inversion, which this install lacks")
+            raise _error("real-image editing needs inversion, which this install lacks")
         _check_upload(image, max_bytes)
         seed = None
     elif seed is None or seed < 0:
         seed = secrets.randbelow(2**31)
+    editor, model_source = editors.get(model)
+    seed = None if seed is None else int(seed)
+    folder = _run_folder(out_dir, seed)
     try:
-        editor, model_source = editors.get(model)
-    except RuntimeError as error:  # ModelLoadError: its message says how to get the model
-        raise gr.Error(str(error)) from None
-    folder = _run_folder(out_dir, None if seed is None else int(seed))
-    if image:
-        copy = folder / f"input{Path(image).suffix.lower() or '.png'}"
-        shutil.copyfile(image, copy)
-        real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
-    recipe = recipe_for(
-        editor, model_source, source=parsed.source, edits=specs, seed=None if seed is None else int(seed),
-        num_inference_steps=int(steps), guidance_scale=float(guidance), record_attention=True, cached_source=True,
-        **real,
-    )
-    hits, started = editors.sources.hits, time.perf_counter()
-    try:
+        if image:
+            suffix = Path(image).suffix.lower()  # the user's file name: only a plain extension is kept
+            copy = folder / f"input{suffix if re.fullmatch(r'[.][a-z0-9]{1,5}', suffix) else '.img'}"
+            shutil.copyfile(image, copy)
+            real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
+        recipe = recipe_for(
+            editor, model_source, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
+            guidance_scale=guidance, record_attention=True, cached_source=True, **real,
+        )
+        hits, started = editors.sources.hits, time.perf_counter()
         result = run_recipe(recipe, editor, base_dir=folder, sources=editors.sources)
-    except ValueError as error:  # the engine's checks of the user's words, windows and sizes
-        shutil.rmtree(folder)
-        raise gr.Error(str(error)) from None
-    timing = f"{time.perf_counter() - started:.1f} s" + (", source reused" if editors.sources.hits > hits else "")
-    paths = save_result(result.images, recipe, folder)
+        timing = f"{time.perf_counter() - started:.1f} s" + (", source reused" if editors.sources.hits > hits else "")
+        paths = save_result(result.images, recipe, folder)
+    except BaseException:  # the engine's checks, NaN results, ...: a failed run leaves no folder behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     captions = ["source: " + recipe.source] + [f"edit {i}: {spec['prompt']}" for i, spec in enumerate(specs, 1)]
     gallery = [(str(path), text) for path, text in zip(paths, captions)]  # the grid (last path) is download-only
     heatmaps = [(heat, f"{i}: {text}") for i, text in enumerate(result.prompts)
@@ -163,18 +197,22 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
 
 
 def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None = None, dtype: str = "auto",
-              max_upload_mb: float = 10.0, cache_mb: float = 2048) -> gr.Blocks:
+              max_upload_mb: float = 10.0, cache_mb: float = 2048, allow_pickle: bool = False) -> gr.Blocks:
     """The web app's Blocks, offering `models` (the first is the default) and writing under `out_dir`.
 
-    Gradio's own upload and file cache is moved into `out_dir` too (GRADIO_TEMP_DIR). Sources and inversions of
-    recent runs are kept within `cache_mb` MiB, so that changing only the edits re-runs only the edits.
+    Gradio's own upload cache and temporary files are moved into `out_dir` too (GRADIO_TEMP_DIR, set before
+    gradio is first imported; see the module's docstring). Sources and inversions of recent runs are kept within
+    `cache_mb` MiB, so that changing only the edits re-runs only the edits. `allow_pickle` is
+    `load_pipeline`'s.
     """
     if not models:
         raise ValueError("the web app needs at least one model, e.g. models=['demo']")
+    editors = _Editors(models, device, dtype, cache_mb, allow_pickle)  # a bad device fails before any folder
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
-    editors = _Editors(models, device, dtype, cache_mb)
+    import gradio as gr
+
     max_bytes = int(max_upload_mb * 2**20)
     can_invert = inversion_available()
 
@@ -225,9 +263,11 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 with gr.Accordion("Real image", open=False):
                     if not can_invert:
                         gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
-                    image = gr.Image(type="filepath", format="png", image_mode="RGB", sources=["upload"],
-                                     label=f"Image to edit (up to {max_upload_mb:g} MB; its caption is the source "
-                                           "prompt)", interactive=can_invert)
+                    # Any file: the app checks it (_check_upload), so that a wrong one gets a clear message.
+                    image = gr.File(file_count="single", type="filepath", interactive=can_invert, elem_id="upload",
+                                    label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
+                                          "caption is the source prompt)")
+                    preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
                     method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion", interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
@@ -252,9 +292,20 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
         remove.click(lambda n: resize(max(n - 1, 1)), count, [count, *groups], queue=False)
         reuse.click(lambda s: -1 if s is None else s, last_seed, seed, queue=False)
 
+        def show_upload(path: str | None):
+            try:
+                return None if path is None else _check_upload(path, max_bytes)
+            except Exception as error:
+                raise _shown(error) from None
+
+        image.change(show_upload, image, preview, concurrency_limit=None)  # queued: its errors show as toasts
+
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
         def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            return _run(editors, out_dir, max_bytes, *args)
+            try:
+                return _run(editors, out_dir, max_bytes, *args)
+            except Exception as error:
+                raise _shown(error) from None
 
         run.click(run_edit, [model, source, seed, steps, guidance, image, method, count, *rows],
                   [gallery, files, heatmaps, last_seed, status], concurrency_limit=1, concurrency_id="edit")
@@ -264,10 +315,10 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
 
 def launch(models: Sequence[str], *, host: str = "127.0.0.1", port: int = 7860, out_dir: str | Path = "outputs/web",
            max_upload_mb: float = 10.0, device: str | None = None, dtype: str = "auto",
-           prevent_thread_lock: bool = False, cache_mb: float = 2048) -> gr.Blocks:
+           prevent_thread_lock: bool = False, cache_mb: float = 2048, allow_pickle: bool = False) -> gr.Blocks:
     """Serve the web app on `host`:`port` (127.0.0.1 by default: only this machine can reach it)."""
     app = build_app(models, out_dir=out_dir, device=device, dtype=dtype, max_upload_mb=max_upload_mb,
-                    cache_mb=cache_mb)
+                    cache_mb=cache_mb, allow_pickle=allow_pickle)
     app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
                allowed_paths=[str(Path(out_dir).resolve())], prevent_thread_lock=prevent_thread_lock, quiet=True)
     return app

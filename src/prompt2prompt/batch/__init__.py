@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..recipe import run_recipe  # noqa: F401 (reached as prompt2prompt.batch.run_recipe, as before the split)
 from .executors import start_executor
 from .manifest import Job, Manifest, ManifestError, ScoreHook, load_manifest, load_score_hook, parse_job, plan_groups
-from .store import INDEX, IndexFile, job_row, locked, publish, read_index, recover, write_index
+from .store import INDEX, IndexFile, clear_staging, job_row, locked, publish, read_index, recover, write_index
 from .together import edit_together
 from .worker import Outcome, Worker, WorkerConfig
 
@@ -138,6 +138,7 @@ def run_batch(
             executor.close()
             results.close()
             bar.close()
+            clear_staging(out)
         write_index(out, read_index(out))  # a retried job's earlier rows go
     return Summary(counts["done"], counts["failed"], skipped, time.time() - started, out)
 

@@ -3,6 +3,8 @@
 A line is one job: a source prompt (or a real image and its caption), its edits in the form of
 `prompt2prompt.forms`, and the run's settings. `load_manifest` reports every malformed line with its number;
 a job's id is, unless given, a hash of its content, so that a restarted run recognises its finished jobs.
+A manifest is untrusted input, as a recipe is: its settings are checked by the recipe's checks and bounds
+(`prompt2prompt.recipe`, `P2P_ALLOW_LARGE=1` lifts the bounds).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -18,23 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..forms import edit_from_dict
-from ..inversion import METHODS
-from ..recipe import file_digest
+from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
+                      check_seed, check_side, file_digest)
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
-_EDIT_FIELDS = ("prompt", "mode", "cross_steps", "self_steps", "weights", "blend")
 _EDIT_DEFAULTS = {"mode": "auto", "cross_steps": 0.8, "self_steps": 0.4, "weights": None, "blend": None}
 _JOB_FIELDS = ("id", "model", "source", "image", "edits", "seed", "num_inference_steps", "guidance_scale",
                "negative_prompt", "height", "width", "inversion")
 # Names people type from the CLI or other tools, and the manifest's name for each.
 _ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "prompt": "source", "negative": "negative_prompt",
             "cfg": "guidance_scale", "job_id": "id", "to": "edits"}
-_INVERSION_OPTIONS = ("method", "fit", "num_inner_steps", "early_stop_epsilon")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # used with fullmatch: no trailing newline
 
 ScoreHook = Callable[[Any, Any, str, str], float]
 
@@ -77,14 +75,6 @@ class Manifest:
     errors: list[str] = field(default_factory=list)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _unknown(fields: Iterable[str], known: Sequence[str], what: str) -> str | None:
     unknown = sorted(set(fields) - set(known))
     if not unknown:
@@ -94,44 +84,33 @@ def _unknown(fields: Iterable[str], known: Sequence[str], what: str) -> str | No
 
 
 def _normal_edit(edit: Any, index: int) -> dict[str, Any]:
-    """An edit as the recipe stores it: every field present, weights as [word, weight] pairs."""
+    """An edit as the recipe stores it: every field present, weights as [word, weight] pairs (checked later)."""
     where = f"edit {index}"
     if isinstance(edit, str):
         edit = {"prompt": edit}
     if not isinstance(edit, dict):
-        raise ValueError(f"{where} must be a prompt string or an object with {', '.join(_EDIT_FIELDS)}, not {edit!r}")
-    if message := _unknown(edit, _EDIT_FIELDS, "edit"):
+        raise ValueError(f"{where} must be a prompt string or an object with {', '.join(EDIT_FIELDS)}, not {edit!r}")
+    if message := _unknown(edit, EDIT_FIELDS, "edit"):
         raise ValueError(f"{where}: {message}")
-    if "prompt" not in edit:
-        raise ValueError(f"{where} has no 'prompt'")
     spec = {**_EDIT_DEFAULTS, **edit}
     weights = spec["weights"]
     if isinstance(weights, dict):  # JSON object keys are text; pairs keep word positions as integers
         spec["weights"] = [[word, weight] for word, weight in weights.items()]
-    elif weights is not None and not (isinstance(weights, list) and all(isinstance(p, list) and len(p) == 2 for p in weights)):
+    elif weights is not None and not isinstance(weights, list):
         raise ValueError(f"{where}: weights must be an object {{word: weight}} or a list of [word, weight] pairs, "
                          f"not {weights!r}")
-    if spec["blend"] is not None and (not isinstance(spec["blend"], dict)
-                                      or not {"source_words", "edit_words"} <= set(spec["blend"])):
-        raise ValueError(f"{where}: blend must be an object with source_words and edit_words (and the other "
-                         f"LocalBlend options), not {spec['blend']!r}")
-    return {name: spec[name] for name in _EDIT_FIELDS}
-
-
-def _check_edits(edits: list[dict[str, Any]]) -> None:
-    """Build the Edit objects once, so that a bad window or weight fails here and not on a GPU."""
-    for index, spec in enumerate(edits, 1):
-        try:
-            edit_from_dict(spec)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"edit {index}: {error}") from None
+    return {name: spec[name] for name in EDIT_FIELDS if name in spec}
 
 
 def _model_id(model: str, base: Path, where: str) -> str:
     """Local models by absolute path (as the recipe records them); "demo" and hub ids as given."""
-    path = Path(model).expanduser()
-    path = path if path.is_absolute() else base / path
-    if model != "demo" and path.exists():
+    try:
+        path = Path(model).expanduser()
+        path = path if path.is_absolute() else base / path
+        exists = model != "demo" and path.exists()
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL, a name too long, "~nobody"
+        raise ValueError(f"model {model!r} is neither a usable path nor a hub id ({error})") from None
+    if exists:
         return str(path.resolve())
     looks_local = model.startswith((".", "/", "~")) or model.endswith(".safetensors") or model.count("/") > 1
     if looks_local:
@@ -142,28 +121,30 @@ def _model_id(model: str, base: Path, where: str) -> str:
 def _image(value: Any, base: Path) -> dict[str, str]:
     if not isinstance(value, str) or not value:
         raise ValueError(f"image must be a file path, not {value!r}")
-    path = Path(value).expanduser()
-    path = (path if path.is_absolute() else base / path).resolve()
-    if not path.is_file():
+    try:
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        is_file = path.is_file()
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL, a name too long, "~nobody"
+        raise ValueError(f"image {value!r} is not a usable path ({error})") from None
+    if not is_file:
         raise ValueError(f"image {value!r} is not a file (relative paths count from the manifest's folder {str(base)!r})")
     try:
         with Image.open(path):
             pass
-    except (OSError, UnidentifiedImageError) as error:
+        digest = file_digest(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise ValueError(f"image {value!r} cannot be read as an image: {error}") from None
-    return {"path": str(path), "sha256": file_digest(path)}
+    return {"path": str(path), "sha256": digest}
 
 
 def _inversion(value: Any) -> dict[str, Any]:
     spec = {"method": value} if isinstance(value, str) else value
     if not isinstance(spec, dict):
-        raise ValueError(f"inversion must be a method name or an object with {', '.join(_INVERSION_OPTIONS)}, not {value!r}")
-    if message := _unknown(spec, _INVERSION_OPTIONS, "inversion"):
+        raise ValueError(f"inversion must be a method name or an object with {', '.join(INVERSION_OPTIONS)}, not {value!r}")
+    if message := _unknown(spec, INVERSION_OPTIONS, "inversion"):
         raise ValueError(message)
-    spec = {"method": "null-text", **spec}
-    if spec["method"] not in METHODS:
-        raise ValueError(f"inversion method {spec['method']!r} is not one of {', '.join(METHODS)}")
-    return spec
+    return check_inversion({"method": "null-text", **spec})
 
 
 def _seed_from(digest: str) -> int:
@@ -185,28 +166,21 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     edits = data.get("edits")
     if not isinstance(edits, list) or not edits:
         raise ValueError(f"'edits' must be a non-empty list of edits, not {edits!r}")
-    edits = [_normal_edit(edit, i) for i, edit in enumerate(edits, 1)]
-    _check_edits(edits)
-    steps = data.get("num_inference_steps", 50)
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, not {steps!r}")
-    guidance = data.get("guidance_scale", 7.5)
-    if not _is_number(guidance):
-        raise ValueError(f"guidance_scale must be a finite number, not {guidance!r}")
+    edits = check_edits([_normal_edit(edit, i) for i, edit in enumerate(edits, 1)])  # fails here, not on a GPU
+    steps = check_int(data.get("num_inference_steps", 50), "num_inference_steps", 1, MAX_STEPS)
+    guidance = check_guidance(data.get("guidance_scale", 7.5))
     negative = data.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string, not {negative!r}")
     for name in ("height", "width"):
-        value = data.get(name)
-        if value is not None and (not _is_int(value) or value <= 0 or value % 8):
-            raise ValueError(f"{name} must be a positive multiple of 8 px, not {value!r}")
+        check_side(data.get(name), name)
     model_name = data.get("model")
     if model_name is not None and (not isinstance(model_name, str) or not model_name):
         raise ValueError(f"model must be a hub id, a local path or 'demo', not {model_name!r}")
     content: dict[str, Any] = {
         "model": model if model_name is None else _model_id(model_name, base, "the manifest's folder"),
         "source": source, "edits": edits,
-        "num_inference_steps": steps, "guidance_scale": float(guidance), "negative_prompt": negative,
+        "num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative,
         "height": data.get("height"), "width": data.get("width"),
     }
     image = inversion = None
@@ -219,18 +193,18 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         content.update(image=image["sha256"], inversion=inversion)  # the content, wherever the file lives
     elif "inversion" in data:
         raise ValueError("'inversion' needs an 'image' to invert")
-    elif seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+    else:
+        check_seed(seed)
     content["seed"] = seed
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     job_id = data.get("id", digest[:16])
-    if not isinstance(job_id, str) or not _ID.match(job_id):
+    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
         raise ValueError(f"id must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
                          f"not {job_id!r}")
     if image is None and seed is None:
         seed = _seed_from(digest)  # stable across restarts, different across jobs
     return Job(id=job_id, line=line, model=content["model"], source=source, edits=edits, seed=seed,
-               num_inference_steps=steps, guidance_scale=float(guidance), negative_prompt=negative,
+               num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative,
                height=content["height"], width=content["width"], image=image, inversion=inversion)
 
 
@@ -265,7 +239,10 @@ def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid:
         except json.JSONDecodeError as error:
             errors.append(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
             continue
-        except ValueError as error:
+        except RecursionError:
+            errors.append(f"{path}:{number}: not valid JSON (nested too deeply)")
+            continue
+        except ValueError as error:  # also json's refusal of an integer of more than 4300 digits
             errors.append(f"{path}:{number}: {error}")
             continue
         if job.id in lines_of:

@@ -7,7 +7,8 @@
 
 A job's folder is renamed into `jobs/` in one step, so `jobs/<id>/` exists only once all of it is written:
 the folder, not the index, says that a job is done. `recover` makes the folder consistent after a stop at any
-moment (`kill -9` included); only the run's own process writes here.
+moment (`kill -9` included), and tolerates index lines damaged by hand (the job folders index their jobs
+again); only the run's own process writes here.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ..recipe import save_png
 from .manifest import Job
 from .worker import Outcome, describe_error
 
-__all__ = ["INDEX", "JOBS", "LOCK", "STAGING", "IndexFile", "image_name", "job_row", "locked", "publish", "read_index",
-           "recover", "write_index"]
+__all__ = ["INDEX", "JOBS", "LOCK", "STAGING", "IndexFile", "clear_staging", "image_name", "job_row", "locked", "publish",
+           "read_index", "recover", "write_index"]
 
 INDEX = "results.jsonl"
 JOBS = "jobs"
@@ -42,15 +43,20 @@ def _now(timestamp: float) -> str:
 
 
 def read_index(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The results index of an output folder: per job id, its last row ("done" rows are final)."""
+    """The results index of an output folder: per job id, its last row ("done" rows are final).
+
+    Lines that are not rows (the torn last line of a killed run, a line damaged by hand) are skipped.
+    """
     rows: dict[str, dict[str, Any]] = {}
     path = Path(out) / INDEX
     if not path.is_file():
         return rows
-    for text in path.read_text(encoding="utf-8").splitlines():
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(text)
-        except json.JSONDecodeError:  # the torn last line of a killed run
+        except (ValueError, RecursionError):
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str) and row.get("status") in ("done", "failed")):
             continue
         if rows.get(row["id"], {}).get("status") != "done":
             rows[row["id"]] = row
@@ -60,6 +66,8 @@ def read_index(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold the folder's lock for the block, creating the folder; a second run on it fails at once."""
+    if out.exists() and not out.is_dir():
+        raise RuntimeError(f"the output folder {str(out)!r} is a file; give another folder")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK, "a+") as handle:
         try:
@@ -69,18 +77,53 @@ def locked(out: Path) -> Iterator[None]:
         yield  # the lock goes with the process, kill -9 included
 
 
+def _in_the_way(path: Path, why: str) -> RuntimeError:
+    return RuntimeError(f"{str(path)!r} {why}; move it out of the output folder and run again")
+
+
+def clear_staging(out: Path) -> None:
+    """Remove `.staging/`, whatever is there: half-built job folders, or a file in its place."""
+    staging = out / STAGING
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def recover(out: Path) -> dict[str, dict[str, Any]]:
-    """Make the folder consistent after any stop: drop half-built jobs, index every finished one, once."""
-    shutil.rmtree(out / STAGING, ignore_errors=True)
-    index = read_index(out)
+    """Make the folder consistent after any stop: drop half-built jobs, index every finished one, once.
+
+    A "done" row counts only with its job's folder; a folder with no row gets one from its job.json. Anything
+    in the way of the layout (a file where `jobs/`, the index or a job folder should be, a job folder without
+    its job.json) is an error, raised before any compute.
+    """
+    clear_staging(out)
+    if (out / INDEX).exists() and not (out / INDEX).is_file():
+        raise _in_the_way(out / INDEX, "is not a file (the results index goes there)")
+    if (out / JOBS).exists() and not (out / JOBS).is_dir():
+        raise _in_the_way(out / JOBS, "is not a folder (the job folders go there)")
+    index = {job_id: row for job_id, row in read_index(out).items()
+             if row["status"] != "done" or (out / JOBS / job_id).is_dir()}
     folders = os.scandir(out / JOBS) if (out / JOBS).is_dir() else []
     for folder in folders:
+        if not folder.is_dir(follow_symlinks=False):
+            raise _in_the_way(Path(folder.path), "is not a job folder")
         if index.get(folder.name, {}).get("status") != "done":
             # The folder is the proof: the run stopped after its rename, before its index line.
-            row = json.loads((Path(folder.path) / "job.json").read_text(encoding="utf-8"))
-            index[row["id"]] = row
+            index[folder.name] = _folder_row(Path(folder.path))
     write_index(out, index)  # also cuts a torn last line
     return index
+
+
+def _folder_row(folder: Path) -> dict[str, Any]:
+    try:
+        row = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        why = f"has no readable job.json ({type(error).__name__}), so it is no finished job's folder"
+        raise _in_the_way(folder, why) from None
+    if not isinstance(row, dict) or row.get("id") != folder.name or row.get("status") != "done":
+        raise _in_the_way(folder, "holds a job.json that is not this job's")
+    return row
 
 
 def write_index(out: Path, index: dict[str, dict[str, Any]]) -> None:

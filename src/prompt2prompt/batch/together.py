@@ -12,9 +12,11 @@ __all__ = ["edit_together"]
 def edit_together(editor, recipes: list) -> list[Any]:
     """Jobs of one model and settings, none with a real image, through the pipeline as one forward batch.
 
-    Each job is prepared on its own (`Editor.prepare`), so one job's bad words fail only that job, and the
-    prepared runs go through `Editor.run` together, each with its own attention control.
-    Returns, per recipe, its (P, H, W, 3) images in [0, 1], or the error its preparation raised.
+    Each job is prepared on its own (`Editor.prepare`), so that whatever one job's preparation raises (a bad
+    word, a weight that overflows) fails only that job, and the prepared runs go through `Editor.run` together,
+    each with its own attention control. Returns, per recipe, its (P, H, W, 3) images in [0, 1], or the error
+    its preparation raised; an error of the forward batch itself propagates (the worker then runs each job
+    alone).
     """
     results: list[Any] = [None] * len(recipes)
     runs, positions = [], []
@@ -26,7 +28,7 @@ def edit_together(editor, recipes: list) -> list[Any]:
                 height=recipe.height, width=recipe.width,
             ))
             positions.append(position)
-        except (ValueError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001 (the job's own error, recorded as its outcome)
             results[position] = error
     if runs:
         for position, result in zip(positions, editor.run(runs, output_type="np")):

@@ -2,7 +2,8 @@
 
 The same `Worker` runs in this process, in the pool's processes and as a Ray actor; it only computes, and
 never writes a file. A job's failure (a bad word, out of memory, NaN images, a failing score hook) becomes
-that job's `Outcome`, never an exception of the worker.
+that job's `Outcome`, never an exception of the worker, and never another job's: when a forward batch of
+several jobs fails other than for memory, each of its jobs runs again alone and gets its own outcome.
 """
 
 from __future__ import annotations
@@ -113,10 +114,17 @@ class Worker:
                 self.limit = max(1, len(chunk) // 2)
                 return [outcome for i in range(0, len(chunk), self.limit)
                         for outcome in self._run_chunk(editor, source, chunk[i : i + self.limit], retry=False)]
+            if len(chunk) > 1 and not _is_oom(error):  # one job's error (an overflow, say): each gets its own
+                return [outcome for job in chunk for outcome in self._run_chunk(editor, source, [job], retry=retry)]
             return [self._failed(job, error, started, len(chunk)) for job in chunk]
         finished = time.time()
-        return [self._outcome(job, recipe, result, started, finished, len(chunk))
-                for job, recipe, result in zip(chunk, recipes, results)]
+        outcomes = []
+        for job, recipe, result in zip(chunk, recipes, results):
+            try:
+                outcomes.append(self._outcome(job, recipe, result, started, finished, len(chunk)))
+            except Exception as error:  # turning one job's images into its outcome
+                outcomes.append(self._failed(job, error, started, len(chunk)))
+        return outcomes
 
     def _recipe(self, editor, source, job: Job) -> Recipe:
         return recipe_for(

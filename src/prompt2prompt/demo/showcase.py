@@ -8,7 +8,7 @@ from prompt2prompt.files import write_atomic
 
 MODEL_DIR = Path(__file__).parent / "model"
 SOURCE = "a big red circle in the center on a white background"
-SEED = 2
+SEED = 1
 # The model draws two-object captions as one blob (see its model card), so the local-blend demo edits
 # the object of a one-object scene: with the blend, the background outside it stays pixel for pixel.
 BLEND_SOURCE = "a big red circle in the center on a white gradient background"
