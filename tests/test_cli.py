@@ -418,10 +418,10 @@ def test_runtime_errors_are_one_line_and_exit_1_before_any_model_loads(tmp_path,
     ],
 )
 def test_settings_the_model_cannot_render_are_usage_errors(tiny_sd_dir, tmp_path, args, message):
-    result = run("edit", *args, "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    result = run("edit", *args, "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "new" / "out")
     assert result.exit_code == 2, result.output
     _one_error(result, message)
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # the folders made for --out before the model loaded are gone again
 
 
 def test_a_decompression_bomb_image_is_a_usage_error(tiny_sd_dir, tmp_path):

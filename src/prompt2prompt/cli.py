@@ -105,11 +105,15 @@ def _print_error(error: Exception | str) -> None:
     console.print(f"[red]error:[/red] {escape(text)}", highlight=False)
 
 
-def _make_out(out: Path) -> None:
-    """Create the --out folder before any model loads, so that a path that cannot be one fails at once."""
+@contextlib.contextmanager
+def _output_folder(out: Path) -> Iterator[None]:
+    """Create the --out folder before any model loads, so that a path that cannot be one fails at once; if the
+    block then fails, the folders made here are removed again (those still empty)."""
+    made = []  # what `mkdir -p out` creates, deepest first
     folder = out
     while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
-        folder = folder.parent  # the nearest existing folder, where `mkdir -p out` starts
+        made.append(folder)
+        folder = folder.parent
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot write into --out {str(out)!r}: {str(folder)!r} is a file; pass another --out")
     try:
@@ -117,8 +121,15 @@ def _make_out(out: Path) -> None:
     except OSError as error:
         reason = error.strerror or error
         raise type(error)(f"cannot write into --out {str(out)!r}: {reason}; pass another --out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into --out {str(out)!r}: it is not writable; pass another --out")
+    try:
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write into --out {str(out)!r}: it is not writable; pass another --out")
+        yield
+    except BaseException:
+        for created in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something there
+                created.rmdir()
+        raise
 
 
 def _check_numbers(steps: int, guidance: float, height: int | None = None, width: int | None = None) -> None:
@@ -315,15 +326,15 @@ def edit(
         source, specs = edit_specs(source_prompt if prompt is None else prompt, to, mode=mode, cross=cross,
                                    cross_words=cross_word, self_steps=self_steps, blend=blend, weights=weight)
         _check_edits(source, specs)
-        _make_out(out)
-        editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
-        recipe = recipe_for(
-            editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
-            guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
-        )
-        with _progress(editor.pipe, "editing"):
-            result = run_recipe(recipe, editor)
-        paths = save_result(result.images, recipe, out)
+        with _output_folder(out):
+            editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
+            recipe = recipe_for(
+                editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
+                guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
+            )
+            with _progress(editor.pipe, "editing"):
+                result = run_recipe(recipe, editor)
+            paths = save_result(result.images, recipe, out)
     _report(paths, recipe.seed)
 
 
@@ -347,16 +358,16 @@ def attention(
         if source.edit is not None:
             raise UsageError(f"attention takes a plain prompt, without edit markup: {prompt!r}")
         _check_numbers(steps, guidance)
-        _make_out(out)
-        editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
-        recipe = recipe_for(
-            editor, model_source, source=source.source, edits=[], seed=secrets.randbelow(2**31) if seed is None else seed,
-            num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, kind="attention",
-            record_attention=res or True,
-        )
-        with _progress(editor.pipe, "generating"):
-            result = run_recipe(recipe, editor)
-        paths = save_attention(result, recipe, out)
+        with _output_folder(out):
+            editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
+            recipe = recipe_for(
+                editor, model_source, source=source.source, edits=[],
+                seed=secrets.randbelow(2**31) if seed is None else seed, num_inference_steps=steps,
+                guidance_scale=guidance, negative_prompt=negative, kind="attention", record_attention=res or True,
+            )
+            with _progress(editor.pipe, "generating"):
+                result = run_recipe(recipe, editor)
+            paths = save_attention(result, recipe, out)
     _report(paths, recipe.seed)
 
 
@@ -395,18 +406,18 @@ def replay(
     with _user_errors():
         recipe = read_recipe(png)
         out = out or png.parent / "replay"
-        _make_out(out)
-        revision = None if model else recipe.revision
-        editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision,
-                                 allow_pickle=allow_pickle)
-        with _progress(editor.pipe, "replaying"):
-            result = run_recipe(recipe, editor, base_dir=png.parent)
-        if recipe.kind == "attention":
-            paths = save_attention(result, recipe, out)
-            replayed = paths[0] if recipe.image_index == 0 else paths[1]
-        else:
-            paths = save_result(result.images, recipe, out)
-            replayed = paths[-1] if recipe.image_index is None else paths[recipe.image_index]
+        with _output_folder(out):
+            revision = None if model else recipe.revision
+            editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision,
+                                     allow_pickle=allow_pickle)
+            with _progress(editor.pipe, "replaying"):
+                result = run_recipe(recipe, editor, base_dir=png.parent)
+            if recipe.kind == "attention":
+                paths = save_attention(result, recipe, out)
+                replayed = paths[0] if recipe.image_index == 0 else paths[1]
+            else:
+                paths = save_result(result.images, recipe, out)
+                replayed = paths[-1] if recipe.image_index is None else paths[recipe.image_index]
         difference = _pixel_difference(png, replayed)
     _report(paths, recipe.seed)
     if difference is None:
@@ -452,28 +463,27 @@ def serve(
         for option, value in (("--max-upload-mb", max_upload_mb), ("--cache-mb", cache_mb)):
             if math.isnan(value):  # NaN passes click's range checks
                 raise UsageError(f"{option} must be a number, not {value}")
-        _make_out(out)
         parse_dtype(dtype, check_device(device))
         try:
             from .webapp import launch
         except ImportError as error:
             raise RuntimeError(f"the web app needs the 'web' extra ({error}): pip install 'prompt2prompt[web]'") from None
-        console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
-                      highlight=False)
-        launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device, dtype=dtype,
-               cache_mb=cache_mb, allow_pickle=allow_pickle)
+        with _output_folder(out):
+            console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
+                          highlight=False)
+            launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device,
+                   dtype=dtype, cache_mb=cache_mb, allow_pickle=allow_pickle)
 
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo")) -> None:
     """Run the built-in demo edits on the embedded demo model."""
     with _user_errors():
-        _make_out(out)
         try:
             from .demo import run_demo
         except ImportError as error:
             raise RuntimeError(f"the demo is missing from this install ({error})") from None
-        with quiet_loading():
+        with _output_folder(out), quiet_loading():
             paths = run_demo(out)
     for path in paths:
         typer.echo(str(path))

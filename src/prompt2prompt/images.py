@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from os import PathLike
 from pathlib import Path
@@ -96,11 +98,13 @@ def check_pixels(pipe, height: int, width: int) -> None:
     Example: on SD 1.5 (512x512 native) 1024x1024 and 512x2048 pass, 1536x1536 is refused.
     """
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if os.environ.get("P2P_ALLOW_LARGE", "") not in ("", "0"):  # the rare real need, as for recipes' bounds
+        return
     if height * width > MAX_PIXELS_FACTOR * native * native:
         raise ValueError(
             f"height={height} and width={width} make {height * width} pixels, more than {MAX_PIXELS_FACTOR} times "
             f"this model's native {native}x{native}; use at most {MAX_PIXELS_FACTOR * native * native} pixels, "
-            f"e.g. {2 * native}x{2 * native}"
+            f"e.g. {2 * native}x{2 * native} (or set P2P_ALLOW_LARGE=1 to go beyond)"
         )
 
 

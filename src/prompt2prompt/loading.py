@@ -149,7 +149,14 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
 
 
 def _pipeline_class(source: ModelSource):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # importing the pipelines warns about image processors we never use
+    try:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
     if source.single_file:
         return StableDiffusionXLPipeline if _is_sdxl_checkpoint(source.path) else StableDiffusionPipeline
