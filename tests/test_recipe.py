@@ -272,3 +272,15 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
     data = os.urandom(3 << 20) + b"tail"
     (tmp_path / "big.bin").write_bytes(data)
     assert file_digest(tmp_path / "big.bin") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_decompression_bomb_png_is_a_recipe_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from prompt2prompt.recipe import RecipeError, read_recipe
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64x64 is then far past twice the limit: a "bomb"
+    with pytest.raises(RecipeError, match="cannot read"):
+        read_recipe(path)

@@ -544,7 +544,7 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(RECIPE_KEY)
-    except (OSError, Image.UnidentifiedImageError) as error:
+    except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError) as error:  # the last is no OSError
         raise RecipeError(f"cannot read {str(path)!r} as a PNG: {error}") from None
     if text is None:
         raise RecipeError(f"{str(path)!r} carries no prompt2prompt recipe; replay a PNG that p2p wrote "
