@@ -4,12 +4,18 @@ Three things run in one process, alternating, on the same model and latents:
 plain generation of [source, edit], a fused P2P edit (1 source + 1 edit), and an explicit P2P edit.
 By default the model is Stable Diffusion 1.5's architecture with random weights (the cost does not
 depend on the weights) at 256 px and a few steps, so that it runs on a CPU in minutes. `--arch sdxl` is
-SDXL base's architecture (random weights, 1024 px by default: build it on a GPU). `--tiny` swaps in the
-tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
+SDXL base's architecture (random weights, 1024 px by default: build it on a GPU). `--arch sd3` and
+`--arch flux` are SD3-medium's and Flux.1-dev's transformers at their real widths with `--depth` blocks
+(Flux: that many double- and single-stream blocks), tiny text encoders of the real output widths, and a T5
+length of `--max-sequence-length` (128 on the CPU by default; the pipelines' own are 256 and 512).
+`--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
     python benchmarks/edit_vs_generate.py --size 512 --steps 50 --dtype float16 --device cuda --json sd15.json
     python benchmarks/edit_vs_generate.py --arch sdxl --steps 20 --dtype float16 --device cuda --json sdxl.json
+    python benchmarks/edit_vs_generate.py --arch flux                      # CPU: 256 px, 2 + 2 blocks
+    python benchmarks/edit_vs_generate.py --arch sd3 --size 1024 --steps 28 --depth 24 --max-sequence-length 256 \
+        --dtype bfloat16 --device cuda
 
 On CUDA, peak memory is torch.cuda.max_memory_allocated above what was allocated before the run (the
 model); on a CPU it is the resident-set growth. A run that runs out of GPU memory is reported as OOM.
@@ -89,6 +95,14 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     import pipelines
 
+    if args.arch in ("sd3", "flux"):
+        import mmdit_pipelines
+
+        if args.tiny:
+            tiny = mmdit_pipelines.tiny_sd3_pipeline if args.arch == "sd3" else mmdit_pipelines.tiny_flux_pipeline
+            return tiny().to(device=device, dtype=dtype)
+        return mmdit_pipelines.mmdit_benchmark_pipeline(args.arch, args.depth, single_depth=args.single_depth,
+                                                        device=device, dtype=dtype)
     if args.tiny:
         pipe = pipelines.tiny_sdxl_pipeline() if args.arch == "sdxl" else pipelines.tiny_sd_pipeline()
         return pipe.to(device=device, dtype=dtype)
@@ -98,7 +112,11 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"], help="random-weight architecture")
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "sd3", "flux"], help="random-weight architecture")
+    parser.add_argument("--depth", type=int, default=2, help="sd3/flux: blocks of each kind")
+    parser.add_argument("--single-depth", type=int, default=None, help="flux: single-stream blocks [default: --depth]")
+    parser.add_argument("--skip-explicit", action="store_true", help="time plain and fused only (big models)")
+    parser.add_argument("--max-sequence-length", type=int, default=128, help="sd3/flux: T5 tokens")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline of --arch (a smoke check)")
     parser.add_argument("--size", type=int, default=None, help="pixels (default: 256 for sd15, 1024 for sdxl)")
     parser.add_argument("--steps", type=int, default=3)
@@ -112,23 +130,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.size is None:
-        args.size = 1024 if args.arch == "sdxl" and not args.tiny else 256
+        args.size = 32 if args.tiny and args.arch in ("sd3", "flux") else 1024 if args.arch == "sdxl" and not args.tiny else 256
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start = time.perf_counter()
     pipe = build_pipeline(args, device, dtype)
     build_seconds = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    c, side = pipe.unet.config.in_channels, args.size // pipe.vae_scale_factor
-    latents = torch.randn(1, c, side, side, generator=torch.Generator().manual_seed(0))
-    plain_latents = latents.expand(2, -1, -1, -1).to(device, dtype)
-    common = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size, output_type="latent")
+    family = p2p.Editor(pipe).family
+    latents = torch.randn(1, *family.latent_shape(args.size, args.size), generator=torch.Generator().manual_seed(0))
+    plain_latents = family.pack(latents.expand(2, -1, -1, -1).to(device, dtype))
+    guidance = family.default_guidance
+    common = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=args.size, width=args.size, output_type="latent")
+    if family.name == "mmdit":
+        common["max_sequence_length"] = args.max_sequence_length
     edit = [p2p.Edit(EDIT, cross_steps=0.8, self_steps=0.4)]
     runs = {
         "plain": lambda: pipe([SOURCE, EDIT], latents=plain_latents, **common),
         "fused": lambda: p2p.Editor(pipe).edit(SOURCE, edit, latents=latents, **common),
         "explicit": lambda: p2p.Editor(pipe, attention="explicit").edit(SOURCE, edit, latents=latents, **common),
     }
+    if args.skip_explicit:
+        del runs["explicit"]
     times = {k: [] for k in runs}
     memory = {k: [] for k in runs}
     failed: dict[str, str] = {}
@@ -161,9 +184,12 @@ def main() -> None:
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    arch = {"sd15": "SD-1.5", "sdxl": "SDXL"}[args.arch] + " architecture"
+    arch = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3": f"SD3-medium ({args.depth} blocks)",
+            "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)"}[args.arch] + " architecture"
+    if family.name == "mmdit":
+        arch += f", T5 length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
-    title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance 7.5, {args.device} {args.dtype}, "
+    title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "
              f"torch threads {torch.get_num_threads()}")
     print(f"\n{title}")
     print("| run | wall time (s) | x plain | peak memory (MiB) | x plain |")
@@ -179,7 +205,7 @@ def main() -> None:
     if args.json:
         result = {
             "benchmark": "edit_vs_generate", "title": title, "arch": args.arch, "tiny": args.tiny,
-            "model": args.model or "random", "size": args.size, "steps": args.steps, "guidance": 7.5,
+            "model": args.model or "random", "size": args.size, "steps": args.steps, "guidance": guidance,
             "rounds": args.rounds, "warmup_rounds": 1 if args.rounds > 1 else 0, "device": args.device,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),

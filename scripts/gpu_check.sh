@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: the engine tests on CUDA in float16 (and bfloat16), then the GPU benchmarks, in one command of at
-# most about 6 minutes on one H100, ending in outputs/gpu/report.md and report.json.
+# most about 9 minutes on one H100, ending in outputs/gpu/report.md and report.json.
 #
 #   bash scripts/gpu_check.sh                  # on the GPU machine, from the repository root
 #   bash scripts/gpu_check.sh --no-bf16        # skip the bfloat16 pass of tests/test_editor.py
@@ -11,9 +11,9 @@
 # `bash scripts/gpu_wheels.sh`): when `import diffusers` fails, the wheels there whose package does not import
 # are installed with pip --no-index into /tmp/p2p-site, which goes on PYTHONPATH after src/ (the project is
 # run from src/, not installed). For example, with the device tool: carry [".whl"], command
-# `bash scripts/gpu_check.sh`, timeout_s 420.
+# `bash scripts/gpu_check.sh`, timeout_s 560.
 #
-# Steps, in priority order, each under `timeout`, all inside a budget (P2P_GPU_BUDGET seconds, 330 by
+# Steps, in priority order, each under `timeout`, all inside a budget (P2P_GPU_BUDGET seconds, 500 by
 # default; a step that would start with under 20 s left is skipped and reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
@@ -24,7 +24,9 @@
 #   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
 #      benchmarks/reedit.py: a re-edit on a cached source vs a fresh edit, 512 px, 50 steps, fp16
 #   7. pytest tests/test_editor.py in bfloat16 (unless --no-bf16)
-#   8. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
+#   8. benchmarks/edit_vs_generate.py --arch sd3 and --arch flux: SD3-medium's (24 blocks) and Flux.1-dev's
+#      (19 + 38 blocks) transformers, random weights, 1024 px, 28 steps, bf16, plain vs fused (2 rounds)
+#   9. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
 # Everything lands in outputs/gpu/ (log, junit-*.xml, bench-*.json, report.*); when $OUT is set, report.md,
 # report.json, the junit files and the log are copied there too. One failed step does not stop the others;
@@ -54,7 +56,7 @@ while (($#)); do
     shift
 done
 [ "$DEVICE" = cpu ] && QUICK=1
-if ((QUICK)); then BUDGET=${BUDGET:-900}; else BUDGET=${BUDGET:-330}; fi
+if ((QUICK)); then BUDGET=${BUDGET:-900}; else BUDGET=${BUDGET:-500}; fi
 if [ "$DEVICE" = cpu ]; then DTYPE=${P2P_TEST_DTYPE:-float32}; BENCH_DTYPE=float32; else DTYPE=${P2P_TEST_DTYPE:-float16}; BENCH_DTYPE=float16; fi
 
 RUN=$ROOT/outputs/gpu
@@ -256,6 +258,19 @@ main() {
         if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-test_edit_changes_the_output}; else k=${P2P_GPU_PYTEST_K:-not local_ray}; fi
         step tests-bfloat16 "$( ((QUICK)) && echo 120 || echo 45)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE=bfloat16 \
             "$PY" -m pytest tests/test_editor.py -k "$k" -p no:cacheprovider -q -rfE --junitxml="$RUN/junit-bfloat16.xml"
+    fi
+
+    local mmdit=("$PY" benchmarks/edit_vs_generate.py --device "$DEVICE" --skip-explicit --rounds 2)
+    if ((QUICK)); then
+        step bench-sd3 120 "${mmdit[@]}" --arch sd3 --tiny --steps 2 --threads 1 --dtype "$BENCH_DTYPE" \
+            --max-sequence-length 16 --json "$RUN/bench-sd3.json"
+        step bench-flux 120 "${mmdit[@]}" --arch flux --tiny --steps 2 --threads 1 --dtype "$BENCH_DTYPE" \
+            --max-sequence-length 16 --json "$RUN/bench-flux.json"
+    else
+        step bench-sd3 70 "${mmdit[@]}" --arch sd3 --depth 24 --size 1024 --steps 28 --max-sequence-length 256 \
+            --dtype bfloat16 --json "$RUN/bench-sd3.json"
+        step bench-flux 110 "${mmdit[@]}" --arch flux --depth 19 --single-depth 38 --size 1024 --steps 28 \
+            --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux.json"
     fi
 }
 

@@ -28,3 +28,23 @@ def tiny_sd_pickle_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-sd-pickle"
     tiny_sd_pipeline().save_pretrained(folder, safe_serialization=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD3 pipeline (CLIP x2 + T5, flow matching)."""
+    from mmdit_pipelines import tiny_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A saved tiny Flux.1 pipeline."""
+    from mmdit_pipelines import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-flux"
+    tiny_flux_pipeline().save_pretrained(folder)
+    return folder

@@ -72,3 +72,24 @@ def test_the_guard_catches_a_plan_left_on_the_cpu(plan):
 def test_the_guard_catches_a_host_sync():
     with pytest.raises(RuntimeError):
         bool(torch.empty(3, device=DEVICE).any())
+
+
+@pytest.mark.parametrize("path", ["fused", "explicit", "recorded"])
+@pytest.mark.parametrize("text_first", [True, False], ids=["flux", "sd3"])
+def test_joint_attention_on_another_device_never_syncs(tokenizer, path, text_first):
+    from prompt2prompt.alignment import join
+    from prompt2prompt.joint import JointLayerPlan, image_attend, joint_attend
+
+    source = join([tokenize(tokenizer, SOURCE)])
+    plan = build_plan(source, EDITS, [join([tokenize(tokenizer, e.prompt)]) for e in EDITS], STEPS).to(DEVICE, DTYPE)
+    layers = JointLayerPlan(grid=(4, 4), text_length=77, text_first=text_first, cross_blocks=frozenset({0}),
+                            self_blocks=frozenset({0}), record_blocks=frozenset({0}),
+                            blend_size=(4, 4) if path == "recorded" else None, explicit=path == "explicit")
+    q = torch.empty(2 * plan.num_prompts, 2, 16 + 77, 8, device=DEVICE, dtype=DTYPE)
+    for step in range(STEPS):
+        state = RunState(plan=plan, layers=layers, step=step)
+        assert joint_attend(q, q, q, state, 0).shape == q.shape
+        image = q[:, :, :16]
+        assert image_attend(image, image, image, state, 0).device == DEVICE
+    if path == "recorded":
+        assert state.blend_sum.device == DEVICE

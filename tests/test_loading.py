@@ -2,10 +2,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from saved_models import tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
+from saved_models import tiny_flux_dir, tiny_sd3_dir, tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
 
 from prompt2prompt import Editor, loading
 from prompt2prompt.loading import ModelLoadError, load_editor, load_pipeline, parse_dtype, resolve_model
@@ -22,6 +22,15 @@ def test_detects_sdxl_folders(tiny_sdxl_dir):
     pipe = load_pipeline(str(tiny_sdxl_dir), torch_dtype="bf16")
     assert type(pipe) is StableDiffusionXLPipeline
     assert pipe.unet.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("folder, cls", [("tiny_sd3_dir", StableDiffusion3Pipeline), ("tiny_flux_dir", FluxPipeline)])
+def test_detects_mmdit_folders_and_edits_them(request, folder, cls):
+    pipe = load_pipeline(str(request.getfixturevalue(folder)))
+    assert type(pipe) is cls
+    result = Editor(pipe).edit("a cat riding a bicycle", ["a dog riding a bicycle"], num_inference_steps=2, seed=0,
+                               height=32, width=32, max_sequence_length=16, output_type="pt")
+    assert result.images.shape == (2, 3, 32, 32) and result.images.isfinite().all()
 
 
 def test_demo_resolves_to_the_packaged_folder(tiny_sd_dir, tmp_path, monkeypatch):
@@ -92,7 +101,7 @@ def test_rejects_folders_and_files_that_are_not_sd_pipelines(tmp_path):
         load_pipeline(str(pickle))
     other = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.weight": torch.zeros(2)}, other)
-    with pytest.raises(ModelLoadError, match="is not a Stable Diffusion checkpoint"):
+    with pytest.raises(ModelLoadError, match="is not a Stable Diffusion or Flux checkpoint"):
         load_pipeline(str(other))
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"not a safetensors header")
@@ -100,15 +109,21 @@ def test_rejects_folders_and_files_that_are_not_sd_pipelines(tmp_path):
         load_pipeline(str(corrupt))
 
 
-def test_single_file_checkpoints_are_told_apart_by_their_text_encoders(tmp_path, monkeypatch):
+def test_single_file_checkpoints_are_told_apart_by_their_weight_names(tmp_path, monkeypatch):
     sd = tmp_path / "sd.safetensors"
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(1),
                "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1)}, sd)
     xl = tmp_path / "xl.safetensors"
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(1),
                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, xl)
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)}, sd3)
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, flux)
     assert loading._pipeline_class(resolve_model(str(sd))) is StableDiffusionPipeline
     assert loading._pipeline_class(resolve_model(str(xl))) is StableDiffusionXLPipeline
+    assert loading._pipeline_class(resolve_model(str(sd3))) is StableDiffusion3Pipeline
+    assert loading._pipeline_class(resolve_model(str(flux))) is FluxPipeline
     # Offline, the base model's configuration is missing from the (empty) cache: a clear error, no traceback.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     _go_offline(monkeypatch)

@@ -1,7 +1,12 @@
 """Token alignment: words to token positions, and the source-to-edit token mappers of Prompt-to-Prompt.
 
-Pure functions over a tokenizer; nothing here knows about diffusion. Positions count the BOS token as 0,
-so the first word's tokens start at 1, and every tensor spans the text encoder's 77 positions.
+Pure functions over a tokenizer; nothing here knows about diffusion. For CLIP, positions count the BOS token
+as 0, so the first word's tokens start at 1, and every tensor spans the text encoder's 77 positions. T5 has
+no BOS: its first piece is position 0, and its EOS and padding belong to no word.
+
+A model whose text is several parts (SD3: 77 CLIP tokens, then the T5 tokens) has a joint text: `join`
+puts each part at its offset, a word's positions are its tokens in every part, and `text_mappers` builds
+the block-diagonal mappers, each part mapped by its own tokenizer's sequence.
 """
 
 import re
@@ -23,6 +28,40 @@ class Tokenized:
     words: list[str]
     ids: list[int]
     word_tokens: list[list[int]]
+    length: int = MAX_TOKENS  # the text encoder's sequence length (every tensor over tokens spans it)
+    parts: tuple["TextPart", ...] = ()  # a joint text's parts (empty: the text is this one tokenization)
+
+    @property
+    def blocks(self) -> tuple["TextPart", ...]:
+        """The parts of the text, each with its offset: a single tokenization is one part at offset 0."""
+        return self.parts or (TextPart(self, 0),)
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One tokenizer's part of a joint text, starting at `offset` and `tokenized.length` long."""
+
+    tokenized: Tokenized
+    offset: int
+
+
+def join(parts: Sequence[Tokenized]) -> Tokenized:
+    """The joint text of one prompt's tokenizations, laid end to end (SD3: CLIP's 77, then T5's).
+
+    A word's positions are its tokens in every part, shifted by the part's offset.
+    """
+    first = parts[0]
+    if any(p.words != first.words for p in parts):
+        raise ValueError(f"the parts of a joint text must split {first.prompt!r} into the same words")
+    placed, offset = [], 0
+    word_tokens: list[list[int]] = [[] for _ in first.words]
+    for part in parts:
+        placed.append(TextPart(part, offset))
+        for w, positions in enumerate(part.word_tokens):
+            word_tokens[w].extend(offset + p for p in positions)
+        offset += part.length
+    ids = [i for part in parts for i in part.ids]
+    return Tokenized(first.prompt, list(first.words), ids, word_tokens, length=offset, parts=tuple(placed))
 
 
 def word_spans(prompt: str) -> list[tuple[int, int]]:
@@ -36,8 +75,10 @@ def word_spans(prompt: str) -> list[tuple[int, int]]:
     return [match.span() for match in re.finditer(r"\S+", prompt)]
 
 
-def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
+def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS, *, what: str = "(BOS and EOS included)") -> Tokenized:
     """Split `prompt` into words (on runs of whitespace) and find each word's token positions from the offsets.
+
+    `max_length` is the text encoder's sequence length: a longer prompt is refused, never cut.
 
     >>> t = tokenize(clip_tokenizer(), "a lasagne with croutons")  # doctest: +SKIP
     >>> t.word_tokens  # doctest: +SKIP
@@ -54,7 +95,7 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
     if len(ids) > max_length:
         raise ValueError(
             f"the prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's {max_length} "
-            f"(BOS and EOS included); shorten it"
+            f"{what}; shorten it"
         )
     spans = word_spans(prompt)
     words = [prompt[start:end] for start, end in spans]
@@ -66,7 +107,7 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS) -> Tokenized:
             if ws <= a and b <= we:
                 word_tokens[w].append(pos)
                 break
-    return Tokenized(prompt, words, ids, word_tokens)
+    return Tokenized(prompt, words, ids, word_tokens, length=max_length)
 
 
 def _strip(word: str) -> str:
@@ -229,3 +270,27 @@ def refinement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX_
     for j in range(n_y, max_length):
         mapper[j] = min(n_x + (j - n_y), max_length - 1)
     return mapper, alpha
+
+
+def text_mappers(source: Tokenized, edit: Tokenized, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (L, L) mapper M, the refinement index m (L,) and alpha (L,) of one edit over the whole text.
+
+    `mode` is "replace" or "refine". Each part of a joint text is mapped by its own sequence and placed on
+    the diagonal; for refine, M is the one-hot of m (M[k, j] = 1 where m[j] = k).
+    """
+    length = source.length
+    if edit.length != length or len(edit.blocks) != len(source.blocks):
+        raise ValueError("the source and the edit must be tokenized for the same text encoder")
+    mapper = torch.zeros(length, length)
+    index = torch.arange(length)
+    alpha = torch.ones(length)
+    for s_part, e_part in zip(source.blocks, edit.blocks):
+        o, n = s_part.offset, s_part.tokenized.length
+        if mode == "replace":
+            mapper[o : o + n, o : o + n] = replacement_mapper(s_part.tokenized, e_part.tokenized, n)
+        else:
+            m, a = refinement_mapper(s_part.tokenized, e_part.tokenized, n)
+            index[o : o + n], alpha[o : o + n] = m + o, a
+    if mode != "replace":
+        mapper = torch.nn.functional.one_hot(index, length).T.float()
+    return mapper, index, alpha

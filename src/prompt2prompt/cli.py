@@ -64,8 +64,15 @@ ModelOption = Annotated[str, typer.Option(
     "--model", envvar="P2P_MODEL", help="Hub id, diffusers folder, .safetensors file, or 'demo'.")]
 DeviceOption = Annotated[str | None, typer.Option(help="cuda, cpu, ... [default: cuda if available, else cpu]")]
 DtypeOption = Annotated[str, typer.Option(help="float32, float16, bfloat16, or auto (float16 on cuda, else float32).")]
-StepsOption = Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")]
-GuidanceOption = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (<= 1 turns it off).")]
+StepsOption = Annotated[int | None, typer.Option(
+    "--steps", min=1, help="Denoising steps [default: the model's: 50 for SD 1.x/2.x/XL, 28 for SD3 and Flux].",
+    show_default=False)]
+GuidanceOption = Annotated[float | None, typer.Option(
+    "--guidance", help="Guidance scale [default: 7.5 for SD 1.x/2.x/XL, 7.0 for SD3; Flux: its embedded guidance, "
+                       "3.5]; <= 1 turns classifier-free guidance off.", show_default=False)]
+SequenceOption = Annotated[int | None, typer.Option(
+    "--max-sequence-length", min=1, max=512, help="SD3 and Flux: T5 tokens [default: 256 for SD3, 512 for Flux].",
+    show_default=False)]
 SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
                                                 help="Seed of the initial latent [default: random, recorded].")]
 AllowPickleOption = Annotated[bool, typer.Option(
@@ -132,10 +139,19 @@ def _output_folder(out: Path) -> Iterator[None]:
         raise
 
 
-def _check_numbers(steps: int, guidance: float, height: int | None = None, width: int | None = None) -> None:
-    """The run's numbers, checked as a recipe's are, before any model loads."""
-    check_int(steps, "--steps", 1, MAX_STEPS)
-    check_guidance(guidance)
+def _sequence_length(editor, length: int | None) -> int | None:
+    """--max-sequence-length, refused on a model without T5 text rather than ignored."""
+    if length is not None and editor.family.kind == "unet":
+        raise UsageError("--max-sequence-length is a T5 length: SD3 and Flux have one, this model has not")
+    return length
+
+
+def _check_numbers(steps: int | None, guidance: float | None, height: int | None = None, width: int | None = None) -> None:
+    """The run's numbers, checked as a recipe's are, before any model loads (None: the model's default)."""
+    if steps is not None:
+        check_int(steps, "--steps", 1, MAX_STEPS)
+    if guidance is not None:
+        check_guidance(guidance)
     check_side(height, "--height")
     check_side(width, "--width")
 
@@ -287,8 +303,9 @@ def edit(
                                                       show_default=False)] = None,
     mode: Annotated[str, typer.Option(help="auto, replace or refine.")] = "auto",
     model: ModelOption = "demo",
-    steps: StepsOption = 50,
-    guidance: GuidanceOption = 7.5,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    max_sequence_length: SequenceOption = None,
     seed: SeedOption = None,
     cross: Annotated[str, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8.")] = "0.8",
     cross_word: Annotated[list[str], typer.Option("--cross-word", help="Per-word window: lion=0.4 (repeatable).")] = [],  # noqa: B006
@@ -301,8 +318,10 @@ def edit(
     width: Annotated[int | None, typer.Option(help="Image width in px [default: the model's].")] = None,
     image: Annotated[Path | None, typer.Option(help="A real image to edit (with --prompt as its caption).",
                                                exists=True, dir_okay=False, show_default=False)] = None,
-    inversion: Annotated[str, typer.Option(help="Inversion method for --image: null-text, negative-prompt, "
-                                                "direct or ddim.")] = "null-text",
+    inversion: Annotated[str | None, typer.Option(help="Inversion method for --image: null-text, negative-prompt, "
+                                                       "direct or ddim on SD 1.x/2.x/XL [default: null-text]; direct or "
+                                                       "euler on SD3 and Flux [default: direct].",
+                                                  show_default=False)] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     allow_pickle: AllowPickleOption = False,
@@ -320,7 +339,7 @@ def edit(
             if seed is not None:
                 raise UsageError("--seed does not apply to --image: the inversion supplies the initial latent")
             real = dict(image={"path": str(image.resolve()), "sha256": file_digest(image)},
-                        inversion={"method": inversion})
+                        inversion={} if inversion is None else {"method": inversion})
         elif seed is None:
             seed = secrets.randbelow(2**31)
         source, specs = edit_specs(source_prompt if prompt is None else prompt, to, mode=mode, cross=cross,
@@ -330,7 +349,8 @@ def edit(
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
             recipe = recipe_for(
                 editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
-                guidance_scale=guidance, negative_prompt=negative, height=height, width=width, **real,
+                guidance_scale=guidance, negative_prompt=negative, height=height, width=width,
+                max_sequence_length=_sequence_length(editor, max_sequence_length), **real,
             )
             with _progress(editor.pipe, "editing"):
                 result = run_recipe(recipe, editor)
@@ -343,8 +363,9 @@ def attention(
     prompt: Annotated[str, typer.Argument(help="The prompt whose attention to show.", show_default=False)],
     res: Annotated[int | None, typer.Option(min=1, help="Layer side to record [default: latent side / 4].")] = None,
     model: ModelOption = "demo",
-    steps: StepsOption = 50,
-    guidance: GuidanceOption = 7.5,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    max_sequence_length: SequenceOption = None,
     seed: SeedOption = None,
     negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
     device: DeviceOption = None,
@@ -364,6 +385,7 @@ def attention(
                 editor, model_source, source=source.source, edits=[],
                 seed=secrets.randbelow(2**31) if seed is None else seed, num_inference_steps=steps,
                 guidance_scale=guidance, negative_prompt=negative, kind="attention", record_attention=res or True,
+                max_sequence_length=_sequence_length(editor, max_sequence_length),
             )
             with _progress(editor.pipe, "generating"):
                 result = run_recipe(recipe, editor)

@@ -17,11 +17,11 @@ from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .alignment import MAX_TOKENS, Tokenized, WordRef, refinement_mapper, replacement_mapper, tokenize, word_token_positions
+from .alignment import MAX_TOKENS, Tokenized, WordRef, replacement_mapper, text_mappers, word_token_positions
 from .blend import apply_blend, blend_mask
 from .cache import CacheRecorder, SourceCache
+from .families import check_text_length, family_of
 from .images import check_pixels
 from .processor import EditPlan, GroupAttnProcessor, LayerPlan, P2PAttnProcessor, RunState, fused_schedule
 from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, step_mask
@@ -182,31 +182,34 @@ class EditResult:
 
     images: Any  # list of PIL images, an array, or a (P, C, h, w) latent tensor, by output_type
     prompts: list[str]
-    tokens: list[list[str]]  # per prompt, the token texts from BOS to EOS
-    attention: dict[int, torch.Tensor] | None = None  # resolution -> (P, h, w, 77) maps
+    tokens: list[list[str]]  # per prompt, the token texts from BOS to EOS (MM-DiT: one per joint-text position)
+    attention: dict[int, torch.Tensor] | None = None  # resolution -> (P, h, w, L) maps (L: 77, or the joint text's)
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # edit index -> last local-blend mask (h, w)
+    family: str = "unet"  # the model family: unet, sd3 or flux
+    words: list[list[tuple[str, list[int]]]] = field(default_factory=list)  # per prompt, each word and its positions
 
 
 def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tokenized], num_inference_steps: int) -> EditPlan:
-    """Turn the edits into the per-run tensors the attention processor reads (on the CPU; see `EditPlan.to`)."""
-    n, e = num_inference_steps, len(edits)
+    """Turn the edits into the per-run tensors the attention processor reads (on the CPU; see `EditPlan.to`).
+
+    Every tensor over tokens spans the text's length L (77 for CLIP; a joint text's whole length).
+    """
+    n, e, length = num_inference_steps, len(edits), source.length
     replace = [False] * e
-    mapper = torch.zeros(e, MAX_TOKENS, MAX_TOKENS)
-    refine_index = torch.arange(MAX_TOKENS).repeat(e, 1)
-    alpha = torch.ones(e, MAX_TOKENS)
-    weights = torch.ones(e, MAX_TOKENS)
-    cross = torch.zeros(n, e, MAX_TOKENS)
+    mapper = torch.zeros(e, length, length)
+    refine_index = torch.arange(length).repeat(e, 1)
+    alpha = torch.ones(e, length)
+    weights = torch.ones(e, length)
+    cross = torch.zeros(n, e, length)
     self_active = torch.zeros(n, e, dtype=torch.bool)
     for i, (edit, target) in enumerate(zip(edits, tokenized)):
         mode = edit.mode
         if mode == "auto":
             mode = "replace" if len(source.words) == len(target.words) else "refine"
-        if mode == "replace":
-            replace[i] = True
-            mapper[i] = replacement_mapper(source, target)
-        else:
-            refine_index[i], alpha[i] = refinement_mapper(source, target)
-            mapper[i] = F.one_hot(refine_index[i], MAX_TOKENS).T.float()  # M[k, j] = 1 where m[j] = k
+        if mode == "replace" and len(source.words) != len(target.words):
+            replacement_mapper(source, target)  # its clear error about the word counts
+        replace[i] = mode == "replace"
+        mapper[i], refine_index[i], alpha[i] = text_mappers(source, target, mode)
         for word, weight in (edit.weights or {}).items():
             weights[i, word_token_positions(target, word)] = float(weight)
         cross[:, i] = cross_mask(edit.cross_steps, n, target)
@@ -215,7 +218,7 @@ def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tok
     return EditPlan(
         num_prompts=e + 1, num_inference_steps=n, replace=tuple(replace), mapper=mapper, refine_index=refine_index,
         alpha=alpha, weights=weights, cross=cross, self_active=self_active, a=a, b=b, swap=swap, mix_index=mix_index,
-        flags=flags,
+        flags=flags, ra=cross * alpha, rb=cross * (1 - alpha) + (1 - cross),
     )
 
 
@@ -317,8 +320,9 @@ class StepCallback:
     """
 
     def __init__(self, run: PreparedRun, state: RunState, *, recorder: CacheRecorder | None = None,
-                 user_callback: Callable | None = None, tensor_inputs: Sequence[str] = ("latents",)):
+                 user_callback: Callable | None = None, tensor_inputs: Sequence[str] = ("latents",), family=None):
         self.run, self.state, self.recorder, self.user_callback = run, state, recorder, user_callback
+        self.family = family  # packs and unpacks the pipeline's latents (Flux's are 2x2 patches in tokens)
         self.tensor_inputs = list(tensor_inputs)
         self.masks: dict[int, torch.Tensor] = {}  # edit index -> its last blend mask, on the device
 
@@ -335,7 +339,12 @@ class StepCallback:
         if self.recorder is not None:
             self.recorder.end_evaluation(state.blend_sum)
         if k == total - 1 or step_index(k + 1, order, n) != i:  # the step's last evaluation
-            outputs["latents"] = self._end_step(kwargs["latents"], i)
+            latents = kwargs["latents"]
+            if self.family is None:
+                outputs["latents"] = self._end_step(latents, i)
+            else:
+                unpacked = self._end_step(self.family.unpack(latents, run.latent_size), i)
+                outputs["latents"] = self.family.pack(unpacked)
         if k + 1 < total:
             state.step = step_index(k + 1, order, n)
             if cache is not None:
@@ -409,18 +418,35 @@ class Editor:
         >>> result = editor.edit("a cat riding a bicycle", [Edit("a dog riding a bicycle")], seed=0)  # doctest: +SKIP
     """
 
-    def __init__(self, pipe, *, self_replace_max_res: int | None = None, blend_res: int | None = None, attention: str = "fused"):
+    def __init__(self, pipe, *, self_replace_max_res: int | None = None, blend_res: int | None = None, attention: str = "fused",
+                 cross_blocks: Sequence[int] | None = None, self_blocks: Sequence[int] | None = None,
+                 record_blocks: Sequence[int] | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
-        for name in ("unet", "tokenizer", "scheduler"):
+        family = family_of(pipe)
+        for name in ("tokenizer", "scheduler"):
             if getattr(pipe, name, None) is None:
-                raise TypeError(f"Editor needs a Stable Diffusion pipeline with a {name}; got {type(pipe).__name__}")
+                raise TypeError(f"Editor needs a pipeline with a {name}; {type(pipe).__name__} has none")
         for name, value in (("self_replace_max_res", self_replace_max_res), ("blend_res", blend_res)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (a layer's side in latent pixels) or None, not {value!r}")
+        unet_only = {"self_replace_max_res": self_replace_max_res, "blend_res": blend_res}
+        mmdit_only = {"cross_blocks": cross_blocks, "self_blocks": self_blocks, "record_blocks": record_blocks}
+        wrong = unet_only if family.name == "mmdit" else mmdit_only
+        given = sorted(name for name, value in wrong.items() if value is not None)
+        if given:
+            raise ValueError(f"{given} do not apply to {type(pipe).__name__}; "
+                             f"{'UNet models choose layers by side' if family.name == 'unet' else 'MM-DiT models choose blocks'}: "
+                             f"use {sorted(mmdit_only if family.name == 'mmdit' else unet_only)}")
+        if family.name == "mmdit":
+            for name, value in mmdit_only.items():
+                if value is not None:
+                    family._blocks(value, name)
         self.pipe = pipe
+        self.family = family
         self.self_replace_max_res = self_replace_max_res
         self.blend_res = blend_res
+        self.cross_blocks, self.self_blocks, self.record_blocks = cross_blocks, self_blocks, record_blocks
         self.attention = attention
 
     @classmethod
@@ -441,9 +467,13 @@ class Editor:
 
         return invert(self.pipe, image, prompt, **kwargs)
 
-    def tokenize(self, prompt: str) -> Tokenized:
-        """The prompt's words and token positions under this pipeline's tokenizer."""
-        return tokenize(self.pipe.tokenizer, prompt)
+    def tokenize(self, prompt: str, max_sequence_length: int | None = None) -> Tokenized:
+        """The prompt's words and token positions under this pipeline's tokenizers (its joint text on MM-DiT).
+
+        `max_sequence_length` is the T5 length of SD3 and Flux runs (their pipelines' defaults: 256 and 512).
+        """
+        kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        return self.family.tokenize(prompt, kwargs)
 
     def edit(self, prompt: str, edits: Sequence[Edit | str] | Edit | str = (), *, output_type: str = "pil",
              **kwargs) -> EditResult:
@@ -503,6 +533,8 @@ class Editor:
             raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
+        if self.family.name == "mmdit":
+            self._check_mmdit(inversion, cache, pipeline_kwargs)
         if cache is not None:
             if not isinstance(cache, SourceCache):
                 raise TypeError(f"cache must be a SourceCache from Editor.cache_source(), not {type(cache).__name__}")
@@ -522,8 +554,9 @@ class Editor:
                 inversion, num_inference_steps, guidance_scale, height, width, negative_prompt,
                 latents, seed, generator, cache,
             )
-        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
-        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+        family = self.family
+        num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
         if not is_finite_number(guidance_scale):
@@ -532,28 +565,30 @@ class Editor:
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
         if negative_prompt is not None:
-            self._check_negative_prompt(negative_prompt)
+            if not isinstance(negative_prompt, str):
+                raise TypeError(f"negative_prompt must be a string or None, not {type(negative_prompt).__name__}")
+            check_text_length(family, negative_prompt, "the negative prompt", pipeline_kwargs)
 
         # 2. Tokens, mappers and windows
-        source = self.tokenize(prompt)
-        targets = [self.tokenize(e.prompt) for e in edits]
+        source = family.tokenize(prompt, pipeline_kwargs)
+        targets = [family.tokenize(e.prompt, pipeline_kwargs) for e in edits]
         plan = build_plan(source, edits, targets, num_inference_steps)
         prompts = (prompt, *(e.prompt for e in edits))
 
         # 3. Sizes, layers and what to record
-        scale = pipe.vae_scale_factor
-        default = pipe.unet.config.sample_size * scale
+        default = family.default_size()
         height = default if height is None else height
         width = default if width is None else width
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in (height, width)):
             raise ValueError(f"height and width must be positive integers, but are {height!r} and {width!r}")
-        multiple = max(8, scale)  # diffusers' pipelines require multiples of 8 whatever the VAE
+        multiple = family.multiple()
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, but are {height} and {width}")
         check_pixels(pipe, height, width)
-        latent_size = (height // scale, width // scale)
+        channels, *latent_size = family.latent_shape(height, width)
+        latent_size = tuple(latent_size)
         blend = cache is not None or any(e.blend is not None for e in edits)  # a cache always records blend maps
-        layers = self._layer_plan(latent_size, blend, record_attention)
+        layers = self._layer_plan(latent_size, blend, record_attention, source.length)
         blends = self._blend_specs(source, edits, targets)
         if cache is not None:
             missing = sorted(max(s) for s in layers.record_sizes if s not in cache.records)
@@ -564,8 +599,8 @@ class Editor:
                                              pipeline_kwargs, layers), id(pipe))
 
         # 4. Initial latents: one draw shared by every prompt
-        device, dtype = pipe._execution_device, pipe.unet.dtype
-        shape = (1, pipe.unet.config.in_channels, *latent_size)
+        device, dtype = pipe._execution_device, family.model.dtype
+        shape = (1, channels, *latent_size)
         if cache is not None:
             latents = cache.latents
         elif inversion is not None:
@@ -633,7 +668,8 @@ class Editor:
     def _run_one(self, run: PreparedRun, output_type: str, user_callback, pipeline_kwargs) -> EditResult:
         cache = run.cache
         state = RunState(plan=run.plan, layers=run.layers, cached=cache is not None)
-        callback = StepCallback(run, state, user_callback=user_callback, tensor_inputs=self._tensor_inputs(run))
+        callback = StepCallback(run, state, user_callback=user_callback, tensor_inputs=self._tensor_inputs(run),
+                                family=self.family)
         if cache is None:
             images = self._call(run, state, callback, output_type, pipeline_kwargs)
         else:
@@ -656,6 +692,7 @@ class Editor:
             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs,
             **{**run.pipeline_kwargs, **pipeline_kwargs},
         )
+        call_kwargs["latents"] = self.family.pack(call_kwargs["latents"])
         inversion = run.inversion
         if inversion is not None and inversion.uncond_embeddings is not None:
             call_kwargs.update(self._inversion_embeddings(prompts, inversion, pipe._execution_device))
@@ -663,26 +700,41 @@ class Editor:
             call_kwargs["prompt"] = prompts
             if run.negative_prompt is not None:
                 call_kwargs["negative_prompt"] = [run.negative_prompt] * len(prompts)
-        processors = {name: P2PAttnProcessor(state, name) for name in pipe.unet.attn_processors}
-        return self._with_processors(processors, inversion is not None, call_kwargs)
+        ddim = inversion is not None and self.family.name == "unet"
+        return self._with_processors(self.family.processors(state), ddim, call_kwargs, [state])
 
-    def _with_processors(self, processors: dict, ddim: bool, call_kwargs: dict):
-        pipe = self.pipe
-        saved = pipe.unet.attn_processors
+    def _with_processors(self, processors: dict, ddim: bool, call_kwargs: dict, states: Sequence[RunState] = ()):
+        pipe, model = self.pipe, self.family.model
+        saved = model.attn_processors
         saved_scheduler = pipe.scheduler
+        hook = None
+        if self.family.name == "mmdit" and call_kwargs.get("true_cfg_scale", 1.0) > 1 and call_kwargs.get("negative_prompt"):
+            # Flux's true CFG calls the transformer twice a step, the conditional pass first, then the negative.
+            def count_pass(module, args):
+                for state in states:
+                    state.unconditional_pass = not state.unconditional_pass
+
+            for state in states:
+                state.unconditional_pass = True  # the first call flips it to the conditional pass
+            hook = model.register_forward_pre_hook(count_pass)
         try:
             if ddim:  # an inversion is exact for the DDIM step it was made with
                 from diffusers import DDIMScheduler
 
                 pipe.scheduler = DDIMScheduler.from_config(saved_scheduler.config)
-            pipe.unet.set_attn_processor(processors)
+            model.set_attn_processor(processors)
             return pipe(**call_kwargs).images
         finally:
-            pipe.unet.set_attn_processor(saved)
+            if hook is not None:
+                hook.remove()
+            model.set_attn_processor(saved)
             pipe.scheduler = saved_scheduler
 
     def _run_group(self, runs: list[PreparedRun], output_type: str, pipeline_kwargs) -> list[EditResult]:
         first = runs[0]
+        if self.family.name != "unet":
+            raise ValueError(f"several runs in one forward batch work on UNet models only; on {type(self.pipe).__name__} "
+                             "run them one by one (each run already batches its own edits)")
         for r in runs:
             if r.inversion is not None or r.cache is not None:
                 raise ValueError("runs with an inversion or a source cache cannot share a forward batch; run them one by one")
@@ -730,13 +782,19 @@ class Editor:
                     attention[max(size)] = torch.cat([source, edits.cpu()])
                 else:
                     attention[max(size)] = (maps / state.record_counts[size]).cpu()
-        tokenizer = self.pipe.tokenizer
-        tokens = [[t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(tok.ids)] for tok in run.tokens]
+        tokens = [self.family.token_texts(tok) for tok in run.tokens]
+        words = [list(zip(tok.words, tok.word_tokens)) for tok in run.tokens]
         return EditResult(images=images, prompts=list(run.prompts), tokens=tokens, attention=attention,
-                          masks={e: mask.cpu() for e, mask in callback.masks.items()})
+                          masks={e: mask.cpu() for e, mask in callback.masks.items()}, family=self.family.kind,
+                          words=words)
 
-    def _layer_plan(self, latent_size: tuple[int, int], blend: bool, record_attention) -> LayerPlan:
+    def _layer_plan(self, latent_size: tuple[int, int], blend: bool, record_attention, text_length: int = MAX_TOKENS):
         """Which layers self-replace, drive local blending and are recorded, by their sizes at this latent size."""
+        if self.family.name == "mmdit":
+            return self.family.layer_plan(
+                latent_size, text_length, blend=blend, record_attention=record_attention, cross_blocks=self.cross_blocks,
+                self_blocks=self.self_blocks, record_blocks=self.record_blocks, explicit=self.attention == "explicit",
+            )
         unet = self.pipe.unet
         sizes = _level_sizes(latent_size, len(unet.config.block_out_channels))
         down_up, mid = _cross_levels(unet)
@@ -763,11 +821,11 @@ class Editor:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
             negative_prompt=negative_prompt, scheduler=f"{type(scheduler).__name__} {sorted(dict(scheduler.config).items())}",
             pipeline_kwargs=repr(sorted(pipeline_kwargs.items())), self_max_side=layers.self_max_side,
-            blend_size=layers.blend_size, attention=self.attention, dtype=str(self.pipe.unet.dtype),
+            blend_size=layers.blend_size, attention=self.attention, dtype=str(self.family.model.dtype),
         )
 
     def _tensor_inputs(self, run: PreparedRun) -> list[str]:
-        names = ["latents", "prompt_embeds"]
+        names = list(self.family.tensor_inputs)
         inversion = run.inversion
         if inversion is not None and inversion.uncond_pooled is not None and "add_text_embeds" in self.pipe._callback_tensor_inputs:
             names.append("add_text_embeds")
@@ -792,17 +850,24 @@ class Editor:
             raise ValueError(f"{what}: the model has no cross-attention at side {max(size)}; it has it at {with_cross}")
         return size
 
-    def _check_negative_prompt(self, negative_prompt: str) -> None:
-        """A negative prompt is refused where the text encoder would cut it, as a prompt is."""
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a string or None, not {type(negative_prompt).__name__}")
-        for tokenizer in (self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)):
-            length = 0 if tokenizer is None else len(tokenizer(negative_prompt, truncation=False).input_ids)
-            if length > MAX_TOKENS:
-                raise ValueError(
-                    f"the negative prompt {negative_prompt!r} is {length} tokens long, more than the text encoder's "
-                    f"{MAX_TOKENS} (BOS and EOS included); shorten it"
-                )
+    def _check_mmdit(self, inversion, cache, pipeline_kwargs) -> None:
+        """What MM-DiT runs do not take yet, refused before any compute."""
+        name = type(self.pipe).__name__
+        if inversion is not None and getattr(inversion, "uncond_embeddings", None) is not None:
+            raise ValueError(f"this {inversion.method!r} inversion optimises a UNet's unconditional embeddings; invert the "
+                             f"image with this {name} (method 'direct' or 'euler')")
+        length = getattr(inversion, "max_sequence_length", None)
+        if length is not None and pipeline_kwargs.setdefault("max_sequence_length", length) != length:
+            raise ValueError(f"this inversion was made with max_sequence_length={length}; edit it with the same, "
+                             f"not {pipeline_kwargs['max_sequence_length']}")
+        if cache is not None:
+            raise ValueError(f"source caches are not supported on {name} yet; edit without cache=")
+        if pipeline_kwargs.get("skip_guidance_layers"):
+            raise ValueError("skip_guidance_layers adds a forward pass the edits do not know; leave it unset")
+        for key in ("negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3"):
+            if key in pipeline_kwargs:
+                raise ValueError(f"{key} would give a text encoder another prompt than the one the edits align; "
+                                 "leave it unset")
 
     @staticmethod
     def _blend_specs(source: Tokenized, edits: Sequence[Edit], targets: Sequence[Tokenized]) -> dict[int, BlendSpec]:

@@ -73,20 +73,27 @@ def fit_image(
 def image_size(pipe, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """The pixel size (height, width) to use with `pipe`: the caller's, checked, or the model's default.
 
-    Both sides must be multiples of 8 latent pixels (64 px for an SD VAE).
+    On a UNet both sides must be multiples of 8 latent pixels (64 px for an SD VAE); on SD3 and Flux, of the
+    VAE's factor times the 2x2 patch (16 px).
     """
+    from .families import family_of
+
+    family = family_of(pipe)
     factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
+    default = family.default_size()
     height = default if height is None else height
     width = default if width is None else width
-    unit = LATENT_MULTIPLE * factor
+    if family.name == "unet":
+        unit, why = LATENT_MULTIPLE * factor, f"{LATENT_MULTIPLE} latent pixels of a {factor}x VAE"
+    else:
+        unit, why = family.multiple(), f"a 2x2 patch of a {factor}x VAE"
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
             sane = isinstance(value, (int, float)) and 0 < value < 2**31  # NaN and 10**400 have no nearest
             nearest = max(unit, round(value / unit) * unit) if sane else default
             raise ValueError(
                 f"{name}={value!r} is not a size this model accepts: it must be a positive multiple of {unit} px "
-                f"({LATENT_MULTIPLE} latent pixels of a {factor}x VAE); use for example {name}={nearest}"
+                f"({why}); use for example {name}={nearest}"
             )
     check_pixels(pipe, height, width)
     return height, width
@@ -97,7 +104,8 @@ def check_pixels(pipe, height: int, width: int) -> None:
 
     Example: on SD 1.5 (512x512 native) 1024x1024 and 512x2048 pass, 1536x1536 is refused.
     """
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    unet = getattr(pipe, "unet", None)
+    native = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
     if os.environ.get("P2P_ALLOW_LARGE", "") not in ("", "0"):  # the rare real need, as for recipes' bounds
         return
     if height * width > MAX_PIXELS_FACTOR * native * native:

@@ -1,5 +1,8 @@
 """Real images: DDIM, null-text, negative-prompt and direct inversion of an image into an edit's starting point.
 
+`invert` serves every pipeline the editor drives: UNet pipelines (SD 1.x/2.x, SDXL) invert here, flow-matching
+MM-DiT pipelines (SD3/3.5, Flux.1) in `prompt2prompt.flow_inversion` (inverse Euler and direct inversion).
+
 - DDIM inversion runs the DDIM sampler backwards with guidance 1 and gives the pivot trajectory x_0 .. x_T.
 - Null-text inversion (Mokady et al., 2022) then optimises, per step, the unconditional embedding so that the
   guided DDIM step from the pivot lands on the next pivot.
@@ -7,7 +10,7 @@
 - Direct inversion (Ju et al., 2024) records, per step, the gap between the guided step and the pivot, and the
   edit adds it to the source row only.
 
-Every step here is the diffusers `DDIMScheduler` step the edit uses (`DDIMScheduler.from_config` of the
+Every UNet step here is the diffusers `DDIMScheduler` step the edit uses (`DDIMScheduler.from_config` of the
 pipeline's scheduler), so epsilon-, v- and sample-prediction models, zero-terminal-SNR betas, every timestep
 spacing and `set_alpha_to_one`/`steps_offset` follow from the scheduler's own configuration.
 """
@@ -29,10 +32,13 @@ from tqdm.auto import tqdm
 
 from .alignment import tokenize
 from .editor import is_finite_number
+from .families import family_of
 from .files import write_atomic, write_text_atomic
 from .images import ImageInput, prepare_image, to_tensor
 
-METHODS = ("null-text", "negative-prompt", "direct", "ddim")
+METHODS = ("null-text", "negative-prompt", "direct", "ddim")  # UNet pipelines
+FLOW_METHODS = ("direct", "euler")  # flow-matching pipelines (SD3/3.5, Flux.1), see `flow_inversion`
+_SCALARS = ("num_inference_steps", "guidance_scale", "prompt", "method", "height", "width", "max_sequence_length")
 _TENSORS = ("latents", "trajectory", "uncond_embeddings", "uncond_pooled", "corrections")
 _FORMAT = "prompt2prompt.inversion"
 _VERSION = 1
@@ -42,7 +48,8 @@ _VERSION = 1
 class Inversion:
     """A real image inverted for editing: pass it to `Editor.edit(..., inversion=inv)`.
 
-    N is `num_inference_steps`; step i is the i-th (descending) DDIM timestep, as in the edit.
+    N is `num_inference_steps`; step i is the i-th (descending) timestep of the edit's scheduler (DDIM on UNet
+    pipelines, the pipeline's flow-matching Euler on SD3 and Flux). Latents are unpacked (Flux's too).
     """
 
     latents: torch.Tensor  # x_T, the initial latent of every prompt: (1, C, h, w)
@@ -56,10 +63,15 @@ class Inversion:
     uncond_embeddings: torch.Tensor | None = None  # every prompt's unconditional embedding at step i: (N, 1, T, D)
     uncond_pooled: torch.Tensor | None = None  # SDXL's pooled counterpart: (N, 1, D2)
     corrections: torch.Tensor | None = None  # added to the source row after step i: (N, 1, C, h, w)
+    max_sequence_length: int | None = None  # the T5 length of an SD3 or Flux inversion: its edits use the same
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
+        methods = dict.fromkeys(METHODS + FLOW_METHODS)
+        if self.method not in methods:
+            raise ValueError(f"unknown inversion method {self.method!r}; use one of {', '.join(methods)}")
+        length = self.max_sequence_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ValueError(f"Inversion.max_sequence_length must be a positive integer or None, got {length!r}")
         n = self.num_inference_steps
         expected = {
             "latents": (1, *self.latents.shape[1:]),
@@ -121,13 +133,11 @@ class Inversion:
                              f"this prompt2prompt reads version {_VERSION}")
         if sorted(tensors) != sorted(sidecar["tensors"]):
             raise ValueError(f"'{tensors_path}' holds {sorted(tensors)} but its sidecar lists {sidecar['tensors']}")
-        fields = {key: sidecar[key] for key in ("num_inference_steps", "guidance_scale", "prompt", "method",
-                                                "height", "width")}
+        fields = {key: sidecar.get(key) for key in _SCALARS}  # files from before max_sequence_length lack it: None
         return cls(**fields, **tensors)
 
     def _fields(self) -> dict:
-        return {name: getattr(self, name) for name in
-                ("num_inference_steps", "guidance_scale", "prompt", "method", "height", "width")}
+        return {name: getattr(self, name) for name in _SCALARS}
 
 
 def invert(
@@ -135,37 +145,58 @@ def invert(
     image: ImageInput,
     prompt: str,
     *,
-    method: Literal["null-text", "negative-prompt", "direct", "ddim"] = "null-text",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    method: Literal["null-text", "negative-prompt", "direct", "ddim", "euler"] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     fit: Literal["crop", "pad"] = "crop",
     num_inner_steps: int = 10,
     early_stop_epsilon: float = 1e-5,
+    max_sequence_length: int | None = None,
+    inversion_guidance: float = 1.0,
     progress: bool = True,
 ) -> Inversion:
-    """Invert a real image under `prompt` for editing with `pipe` (a Stable Diffusion or SDXL pipeline).
+    """Invert a real image under `prompt` for editing with `pipe` (Stable Diffusion 1.x/2.x/XL/3/3.5 or Flux.1).
 
     Args:
         image: a path, PIL image or array; fitted to `height` x `width` (default: the model's size) by `fit`.
         prompt: a caption of the image: the source prompt of the edits to come.
-        method: "null-text" (best fidelity, optimises), "negative-prompt" (no optimisation), "direct" (exact
-            source reconstruction, no optimisation) or "ddim" (plain DDIM inversion, the baseline).
-        num_inference_steps, guidance_scale: those of the edits to come; an inversion serves only them.
+        method: on UNet pipelines "null-text" (the default: best fidelity, optimises), "negative-prompt" (no
+            optimisation), "direct" (exact source reconstruction, no optimisation) or "ddim" (plain DDIM inversion,
+            the baseline); on SD3 and Flux "direct" (the default) or "euler" (plain inverse Euler, the baseline).
+        num_inference_steps, guidance_scale: those of the edits to come; an inversion serves only them
+            (None: the model's defaults, 50 and 7.5 on UNets, 28 and 7.0 / 3.5 on SD3 / Flux).
         num_inner_steps, early_stop_epsilon: null-text's Adam iterations per step and its early-stop loss
             (`early_stop_epsilon + i * 2e-5` at step i).
+        max_sequence_length: SD3's and Flux's T5 length, which the edits then use too (None: the pipeline's 256 / 512).
+        inversion_guidance: Flux-dev's embedded guidance for the inversion's velocity (1.0: unguided).
 
     Example:
         >>> inv = invert(pipe, "cat.jpg", "a photo of a cat", method="direct")  # doctest: +SKIP
         >>> editor.edit(inv.prompt, [Edit("a photo of a dog")], inversion=inv)  # doctest: +SKIP
     """
+    family = family_of(pipe)
+    if family.name == "mmdit":
+        from .flow_inversion import invert_flow
+
+        _check_prompt(prompt)
+        return invert_flow(
+            pipe, image, prompt, method="direct" if method is None else method, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, height=height, width=width, fit=fit, max_sequence_length=max_sequence_length,
+            inversion_guidance=inversion_guidance, progress=progress,
+        )
+    method = "null-text" if method is None else method
+    num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
+    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
     if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be one string (the image's caption), not {type(prompt).__name__}")
-    if not prompt.strip():
-        raise ValueError("prompt must be the image's caption, not empty")
+        hint = " ('euler' inverts flow-matching models: SD3 and Flux)" if method in FLOW_METHODS else ""
+        raise ValueError(f"unknown inversion method {method!r}{hint}; use one of {', '.join(METHODS)}")
+    _check_prompt(prompt)
+    for name, value, default in (("max_sequence_length", max_sequence_length, None),
+                                 ("inversion_guidance", inversion_guidance, 1.0)):
+        if value != default:
+            raise ValueError(f"{name} applies to SD3 and Flux pipelines, not to {type(pipe).__name__}; leave it unset")
     tokenize(pipe.tokenizer, prompt)  # a caption over 77 tokens is refused here, not after the inversion
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
@@ -204,6 +235,13 @@ def invert(
             inversion.corrections = _direct_corrections(pipe, scheduler, trajectory, cond, uncond, guidance_scale,
                                                        progress=progress)
     return inversion
+
+
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one string (the image's caption), not {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt must be the image's caption, not empty")
 
 
 def ddim_scheduler(pipe, num_inference_steps: int, *, device: torch.device | str | None = None) -> DDIMScheduler:
@@ -248,7 +286,11 @@ def inverse_step(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep:
 
 
 def encode_image(pipe, image) -> torch.Tensor:
-    """The VAE latent (1, C, h, w) of an RGB PIL image, scaled as the pipeline decodes it, in the UNet's dtype."""
+    """The VAE latent (1, C, h, w) of an RGB PIL image, normalised as the pipeline decodes it, in its denoiser's dtype.
+
+    SD and SDXL decode `latents / scaling_factor` (SDXL first undoes `latents_mean`/`latents_std` where its VAE
+    has them); SD3 and Flux decode `latents / scaling_factor + shift_factor`.
+    """
     vae = pipe.vae
     dtype = vae.dtype
     # SDXL's VAE overflows in fp16: encode in fp32 as the pipeline decodes
@@ -267,7 +309,8 @@ def encode_image(pipe, image) -> torch.Tensor:
         mean = torch.tensor(mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
         latents = (latents - mean) / std
-    return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD's VAEs have none
+    return ((latents - shift) * vae.config.scaling_factor).to(family_of(pipe).model.dtype)
 
 
 def _ddim_trajectory(pipe, scheduler: DDIMScheduler, latents: torch.Tensor, cond: _Text, *,
@@ -361,7 +404,8 @@ class _Text:
 
 
 def _is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    unet = getattr(pipe, "unet", None)  # SD3 and Flux have a transformer instead
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def _encode(pipe, prompt: str, height: int, width: int, device: torch.device) -> tuple[_Text, _Text]:

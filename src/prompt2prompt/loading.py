@@ -148,18 +148,23 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
     return _DTYPES[name]
 
 
+_SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
 def _pipeline_class(source: ModelSource):
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines warns about image processors we never use
     try:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     finally:
         transformers_logging.set_verbosity(verbosity)
 
+    classes = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
+               "flux": FluxPipeline}
     if source.single_file:
-        return StableDiffusionXLPipeline if _is_sdxl_checkpoint(source.path) else StableDiffusionPipeline
+        return classes[_checkpoint_kind(source.path)]
     index_file = source.path / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"{source.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
@@ -168,11 +173,20 @@ def _pipeline_class(source: ModelSource):
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ModelLoadError(f"cannot read {str(index_file)!r}: {' '.join(str(error).split())}") from None
-    if not isinstance(index, dict) or "unet" not in index or "text_encoder" not in index:
-        kind = index.get("_class_name", "non-diffusers") if isinstance(index, dict) else "non-diffusers"
-        raise ModelLoadError(f"{source.id!r} holds a {kind} model; "
-                             "prompt2prompt edits Stable Diffusion 1.x, 2.x and SDXL pipelines")
+    kind = index.get("_class_name", "non-diffusers") if isinstance(index, dict) else "non-diffusers"
+    needs = {"StableDiffusion3Pipeline": ("transformer", "text_encoder", "text_encoder_2"),
+             "FluxPipeline": ("transformer", "text_encoder", "text_encoder_2")}.get(kind, ("unet", "text_encoder"))
+    if not isinstance(index, dict) or kind not in _SUPPORTED and "unet" not in index:
+        raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits Stable Diffusion 1.x, 2.x, "
+                             "XL, 3 and 3.5 and Flux.1 pipelines")
+    missing = [name for name in needs if not index.get(name)]
+    if missing:
+        raise ModelLoadError(f"{source.id!r} holds a {kind} model without its {', '.join(map(repr, missing))}")
     _check_libraries(source, index)
+    if kind == "StableDiffusion3Pipeline":
+        return StableDiffusion3Pipeline
+    if kind == "FluxPipeline":
+        return FluxPipeline
     return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
 
 
@@ -199,7 +213,7 @@ def _check_libraries(source: ModelSource, index: dict) -> None:
 
 def _check_safetensors(source: ModelSource) -> None:
     """Refuse a folder whose weights are pickles only, naming the way to opt in."""
-    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         folder = source.path / component
         if not folder.is_dir() or any(folder.glob("*.safetensors")):
             continue
@@ -226,7 +240,8 @@ def _load_failure(source: ModelSource, error: Exception) -> str:
     return f"cannot load {source.id!r}: {detail}.{hint}"
 
 
-def _is_sdxl_checkpoint(path: Path) -> bool:
+def _checkpoint_kind(path: Path) -> str:
+    """"sd", "sdxl", "sd3" or "flux": the model an original single-file checkpoint holds, from its weight names."""
     from safetensors import safe_open
 
     try:
@@ -234,11 +249,17 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
             keys = list(checkpoint.keys())
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise ModelLoadError(f"cannot read {str(path)!r} as a safetensors file: {error}") from None
+    names = [key.removeprefix("model.diffusion_model.") for key in keys]
+    if any(name.startswith("joint_blocks.") for name in names):
+        return "sd3"
+    if any(name.startswith("double_blocks.") for name in names):
+        return "flux"
     if not any(key.startswith("model.diffusion_model.") for key in keys):
-        raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion checkpoint (it has no "
-                             "'model.diffusion_model.*' weights); pass an original SD 1.x/2.x/SDXL .safetensors file")
+        raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion or Flux checkpoint (it has no "
+                             "'model.diffusion_model.*', 'joint_blocks.*' or 'double_blocks.*' weights); pass an "
+                             "original SD 1.x/2.x/XL/3/3.5 or Flux.1 .safetensors file")
     # SDXL checkpoints carry a second text encoder under conditioner.embedders.1.
-    return any(key.startswith("conditioner.embedders.1.") for key in keys)
+    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
 
 
 def load_pipeline(
@@ -249,7 +270,9 @@ def load_pipeline(
     revision: str | None = None,
     allow_pickle: bool = False,
 ):
-    """Load a StableDiffusionPipeline or StableDiffusionXLPipeline, on `device` in `torch_dtype`.
+    """Load a Stable Diffusion (1.x, 2.x, XL, 3, 3.5) or Flux.1 pipeline, on `device` in `torch_dtype`.
+
+    The family comes from the folder's model_index.json, or from a single file's weight names.
 
     Args:
         model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.

@@ -21,7 +21,7 @@ class StepFlags:
     Edits are numbered 0..E-1 (edit e is prompt 1 + e).
     """
 
-    cross: bool  # some edit's cross-attention differs from its own attention
+    cross: bool  # some edit's cross-attention differs from its own attention (or its text block, in MM-DiT)
     swap: tuple[int, ...]  # edits whose cross-attention row runs as attention(Q_s, K_s, V') alone
     mix: tuple[int, ...]  # edits that need the source's attention and their own
     self_replace: tuple[int, ...]  # edits whose self-attention is the source's (where the layer is small enough)
@@ -47,6 +47,8 @@ class EditPlan:
     a: torch.Tensor  # (N, E, 77) fused coefficients: out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e)
     b: torch.Tensor  # (N, E, 77)
     swap: torch.Tensor  # (N, E) bool: b is all zero, so the edit's own attention drops out
+    ra: torch.Tensor  # (N, E, L) a and b without the weights: the text mass an MM-DiT edit keeps (joint.py)
+    rb: torch.Tensor
     mix_index: tuple[torch.Tensor | None, ...]  # per step, `flags[i].mix` as a long tensor (None if empty)
     flags: tuple[StepFlags, ...]  # per step, on the host
 
@@ -60,7 +62,7 @@ class EditPlan:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
         tensors = {name: move(getattr(self, name)) for name in
-                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap")}
+                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap", "ra", "rb")}
         mix_index = tuple(None if t is None else move(t) for t in self.mix_index)
         return replace(self, **tensors, mix_index=mix_index)
 
@@ -68,7 +70,7 @@ class EditPlan:
 def fused_schedule(cross: torch.Tensor, weights: torch.Tensor, alpha: torch.Tensor, self_active: torch.Tensor):
     """The fused coefficients (a, b), the swap mask, the mix indices and the host-side flags of every step.
 
-    Args: the plan's `cross` (N, E, 77), `weights` and `alpha` (E, 77) and `self_active` (N, E), on the CPU.
+    Args: the plan's `cross` (N, E, L), `weights` and `alpha` (E, L) and `self_active` (N, E), on the CPU.
     """
     a, b = cross * weights * alpha, cross * weights * (1 - alpha) + (1 - cross)
     uses_source = (a != 0).any(-1)  # (N, E)
@@ -124,6 +126,7 @@ class RunState:
     blend_layers: int = 0
     records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    unconditional_pass: bool = False  # Flux's separate negative pass of true CFG: every row as in plain generation
 
     def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
         """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.
@@ -223,35 +226,35 @@ class P2PAttnProcessor:
             q_s, k_s, mask_s = self._source(q, k, mask, first)
             recorded = layers.recorded(size, self.place)
             if layers.explicit or recorded:
-                probs = _probs(q, k, mask)
-                a_s = _probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
+                probs = attention_probs(q, k, mask)
+                a_s = attention_probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
                 probs = _edit_cross_probs(probs, first, a_s, plan, step)
                 if recorded:
                     state.record(probs[first if state.cached else first - 1 :], size, self.place)
                 if layers.explicit or first == 0:
-                    return _apply(probs, v)
+                    return apply_probs(probs, v)
                 # A fused run's recorded layer: the edit rows from their edited probabilities, the other rows as
                 # plain generation computes them, so that recording never changes the source's or an
                 # unconditional row's numbers (a direct inversion's source row relies on that).
                 m = None if mask is None else mask[:first]
                 plain = F.scaled_dot_product_attention(q[:first], k[:first], v[:first], attn_mask=m)
-                return torch.cat([plain, _apply(probs[first:], v[first:])])
+                return torch.cat([plain, apply_probs(probs[first:], v[first:])])
             return _fused_cross(q, k, v, mask, first, q_s, k_s, mask_s, plan, step)
         if not layers.self_replaces(size):
-            return _apply(_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return apply_probs(attention_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         q_s, k_s, mask_s = self._source(q, k, mask, first)
         replaced = plan.flags[step].self_replace
         if not replaced:
-            return _apply(_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return apply_probs(attention_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if layers.explicit:
-            probs = _probs(q, k, mask)
-            a_s = _probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
+            probs = attention_probs(q, k, mask)
+            a_s = attention_probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
             for e in replaced:
                 probs[first + e] = a_s
-            return _apply(probs, v)
+            return apply_probs(probs, v)
         # Self-replacement is attention(Q_s, K_s, V_e): give the edit rows the source's queries and keys.
         rows = plan.self_active[step]
-        q, k = _with_source(q, first, q_s, rows), _with_source(k, first, k_s, rows)
+        q, k = with_source(q, first, q_s, rows), with_source(k, first, k_s, rows)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _source(self, q, k, mask, first: int):
@@ -266,17 +269,17 @@ class P2PAttnProcessor:
         return q_s, k_s, None if mask is None else mask[first - 1 : first]
 
 
-def _with_source(x: torch.Tensor, first: int, x_s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def with_source(x: torch.Tensor, first: int, x_s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`x` (B, ...) with the edit rows (from `first` on) where `rows` (E,) is set replaced by the source's `x_s`."""
     picked = torch.where(rows.view(-1, *[1] * (x.dim() - 1)), x_s, x[first:])
     return torch.cat([x[:first], picked])
 
 
-def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention probabilities (B, heads, Q, T) in float32, whatever the inputs' dtype.
 
     Fused kernels accumulate in float32; materialised probabilities that are edited and multiplied in float32
-    too (`_apply`) keep half-precision explicit runs, and the recorded layers of fused runs, as close to them.
+    too (`apply_probs`) keep half-precision explicit runs, and the recorded layers of fused runs, as close to them.
     """
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
@@ -284,7 +287,7 @@ def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch
     return scores.softmax(-1)
 
 
-def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def apply_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`probs @ v` in float32, returned in v's dtype."""
     return (probs @ v.float()).to(v.dtype)
 
@@ -306,7 +309,7 @@ def _edit_cross_probs(probs: torch.Tensor, first: int, a_s: torch.Tensor, plan: 
             a_map = alpha * a_s[..., plan.refine_index[e]] + (1 - alpha) * a_e
         a_map = a_map * w
         edited.append(c * a_map + (1 - c) * a_e)
-    return torch.cat([probs[:first], torch.stack(edited).to(probs.dtype)])  # float32, as `_probs` gives
+    return torch.cat([probs[:first], torch.stack(edited).to(probs.dtype)])  # float32, as `attention_probs` gives
 
 
 def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, step: int) -> torch.Tensor:
@@ -323,7 +326,7 @@ def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, st
         # Where b is all zero the edit's own attention drops out: run the row as attention(Q_s, K_s, V').
         swap = plan.swap[step]
         v_own = torch.where(swap[:, None, None, None], v_mapped, v_own)
-        q, k = _with_source(q, first, q_s, swap), _with_source(k, first, k_s, swap)
+        q, k = with_source(q, first, q_s, swap), with_source(k, first, k_s, swap)
     out = F.scaled_dot_product_attention(q, k, torch.cat([v[:first], v_own]), attn_mask=mask)
     if flags.mix:
         n, index = len(flags.mix), plan.mix_index[step]

@@ -29,7 +29,8 @@ from PIL import Image, PngImagePlugin
 from .files import write_atomic
 from .editor import is_finite_number
 from .forms import edit_from_dict
-from .inversion import METHODS
+from .inversion import FLOW_METHODS, METHODS
+from .families import FAMILIES, MAX_SEQUENCE_LENGTH
 from .loading import parse_dtype
 
 if TYPE_CHECKING:
@@ -134,8 +135,9 @@ def check_inversion(spec: Any) -> dict[str, Any]:
     if unknown := sorted(set(spec) - set(INVERSION_OPTIONS)):
         raise RecipeError(f"inversion has unknown fields {_show(unknown)}; the fields are "
                           f"{', '.join(INVERSION_OPTIONS)}")
-    if spec.get("method", "null-text") not in METHODS:
-        raise RecipeError(f"inversion method {_show(spec['method'])} is not one of {', '.join(METHODS)}")
+    methods = tuple(dict.fromkeys(METHODS + FLOW_METHODS))  # which apply depends on the model: invert() checks
+    if spec.get("method", "null-text") not in methods:
+        raise RecipeError(f"inversion method {_show(spec['method'])} is not one of {', '.join(methods)}")
     if spec.get("fit", "crop") not in ("crop", "pad"):
         raise RecipeError(f"inversion fit must be 'crop' or 'pad', not {_show(spec['fit'])}")
     if "num_inner_steps" in spec:
@@ -252,6 +254,8 @@ class Recipe:
     inversion: dict[str, Any] | None = None
     image_index: int | None = None
     cached_source: bool = False  # made on a cached source (the edits' rows alone): replayed the same way
+    family: str = "unet"  # the model family the recipe was made on: unet, sd3 or flux
+    max_sequence_length: int | None = None  # the T5 length of an sd3 or flux run (None: unet)
     package_version: str = field(default_factory=package_version)
     format: int = FORMAT
 
@@ -315,6 +319,13 @@ class Recipe:
             check_int(self.threads, "threads", 1, MAX_THREADS)
         if not isinstance(self.cached_source, bool):
             raise RecipeError(f"cached_source must be true or false, not {_show(self.cached_source)}")
+        if self.family not in FAMILIES:
+            raise RecipeError(f"family must be one of {', '.join(FAMILIES)}, not {_show(self.family)}")
+        if self.family == "unet":
+            if self.max_sequence_length is not None:
+                raise RecipeError("max_sequence_length is a T5 length: a unet recipe has none (null)")
+        else:
+            check_int(self.max_sequence_length, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH)
         _check_text(self.package_version, "package_version")
 
     def _check_image(self) -> None:
@@ -387,11 +398,22 @@ def recipe_for(editor, model, **fields: Any) -> Recipe:
     """
     import torch
 
-    pipe = editor.pipe
+    pipe, family = editor.pipe, editor.family
     threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
+    if family.kind == "unet" and fields.get("max_sequence_length") is not None:
+        raise RecipeError("max_sequence_length is a T5 length: SD3 and Flux have one, this UNet model has none")
+    if family.kind != "unet":
+        length = fields.get("max_sequence_length")
+        fields["max_sequence_length"] = family.max_sequence_length({} if length is None else {"max_sequence_length": length})
+    if fields.get("image") is not None and "method" not in (fields.get("inversion") or {}):
+        fields["inversion"] = {"method": family.default_inversion, **(fields.get("inversion") or {})}
+    if fields.get("num_inference_steps") is None:
+        fields["num_inference_steps"] = family.default_steps
+    if fields.get("guidance_scale") is None:
+        fields["guidance_scale"] = family.default_guidance
     return Recipe(model=model.id, revision=model.revision, scheduler=scheduler_config(pipe.scheduler),
-                  dtype=str(pipe.unet.dtype).removeprefix("torch."), device=pipe.device.type, threads=threads,
-                  **fields)
+                  dtype=str(family.model.dtype).removeprefix("torch."), device=pipe.device.type, threads=threads,
+                  family=family.kind, **fields)
 
 
 def inversion_available() -> bool:
@@ -478,6 +500,9 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
     import torch
 
     pipe = editor.pipe
+    if recipe.family != editor.family.kind:
+        raise RecipeError(f"this recipe was made on a {recipe.family} model; {recipe.model!r} loaded as a "
+                          f"{editor.family.kind} one: replay it with its own model")
     output_type = edit_kwargs.pop("output_type", "pil")
     edit_kwargs["output_type"] = "np" if output_type == "pil" else output_type  # NaN shows in floats only
     previous = pipe.scheduler, torch.get_num_threads()
@@ -485,6 +510,8 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale,
         height=recipe.height, width=recipe.width,
     )
+    if recipe.max_sequence_length is not None:
+        settings["max_sequence_length"] = recipe.max_sequence_length
     source = dict(seed=recipe.seed, negative_prompt=recipe.negative_prompt, record_attention=recipe.record_attention)
     try:
         pipe.scheduler = _scheduler_for(pipe, recipe)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .alignment import MAX_TOKENS, Tokenized, word_token_positions
+from .alignment import Tokenized, word_token_positions
 
 Window = float | tuple[float, float]
 CrossSteps = Window | Mapping[str | int, Window]
@@ -63,7 +63,7 @@ def step_mask(window: Window, num_inference_steps: int, what: str = "window") ->
 
 
 def cross_mask(cross_steps: CrossSteps, num_inference_steps: int, edit: Tokenized, default: Window = 0.8) -> torch.Tensor:
-    """The (N, 77) mask c[i, j]: 1 where token j's cross-attention window is active at step i.
+    """The (N, L) mask c[i, j]: 1 where token j's cross-attention window is active at step i (L: the text's length).
 
     `cross_steps` is one window for every token, or a dict with a `"default"` window and per-word windows
     (words by text or position in the edit prompt) that override it for that word's tokens.
@@ -73,7 +73,7 @@ def cross_mask(cross_steps: CrossSteps, num_inference_steps: int, edit: Tokenize
         base = cross_steps.get("default", default)
     else:
         per_word, base = {}, cross_steps
-    mask = step_mask(base, num_inference_steps, "cross_steps").float()[:, None].repeat(1, MAX_TOKENS)
+    mask = step_mask(base, num_inference_steps, "cross_steps").float()[:, None].repeat(1, edit.length)
     for word, window in per_word.items():
         positions = word_token_positions(edit, word)
         mask[:, positions] = step_mask(window, num_inference_steps, f"cross_steps[{word!r}]").float()[:, None]

@@ -69,6 +69,8 @@ def heatmap(attention: torch.Tensor, image: Image.Image | None = None, size: int
 def attention_heatmaps(result, prompt_index: int = 0, res: int | None = None, *, overlay: bool = True) -> list[Image.Image]:
     """Per-token cross-attention heatmaps of one prompt of an EditResult, captioned with each token.
 
+    On SD3 and Flux, one heatmap per word: its text-block attention summed over its tokens in every text part.
+
     The result must come from `edit(..., record_attention=...)`; `res` picks a recorded resolution
     (default: the first one).
     """
@@ -84,5 +86,10 @@ def attention_heatmaps(result, prompt_index: int = 0, res: int | None = None, *,
     image = None
     if overlay and isinstance(result.images, list) and isinstance(result.images[prompt_index], Image.Image):
         image = result.images[prompt_index]
+    if getattr(result, "family", "unet") != "unet":
+        # A joint text holds a word in several parts (SD3: CLIP and T5) and pads each: one map per word, summed
+        # over all its tokens, as local blending sums them.
+        return [caption(heatmap(maps[..., positions].sum(-1), image), word)
+                for word, positions in result.words[prompt_index] if positions]
     tokens = result.tokens[prompt_index]
     return [caption(heatmap(maps[..., j], image), tokens[j]) for j in range(1, len(tokens) - 1)]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import SourceStore
 from .editor import MODES
 from .images import open_image
-from .inversion import METHODS
+from .inversion import FLOW_METHODS, METHODS
 from .loading import ModelSource, check_device, load_editor, parse_dtype
 from .recipe import (MAX_STEPS, check_guidance, check_int, file_digest, inversion_available, recipe_for, run_recipe,
                      save_result)
@@ -179,7 +179,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
             real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
         recipe = recipe_for(
             editor, model_source, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
-            guidance_scale=guidance, record_attention=True, cached_source=True, **real,
+            guidance_scale=guidance, record_attention=True, cached_source=editor.family.name == "unet", **real,
         )
         hits, started = editors.sources.hits, time.perf_counter()
         result = run_recipe(recipe, editor, base_dir=folder, sources=editors.sources)
@@ -299,6 +299,19 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 raise _shown(error) from None
 
         image.change(show_upload, image, preview, concurrency_limit=None)  # queued: its errors show as toasts
+
+        def model_defaults(name: str):
+            """The picked model's own steps, guidance and inversion methods (SD3 and Flux differ from SD's)."""
+            try:
+                family = editors.get(name)[0].family
+            except Exception as error:
+                raise _shown(error) from None
+            methods = list(METHODS if family.name == "unet" else FLOW_METHODS)
+            return (gr.update(value=family.default_steps), gr.update(value=family.default_guidance),
+                    gr.update(choices=methods, value=family.default_inversion))
+
+        model.change(model_defaults, model, [steps, guidance, method], concurrency_limit=1, concurrency_id="edit")
+        app.load(model_defaults, model, [steps, guidance, method], concurrency_limit=1, concurrency_id="edit")
 
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
         def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..families import MAX_SEQUENCE_LENGTH
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
 
@@ -28,7 +29,7 @@ __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "lo
 
 _EDIT_DEFAULTS = {"mode": "auto", "cross_steps": 0.8, "self_steps": 0.4, "weights": None, "blend": None}
 _JOB_FIELDS = ("id", "model", "source", "image", "edits", "seed", "num_inference_steps", "guidance_scale",
-               "negative_prompt", "height", "width", "inversion")
+               "negative_prompt", "height", "width", "inversion", "max_sequence_length")
 # Names people type from the CLI or other tools, and the manifest's name for each.
 _ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "prompt": "source", "negative": "negative_prompt",
             "cfg": "guidance_scale", "job_id": "id", "to": "edits"}
@@ -51,19 +52,21 @@ class Job:
     source: str
     edits: list[dict[str, Any]]
     seed: int | None
-    num_inference_steps: int
-    guidance_scale: float
+    num_inference_steps: int | None  # None: the model's default (50 for SD 1.x/2.x/XL, 28 for SD3 and Flux)
+    guidance_scale: float | None
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
     image: dict[str, str] | None = None  # {"path": absolute path, "sha256": ...}
     inversion: dict[str, Any] | None = None  # keyword arguments of `invert()`
+    max_sequence_length: int | None = None  # SD3 and Flux: the T5 length (None: the model's default)
 
     def group_key(self) -> tuple:
         """Jobs with equal keys can share one forward batch; a real image is inverted alone."""
         if self.image is not None:
             return (self.model, "image", self.id)
-        return (self.model, self.num_inference_steps, self.guidance_scale, self.height, self.width)
+        return (self.model, self.num_inference_steps, self.guidance_scale, self.height, self.width,
+                self.max_sequence_length)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def _inversion(value: Any) -> dict[str, Any]:
         raise ValueError(f"inversion must be a method name or an object with {', '.join(INVERSION_OPTIONS)}, not {value!r}")
     if message := _unknown(spec, INVERSION_OPTIONS, "inversion"):
         raise ValueError(message)
-    return check_inversion({"method": "null-text", **spec})
+    return check_inversion(dict(spec))  # no method: the model's default (null-text on a UNet, direct on SD3/Flux)
 
 
 def _seed_from(digest: str) -> int:
@@ -167,8 +170,15 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     if not isinstance(edits, list) or not edits:
         raise ValueError(f"'edits' must be a non-empty list of edits, not {edits!r}")
     edits = check_edits([_normal_edit(edit, i) for i, edit in enumerate(edits, 1)])  # fails here, not on a GPU
-    steps = check_int(data.get("num_inference_steps", 50), "num_inference_steps", 1, MAX_STEPS)
-    guidance = check_guidance(data.get("guidance_scale", 7.5))
+    steps = data.get("num_inference_steps")
+    guidance = data.get("guidance_scale")
+    if steps is not None:
+        check_int(steps, "num_inference_steps", 1, MAX_STEPS)
+    if guidance is not None:
+        guidance = check_guidance(guidance)
+    length = data.get("max_sequence_length")
+    if length is not None:
+        check_int(length, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH)
     negative = data.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string, not {negative!r}")
@@ -180,17 +190,21 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     content: dict[str, Any] = {
         "model": model if model_name is None else _model_id(model_name, base, "the manifest's folder"),
         "source": source, "edits": edits,
-        "num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative,
-        "height": data.get("height"), "width": data.get("width"),
+        # Absent steps and guidance are the defaults of the jobs' ids before SD3 and Flux came: ids stay as they were.
+        "num_inference_steps": 50 if steps is None else steps, "guidance_scale": 7.5 if guidance is None else guidance,
+        "negative_prompt": negative, "height": data.get("height"), "width": data.get("width"),
     }
+    if length is not None:
+        content["max_sequence_length"] = length
     image = inversion = None
     seed = data.get("seed")
     if "image" in data:
         if seed is not None:
             raise ValueError("seed does not apply to an image job: the inversion supplies the initial latent")
         image = _image(data["image"], base)
-        inversion = _inversion(data.get("inversion", "null-text"))
-        content.update(image=image["sha256"], inversion=inversion)  # the content, wherever the file lives
+        inversion = _inversion(data.get("inversion", {}))
+        # the content, wherever the file lives; no method was null-text's before SD3 and Flux came
+        content.update(image=image["sha256"], inversion={"method": "null-text", **inversion})
     elif "inversion" in data:
         raise ValueError("'inversion' needs an 'image' to invert")
     else:
@@ -205,7 +219,8 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         seed = _seed_from(digest)  # stable across restarts, different across jobs
     return Job(id=job_id, line=line, model=content["model"], source=source, edits=edits, seed=seed,
                num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative,
-               height=content["height"], width=content["width"], image=image, inversion=inversion)
+               height=content["height"], width=content["width"], image=image, inversion=inversion,
+               max_sequence_length=length)
 
 
 def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid: bool = False) -> Manifest:

@@ -131,13 +131,21 @@ class Worker:
             editor, source, source=job.source, edits=job.edits, seed=job.seed,
             num_inference_steps=job.num_inference_steps, guidance_scale=job.guidance_scale,
             negative_prompt=job.negative_prompt, height=job.height, width=job.width, image=job.image,
-            inversion=job.inversion,
+            inversion=job.inversion, max_sequence_length=job.max_sequence_length,
         )
 
     def _forward(self, editor, recipes: list) -> list[Any]:
         """Per recipe, its images as an (P, H, W, 3) array in [0, 1], or the exception that its job raised."""
         if len(recipes) == 1:
             return [run_recipe(recipes[0], editor, output_type="np").images]
+        if editor.family.name != "unet":  # SD3 and Flux take no forward batch of several runs: one job at a time
+            results: list[Any] = []
+            for recipe in recipes:
+                try:
+                    results.append(run_recipe(recipe, editor, output_type="np").images)
+                except Exception as error:  # noqa: BLE001 (the job's own error, recorded as its outcome)
+                    results.append(error)
+            return results
         return edit_together(editor, recipes)
 
     def _outcome(self, job: Job, recipe, result, started: float, finished: float, batch: int) -> Outcome:

@@ -1,0 +1,55 @@
+"""SD3 and Flux through the batch runner and the web app's run function (the browser tests cover its page)."""
+
+import json
+
+import numpy as np
+from conftest import DTYPE_NAME, TORCH_DEVICE
+from PIL import Image
+from saved_models import tiny_flux_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
+
+from prompt2prompt.batch import INDEX, load_manifest, run_batch
+from prompt2prompt.recipe import read_recipe, run_recipe
+from prompt2prompt.loading import load_editor
+
+ON_DEVICE = dict(device=str(TORCH_DEVICE), dtype=DTYPE_NAME)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_flux_batch_runs_each_job_and_records_its_family(tmp_path, tiny_flux_dir):
+    base = {"model": str(tiny_flux_dir), "num_inference_steps": 2, "height": 32, "width": 32,
+            "max_sequence_length": 16, "seed": 3}
+    lines = [
+        {**base, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"]},
+        {**base, "source": "a cat riding a bicycle", "edits": [{"prompt": "a dog riding a bicycle",
+                                                                "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]},
+        {**base, "source": "a red car", "edits": [{"prompt": "a red car", "weights": {"red": -1.0}}]},
+    ]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = load_manifest(manifest_path)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False, **ON_DEVICE)
+    assert (summary.done, summary.failed) == (2, 1)
+    rows = {row["line"]: row for row in map(json.loads, (tmp_path / "out" / INDEX).read_text().splitlines())}
+    assert "zebra" in rows[2]["error"]
+    png = tmp_path / "out" / "jobs" / manifest.jobs[0].id / "edit-1.png"
+    recipe = read_recipe(png)
+    assert (recipe.family, recipe.max_sequence_length, recipe.guidance_scale) == ("flux", 16, 3.5)
+    editor, _ = load_editor(str(tiny_flux_dir), **ON_DEVICE)
+    assert np.array_equal(pixels(png), np.asarray(run_recipe(recipe, editor).images[1]))
+
+
+def test_the_web_apps_run_edits_an_sd3_model(tmp_path, tiny_sd3_dir):
+    from prompt2prompt import webapp
+
+    editors = webapp._Editors([str(tiny_sd3_dir)], str(TORCH_DEVICE), DTYPE_NAME)
+    rows = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
+    gallery, paths, heatmaps, seed, status = webapp._run(
+        editors, tmp_path, 10 * 2**20, str(tiny_sd3_dir), "a [cat->dog] riding a bicycle", 5, 2, 7.0, None,
+        "direct", 0, *rows)
+    assert seed == 5 and len(gallery) == 2 and len(heatmaps) == 2 * 5  # two prompts, one map per word
+    recipe = read_recipe(paths[1])
+    assert (recipe.family, recipe.cached_source) == ("sd3", False)
