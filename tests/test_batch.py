@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import DTYPE_NAME, TORCH_DEVICE, tolerance
 from PIL import Image
-from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
+from saved_models import tiny_sd_dir, tiny_sd_pickle_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 from prompt2prompt import batch
@@ -590,3 +590,15 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path, tiny_sd_dir):
     files = [tmp_path / "out" / INDEX, *(tmp_path / "out" / "jobs").glob("*/*")]
     assert len(files) == 4  # the index, source.png, edit-1.png, job.json
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o644 for path in files}
+
+
+def test_pickle_weights_load_only_with_allow_pickle(tmp_path, tiny_sd_pickle_dir):
+    lines = job_lines(1, model=str(tiny_sd_pickle_dir))
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    refused = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0"])
+    assert refused.exit_code == 1
+    assert "--allow-pickle" in index_rows(tmp_path / "out")[0]["error"]
+    allowed = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0",
+                                       "--allow-pickle"])
+    assert allowed.exit_code == 0, allowed.output
+    assert [row["status"] for row in index_rows(tmp_path / "out")] == ["done"]

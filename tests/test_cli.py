@@ -459,3 +459,18 @@ def test_pickle_weights_need_allow_pickle(tiny_sd_pickle_dir, tmp_path):
     result = run("edit", "a [cat->dog]", "--model", tiny_sd_pickle_dir, *FAST, "--allow-pickle", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "edit-1.png").is_file()
+
+
+def test_a_command_writes_nothing_outside_its_output_folder(tiny_sd_dir, tmp_path):
+    """Run as the `p2p` entry point runs, in a fresh interpreter: no folder in $TMPDIR, $HOME or the cwd."""
+    home, temp, cwd, out = (tmp_path / name for name in ("home", "tmp", "cwd", "out"))
+    for folder in (home, temp, cwd):
+        folder.mkdir()
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", "from prompt2prompt.cli import main; main()", "edit", "a [cat->dog]",
+                           "--model", str(tiny_sd_dir), *FAST, "--out", str(out)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert list(home.iterdir()) == list(temp.iterdir()) == list(cwd.iterdir()) == []
+    assert sorted(path.name for path in out.iterdir()) == ["edit-1.png", "grid.png", "source.png"]

@@ -40,3 +40,9 @@ def test_step_index_for_second_order_and_pndm():
     assert [step_index(k, 2, 3) for k in range(5)] == [0, 0, 1, 1, 2]
     assert [step_index(k, 1, 3) for k in range(4)] == [0, 1, 2, 2]  # PNDM's N+1 iterations
     assert torch.equal(step_mask(1.0, 3), torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("window", [10**400, (0, 10**400), -(10**400), float("inf"), (float("nan"), 0.5)])
+def test_windows_beyond_any_float_are_a_value_error(window):
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        as_window(window)

@@ -10,11 +10,16 @@ import math
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
+# torch._dynamo, which diffusers imports, makes $TMPDIR/torchinductor_<user> as it is imported. `p2p` compiles
+# nothing, so that cache points at the temp folder itself, which exists: a command makes no folder outside --out.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
+
+import typer  # noqa: E402 (after the environment above)
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -531,6 +536,7 @@ def batch(
                                                     show_default=False)] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Run a manifest of edits into --out: resumable after any stop, on local workers or a Ray cluster."""
     with _user_errors():
@@ -542,7 +548,8 @@ def batch(
         for error in jobs.errors:
             console.print(f"[yellow]skipped[/yellow] {escape(error)}", highlight=False)
         summary = run_batch(jobs, out, workers=workers, ray_address=ray, batch_size=batch_size, device=device,
-                            dtype=dtype, score=load_score_hook(score) if score else None, min_score=min_score)
+                            dtype=dtype, score=load_score_hook(score) if score else None, min_score=min_score,
+                            allow_pickle=allow_pickle)
     typer.echo(str(out / INDEX))
     console.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} done before; "
                   f"{summary.jobs_per_minute:.1f} jobs/min", highlight=False)

@@ -646,6 +646,8 @@ class Editor:
         the cache lives (default: the pipeline's; "cpu" keeps a GPU's memory free, and each step is moved over
         as the run reaches it). The cache's size is `cache.nbytes`.
         """
+        if self.family.name != "unet":
+            raise ValueError(f"source caches are not supported on {type(self.pipe).__name__} yet; edit without a cache")
         run = self.prepare(prompt, [], **kwargs)
         run = replace(run, layers=self._layer_plan(run.latent_size, True, kwargs.get("record_attention", False)))
         if _stochastic(self.pipe.scheduler, run.pipeline_kwargs):

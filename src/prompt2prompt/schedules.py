@@ -26,13 +26,17 @@ def as_window(window: Window, what: str = "window") -> tuple[float, float]:
     if isinstance(window, bool):
         raise TypeError(f"{what} must be a number or a (start, end) pair, not {window!r}")
     if isinstance(window, (int, float)):
-        start, end = 0.0, float(window)
+        values = (0.0, window)
     elif isinstance(window, (tuple, list)) and len(window) == 2 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in window
     ):
-        start, end = float(window[0]), float(window[1])
+        values = tuple(window)
     else:
         raise TypeError(f"{what} must be a number or a (start, end) pair, not {window!r}")
+    if not all(-1 <= v <= 2 for v in values):  # compared as given: 10**400 has no float, and fails here, not there
+        shown = repr(window) if len(repr(window)) <= 60 else repr(window)[:57] + "..."
+        raise ValueError(f"{what} {shown} has values outside [0, 1]; windows are fractions of the run")
+    start, end = float(values[0]), float(values[1])
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
         raise ValueError(f"{what} {window!r} has values outside [0, 1]; windows are fractions of the run")
     if start > end:

@@ -208,6 +208,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
     if not models:
         raise ValueError("the web app needs at least one model, e.g. models=['demo']")
     editors = _Editors(models, device, dtype, cache_mb, allow_pickle)  # a bad device fails before any folder
+    first = editors.get(models[0])[0].family  # the default model loads now: the form starts at its own settings
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
@@ -258,8 +259,8 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 with gr.Row():
                     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     reuse = gr.Button("Reuse seed", size="sm")
-                steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+                steps = gr.Slider(1, 100, value=first.default_steps, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, value=first.default_guidance, step=0.5, label="Guidance", elem_id="guidance")
                 with gr.Accordion("Real image", open=False):
                     if not can_invert:
                         gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
@@ -268,7 +269,8 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                     label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
                                           "caption is the source prompt)")
                     preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
-                    method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion", interactive=can_invert)
+                    method = gr.Dropdown(list(METHODS if first.name == "unet" else FLOW_METHODS),
+                                         value=first.default_inversion, label="Inversion", interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
         with gr.Tabs():
@@ -311,7 +313,6 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                     gr.update(choices=methods, value=family.default_inversion))
 
         model.change(model_defaults, model, [steps, guidance, method], concurrency_limit=1, concurrency_id="edit")
-        app.load(model_defaults, model, [steps, guidance, method], concurrency_limit=1, concurrency_id="edit")
 
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
         def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008

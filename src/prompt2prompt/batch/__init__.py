@@ -71,6 +71,7 @@ def run_batch(
     score: ScoreHook | None = None,
     min_score: float | None = None,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> Summary:
     """Run every job not yet done in `out`; safe to stop at any moment and to start again.
 
@@ -87,6 +88,8 @@ def run_batch(
         score: `score(source_image, edited_image, source_prompt, edit_prompt) -> float`, e.g. a CLIP
             directional similarity; recorded per edit in the job's row.
         min_score: edits scoring below it are not written (the job stays done).
+        allow_pickle: also load pickle (.bin) weights, read with `torch.load(weights_only=True)`; off by default,
+            as unpickling can run code (see `loading.load_pipeline`).
 
     Example: `run_batch(load_manifest("edits.jsonl"), "runs/edits", batch_size=8)`.
     """
@@ -107,7 +110,7 @@ def run_batch(
         if threads is None and ray_address is None and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
             threads = max(1, (os.cpu_count() or 1) // workers)  # more would oversubscribe the CPUs
         config = WorkerConfig(device=device, dtype=dtype, threads=threads, batch_size=batch_size, score=score,
-                              min_score=min_score)
+                              min_score=min_score, allow_pickle=allow_pickle)
         counts = {"done": 0, "failed": 0}
         if not todo:
             return Summary(0, 0, skipped, time.time() - started, out)

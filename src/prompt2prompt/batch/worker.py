@@ -55,6 +55,7 @@ class WorkerConfig:
     batch_size: int = 1
     score: ScoreHook | None = None
     min_score: float | None = None
+    allow_pickle: bool = False  # also load pickle weights (with torch.load(weights_only=True)); off: safetensors only
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -81,7 +82,8 @@ class Worker:
     def _editor(self, model: str):
         if self._model is None or self._model[0] != model:
             self._model = None  # free the previous replica before loading the next
-            editor, source = load_editor(model, device=self.config.device, dtype=self.config.dtype)
+            editor, source = load_editor(model, device=self.config.device, dtype=self.config.dtype,
+                                         allow_pickle=self.config.allow_pickle)
             self._model = (model, editor, source)
         return self._model[1], self._model[2]
 
