@@ -602,3 +602,17 @@ def test_pickle_weights_load_only_with_allow_pickle(tmp_path, tiny_sd_pickle_dir
                                        "--allow-pickle"])
     assert allowed.exit_code == 0, allowed.output
     assert [row["status"] for row in index_rows(tmp_path / "out")] == ["done"]
+
+
+@pytest.mark.parametrize("option", [["--workers", str(10**30)], ["--batch-size", str(10**30)], ["--workers", "-1"]])
+def test_out_of_range_workers_and_batch_sizes_are_usage_errors(tmp_path, tiny_sd_dir, option):
+    manifest = write_manifest(tmp_path / "m.jsonl", job_lines(1, model=str(tiny_sd_dir)))
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(tmp_path / "out"), *option])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_that_is_a_pipe_is_refused_without_reading_it(tmp_path):
+    os.mkfifo(tmp_path / "m.jsonl")
+    with pytest.raises(ManifestError, match="not a regular file"):
+        load_manifest(tmp_path / "m.jsonl")

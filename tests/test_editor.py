@@ -168,6 +168,12 @@ def test_pil_output_and_negative_prompt(sd_pipe):
         (CASES["replace"], {"prompt_embeds": torch.zeros(1)}, "set by the editor"),
         (CASES["replace"], {"record_attention": 5}, "not a layer side"),
         (CASES["replace"], {"num_inference_steps": 0}, "positive integer"),
+        (CASES["replace"], {"seed": None, "latents": torch.full((1, 4, 16, 16), float("nan"))}, "NaN or infinite"),
+        (CASES["replace"], {"seed": None, "latents": torch.full((1, 4, 16, 16), 1e30)}, "beyond a Gaussian"),
+        (CASES["replace"], {"seed": None, "latents": torch.zeros((1, 4, 16, 16), device="meta")}, "meta device"),
+        (CASES["replace"], {"num_inference_steps": 10**30}, "at most 1000"),
+        (CASES["replace"], {"guidance_scale": 1e30}, "within ±100"),
+        (CASES["replace"], {"seed": None, "latents": torch.zeros((1, 4, 16, 16), dtype=torch.long)}, "floating-point"),
     ],
 )
 def test_bad_input_gets_a_clear_error(sd_pipe, edits, kwargs, message):
@@ -300,3 +306,11 @@ def test_runs_of_whitespace_in_api_prompts_make_no_empty_word(sd_pipe):
     assert spaced.plan.replace == single.plan.replace == (True,)  # five words each: a word swap
     for name in ("mapper", "weights", "cross"):
         assert torch.equal(getattr(spaced.plan, name), getattr(single.plan, name)), name
+
+
+def test_a_run_that_diverges_is_an_error_not_black_images(sd_pipe, monkeypatch):
+    monkeypatch.setenv("P2P_ALLOW_LARGE", "1")  # lifts the guidance bound, so that the run overflows
+    for output_type in ("pil", "np"):
+        with pytest.raises(RuntimeError, match="NaN/inf"):
+            run(sd_pipe, CASES["replace"], guidance_scale=1e30, output_type=output_type)
+    assert p2p.Editor(sd_pipe).prepare(SOURCE, CASES["replace"], num_inference_steps=1001).num_inference_steps == 1001

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 from diffusers import DDIMScheduler
 from conftest import TORCH_DEVICE, TORCH_DTYPE, on_device, tolerance
@@ -233,6 +234,12 @@ def test_bad_arguments_get_clear_errors(sd, image):
         invert(sd, image, [PROMPT])
     with pytest.raises(ValueError, match="height=30"):
         invert(sd, image, PROMPT, height=30)
+    with pytest.raises(ValueError, match="num_inner_steps must be at most 100"):  # not 10**9 iterations a step
+        invert(sd, image, PROMPT, num_inner_steps=10**9)
+    with pytest.raises(ValueError, match="num_inference_steps must be at most 1000"):
+        invert(sd, image, PROMPT, num_inference_steps=10**7)
+    with pytest.raises(ValueError, match="0x0 pixels"):
+        invert(sd, Image.new("RGB", (0, 0)), PROMPT)
     inv = invert(sd, image, PROMPT, method="ddim", num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"trajectory must have shape \(3, 1, 4, 16, 16\)"):
         Inversion(**{**vars(inv), "num_inference_steps": 2, "trajectory": inv.trajectory[:2]})

@@ -246,3 +246,39 @@ def test_a_model_index_that_names_other_code_is_refused(tmp_path, index, message
     (tmp_path / "model_index.json").write_text(index)
     with pytest.raises(ModelLoadError, match=message):
         load_pipeline(str(tmp_path))
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_clean_line(monkeypatch, capsys):
+    from diffusers import DiffusionPipeline
+
+    def unreachable(*args, **kwargs):
+        from diffusers.utils import logging
+
+        logging.get_logger("diffusers").warning("Couldn't connect to the Hub: no network.\nWill try the cache.")
+        raise OSError("Cannot load model bogus/model: not cached. Please check out the root cause in the stacktrace "
+                      "above.")
+
+    monkeypatch.setattr(DiffusionPipeline, "download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "_offline", lambda: False)
+    with pytest.raises(ModelLoadError) as caught:
+        resolve_model("bogus/model")
+    message = str(caught.value)
+    assert "\n" not in message and "stacktrace" not in message and "not cached" in message
+    assert "Couldn't connect" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_missing_weights_is_refused_in_one_line(tiny_sd_dir, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, folder)
+    save_file({"unrelated.weight": torch.zeros(1)}, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelLoadError, match="its weights are incomplete") as caught:
+        load_pipeline(str(folder))
+    assert "\n" not in str(caught.value)
+    assert "Some weights" not in capsys.readouterr().err  # diffusers' own warnings are not printed on top
+
+
+def test_a_model_index_whose_class_name_is_not_text_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": ["FluxPipeline"], "unet": ["diffusers", "X"]}')
+    with pytest.raises(ModelLoadError, match="without its 'text_encoder'|non-diffusers"):
+        load_pipeline(str(tmp_path))

@@ -205,6 +205,7 @@ def test_flux_tokens_are_t5_only(flux_pipe):
         (lambda e: e.edit(SOURCE + " and" * 20, ["a dog"], **OPTIONS), "max_sequence_length"),
         (lambda e: e.run([e.prepare(SOURCE, ["a dog riding a bicycle"], **OPTIONS)] * 2), "one by one"),
         (lambda e: e.cache_source(SOURCE, **OPTIONS), "source caches are not supported"),
+        (lambda e: e.edit(SOURCE, ["a dog riding a bicycle"], true_cfg_scale=float("nan"), **OPTIONS), "finite"),
         (lambda e: p2p.Editor(e.pipe, blend_res=8), "MM-DiT models choose blocks"),
         (lambda e: p2p.Editor(e.pipe, self_blocks=[7]), "not a block"),
     ],

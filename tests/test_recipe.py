@@ -284,3 +284,46 @@ def test_a_decompression_bomb_png_is_a_recipe_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64x64 is then far past twice the limit: a "bomb"
     with pytest.raises(RecipeError, match="cannot read"):
         read_recipe(path)
+
+
+def test_input_files_that_never_end_or_are_huge_are_refused_before_reading(tmp_path, monkeypatch):
+    import os
+
+    from prompt2prompt.recipe import MAX_INPUT_BYTES, file_digest
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as file:
+        file.truncate(MAX_INPUT_BYTES + 1)  # sparse: no disk used
+    for path, message in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"), (huge, "MiB")):
+        with pytest.raises(ValueError, match=message):
+            file_digest(path)
+    monkeypatch.setenv("P2P_ALLOW_LARGE", "1")
+    small = tmp_path / "small.png"
+    small.write_bytes(b"x")
+    assert len(file_digest(small)) == 64
+
+
+def test_a_png_just_over_pillows_pixel_limit_is_a_one_line_recipe_error(tmp_path, recwarn):
+    from PIL import Image
+
+    from prompt2prompt.recipe import RecipeError, read_recipe
+
+    path = tmp_path / "big.png"
+    Image.new("1", (10000, 10000)).save(path)  # 100 M pixels: Pillow only warns below twice its 89 M limit
+    with pytest.raises(RecipeError, match="cannot read") as caught:
+        read_recipe(path)
+    assert "\n" not in str(caught.value)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_replaying_a_pipe_is_refused_without_reading_it(tmp_path):
+    import os
+
+    from prompt2prompt.recipe import RecipeError, read_recipe
+
+    os.mkfifo(tmp_path / "fifo.png")
+    for path in (tmp_path / "fifo.png", "/dev/zero", tmp_path):
+        with pytest.raises(RecipeError, match="not a regular file"):
+            read_recipe(path)

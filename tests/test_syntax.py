@@ -107,3 +107,11 @@ def test_weight_groups_key_the_edit_words_by_position(before, weighted, after, w
     parsed = parse_prompt(text)
     assert parsed.source == parsed.edit == " ".join(before + weighted + after)
     assert parsed.weights == {len(before) + i: weight for i in range(len(weighted))}
+
+
+@pytest.mark.parametrize("text", ["a big\n[red->green\ncircle", "a\t[cat->dog", "a [\x00cat->dog", "a\r\n[(x:2"])
+def test_an_error_shows_the_prompt_on_one_line_with_the_caret_under_its_column(text):
+    with pytest.raises(PromptSyntaxError) as caught:
+        parse_prompt(text)
+    header, shown, caret = str(caught.value).split("\n")  # three lines, whatever the prompt holds
+    assert len(shown) == len(text) + 2 and shown.strip() and caret.index("^") == caught.value.column + 1

@@ -303,3 +303,21 @@ def test_gradio_writes_nothing_outside_the_output_folder(tiny_sd_dir, tmp_path):
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
     assert list(temp.iterdir()) == []  # nor torch's compiler cache folder, which `p2p` points at the temp folder
     assert list((out / ".gradio").rglob("a.txt"))
+
+
+@pytest.mark.parametrize("seed", ["5", float("nan"), 2**70, True])
+def test_a_forged_seed_gets_a_message(tiny_sd_dir, tmp_path, seed):
+    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    rows = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
+    with pytest.raises(gr.Error, match="seed must be a whole number"):
+        webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a [cat->dog]", seed, 2, 7.5, None, "null-text", 0,
+                    *rows)
+
+
+@pytest.mark.parametrize("field, value", [(4, ["a"]), (8, 5), (9, 5), (10, 10**9)])
+def test_a_forged_form_field_gets_a_message(tiny_sd_dir, tmp_path, field, value):
+    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    args = [editors, tmp_path, 2**20, str(tiny_sd_dir), "a [cat->dog]", 1, 2, 7.5, None, "null-text", 0]
+    args[field] = value
+    with pytest.raises(gr.Error):
+        webapp._run(*args, *[None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS))

@@ -84,8 +84,16 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS, *, what: str 
     >>> t.word_tokens  # doctest: +SKIP
     [[1], [2, 3], [4], [5, 6, 7]]
     """
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a string, not {type(prompt).__name__}")
     try:
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates: bytes of a command line or a file that are not UTF-8
+        raise ValueError(f"the prompt {prompt[:60]!r} holds a character that is not text (at {error.start}): bytes "
+                         "that are not UTF-8?") from None
+    try:
+        # verbose=False: a prompt over the length is refused below, in one line, without the tokenizer's warning
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False, verbose=False)
     except NotImplementedError as error:  # transformers 4's slow (Python) tokenizers
         raise TypeError(
             f"{type(tokenizer).__name__} gives no character offsets, which word alignment needs; "

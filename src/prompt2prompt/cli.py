@@ -521,12 +521,12 @@ def batch(
     manifest: Annotated[Path, typer.Argument(help="JSON Lines manifest, one job per line.", exists=True,
                                              dir_okay=False, show_default=False)],
     out: Annotated[Path, typer.Option(help="Output folder; run again on it to resume.", show_default=False)],
-    workers: Annotated[int | None, typer.Option(min=0, help="Worker processes, one model replica each (0: this "
+    workers: Annotated[int | None, typer.Option(min=0, max=1024, help="Worker processes, one model replica each (0: this "
                                                             "process); default 1, with --ray one actor per GPU.",
                                                 show_default=False)] = None,
     ray: Annotated[str | None, typer.Option(help="Run on Ray: auto (a running cluster), ray://HOST:10001, or local.",
                                             show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Jobs of one model and settings per forward batch.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Jobs of one model and settings per forward batch.")] = 1,
     model: ModelOption = "demo",
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Run the valid jobs of a manifest with "
                                                                       "malformed lines.")] = False,

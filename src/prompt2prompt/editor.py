@@ -12,6 +12,7 @@ the source's rows.
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
@@ -29,6 +30,10 @@ from .schedules import CrossSteps, Window, as_window, cross_mask, step_index, st
 Words = WordRef | Sequence[WordRef]
 
 MODES = ("auto", "replace", "refine")
+# Bounds that keep a run from lasting for days or rendering black, as recipes have them (P2P_ALLOW_LARGE lifts them).
+MAX_STEPS = 1000  # SD's schedulers are trained on 1000 timesteps: more steps repeat them
+MAX_GUIDANCE = 100.0  # |guidance_scale|; SD uses 5-15, Flux 3.5
+MAX_LATENT = 1e4  # |initial latent|: a unit Gaussian's draw stays below 10
 # |weight| of a reweighted word: far beyond single digits a word swamps every other token's attention and the
 # activations overflow (float16 first), so larger values are refused rather than rendered black.
 MAX_WEIGHT = 100.0
@@ -52,6 +57,11 @@ def is_finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def allow_large() -> bool:
+    """Whether `P2P_ALLOW_LARGE` is set (to anything but "" or "0"): the `MAX_*` bounds are then lifted."""
+    return os.environ.get("P2P_ALLOW_LARGE", "") not in ("", "0")
 
 
 def _check_fraction(value: float, what: str) -> float:
@@ -236,11 +246,20 @@ def _initial_latents(latents, seed, generator, shape, num_prompts: int, device, 
             generator = torch.Generator("cpu").manual_seed(seed)
         # Drawn like diffusers' prepare_latents, so that plain generation with the same generator matches.
         latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu", dtype=dtype)
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise TypeError(f"latents must be a floating-point tensor, not {type(latents).__name__}")
+    if latents.device.type == "meta":
+        raise ValueError("latents must hold values: a tensor on the meta device has none")
     if latents.ndim != 4 or latents.shape[0] not in (1, num_prompts) or tuple(latents.shape[1:]) != shape[1:]:
         raise ValueError(
             f"latents must have shape (1, {shape[1]}, {shape[2]}, {shape[3]}) or ({num_prompts}, ...), "
             f"not {tuple(latents.shape)}"
         )
+    if not bool(torch.isfinite(latents).all()):  # once, before the run: NaN or inf would render black images
+        raise ValueError("latents hold NaN or infinite values; pass finite latents (e.g. a torch.randn draw)")
+    if not bool(latents.abs().max() <= MAX_LATENT) and not allow_large():
+        raise ValueError(f"latents reach {float(latents.abs().max()):.3g}, far beyond a Gaussian draw's range (at most "
+                         f"{MAX_LATENT:g} here; set P2P_ALLOW_LARGE=1 to go beyond)")
     return latents.to(device=device, dtype=dtype).expand(num_prompts, -1, -1, -1).clone()
 
 
@@ -376,6 +395,16 @@ class StepCallback:
         if self.recorder is not None:
             self.recorder.end_step(latents[:1])
         return latents
+
+
+def _check_finite_output(images) -> None:
+    """A run that diverged (NaN or inf: a float16 overflow, or a guidance or weight far too large) is an error."""
+    import numpy as np
+
+    finite = bool(torch.isfinite(images).all()) if isinstance(images, torch.Tensor) else bool(np.isfinite(images).all())
+    if not finite:
+        raise RuntimeError("the result has NaN/inf values (a float16 overflow, usually): run in float32, or try "
+                           "another guidance scale, weight or seed")
 
 
 def _stochastic(scheduler, pipeline_kwargs: Mapping[str, Any]) -> bool:
@@ -533,6 +562,8 @@ class Editor:
             raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, not {type(generator).__name__}")
         if self.family.name == "mmdit":
             self._check_mmdit(inversion, cache, pipeline_kwargs)
         if cache is not None:
@@ -559,8 +590,14 @@ class Editor:
         guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
+        if num_inference_steps > MAX_STEPS and not allow_large():
+            raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, not {num_inference_steps} "
+                             f"(set P2P_ALLOW_LARGE=1 to go beyond)")
         if not is_finite_number(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
+        if abs(guidance_scale) > MAX_GUIDANCE and not allow_large():
+            raise ValueError(f"guidance_scale must be within ±{MAX_GUIDANCE:g}, not {guidance_scale!r} "
+                             f"(set P2P_ALLOW_LARGE=1 to go beyond)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
@@ -725,7 +762,18 @@ class Editor:
 
                 pipe.scheduler = DDIMScheduler.from_config(saved_scheduler.config)
             model.set_attn_processor(processors)
-            return pipe(**call_kwargs).images
+            wanted = call_kwargs["output_type"]
+            # PIL images cannot hold NaN (diffusers casts it to black): take floats, check, then convert as it does.
+            try:
+                images = pipe(**{**call_kwargs, "output_type": "np" if wanted == "pil" else wanted}).images
+            except (ValueError, TypeError, RuntimeError, OSError):  # the pipeline's own checks, out of memory, ...
+                raise
+            except Exception as error:  # diffusers failing on a pass-through keyword (clip_skip, LoRA scale, ...)
+                message = " ".join(str(error).split())[:300]
+                raise RuntimeError(f"the {type(pipe).__name__} call failed: {type(error).__name__}: {message}; "
+                                   "check the keywords passed through to it") from error
+            _check_finite_output(images)
+            return pipe.image_processor.numpy_to_pil(images) if wanted == "pil" else images
         finally:
             if hook is not None:
                 hook.remove()
@@ -864,6 +912,8 @@ class Editor:
                              f"not {pipeline_kwargs['max_sequence_length']}")
         if cache is not None:
             raise ValueError(f"source caches are not supported on {name} yet; edit without cache=")
+        if "true_cfg_scale" in pipeline_kwargs and not is_finite_number(pipeline_kwargs["true_cfg_scale"]):
+            raise ValueError(f"true_cfg_scale must be a finite number, not {pipeline_kwargs['true_cfg_scale']!r}")
         if pipeline_kwargs.get("skip_guidance_layers"):
             raise ValueError("skip_guidance_layers adds a forward pass the edits do not know; leave it unset")
         for key in ("negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3"):

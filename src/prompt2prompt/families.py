@@ -294,7 +294,7 @@ def check_text_length(family, prompt: str, what: str, pipeline_kwargs: dict[str,
     for tokenizer in family.tokenizers():
         clip = "CLIP" in type(tokenizer).__name__
         limit = MAX_TOKENS if clip else family.max_sequence_length(pipeline_kwargs)
-        length = len(tokenizer(prompt, truncation=False).input_ids)
+        length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
         if length > limit:
             raise ValueError(
                 f"{what} {prompt!r} is {length} tokens long, more than the text encoder's {limit} "

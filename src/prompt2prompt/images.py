@@ -63,6 +63,8 @@ def fit_image(
     >>> fit_image(Image.new("RGB", (40, 20)), 16, 16, fit="pad").size
     (16, 16)
     """
+    if min(image.size) < 1:
+        raise ValueError(f"the image is {image.width}x{image.height} pixels: there is nothing to edit")
     if fit == "crop":
         return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
     if fit == "pad":

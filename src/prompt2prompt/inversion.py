@@ -31,11 +31,12 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from .alignment import tokenize
-from .editor import is_finite_number
+from .editor import MAX_STEPS, allow_large, is_finite_number
 from .families import family_of
 from .files import write_atomic, write_text_atomic
 from .images import ImageInput, prepare_image, to_tensor
 
+MAX_INNER_STEPS = 100  # null-text's Adam iterations per step (10: the paper's)
 METHODS = ("null-text", "negative-prompt", "direct", "ddim")  # UNet pipelines
 FLOW_METHODS = ("direct", "euler")  # flow-matching pipelines (SD3/3.5, Flux.1), see `flow_inversion`
 _SCALARS = ("num_inference_steps", "guidance_scale", "prompt", "method", "height", "width", "max_sequence_length")
@@ -207,6 +208,10 @@ def invert(
                          f"which guidance_scale={guidance_scale} turns off; use a guidance_scale above 1")
     if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be an integer >= 0, got {num_inner_steps!r}")
+    for name, value, top in (("num_inference_steps", num_inference_steps, MAX_STEPS),
+                             ("num_inner_steps", num_inner_steps, MAX_INNER_STEPS)):
+        if value > top and not allow_large():
+            raise ValueError(f"{name} must be at most {top}, got {value} (set P2P_ALLOW_LARGE=1 to go beyond)")
     if not is_finite_number(early_stop_epsilon) or early_stop_epsilon < 0:
         raise ValueError(f"early_stop_epsilon must be a finite number >= 0, got {early_stop_epsilon!r}")
 

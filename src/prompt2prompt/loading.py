@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device", "load_editor",
-           "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model"]
+           "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -82,7 +82,8 @@ def _download(repo_id: str, revision: str | None) -> ModelSource:
 
     offline = _offline()
     try:
-        folder = Path(DiffusionPipeline.download(repo_id, revision=revision, local_files_only=offline))
+        with library_logs():  # its "Couldn't connect to the Hub" lines: the error below says it once
+            folder = Path(DiffusionPipeline.download(repo_id, revision=revision, local_files_only=offline))
     except OSError as error:
         if offline:
             raise ModelLoadError(
@@ -90,7 +91,9 @@ def _download(repo_id: str, revision: str | None) -> ModelSource:
                 f"Download it once on a machine with internet access (`hf download {repo_id}`, with HF_HUB_OFFLINE "
                 "unset) and copy the cache over, or pass --model with a local diffusers folder"
             ) from None
-        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub: {error}. Check the id and "
+        # diffusers' message points at a stack trace the user never sees: keep what it says before that.
+        reason = " ".join(str(error).split()).split(" Please check out the root cause")[0].rstrip(". ")
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub: {reason}. Check the id and "
                              "your network, or pass --model with a local diffusers folder") from None
     # Cached snapshots live in .../snapshots/<commit>/: that commit pins the weights for replay.
     commit = folder.name if folder.parent.name == "snapshots" else revision
@@ -173,7 +176,8 @@ def _pipeline_class(source: ModelSource):
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ModelLoadError(f"cannot read {str(index_file)!r}: {' '.join(str(error).split())}") from None
-    kind = index.get("_class_name", "non-diffusers") if isinstance(index, dict) else "non-diffusers"
+    kind = index.get("_class_name") if isinstance(index, dict) else None
+    kind = kind if isinstance(kind, str) else "non-diffusers"
     needs = {"StableDiffusion3Pipeline": ("transformer", "text_encoder", "text_encoder_2"),
              "FluxPipeline": ("transformer", "text_encoder", "text_encoder_2")}.get(kind, ("unet", "text_encoder"))
     if not isinstance(index, dict) or kind not in _SUPPORTED and "unet" not in index:
@@ -292,7 +296,7 @@ def load_pipeline(
     if not allow_pickle and not source.single_file:
         _check_safetensors(source)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), library_logs() as logged:
             # Recent diffusers rename torch_dtype to dtype; the old name still works there and is the only one before.
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
             if source.single_file:  # resolve_model takes .safetensors files only
@@ -301,9 +305,46 @@ def load_pipeline(
                 # use_safetensors=None prefers safetensors and falls back to pickles, loaded with weights_only=True.
                 pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True,
                                            use_safetensors=None if allow_pickle else True)
+        incomplete = [m for m in logged if "newly initialized" in m or "were not initialized" in m]
+        if incomplete:  # a checkpoint lacking weights would run on random ones: noise, with a warning at best
+            detail = " ".join(incomplete[0].split())[:200]
+            raise ModelLoadError(f"cannot load {source.id!r}: its weights are incomplete ({detail}...); use a "
+                                 "complete checkpoint of a supported model")
         return pipe.to(device)
+    except ModelLoadError:
+        raise
     except Exception as error:  # a model folder is untrusted input: missing files, broken configs, bad weights
         raise ModelLoadError(_load_failure(source, error)) from None
+
+
+@contextlib.contextmanager
+def library_logs() -> Iterator[list[str]]:
+    """Collect diffusers' and transformers' log warnings in the block instead of printing them, and yield them.
+
+    Errors stay one line; a warning that means the model cannot work (missing weights) becomes the error.
+    """
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    libraries = (diffusers_logging, transformers_logging)
+    for lib in libraries:
+        lib.disable_default_handler()
+        lib.add_handler(handler)
+    try:
+        yield messages
+    finally:
+        for lib in libraries:
+            lib.remove_handler(handler)
+            lib.enable_default_handler()
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -27,16 +28,16 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, PngImagePlugin
 
 from .files import write_atomic
-from .editor import is_finite_number
+from .editor import MAX_GUIDANCE, MAX_STEPS, allow_large, is_finite_number
 from .forms import edit_from_dict
-from .inversion import FLOW_METHODS, METHODS
+from .inversion import FLOW_METHODS, MAX_INNER_STEPS, METHODS
 from .families import FAMILIES, MAX_SEQUENCE_LENGTH
-from .loading import parse_dtype
+from .loading import library_logs, parse_dtype
 
 if TYPE_CHECKING:
     from .cache import SourceStore
 
-__all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS",
+__all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES",
            "MAX_SIDE", "MAX_STEPS", "MAX_THREADS", "MAX_TRAIN_TIMESTEPS", "RECIPE_KEY", "Recipe", "RecipeError", "allow_large",
            "build_edits", "check_edits", "check_finite", "check_guidance", "check_int", "check_inversion", "check_seed",
            "check_side", "file_digest", "inversion_available", "package_version", "read_recipe", "recipe_for",
@@ -50,23 +51,16 @@ INVERSION_OPTIONS = ("method", "fit", "num_inner_steps", "early_stop_epsilon")  
 
 # Upper bounds of what a recipe or a manifest line may ask for; P2P_ALLOW_LARGE=1 in the environment lifts them.
 ALLOW_LARGE = "P2P_ALLOW_LARGE"
-MAX_STEPS = 1000  # SD's schedulers are trained on 1000 timesteps: more steps repeat them
 MAX_SIDE = 4096  # px, 4x SDXL's 1024
-MAX_INNER_STEPS = 100  # null-text's Adam iterations per step (10: the paper's)
 MAX_EDITS = 64  # edits of one source: each is one more row of every forward batch
 MAX_THREADS = 256  # torch CPU threads; a replay runs on no more than this machine's CPUs (see run_recipe)
-MAX_GUIDANCE = 100.0  # |guidance_scale|; SD uses 5-15
+MAX_INPUT_BYTES = 256 * 2**20  # an input image file: a 20k x 20k 16-bit PNG is well under this
 MAX_TRAIN_TIMESTEPS = 10_000  # any integer and list length of a scheduler's configuration (SD: 1000 timesteps)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be read or replayed; the message names the field and what it may be."""
-
-
-def allow_large() -> bool:
-    """Whether `P2P_ALLOW_LARGE` is set (to anything but "" or "0"): the `MAX_*` bounds are then lifted."""
-    return os.environ.get(ALLOW_LARGE, "") not in ("", "0")
 
 
 def _show(value: Any) -> str:
@@ -378,9 +372,11 @@ def _scheduler_for(pipe, recipe: Recipe):
                           f"ones are {', '.join(sorted(compatible))}")
     try:
         # A trial set_timesteps, on a scheduler of its own, so that a bad configuration fails here and not mid-run;
-        # the configuration is untrusted, so any failure of diffusers on it is the recipe's.
-        compatible[name].from_config(recipe.scheduler).set_timesteps(recipe.num_inference_steps)
-        return compatible[name].from_config(recipe.scheduler)
+        # the configuration is untrusted, so any failure of diffusers on it is the recipe's. Its warnings (keys
+        # this diffusers does not know, which it ignores) are not printed: a recipe from another version has some.
+        with library_logs():
+            compatible[name].from_config(recipe.scheduler).set_timesteps(recipe.num_inference_steps)
+            return compatible[name].from_config(recipe.scheduler)
     except Exception as error:  # noqa: BLE001
         raise RecipeError(f"the recipe's {name} configuration does not work: {type(error).__name__}: "
                           f"{_show(str(error))}") from None
@@ -422,7 +418,18 @@ def inversion_available() -> bool:
 
 
 def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, in hex, read a MiB at a time."""
+    """The SHA-256 of an input file's bytes, in hex, read a MiB at a time.
+
+    Only a regular file of at most `MAX_INPUT_BYTES` (unless P2P_ALLOW_LARGE is set) is read: a pipe or a device
+    (/dev/zero) would never end, and a huge (sparse) file would take hours. Raises ValueError for those.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"'{path}' is not a regular file (a folder, a pipe or a device); pass an image file")
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES and not allow_large():
+        raise ValueError(f"'{path}' is {size} bytes, more than the {MAX_INPUT_BYTES // 2**20} MiB an input image may "
+                         f"have (set {ALLOW_LARGE}=1 to go beyond)")
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
@@ -568,11 +575,15 @@ def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
 
 def read_recipe(path: str | Path) -> Recipe:
     """The recipe stored in a PNG written by prompt2prompt."""
+    if Path(path).exists() and not Path(path).is_file():  # a pipe or a device would block the read forever
+        raise RecipeError(f"{str(path)!r} is not a regular file (a folder, a pipe or a device); replay a PNG file")
     try:
-        with Image.open(path) as image:
-            text = getattr(image, "text", {}).get(RECIPE_KEY)
-    except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError) as error:  # the last is no OSError
-        raise RecipeError(f"cannot read {str(path)!r} as a PNG: {error}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
+            with Image.open(path) as image:
+                text = getattr(image, "text", {}).get(RECIPE_KEY)
+    except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RecipeError(f"cannot read {str(path)!r} as a PNG: {' '.join(str(error).split())}") from None
     if text is None:
         raise RecipeError(f"{str(path)!r} carries no prompt2prompt recipe; replay a PNG that p2p wrote "
                           "(image editors and some uploads drop PNG text chunks)")

@@ -13,6 +13,7 @@ word position in the edit prompt; they are bounded by `MAX_WEIGHT`.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 
 from .editor import MAX_WEIGHT
@@ -30,7 +31,13 @@ class PromptSyntaxError(ValueError):
         self.column = column
         self.reason = message
         pointer = " " * (column - 1) + "^"
-        super().__init__(f"column {column}: {message}\n  {text}\n  {pointer}")
+        super().__init__(f"column {column}: {message}\n  {_visible(text)}\n  {pointer}")
+
+
+def _visible(text: str) -> str:
+    """`text` on one line, one character per character so that the caret stays under its column."""
+    return "".join("↵" if c in "\r\n" else "→" if c == "\t" else "·" if unicodedata.category(c)[0] == "C" else c
+                   for c in text)
 
 
 @dataclass(frozen=True)
@@ -236,4 +243,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
     >>> parse_prompt("a (fluffy:2.5) teddy bear")
     ParsedPrompt(source='a fluffy teddy bear', edit='a fluffy teddy bear', weights={1: 2.5})
     """
+    for column, char in enumerate(text, 1):
+        if "\ud800" <= char <= "\udfff":  # how Python hands over bytes of a command line that are not UTF-8
+            raise PromptSyntaxError(text, column, "this is not a character: the text has bytes that are not UTF-8")
     return _Parser(text).parse()

@@ -11,6 +11,7 @@ the uploads under the output folder, but gradio's other temporary folders where 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -101,6 +102,8 @@ def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
     prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit = values
     if not (prompt or "").strip():
         return None
+    if cross is None or self_steps is None or (weight_words and weight is None):  # only a forged request
+        raise _error(f"edit {index}: the cross and self windows and the weight must be numbers")
     parsed = _parse(prompt, f"edit {index}")
     if parsed.edit is not None and parsed.edit != parsed.source:
         raise _error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
@@ -130,6 +133,29 @@ def _check_upload(path: str, max_bytes: int) -> str:
     return path
 
 
+# Each row field: the types its component sends (None where it may be empty). Only a forged request sends others.
+_ROW_TYPES = ((str,), (str,), (int, float), (int, float), (list,), (int, float), (list,), (list,), (list,), (list,))
+
+
+def _check_form(model, source, image, method, count, rows) -> None:
+    """Refuse a forged request whose fields are not what the form's components send, with a message."""
+    fields = [("model", model, (str,)), ("source prompt", source, (str,)), ("image", image, (str,)),
+              ("inversion method", method, (str,)), ("edit count", count, (int, float))]
+    fields += [(f"edit {i // ROW_FIELDS + 1} field {i % ROW_FIELDS + 1}", value, _ROW_TYPES[i % ROW_FIELDS])
+               for i, value in enumerate(rows)]
+    for name, value, types in fields:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise _error(f"the {name} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise _error(f"the {name} must be a list of words")
+    if count is None:
+        raise _error("the request holds no edit count")
+    if isinstance(count, float) and not (math.isfinite(count) and count.is_integer()) or count > MAX_EDITS:
+        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}")
+    if len(rows) < ROW_FIELDS * int(count):
+        raise _error("the request holds fewer edit rows than its count")
+
+
 def _run_folder(out_dir: Path, seed: int | None) -> Path:
     """A fresh folder for one run, named by the server only."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -142,6 +168,8 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
          steps: float, guidance: float, image: str | None, method: str, count: int, *rows: Any):
     """The Run button: edit, save the PNGs, and fill the gallery, the heatmaps and the downloads."""
     import prompt2prompt as p2p
+
+    _check_form(model, source, image, method, count, rows)
 
     if not (source or "").strip():
         raise _error("type a source prompt first")
@@ -160,6 +188,9 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
         raise _error(f"steps and guidance must be numbers, not {steps!r} and {guidance!r}") from None
     check_int(steps, "steps", 1, MAX_STEPS)
     check_guidance(guidance)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed)
+                             or seed >= 2**63):  # only a forged request: the seed box gives numbers
+        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}")
     real: dict[str, Any] = {}
     if image:
         if not inversion_available():

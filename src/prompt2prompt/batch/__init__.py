@@ -58,6 +58,10 @@ class Summary:
         return 60.0 * (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
 
+MAX_BATCH = 4096  # jobs per forward batch
+MAX_WORKERS = 1024  # worker processes or Ray actors, each with a model replica
+
+
 def run_batch(
     jobs: Manifest | Sequence[Job],
     out: str | os.PathLike,
@@ -94,8 +98,9 @@ def run_batch(
     Example: `run_batch(load_manifest("edits.jsonl"), "runs/edits", batch_size=8)`.
     """
     job_list = list(jobs.jobs if isinstance(jobs, Manifest) else jobs)
-    if batch_size < 1 or (workers is not None and workers < 0):
-        raise ValueError(f"batch_size must be >= 1 and workers >= 0, not {batch_size} and {workers}")
+    if not 1 <= batch_size <= MAX_BATCH or (workers is not None and not 0 <= workers <= MAX_WORKERS):
+        raise ValueError(f"batch_size must be from 1 to {MAX_BATCH} and workers from 0 to {MAX_WORKERS}, not "
+                         f"{batch_size} and {workers}")
     if ray_address is None and workers is None:
         workers = 1
     if min_score is not None and score is None:

@@ -234,6 +234,8 @@ def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid:
     Example: `jobs = load_manifest("edits.jsonl").jobs`.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a pipe or a device would block the read forever
+        raise ManifestError(f"{str(path)!r} is not a regular file (a folder, a pipe or a device); pass a manifest file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
