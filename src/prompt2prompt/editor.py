@@ -64,6 +64,16 @@ def allow_large() -> bool:
     return os.environ.get("P2P_ALLOW_LARGE", "") not in ("", "0")
 
 
+def check_steps(num_inference_steps: Any) -> int:
+    """A step count: a positive integer, at most `MAX_STEPS` unless P2P_ALLOW_LARGE is set (else a ValueError)."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
+    if num_inference_steps > MAX_STEPS and not allow_large():
+        raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, not {num_inference_steps} "
+                         f"(set P2P_ALLOW_LARGE=1 to go beyond)")
+    return num_inference_steps
+
+
 def _check_fraction(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be a number in [0, 1], not {value!r}")
@@ -431,16 +441,20 @@ def _concat(first, rest):
 
 
 class Editor:
-    """Prompt-to-Prompt on a loaded StableDiffusionPipeline or StableDiffusionXLPipeline.
+    """Prompt-to-Prompt on a loaded Stable Diffusion (1.x, 2.x, XL, 3, 3.5) or Flux.1 pipeline.
 
     Args:
         pipe: the diffusers pipeline; its own attention processors are restored after every call.
-        self_replace_max_res: self-attention is replaced in layers whose side is at most this
+        self_replace_max_res: UNet models: self-attention is replaced in layers whose side is at most this
             (None: latent side / 4, i.e. 16 for SD at 512 px).
-        blend_res: the layer side whose cross-attention drives local blending (None: latent side / 4, or the
-            nearest side with cross-attention in the down and up blocks when the model has none there).
+        blend_res: UNet models: the layer side whose cross-attention drives local blending (None: latent side / 4,
+            or the nearest side with cross-attention in the down and up blocks when the model has none there).
         attention: "fused" (scaled-dot-product attention everywhere) or "explicit" (materialised
             probabilities, the reference).
+        cross_blocks, self_blocks, record_blocks: SD3 and Flux models: the blocks (numbered as they run) whose
+            text attention is edited (None: every block), whose image attention is the source's while the self
+            window is open (None: Flux's Stable Flow "vital layers", every block on SD3), and whose text attention
+            drives local blending and recorded maps (None: every block); see `families`.
 
     Example:
         >>> editor = Editor(pipe)  # doctest: +SKIP
@@ -588,11 +602,7 @@ class Editor:
         family = self.family
         num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, not {num_inference_steps!r}")
-        if num_inference_steps > MAX_STEPS and not allow_large():
-            raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, not {num_inference_steps} "
-                             f"(set P2P_ALLOW_LARGE=1 to go beyond)")
+        check_steps(num_inference_steps)
         if not is_finite_number(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
         if abs(guidance_scale) > MAX_GUIDANCE and not allow_large():

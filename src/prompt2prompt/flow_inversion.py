@@ -22,7 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from .editor import MAX_STEPS, allow_large, is_finite_number
+from .editor import check_steps, is_finite_number
 from .families import FluxFamily, family_of
 from .images import ImageInput, fit_image, image_size, load_image
 from .inversion import FLOW_METHODS, Inversion, encode_image
@@ -73,11 +73,7 @@ def invert_flow(
         raise ValueError(f"unknown inversion method {method!r} for {name}; use one of {', '.join(FLOW_METHODS)}")
     num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
     guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if num_inference_steps > MAX_STEPS and not allow_large():
-        raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, got {num_inference_steps} "
-                         "(set P2P_ALLOW_LARGE=1 to go beyond)")
+    check_steps(num_inference_steps)
     for what, value in (("guidance_scale", guidance_scale), ("inversion_guidance", inversion_guidance)):
         if not is_finite_number(value):
             raise ValueError(f"{what} must be a finite number, got {value!r}")

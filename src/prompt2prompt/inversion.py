@@ -31,7 +31,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from .alignment import tokenize
-from .editor import MAX_STEPS, allow_large, is_finite_number
+from .editor import allow_large, check_steps, is_finite_number
 from .families import family_of
 from .files import write_atomic, write_text_atomic
 from .images import ImageInput, prepare_image, to_tensor
@@ -199,8 +199,7 @@ def invert(
         if value != default:
             raise ValueError(f"{name} applies to SD3 and Flux pipelines, not to {type(pipe).__name__}; leave it unset")
     tokenize(pipe.tokenizer, prompt)  # a caption over 77 tokens is refused here, not after the inversion
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    check_steps(num_inference_steps)
     if not is_finite_number(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if method == "null-text" and guidance_scale <= 1:
@@ -208,10 +207,9 @@ def invert(
                          f"which guidance_scale={guidance_scale} turns off; use a guidance_scale above 1")
     if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 0:
         raise ValueError(f"num_inner_steps must be an integer >= 0, got {num_inner_steps!r}")
-    for name, value, top in (("num_inference_steps", num_inference_steps, MAX_STEPS),
-                             ("num_inner_steps", num_inner_steps, MAX_INNER_STEPS)):
-        if value > top and not allow_large():
-            raise ValueError(f"{name} must be at most {top}, got {value} (set P2P_ALLOW_LARGE=1 to go beyond)")
+    if num_inner_steps > MAX_INNER_STEPS and not allow_large():
+        raise ValueError(f"num_inner_steps must be at most {MAX_INNER_STEPS}, got {num_inner_steps} "
+                         "(set P2P_ALLOW_LARGE=1 to go beyond)")
     if not is_finite_number(early_stop_epsilon) or early_stop_epsilon < 0:
         raise ValueError(f"early_stop_epsilon must be a finite number >= 0, got {early_stop_epsilon!r}")
 
