@@ -35,6 +35,12 @@ def tolerance(fp32: float = 1e-4, *, scale: float = 1.0) -> float:
     return max(fp32, _TOLERANCE[TORCH_DTYPE] * scale)
 
 
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float32: how far a result is from its reference."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 def on_device(pipe):
     """A tiny pipeline moved to the test device and dtype."""
     return pipe.to(TORCH_DEVICE, TORCH_DTYPE)

@@ -6,16 +6,11 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
 import prompt2prompt as p2p
-from conftest import on_device, tolerance
+from conftest import on_device, rel_err, tolerance
 
 SOURCE = "a cat riding a bicycle"
 STEPS = 4
 SIZE = dict(height=32, width=32)
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def run(pipe, edits, attention="fused", **kwargs):

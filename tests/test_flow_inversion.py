@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import on_device, tolerance
+from conftest import on_device, rel_err, tolerance
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
 
@@ -38,11 +38,6 @@ def pipes():
 @pytest.fixture(params=["sd3", "sd35", "flux", "flux-dev"])
 def pipe(request, pipes):
     return pipes[request.param]
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def edit_latents(pipe, inv, **kwargs):

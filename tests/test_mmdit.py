@@ -11,7 +11,7 @@ import torch
 from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
 
 import prompt2prompt as p2p
-from conftest import on_device, tolerance
+from conftest import on_device, rel_err, tolerance
 
 SOURCE = "a cat riding a bicycle"
 STEPS = 4
@@ -42,11 +42,6 @@ def flux_dev_pipe():
 @pytest.fixture(params=["sd3", "sd35", "flux"])
 def mmdit_pipe(request, sd3_pipe, sd35_pipe, flux_pipe):
     return {"sd3": sd3_pipe, "sd35": sd35_pipe, "flux": flux_pipe}[request.param]
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def latents_of(pipe, images):
