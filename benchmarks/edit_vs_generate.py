@@ -142,7 +142,7 @@ def main() -> None:
     plain_latents = family.pack(latents.expand(2, -1, -1, -1).to(device, dtype))
     guidance = family.default_guidance
     common = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=args.size, width=args.size, output_type="latent")
-    if family.name == "mmdit":
+    if family.takes_max_sequence_length:
         common["max_sequence_length"] = args.max_sequence_length
     edit = [p2p.Edit(EDIT, cross_steps=0.8, self_steps=0.4)]
     runs = {
@@ -186,7 +186,7 @@ def main() -> None:
 
     arch = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3": f"SD3-medium ({args.depth} blocks)",
             "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)"}[args.arch] + " architecture"
-    if family.name == "mmdit":
+    if family.takes_max_sequence_length:
         arch += f", T5 length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
     title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "

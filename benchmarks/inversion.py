@@ -31,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from prompt2prompt import Edit, Editor
 from prompt2prompt.images import prepare_image, psnr
-from prompt2prompt.inversion import METHODS, encode_image, invert
+from prompt2prompt.families.unet import UNetFamily
+from prompt2prompt.inversion import encode_image, invert
+
+METHODS = UNetFamily.inversion_methods
 
 COLORS = ("red", "green", "blue", "yellow", "purple")
 CAPTION = "a big red circle on the left on a white background"

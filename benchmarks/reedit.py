@@ -3,9 +3,12 @@
 Two things run in one process, alternating, on the same model and latent: a fresh P2P edit (1 source +
 1 edit) and the same edit on a `SourceCache` of the source, made once before the timed rounds. By default
 the model is Stable Diffusion 1.5's architecture with random weights (the cost does not depend on the
-weights) at 256 px and 3 steps, so that it runs on a CPU in minutes.
+weights) at 256 px and 3 steps, so that it runs on a CPU in minutes; `--arch sd3` and `--arch flux` are
+SD3-medium's and Flux.1-dev's transformers at their real widths with `--depth` blocks of each kind (see
+`edit_vs_generate.py`), at the model's own guidance.
 
     python benchmarks/reedit.py                                                         # CPU default
+    python benchmarks/reedit.py --arch flux --depth 2 --max-sequence-length 128         # CPU: 256 px
     python benchmarks/reedit.py --size 512 --steps 50 --dtype float16 --device cuda --json reedit.json
 """
 
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edit_vs_generate import EDIT, SOURCE, PeakMemory  # noqa: E402  (re-executes with a fixed mmap threshold)
+from edit_vs_generate import EDIT, SOURCE, PeakMemory, build_pipeline  # noqa: E402  (re-executes with a fixed mmap threshold)
 
 import torch  # noqa: E402
 
@@ -28,6 +31,11 @@ import prompt2prompt as p2p  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "sd3", "flux"], help="random-weight architecture")
+    parser.add_argument("--depth", type=int, default=2, help="sd3/flux: blocks of each kind")
+    parser.add_argument("--single-depth", type=int, default=None, help="flux: single-stream blocks [default: --depth]")
+    parser.add_argument("--max-sequence-length", type=int, default=128, help="sd3/flux: T5 tokens")
+    parser.add_argument("--model", default=None, help="a real checkpoint instead of a random architecture")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the first is a warm-up")
@@ -41,16 +49,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import pipelines
-
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.tiny:
-        pipe = pipelines.tiny_sd_pipeline().to(device=device, dtype=dtype)
-    else:
-        pipe = pipelines.sd15_random_pipeline(device=device, dtype=dtype)
+    if args.tiny and args.arch in ("sd3", "flux"):
+        args.size = 32
+    pipe = build_pipeline(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     editor = p2p.Editor(pipe)
-    settings = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size)
+    guidance = editor.family.default_guidance
+    settings = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=args.size, width=args.size)
+    if editor.family.takes_max_sequence_length:
+        settings["max_sequence_length"] = args.max_sequence_length
     edit = [p2p.Edit(EDIT, cross_steps=0.8, self_steps=0.4)]
 
     with torch.inference_mode(), PeakMemory(device) as peak:
@@ -64,7 +72,8 @@ def main() -> None:
 
     runs = {
         "fresh": lambda: editor.edit(SOURCE, edit, seed=0, output_type="latent", **settings),
-        "re-edit": lambda: editor.edit(SOURCE, edit, cache=cache, output_type="latent"),
+        "re-edit": lambda: editor.edit(SOURCE, edit, cache=cache, output_type="latent", **{
+            k: v for k, v in settings.items() if k == "max_sequence_length"}),
     }
     times = {k: [] for k in runs}
     memory = {k: [] for k in runs}
@@ -85,8 +94,12 @@ def main() -> None:
     t = {k: statistics.median(v) for k, v in times.items()}
     m = {k: max(v) for k, v in memory.items()}
     difference = (outputs["fresh"].float() - outputs["re-edit"].float()).abs().max().item()
-    title = ("SD-1.5 architecture, " + ("tests' tiny pipeline" if args.tiny else "random weights")
-             + f", {args.size} px, {args.steps} steps, guidance 7.5, {args.device} {args.dtype}, "
+    arch = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3": f"SD3-medium ({args.depth} blocks)",
+            "flux": f"Flux.1-dev ({args.depth}+{args.single_depth or args.depth} blocks)"}[args.arch] + " architecture"
+    if editor.family.takes_max_sequence_length:
+        arch += f", T5 length {args.max_sequence_length}"
+    weights = f" ({args.model})" if args.model else ("tests' tiny pipeline" if args.tiny else "random weights")
+    title = (f"{arch}, {weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "
              f"torch threads {torch.get_num_threads()}")
     print(f"\n{title}")
     print("| run | wall time (s) | x fresh | peak memory (MiB) | x fresh |")

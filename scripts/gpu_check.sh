@@ -3,7 +3,7 @@
 # most about 9 minutes on one H100, ending in outputs/gpu/report.md and report.json.
 #
 #   bash scripts/gpu_check.sh                  # on the GPU machine, from the repository root
-#   bash scripts/gpu_check.sh --no-bf16        # skip the bfloat16 pass of tests/test_editor.py
+#   bash scripts/gpu_check.sh --no-bf16        # skip the bfloat16 pass of tests/test_{editor,conformance}.py
 #   P2P_TEST_DEVICE=cpu bash scripts/gpu_check.sh    # a CPU smoke run of the script itself (implies --quick)
 #
 # The lent GPU machine has no network, and its python3 has torch (never reinstalled here) but no diffusers.
@@ -17,13 +17,15 @@
 # default; a step that would start with under 20 s left is skipped and reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
-#   3. pytest on CUDA in float16: tests/test_{processor,editor,blend,inversion,cache,batch,device_guard}.py, those
-#      that exist, without the Ray test (-k "not local_ray"; P2P_GPU_PYTEST_K replaces the expression)
+#   3. pytest on CUDA in float16: tests/test_{processor,editor,conformance,blend,inversion,cache,batch,device_guard}.py,
+#      those that exist, without the Ray test and with the conformance suite's UNet families only (SD, SDXL,
+#      v-prediction SD: -k "not local_ray and not (test_conformance and (sd3 or flux))"; P2P_GPU_PYTEST_K replaces
+#      the expression)
 #   4. benchmarks/edit_vs_generate.py: SD 1.5 architecture, random weights, 512 px, 50 steps, fp16
 #   5. benchmarks/inversion.py: null-text, negative-prompt and direct inversion, 512 px, 50 steps, fp16
 #   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
 #      benchmarks/reedit.py: a re-edit on a cached source vs a fresh edit, 512 px, 50 steps, fp16
-#   7. pytest tests/test_editor.py in bfloat16 (unless --no-bf16)
+#   7. pytest tests/test_editor.py and test_conformance.py (UNet families) in bfloat16 (unless --no-bf16)
 #   8. benchmarks/edit_vs_generate.py --arch sd3 and --arch flux: SD3-medium's (24 blocks) and Flux.1-dev's
 #      (19 + 38 blocks) transformers, random weights, 1024 px, 28 steps, bf16, plain vs fused (2 rounds)
 #   9. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
@@ -202,7 +204,7 @@ install_wheels() {  # diffusers and its missing requirements from .whl/, never t
 
 pytest_files() {  # the engine test files that exist
     local f
-    for f in processor editor blend inversion cache batch device_guard; do
+    for f in processor editor conformance blend inversion cache batch device_guard; do
         [ -f "tests/test_$f.py" ] && printf 'tests/test_%s.py ' "$f"
     done
 }
@@ -231,7 +233,9 @@ main() {
     files=$(pytest_files)
     quick_k="test_blend_mask_is_the_union or test_self_attention_untouched or test_edit_changes_the_output"
     quick_k+=" or (test_shapes_and_contents and direct) or test_job_ids_are_stable"
-    if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-$quick_k}; else k=${P2P_GPU_PYTEST_K:-not local_ray}; fi
+    # the conformance suite's UNet families, as tests/test_editor.py had them before the suite took them over
+    local unet_only="not (test_conformance and (sd3 or flux))"
+    if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-$quick_k}; else k=${P2P_GPU_PYTEST_K:-not local_ray and $unet_only}; fi
     # shellcheck disable=SC2086
     step "tests-$DTYPE" "$( ((QUICK)) && echo 240 || echo 110)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE="$DTYPE" \
         "$PY" -m pytest $files -k "$k" -p no:cacheprovider -q -rfE --durations=8 --junitxml="$RUN/junit-$DTYPE.xml"
@@ -255,9 +259,9 @@ main() {
     fi
 
     if ((BF16)) && [ -f tests/test_editor.py ]; then
-        if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-test_edit_changes_the_output}; else k=${P2P_GPU_PYTEST_K:-not local_ray}; fi
+        if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-test_edit_changes_the_output}; else k=${P2P_GPU_PYTEST_K:-not local_ray and $unet_only}; fi
         step tests-bfloat16 "$( ((QUICK)) && echo 120 || echo 45)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE=bfloat16 \
-            "$PY" -m pytest tests/test_editor.py -k "$k" -p no:cacheprovider -q -rfE --junitxml="$RUN/junit-bfloat16.xml"
+            "$PY" -m pytest tests/test_editor.py tests/test_conformance.py -k "$k" -p no:cacheprovider -q -rfE --junitxml="$RUN/junit-bfloat16.xml"
     fi
 
     local mmdit=("$PY" benchmarks/edit_vs_generate.py --device "$DEVICE" --skip-explicit --rounds 2)

@@ -7,7 +7,7 @@ from pipelines import clip_tokenizer
 
 import prompt2prompt as p2p
 from prompt2prompt.alignment import join, refinement_mapper, replacement_mapper, text_mappers, tokenize, word_token_positions
-from prompt2prompt.editor import build_plan
+from prompt2prompt.attention.plan import build_plan
 from prompt2prompt.schedules import cross_mask
 
 L = 16  # the T5 length of these examples

@@ -1,7 +1,7 @@
 import torch
 from conftest import TORCH_DEVICE, TORCH_DTYPE
 
-from prompt2prompt.blend import apply_blend, blend_mask, word_mask
+from prompt2prompt.attention.blend import apply_blend, blend_mask, word_mask
 
 
 def peak_maps(row: int, col: int, token: int, size=(4, 4)) -> torch.Tensor:

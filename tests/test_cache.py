@@ -175,3 +175,43 @@ def test_stochastic_schedulers_cannot_be_cached():
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # deterministic: fine
     fresh, cached, _ = fresh_and_cached(p2p.Editor(pipe), EDITS["blend-exclude"], seed=0, **SETTINGS)
     assert max_diff(cached.images, fresh.images) <= tolerance(1e-4, scale=fresh.images.abs().max().item())
+
+
+# -- SD3, SD3.5 and Flux: inverted sources and Flux's true CFG ------------------------------------------------------
+
+from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline  # noqa: E402
+
+MMDIT = dict(num_inference_steps=STEPS, height=32, width=32, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def mmdit_pipes():
+    return {"sd3": on_device(tiny_sd3_pipeline()), "sd35": on_device(tiny_sd35_pipeline()),
+            "flux": on_device(tiny_flux_pipeline())}
+
+
+@pytest.mark.parametrize("method", ["direct", "euler"])
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_a_cached_inverted_mmdit_source(mmdit_pipes, family, method):
+    pipe = mmdit_pipes[family]
+    image = np.random.default_rng(0).random((32, 32, 3))
+    inv = invert(pipe, image, SOURCE, method=method, progress=False, **MMDIT)
+    editor = p2p.Editor(pipe)
+    fresh = editor.edit(SOURCE, EDITS["mixed"], inversion=inv, output_type="pt")
+    cache = editor.cache_source(SOURCE, inversion=inv)
+    cached = editor.edit(SOURCE, EDITS["mixed"], cache=cache, output_type="pt")
+    assert max_diff(cached.images, fresh.images) <= tolerance(1e-4, scale=fresh.images.abs().max().item())
+    assert cache.nbytes > 0 and cache.inversion is not None
+
+
+def test_flux_true_cfg_cached_source(mmdit_pipes):
+    editor = p2p.Editor(mmdit_pipes["flux"])
+    settings = dict(seed=0, true_cfg_scale=4.0, negative_prompt="blurry", **MMDIT)
+    fresh, cached, _ = fresh_and_cached(editor, EDITS["mixed"], **settings)
+    assert max_diff(cached.images, fresh.images) <= tolerance(1e-4, scale=fresh.images.abs().max().item())
+
+
+def test_an_mmdit_cache_refuses_other_blocks(mmdit_pipes):
+    cache = p2p.Editor(mmdit_pipes["sd3"]).cache_source(SOURCE, seed=0, **MMDIT)
+    with pytest.raises(ValueError, match="self_blocks"):
+        p2p.Editor(mmdit_pipes["sd3"], self_blocks=[0]).edit(SOURCE, EDITS["replace"], cache=cache)

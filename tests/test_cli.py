@@ -337,7 +337,7 @@ def test_replay_takes_only_a_scheduler_the_pipeline_lists(inline_edit, tmp_path,
 
 
 def test_replay_of_a_result_with_nan_is_a_runtime_error(inline_edit, tmp_path, monkeypatch):
-    from prompt2prompt.editor import EditResult
+    from prompt2prompt.engine import EditResult
 
     monkeypatch.setattr(p2p.Editor, "edit", lambda *args, **kwargs: EditResult(np.full((2, 32, 32, 3), np.nan), [], []))
     result = run("replay", inline_edit[0] / "edit-1.png", "--out", tmp_path / "replay")

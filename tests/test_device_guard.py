@@ -12,8 +12,10 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from prompt2prompt.alignment import tokenize
-from prompt2prompt.editor import Edit, LocalBlend, build_plan
-from prompt2prompt.processor import LayerPlan, P2PAttnProcessor, RunState
+from prompt2prompt.attention.plan import build_plan
+from prompt2prompt.edits import Edit, LocalBlend
+from prompt2prompt.attention.cross import P2PAttnProcessor
+from prompt2prompt.attention.state import LayerPlan, RunState
 
 SOURCE = "a cat riding a bicycle"
 EDITS = [  # every kind of step: swap, mix, refine, reweight, self-replacement, windows that open late
@@ -78,7 +80,8 @@ def test_the_guard_catches_a_host_sync():
 @pytest.mark.parametrize("text_first", [True, False], ids=["flux", "sd3"])
 def test_joint_attention_on_another_device_never_syncs(tokenizer, path, text_first):
     from prompt2prompt.alignment import join
-    from prompt2prompt.joint import JointLayerPlan, image_attend, joint_attend
+    from prompt2prompt.attention.joint import image_attend, joint_attend
+    from prompt2prompt.attention.state import JointLayerPlan
 
     source = join([tokenize(tokenizer, SOURCE)])
     plan = build_plan(source, EDITS, [join([tokenize(tokenizer, e.prompt)]) for e in EDITS], STEPS).to(DEVICE, DTYPE)

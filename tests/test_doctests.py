@@ -2,11 +2,12 @@ import doctest
 
 import pytest
 
-from prompt2prompt import alignment, files, forms, schedules, visualize
+from prompt2prompt import alignment, edits, files, limits, schedules, visualize
 from prompt2prompt.batch import manifest
+from prompt2prompt.families import mmdit
 
 
-@pytest.mark.parametrize("module", [alignment, files, forms, manifest, schedules, visualize], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [alignment, edits, files, limits, manifest, mmdit, schedules, visualize], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0 and failures == 0

@@ -1,4 +1,9 @@
-"""The Editor on tiny random SD 1.x and SDXL pipelines: fused == explicit, source and no-op rows == plain generation."""
+"""The Editor on tiny random SD 1.x and SDXL pipelines: what the conformance suite does not cover (schedulers, sizes,
+recorded maps, latents, errors).
+
+fused == explicit, the source and no-op rows == plain generation, batches and local blending for every edit case
+and family are in test_conformance.py.
+"""
 
 import numpy as np
 import pytest
@@ -7,58 +12,13 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunD
 
 import prompt2prompt as p2p
 from conftest import on_device, rel_err, tolerance
-
-SOURCE = "a cat riding a bicycle"
-STEPS = 4
-SIZE = dict(height=32, width=32)
+from test_conformance import CASES, SIZE, SOURCE, plain, run
 
 
-def run(pipe, edits, attention="fused", **kwargs):
-    options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
-    options.update(kwargs)
-    return p2p.Editor(pipe, attention=attention).edit(SOURCE, edits, **options)
-
-
-def plain(pipe, prompt, guidance_scale=7.5, **kwargs):
-    size = {**SIZE, **kwargs}
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=STEPS, guidance_scale=guidance_scale, generator=generator, output_type="latent", **size).images[0]
-
-
-CASES = {
-    "replace": [p2p.Edit("a dog riding a bicycle")],
-    "replace-multi-token": [p2p.Edit("a lasagne riding a bicycle", self_steps=(0.25, 0.75))],
-    "refine": [p2p.Edit("a black cat riding a red bicycle")],
-    "reweight-negative": [p2p.Edit(SOURCE, weights={"cat": -0.5, "bicycle": 2.0})],
-    "word-windows": [p2p.Edit("a dog riding a bicycle", cross_steps={"default": 0.5, "dog": (0.25, 1.0)}, self_steps=0.5)],
-    "blend": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", threshold=0.5, start=0.25))],
-    "blend-exclude": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", exclude_source_words="bicycle", exclude_edit_words=["bicycle"]))],
-    "mixed": [
-        p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog")),
-        p2p.Edit("a cat riding a rusty bicycle", mode="refine", weights={"rusty": 2.0}),
-        p2p.Edit(SOURCE, weights={"riding": -1.0}),
-    ],
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_fused_equals_explicit(sd_pipe, case):
-    fused, explicit = run(sd_pipe, CASES[case]), run(sd_pipe, CASES[case], attention="explicit")
-    assert rel_err(fused.images, explicit.images) <= tolerance()
-
-
-@pytest.mark.parametrize("variant", ["no-cfg", "non-square", "sdxl"])
-def test_fused_equals_explicit_variants(sd_pipe, sdxl_pipe, variant):
-    edits = CASES["mixed"]
-    pipe, kwargs = sd_pipe, {}
-    if variant == "no-cfg":
-        kwargs = dict(guidance_scale=1.0)
-    elif variant == "non-square":
-        kwargs = dict(height=32, width=48)
-    else:
-        pipe = sdxl_pipe
-    fused, explicit = run(pipe, edits, **kwargs), run(pipe, edits, attention="explicit", **kwargs)
-    assert fused.images.shape[0] == 4
+def test_fused_equals_explicit_non_square(sd_pipe):
+    fused = run(sd_pipe, CASES["mixed"], height=32, width=48)
+    explicit = run(sd_pipe, CASES["mixed"], attention="explicit", height=32, width=48)
+    assert fused.images.shape == (4, 4, 16, 24)
     assert rel_err(fused.images, explicit.images) <= tolerance()
 
 
@@ -74,41 +34,9 @@ def test_schedulers(scheduler, sd_pipe):
     assert rel_err(fused.images[0], plain(pipe, SOURCE)) <= tolerance()
 
 
-@pytest.mark.parametrize("pipe_name", ["sd_pipe", "sdxl_pipe"])
-def test_source_row_is_plain_generation(request, pipe_name):
-    pipe = request.getfixturevalue(pipe_name)
-    result = run(pipe, CASES["mixed"])
-    assert rel_err(result.images[0], plain(pipe, SOURCE)) <= tolerance()
-
-
-def test_noop_edit_is_plain_generation_of_the_edit_prompt(sd_pipe):
-    result = run(sd_pipe, [p2p.Edit("a dog riding a bicycle", cross_steps=0, self_steps=0)])
-    assert rel_err(result.images[1], plain(sd_pipe, "a dog riding a bicycle")) <= tolerance()
-    no_cfg = run(sd_pipe, [p2p.Edit("a black dog riding a bicycle", cross_steps=0, self_steps=0)], guidance_scale=1.0)
-    assert rel_err(no_cfg.images[1], plain(sd_pipe, "a black dog riding a bicycle", guidance_scale=1.0)) <= tolerance()
-
-
 def test_edit_changes_the_output(sd_pipe):
     edited = run(sd_pipe, [p2p.Edit("a dog riding a bicycle")]).images[1]
     assert rel_err(edited, plain(sd_pipe, "a dog riding a bicycle")) > 1e-3
-
-
-def test_edits_in_one_batch_equal_each_edit_alone(sd_pipe):
-    together = run(sd_pipe, CASES["mixed"]).images
-    for e, edit in enumerate(CASES["mixed"]):
-        alone = run(sd_pipe, [edit]).images
-        assert rel_err(together[1 + e], alone[1]) <= tolerance()
-
-
-def test_local_blend_keeps_the_source_outside_the_mask(sd_pipe):
-    result = run(sd_pipe, [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", threshold=0.9))])
-    mask = result.masks[0]
-    assert mask.device.type == "cpu"
-    assert 0 < mask.float().mean() < 1
-    mask = mask.to(result.images.device)
-    src, edit = result.images[0], result.images[1]
-    assert torch.equal(edit[:, ~mask], src[:, ~mask])
-    assert not torch.equal(edit[:, mask], src[:, mask])
 
 
 def test_processors_are_restored_even_after_an_error(sd_pipe):
@@ -188,7 +116,7 @@ def test_bad_input_gets_a_clear_error(sd_pipe, edits, kwargs, message):
         (lambda: p2p.Edit(""), "non-empty"),
         (lambda: p2p.LocalBlend("cat", "dog", threshold=2), "threshold"),
         (lambda: p2p.LocalBlend("cat", 3.5), "edit_words"),
-        (lambda: p2p.Editor(object()), "Stable Diffusion pipeline"),
+        (lambda: p2p.Editor(object()), "Editor needs a Stable Diffusion 1.x, 2.x and XL, .* or Flux.1 pipeline"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(make, message):
@@ -200,15 +128,6 @@ def test_blend_resolution_without_cross_attention_is_refused(sdxl_pipe):
     editor = p2p.Editor(sdxl_pipe, blend_res=16)  # the tiny SDXL UNet has no cross-attention at its first level
     with pytest.raises(ValueError, match="no cross-attention at side 16"):
         editor.edit(SOURCE, CASES["blend"], num_inference_steps=2, seed=0, output_type="latent", **SIZE)
-
-
-def test_v_prediction_zero_snr_model():
-    from pipelines import tiny_sd_pipeline
-
-    pipe = on_device(tiny_sd_pipeline(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"))
-    fused, explicit = run(pipe, CASES["mixed"]), run(pipe, CASES["mixed"], attention="explicit")
-    assert rel_err(fused.images, explicit.images) <= tolerance()
-    assert rel_err(fused.images[0], plain(pipe, SOURCE)) <= tolerance()
 
 
 def test_attention_is_recorded_without_edits(sd_pipe):

@@ -11,8 +11,9 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
 
 import prompt2prompt as p2p
-from prompt2prompt import flow_inversion
-from prompt2prompt.flow_inversion import flow_scheduler
+from prompt2prompt.families import family_of
+from prompt2prompt.inversion import flow as flow_inversion
+from prompt2prompt.inversion.flow import flow_scheduler
 from prompt2prompt.images import fit_image, load_image, to_tensor
 from prompt2prompt.inversion import Inversion, invert
 
@@ -99,7 +100,7 @@ def test_scheduler_sigmas_are_the_pipelines_own(pipes, config, name, monkeypatch
 
     pipe(SOURCE, num_inference_steps=3, height=32, width=48, max_sequence_length=T5_LENGTH, output_type="latent",
          callback_on_step_end=record)
-    ours = flow_scheduler(pipe, 3, 32, 48, device=pipe.device)
+    ours = flow_scheduler(family_of(pipe), 3, 32, 48, device=pipe.device)
     assert torch.equal(ours.sigmas, seen[0])
     assert pipe.scheduler is not ours
 
@@ -136,13 +137,13 @@ def test_save_load_round_trip_and_the_t5_length(pipes, image, tmp_path):
 def test_bad_arguments_get_clear_errors(pipes, sd_pipe, image, monkeypatch):
     sd3 = pipes["sd3"]
     for method in ("null-text", "negative-prompt", "ddim"):
-        with pytest.raises(ValueError, match=f"'{method}' inversion is for UNet pipelines.*'direct' or 'euler'"):
+        with pytest.raises(ValueError, match=f"'{method}' inversion is for Stable Diffusion 1.x, 2.x and XL pipelines, not StableDiffusion3Pipeline; use one of direct, euler"):
             invert(sd3, image, SOURCE, method=method, **OPTIONS)
     with pytest.raises(ValueError, match="unknown inversion method 'pnp' for StableDiffusion3Pipeline"):
         invert(sd3, image, SOURCE, method="pnp", **OPTIONS)
-    with pytest.raises(ValueError, match=r"unknown inversion method 'euler' \('euler' inverts flow-matching"):
+    with pytest.raises(ValueError, match=r"'euler' inversion is for Stable Diffusion 3 and 3.5 and Flux.1 pipelines, not StableDiffusionPipeline"):
         invert(sd_pipe, image, SOURCE, method="euler")
-    with pytest.raises(ValueError, match="max_sequence_length applies to SD3 and Flux"):
+    with pytest.raises(ValueError, match="max_sequence_length applies to Stable Diffusion 3 and 3.5 and Flux.1 pipelines"):
         invert(sd_pipe, image, SOURCE, method="ddim", max_sequence_length=16)
     with pytest.raises(ValueError, match="height=42 is not a size this model accepts.*multiple of 4 px"):
         invert(sd3, image, SOURCE, **{**OPTIONS, "height": 42})

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from prompt2prompt import Edit, LocalBlend
-from prompt2prompt.forms import blend_from_dict, blend_to_dict, edit_from_dict, edit_to_dict
+from prompt2prompt.edits import blend_from_dict, blend_to_dict, edit_from_dict, edit_to_dict
 
 EDITS = [
     Edit("a dog riding a bike"),

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prompt2prompt.batch import Job, Manifest, ManifestError, load_manifest, parse_job
-from prompt2prompt.forms import edit_from_dict
+from prompt2prompt.edits import edit_from_dict
 from prompt2prompt.recipe import EDIT_FIELDS, INVERSION_OPTIONS, Recipe, RecipeError, build_edits, check_edits, check_inversion
 
 FUZZ = settings(max_examples=200, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow], database=None)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prompt2prompt.images import (check_pixels, fit_image, image_size, load_image, open_image, prepare_image, psnr,
+from prompt2prompt.limits import check_pixels
+from prompt2prompt.images import (fit_image, image_size, load_image, open_image, prepare_image, psnr,
                                   to_tensor)
 
 
@@ -172,6 +173,6 @@ def test_sizes_beyond_4x_the_models_pixels_are_refused():
                                          "model's native 512x512; .*e.g. 1024x1024"):
         image_size(_Pipe, height=1536, width=1536)
     with pytest.raises(ValueError, match="more than 4 times"):
-        check_pixels(_Pipe, 8192, 8192)
+        check_pixels(8192, 8192, 512)
     with pytest.raises(ValueError, match="height=nan"):
         image_size(_Pipe, height=float("nan"))  # no nearest size to suggest, and no crash looking for one

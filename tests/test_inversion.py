@@ -12,7 +12,8 @@ from pipelines import tiny_sd_pipeline
 
 from prompt2prompt import Edit, Editor, LocalBlend
 from prompt2prompt.images import prepare_image, to_tensor
-from prompt2prompt.inversion import Inversion, inverse_step, invert, step_coefficients
+from prompt2prompt.inversion import Inversion, invert
+from prompt2prompt.inversion.ddim import inverse_step, step_coefficients
 
 PROMPT = "a photo of a red cat"
 STEPS = 3

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from saved_models import tiny_flux_dir, tiny_sd3_dir, tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
 
 from prompt2prompt import Editor, loading
-from prompt2prompt.loading import ModelLoadError, load_editor, load_pipeline, parse_dtype, resolve_model
+from prompt2prompt.engine import load_editor
+from prompt2prompt.loading import ModelLoadError, load_pipeline, parse_dtype, resolve_model
 
 
 def test_loads_a_diffusers_folder_on_cpu_in_float32(tiny_sd_dir):
@@ -158,7 +159,9 @@ def test_load_editor_wraps_the_pipeline_and_hides_progress_bars_unless_asked(tin
         during.append(bars())
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "load_pipeline", recording_load)
+    from prompt2prompt.engine import editor as engine  # load_editor calls load_pipeline by the name it imported
+
+    monkeypatch.setattr(engine, "load_pipeline", recording_load)
     editor, source = load_editor(str(tiny_sd_dir), dtype="float32")
     assert isinstance(editor, Editor) and editor.pipe.unet.dtype == torch.float32
     assert source == resolve_model(str(tiny_sd_dir))

@@ -9,7 +9,7 @@ from saved_models import tiny_flux_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe
-from prompt2prompt.loading import load_editor
+from prompt2prompt.engine import load_editor
 
 ON_DEVICE = dict(device=str(TORCH_DEVICE), dtype=DTYPE_NAME)
 
@@ -52,4 +52,4 @@ def test_the_web_apps_run_edits_an_sd3_model(tmp_path, tiny_sd3_dir):
         "direct", 0, *rows)
     assert seed == 5 and len(gallery) == 2 and len(heatmaps) == 2 * 5  # two prompts, one map per word
     recipe = read_recipe(paths[1])
-    assert (recipe.family, recipe.cached_source) == ("sd3", False)
+    assert (recipe.family, recipe.cached_source) == ("sd3", True)

@@ -5,8 +5,10 @@ import torch
 from conftest import TORCH_DEVICE, TORCH_DTYPE, tolerance
 
 from prompt2prompt.alignment import tokenize
-from prompt2prompt.editor import Edit, build_plan
-from prompt2prompt.processor import LayerPlan, P2PAttnProcessor, RunState
+from prompt2prompt.attention.plan import build_plan
+from prompt2prompt.edits import Edit
+from prompt2prompt.attention.cross import P2PAttnProcessor
+from prompt2prompt.attention.state import LayerPlan, RunState
 
 SOURCE = "a cat riding a bicycle"
 EDITS = [

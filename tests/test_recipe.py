@@ -13,8 +13,8 @@ from PIL import Image
 
 import prompt2prompt as p2p
 from prompt2prompt import recipe as recipes
-from prompt2prompt.editor import EditResult
-from prompt2prompt.forms import edit_to_dict
+from prompt2prompt.engine import EditResult
+from prompt2prompt.edits import edit_to_dict
 from prompt2prompt.recipe import Recipe, RecipeError, check_finite, file_digest, read_recipe, run_recipe, save_png
 
 SHA = "0" * 64

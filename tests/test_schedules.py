@@ -46,3 +46,25 @@ def test_step_index_for_second_order_and_pndm():
 def test_windows_beyond_any_float_are_a_value_error(window):
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
         as_window(window)
+
+
+@pytest.mark.parametrize("c", [0.55, 0.65, 0.75, 0.85, 0.95])
+def test_a_window_ends_at_floor_of_c_n_not_the_references_c_n_plus_one(c):
+    # DEPARTS (contract, "Batch and steps"): the reference's window table has N + 1 rows and ends at int(c*(N+1)).
+    n = 50
+    assert step_range(c, n) == range(0, int(c * n))
+    assert int(c * (n + 1)) == int(c * n) + 1  # where the reference would run one step more
+    assert int(step_mask(c, n).sum()) == int(c * n)
+
+
+def test_a_per_word_dict_without_default_gives_the_other_tokens_the_edits_default_window(tokenizer):
+    # DEPARTS (contract, "Cross-attention" 3.): the other tokens take 0.8, as a bare Edit has; the reference, (0, 1).
+    from prompt2prompt.edits import Edit
+
+    edit = tokenize(tokenizer, "a dog riding a bicycle")
+    n = 10
+    mask = cross_mask({"dog": (0.0, 1.0)}, n, edit)  # (N, 77)
+    dog, riding = edit.word_tokens[1][0], edit.word_tokens[2][0]
+    assert mask[:, dog].tolist() == [1.0] * n
+    assert mask[:, riding].tolist() == [1.0] * 8 + [0.0] * 2  # floor(0.8 * 10) = 8 steps, not all 10
+    assert Edit("a dog", cross_steps={"dog": 0.5}).cross_steps == {"dog": 0.5}  # no default is added to the dict

@@ -1,6 +1,7 @@
 """prompt2prompt: edit images by editing their prompt (Prompt-to-Prompt on diffusers)."""
 
-from .editor import Edit, Editor, EditResult, LocalBlend
+from .edits import Edit, LocalBlend
+from .engine import Editor, EditResult
 from .visualize import attention_heatmaps, image_grid
 
 __version__ = "0.1.0"

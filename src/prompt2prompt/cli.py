@@ -25,9 +25,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .alignment import check_words, word_spans
-from .editor import MODES
-from .forms import edit_from_dict
-from .loading import check_device, load_editor, parse_dtype, quiet_loading, resolve_model
+from .edits import MODES, edit_from_dict
+from .engine import load_editor
+from .loading import check_device, parse_dtype, quiet_loading, resolve_model
 from .recipe import (MAX_STEPS, Recipe, check_guidance, check_int, check_side, file_digest, inversion_available,
                      read_recipe, recipe_for, run_recipe, save_png, save_result)
 from .syntax import PromptSyntaxError, parse_prompt
@@ -146,7 +146,7 @@ def _output_folder(out: Path) -> Iterator[None]:
 
 def _sequence_length(editor, length: int | None) -> int | None:
     """--max-sequence-length, refused on a model without T5 text rather than ignored."""
-    if length is not None and editor.family.kind == "unet":
+    if length is not None and not editor.family.takes_max_sequence_length:
         raise UsageError("--max-sequence-length is a T5 length: SD3 and Flux have one, this model has not")
     return length
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import warnings
 from os import PathLike
@@ -13,14 +12,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .families import family_of
+
 ImageInput = Union[str, PathLike, Image.Image, np.ndarray]
 
-# Latent sizes are kept to multiples of 8: every SD-family UNet (at most three 2x downsamplings) accepts them,
-# and the engine's default blend resolution (latent side / 4) stays an integer.
-LATENT_MULTIPLE = 8
-# Sizes up to 4x a model's native pixel count (1024x1024 for SD 1.5, 2048x2048 for SDXL): beyond, the output
-# degrades and self-attention's cost (quadratic in the pixels) turns a run into hours or an out-of-memory error.
-MAX_PIXELS_FACTOR = 4
 
 
 def load_image(image: ImageInput, *, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -75,47 +70,24 @@ def fit_image(
 def image_size(pipe, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """The pixel size (height, width) to use with `pipe`: the caller's, checked, or the model's default.
 
-    On a UNet both sides must be multiples of 8 latent pixels (64 px for an SD VAE); on SD3 and Flux, of the
-    VAE's factor times the 2x2 patch (16 px).
+    Both sides must be multiples of what the model's family needs (SD: 8 latent pixels, 64 px; SD3 and Flux: a
+    2x2 patch of the VAE's factor, 16 px).
     """
-    from .families import family_of
-
     family = family_of(pipe)
-    factor = pipe.vae_scale_factor
     default = family.default_size()
     height = default if height is None else height
     width = default if width is None else width
-    if family.name == "unet":
-        unit, why = LATENT_MULTIPLE * factor, f"{LATENT_MULTIPLE} latent pixels of a {factor}x VAE"
-    else:
-        unit, why = family.multiple(), f"a 2x2 patch of a {factor}x VAE"
+    unit = family.image_multiple()
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
             sane = isinstance(value, (int, float)) and 0 < value < 2**31  # NaN and 10**400 have no nearest
             nearest = max(unit, round(value / unit) * unit) if sane else default
             raise ValueError(
                 f"{name}={value!r} is not a size this model accepts: it must be a positive multiple of {unit} px "
-                f"({why}); use for example {name}={nearest}"
+                f"({family.size_unit()}); use for example {name}={nearest}"
             )
-    check_pixels(pipe, height, width)
+    family.check_pixels(height, width)
     return height, width
-
-
-def check_pixels(pipe, height: int, width: int) -> None:
-    """Refuse a size of more than `MAX_PIXELS_FACTOR` times the model's native pixel count.
-
-    Example: on SD 1.5 (512x512 native) 1024x1024 and 512x2048 pass, 1536x1536 is refused.
-    """
-    unet = getattr(pipe, "unet", None)
-    native = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
-    if os.environ.get("P2P_ALLOW_LARGE", "") not in ("", "0"):  # the rare real need, as for recipes' bounds
-        return
-    if height * width > MAX_PIXELS_FACTOR * native * native:
-        raise ValueError(
-            f"height={height} and width={width} make {height * width} pixels, more than {MAX_PIXELS_FACTOR} times "
-            f"this model's native {native}x{native}; use at most {MAX_PIXELS_FACTOR * native * native} pixels, "
-            f"e.g. {2 * native}x{2 * native} (or set P2P_ALLOW_LARGE=1 to go beyond)"
-        )
 
 
 def prepare_image(

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device", "load_editor",
+from . import families
+
+__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device",
            "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
@@ -151,47 +153,43 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
     return _DTYPES[name]
 
 
-_SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-
-
 def _pipeline_class(source: ModelSource):
+    """The diffusers pipeline class to load `source` with, as the families recognise it."""
+    import diffusers
     from transformers.utils import logging as transformers_logging
 
+    if source.single_file:
+        name = _checkpoint_class(source.path)
+    else:
+        index = _model_index(source)
+        found = families.pipeline_class_for(index) if isinstance(index, dict) else None
+        kind = index.get("_class_name") if isinstance(index, dict) else None
+        kind = kind if isinstance(kind, str) else "non-diffusers"
+        if found is None:
+            raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits "
+                                 f"{families.supported_models()} pipelines")
+        name, family = found
+        missing = [component for component in family.components if not index.get(component)]
+        if missing:
+            raise ModelLoadError(f"{source.id!r} holds a {kind} model without its {', '.join(map(repr, missing))}")
+        _check_libraries(source, index)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines warns about image processors we never use
     try:
-        from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        return getattr(diffusers, name)
     finally:
         transformers_logging.set_verbosity(verbosity)
 
-    classes = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline,
-               "flux": FluxPipeline}
-    if source.single_file:
-        return classes[_checkpoint_kind(source.path)]
+
+def _model_index(source: ModelSource):
     index_file = source.path / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"{source.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
                              "save one with pipe.save_pretrained(folder), or pass a .safetensors file")
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ModelLoadError(f"cannot read {str(index_file)!r}: {' '.join(str(error).split())}") from None
-    kind = index.get("_class_name") if isinstance(index, dict) else None
-    kind = kind if isinstance(kind, str) else "non-diffusers"
-    needs = {"StableDiffusion3Pipeline": ("transformer", "text_encoder", "text_encoder_2"),
-             "FluxPipeline": ("transformer", "text_encoder", "text_encoder_2")}.get(kind, ("unet", "text_encoder"))
-    if not isinstance(index, dict) or kind not in _SUPPORTED and "unet" not in index:
-        raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits Stable Diffusion 1.x, 2.x, "
-                             "XL, 3 and 3.5 and Flux.1 pipelines")
-    missing = [name for name in needs if not index.get(name)]
-    if missing:
-        raise ModelLoadError(f"{source.id!r} holds a {kind} model without its {', '.join(map(repr, missing))}")
-    _check_libraries(source, index)
-    if kind == "StableDiffusion3Pipeline":
-        return StableDiffusion3Pipeline
-    if kind == "FluxPipeline":
-        return FluxPipeline
-    return StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
 
 
 def _check_libraries(source: ModelSource, index: dict) -> None:
@@ -244,8 +242,8 @@ def _load_failure(source: ModelSource, error: Exception) -> str:
     return f"cannot load {source.id!r}: {detail}.{hint}"
 
 
-def _checkpoint_kind(path: Path) -> str:
-    """"sd", "sdxl", "sd3" or "flux": the model an original single-file checkpoint holds, from its weight names."""
+def _checkpoint_class(path: Path) -> str:
+    """The pipeline class of an original single-file checkpoint, from its weight names (the families decide)."""
     from safetensors import safe_open
 
     try:
@@ -253,17 +251,12 @@ def _checkpoint_kind(path: Path) -> str:
             keys = list(checkpoint.keys())
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise ModelLoadError(f"cannot read {str(path)!r} as a safetensors file: {error}") from None
-    names = [key.removeprefix("model.diffusion_model.") for key in keys]
-    if any(name.startswith("joint_blocks.") for name in names):
-        return "sd3"
-    if any(name.startswith("double_blocks.") for name in names):
-        return "flux"
-    if not any(key.startswith("model.diffusion_model.") for key in keys):
+    name = families.single_file_class(keys)
+    if name is None:
         raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion or Flux checkpoint (it has no "
                              "'model.diffusion_model.*', 'joint_blocks.*' or 'double_blocks.*' weights); pass an "
                              "original SD 1.x/2.x/XL/3/3.5 or Flux.1 .safetensors file")
-    # SDXL checkpoints carry a second text encoder under conditioner.embedders.1.
-    return "sdxl" if any(key.startswith("conditioner.embedders.1.") for key in keys) else "sd"
+    return name
 
 
 def load_pipeline(
@@ -362,34 +355,3 @@ def quiet_loading() -> Iterator[None]:
         for lib, enabled in states:
             if enabled:
                 lib.enable_progress_bar()
-
-
-def load_editor(
-    model: str | ModelSource,
-    *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = "auto",
-    revision: str | None = None,
-    progress: bool = False,
-    allow_pickle: bool = False,
-):
-    """Load a pipeline as `load_pipeline` does and wrap it in an `Editor`; returns the editor and the model's source.
-
-    Args:
-        model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.
-        device, dtype, revision, allow_pickle: as `load_pipeline`'s `device`, `torch_dtype`, `revision` and
-            `allow_pickle`.
-        progress: show progress bars: the components' loading bars and the pipeline's denoising bar (which
-            Gradio's `track_tqdm` follows). Without it both are hidden; downloads keep their own bars either way.
-
-    Example: `editor, source = load_editor("demo")`.
-    """
-    from .editor import Editor  # here, not at the top: this module stays a leaf that the editor can import
-
-    device = check_device(device)
-    torch_dtype = parse_dtype(dtype, device)  # before resolving: a bad device or dtype fails before any download
-    source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
-    with contextlib.nullcontext() if progress else quiet_loading():
-        pipe = load_pipeline(source, device=device, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
-    pipe.set_progress_bar_config(disable=not progress)
-    return Editor(pipe), source

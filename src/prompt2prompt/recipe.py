@@ -28,14 +28,13 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, PngImagePlugin
 
 from .files import write_atomic
-from .editor import MAX_GUIDANCE, MAX_STEPS, allow_large, is_finite_number
-from .forms import edit_from_dict
-from .inversion import FLOW_METHODS, MAX_INNER_STEPS, METHODS
-from .families import FAMILIES, MAX_SEQUENCE_LENGTH
+from .edits import edit_from_dict
+from .families import FAMILIES, MAX_SEQUENCE_LENGTH, family_named, inversion_methods
+from .limits import ALLOW_LARGE, MAX_GUIDANCE, MAX_INNER_STEPS, MAX_STEPS, allow_large, is_finite_number
 from .loading import library_logs, parse_dtype
 
 if TYPE_CHECKING:
-    from .cache import SourceStore
+    from .engine import SourceStore
 
 __all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES",
            "MAX_SIDE", "MAX_STEPS", "MAX_THREADS", "MAX_TRAIN_TIMESTEPS", "RECIPE_KEY", "Recipe", "RecipeError", "allow_large",
@@ -46,11 +45,10 @@ __all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_
 RECIPE_KEY = "prompt2prompt"
 FORMAT = 1
 KINDS = ("edit", "attention")
-EDIT_FIELDS = ("prompt", "mode", "cross_steps", "self_steps", "weights", "blend")  # `prompt2prompt.forms`
+EDIT_FIELDS = ("prompt", "mode", "cross_steps", "self_steps", "weights", "blend")  # `prompt2prompt.edits`
 INVERSION_OPTIONS = ("method", "fit", "num_inner_steps", "early_stop_epsilon")  # keyword arguments of `invert()`
 
 # Upper bounds of what a recipe or a manifest line may ask for; P2P_ALLOW_LARGE=1 in the environment lifts them.
-ALLOW_LARGE = "P2P_ALLOW_LARGE"
 MAX_SIDE = 4096  # px, 4x SDXL's 1024
 MAX_EDITS = 64  # edits of one source: each is one more row of every forward batch
 MAX_THREADS = 256  # torch CPU threads; a replay runs on no more than this machine's CPUs (see run_recipe)
@@ -129,7 +127,7 @@ def check_inversion(spec: Any) -> dict[str, Any]:
     if unknown := sorted(set(spec) - set(INVERSION_OPTIONS)):
         raise RecipeError(f"inversion has unknown fields {_show(unknown)}; the fields are "
                           f"{', '.join(INVERSION_OPTIONS)}")
-    methods = tuple(dict.fromkeys(METHODS + FLOW_METHODS))  # which apply depends on the model: invert() checks
+    methods = inversion_methods()  # which apply depends on the model: invert() checks
     if spec.get("method", "null-text") not in methods:
         raise RecipeError(f"inversion method {_show(spec['method'])} is not one of {', '.join(methods)}")
     if spec.get("fit", "crop") not in ("crop", "pad"):
@@ -165,7 +163,7 @@ def _check_edit(spec: Any, where: str) -> None:
 
 
 def check_edits(edits: Any, *, allow_empty: bool = False) -> list[dict[str, Any]]:
-    """Edits in the form of `prompt2prompt.forms`: a list of at most MAX_EDITS dicts, each a valid `Edit`.
+    """Edits in the form of `prompt2prompt.edits`: a list of at most MAX_EDITS dicts, each a valid `Edit`.
 
     >>> check_edits([{"prompt": "a dog", "cross_steps": [0.2, 0.9]}])
     [{'prompt': 'a dog', 'cross_steps': [0.2, 0.9]}]
@@ -222,7 +220,7 @@ class Recipe:
 
     `edits` are dicts with the keyword arguments of `prompt2prompt.Edit` (`prompt`, `mode`, `cross_steps`,
     `self_steps`, `weights` as a list of [word, weight] pairs so that word positions stay integers, and
-    `blend` as the keyword arguments of `LocalBlend`): the form of `prompt2prompt.forms`. `kind` is "edit", or "attention" for the heatmaps of
+    `blend` as the keyword arguments of `LocalBlend`): the form of `prompt2prompt.edits`. `kind` is "edit", or "attention" for the heatmaps of
     `record_attention`. `image` ({"path", "sha256"}, a relative path counting from the PNG's folder) is a real
     image inverted with `invert()`'s keyword arguments `inversion`; its edits take no seed. `image_index`
     says which result image a PNG holds (0 the source), None for a grid.
@@ -313,11 +311,12 @@ class Recipe:
             check_int(self.threads, "threads", 1, MAX_THREADS)
         if not isinstance(self.cached_source, bool):
             raise RecipeError(f"cached_source must be true or false, not {_show(self.cached_source)}")
-        if self.family not in FAMILIES:
-            raise RecipeError(f"family must be one of {', '.join(FAMILIES)}, not {_show(self.family)}")
-        if self.family == "unet":
+        names = [family.name for family in FAMILIES]
+        if self.family not in names:
+            raise RecipeError(f"family must be one of {', '.join(names)}, not {_show(self.family)}")
+        if not family_named(self.family).takes_max_sequence_length:
             if self.max_sequence_length is not None:
-                raise RecipeError("max_sequence_length is a T5 length: a unet recipe has none (null)")
+                raise RecipeError(f"max_sequence_length is a T5 length: a {self.family} recipe has none (null)")
         else:
             check_int(self.max_sequence_length, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH)
         _check_text(self.package_version, "package_version")
@@ -396,9 +395,9 @@ def recipe_for(editor, model, **fields: Any) -> Recipe:
 
     pipe, family = editor.pipe, editor.family
     threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
-    if family.kind == "unet" and fields.get("max_sequence_length") is not None:
-        raise RecipeError("max_sequence_length is a T5 length: SD3 and Flux have one, this UNet model has none")
-    if family.kind != "unet":
+    if not family.takes_max_sequence_length and fields.get("max_sequence_length") is not None:
+        raise RecipeError(f"max_sequence_length is a T5 length, which {type(pipe).__name__} has not")
+    if family.takes_max_sequence_length:
         length = fields.get("max_sequence_length")
         fields["max_sequence_length"] = family.max_sequence_length({} if length is None else {"max_sequence_length": length})
     if fields.get("image") is not None and "method" not in (fields.get("inversion") or {}):
@@ -409,7 +408,7 @@ def recipe_for(editor, model, **fields: Any) -> Recipe:
         fields["guidance_scale"] = family.default_guidance
     return Recipe(model=model.id, revision=model.revision, scheduler=scheduler_config(pipe.scheduler),
                   dtype=str(family.model.dtype).removeprefix("torch."), device=pipe.device.type, threads=threads,
-                  family=family.kind, **fields)
+                  family=family.name, **fields)
 
 
 def inversion_available() -> bool:
@@ -507,9 +506,9 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
     import torch
 
     pipe = editor.pipe
-    if recipe.family != editor.family.kind:
+    if recipe.family != editor.family.name:
         raise RecipeError(f"this recipe was made on a {recipe.family} model; {recipe.model!r} loaded as a "
-                          f"{editor.family.kind} one: replay it with its own model")
+                          f"{editor.family.name} one: replay it with its own model")
     output_type = edit_kwargs.pop("output_type", "pil")
     edit_kwargs["output_type"] = "np" if output_type == "pil" else output_type  # NaN shows in floats only
     previous = pipe.scheduler, torch.get_num_threads()
@@ -542,8 +541,9 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
                 return editor.cache_source(recipe.source, **source, **settings)
 
             cache = make() if sources is None else sources.get_or_make(("source", source_key(recipe)), make)
+            length = {} if recipe.max_sequence_length is None else {"max_sequence_length": recipe.max_sequence_length}
             result = editor.edit(recipe.source, build_edits(recipe), cache=cache,
-                                 record_attention=recipe.record_attention, **edit_kwargs)
+                                 record_attention=recipe.record_attention, **length, **edit_kwargs)
         else:
             result = editor.edit(recipe.source, build_edits(recipe), **source, **settings, **edit_kwargs)
     finally:

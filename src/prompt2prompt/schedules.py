@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from .alignment import Tokenized, word_token_positions
+from .limits import CROSS_STEPS
 
 Window = float | tuple[float, float]
 CrossSteps = Window | Mapping[str | int, Window]
@@ -66,7 +67,7 @@ def step_mask(window: Window, num_inference_steps: int, what: str = "window") ->
     return mask
 
 
-def cross_mask(cross_steps: CrossSteps, num_inference_steps: int, edit: Tokenized, default: Window = 0.8) -> torch.Tensor:
+def cross_mask(cross_steps: CrossSteps, num_inference_steps: int, edit: Tokenized, default: Window = CROSS_STEPS) -> torch.Tensor:
     """The (N, L) mask c[i, j]: 1 where token j's cross-attention window is active at step i (L: the text's length).
 
     `cross_steps` is one window for every token, or a dict with a `"default"` window and per-word windows

@@ -16,7 +16,7 @@ import math
 import unicodedata
 from dataclasses import dataclass, field
 
-from .editor import MAX_WEIGHT
+from .limits import MAX_WEIGHT
 
 __all__ = ["ParsedPrompt", "PromptSyntaxError", "parse_prompt"]
 

@@ -86,7 +86,7 @@ def attention_heatmaps(result, prompt_index: int = 0, res: int | None = None, *,
     image = None
     if overlay and isinstance(result.images, list) and isinstance(result.images[prompt_index], Image.Image):
         image = result.images[prompt_index]
-    if getattr(result, "family", "unet") != "unet":
+    if getattr(result, "map_unit", "token") == "word":
         # A joint text holds a word in several parts (SD3: CLIP and T5) and pads each: one map per word, summed
         # over all its tokens, as local blending sums them.
         return [caption(heatmap(maps[..., positions].sum(-1), image), word)

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import SourceStore
-from .editor import MODES
+from .edits import MODES
+from .engine import SourceStore
 from .images import open_image
-from .inversion import FLOW_METHODS, METHODS
-from .loading import ModelSource, check_device, load_editor, parse_dtype
+from .engine import load_editor
+from .loading import ModelSource, check_device, parse_dtype
 from .recipe import (MAX_STEPS, check_guidance, check_int, file_digest, inversion_available, recipe_for, run_recipe,
                      save_result)
 from .syntax import PromptSyntaxError, parse_prompt
@@ -210,7 +210,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
             real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
         recipe = recipe_for(
             editor, model_source, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
-            guidance_scale=guidance, record_attention=True, cached_source=editor.family.name == "unet", **real,
+            guidance_scale=guidance, record_attention=True, cached_source=True, **real,
         )
         hits, started = editors.sources.hits, time.perf_counter()
         result = run_recipe(recipe, editor, base_dir=folder, sources=editors.sources)
@@ -300,7 +300,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                     label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
                                           "caption is the source prompt)")
                     preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
-                    method = gr.Dropdown(list(METHODS if first.name == "unet" else FLOW_METHODS),
+                    method = gr.Dropdown(list(first.inversion_methods),
                                          value=first.default_inversion, label="Inversion", interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
@@ -339,7 +339,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 family = editors.get(name)[0].family
             except Exception as error:
                 raise _shown(error) from None
-            methods = list(METHODS if family.name == "unet" else FLOW_METHODS)
+            methods = list(family.inversion_methods)
             return (gr.update(value=family.default_steps), gr.update(value=family.default_guidance),
                     gr.update(choices=methods, value=family.default_inversion))
 

@@ -1,7 +1,7 @@
 """Batch manifests: JSON Lines of jobs, each line checked before any model is loaded.
 
 A line is one job: a source prompt (or a real image and its caption), its edits in the form of
-`prompt2prompt.forms`, and the run's settings. `load_manifest` reports every malformed line with its number;
+`prompt2prompt.edits`, and the run's settings. `load_manifest` reports every malformed line with its number;
 a job's id is, unless given, a hash of its content, so that a restarted run recognises its finished jobs.
 A manifest is untrusted input, as a recipe is: its settings are checked by the recipe's checks and bounds
 (`prompt2prompt.recipe`, `P2P_ALLOW_LARGE=1` lifts the bounds).

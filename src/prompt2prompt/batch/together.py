@@ -26,6 +26,7 @@ def edit_together(editor, recipes: list) -> list[Any]:
                 recipe.source, build_edits(recipe), num_inference_steps=recipe.num_inference_steps,
                 guidance_scale=recipe.guidance_scale, seed=recipe.seed, negative_prompt=recipe.negative_prompt,
                 height=recipe.height, width=recipe.width,
+                **({} if recipe.max_sequence_length is None else {"max_sequence_length": recipe.max_sequence_length}),
             ))
             positions.append(position)
         except Exception as error:  # noqa: BLE001 (the job's own error, recorded as its outcome)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..loading import load_editor
+from ..engine import load_editor
 from ..recipe import Recipe, recipe_for, run_recipe
 from .manifest import Job, ScoreHook
 from .together import edit_together
@@ -140,14 +140,6 @@ class Worker:
         """Per recipe, its images as an (P, H, W, 3) array in [0, 1], or the exception that its job raised."""
         if len(recipes) == 1:
             return [run_recipe(recipes[0], editor, output_type="np").images]
-        if editor.family.name != "unet":  # SD3 and Flux take no forward batch of several runs: one job at a time
-            results: list[Any] = []
-            for recipe in recipes:
-                try:
-                    results.append(run_recipe(recipe, editor, output_type="np").images)
-                except Exception as error:  # noqa: BLE001 (the job's own error, recorded as its outcome)
-                    results.append(error)
-            return results
         return edit_together(editor, recipes)
 
     def _outcome(self, job: Job, recipe, result, started: float, finished: float, batch: int) -> Outcome:

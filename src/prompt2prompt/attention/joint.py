@@ -12,40 +12,13 @@ path materialises every probability and is the reference the fused path is teste
 materialised in the fused path only in the blocks whose text maps are recorded (local blending, maps).
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .processor import RunState, apply_probs, attention_probs, with_source
+from .cross import apply_probs, attention_probs, with_source
+from .state import RunState
 
 KINDS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
-
-
-@dataclass(frozen=True)
-class JointLayerPlan:
-    """Which blocks of an MM-DiT take cross edits, self-replacement and recording, at one run's size.
-
-    Blocks are numbered in the order the transformer runs them (Flux: double-stream blocks, then single-stream).
-    """
-
-    grid: tuple[int, int]  # the image tokens' (h, w) patch grid
-    text_length: int  # L, the joint text's length
-    text_first: bool  # Flux puts the text tokens first, SD3 last
-    cross_blocks: frozenset[int]
-    self_blocks: frozenset[int]
-    record_blocks: frozenset[int]
-    blend_size: tuple[int, int] | None  # the grid when the run blends, else None (RunState reads these two)
-    record_sizes: frozenset[tuple[int, int]] = frozenset()
-    explicit: bool = False
-
-    def slices(self, length: int) -> tuple[slice, slice]:
-        """(text, image) positions in a joint sequence of `length` tokens."""
-        t = self.text_length
-        return (slice(0, t), slice(t, length)) if self.text_first else (slice(length - t, length), slice(0, length - t))
-
-    def records(self, block: int) -> bool:
-        return block in self.record_blocks and (self.blend_size is not None or bool(self.record_sizes))
 
 
 def _sdpa_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,35 +56,45 @@ def _edit_text_block(t_s: torch.Tensor, t_e: torch.Tensor, plan, e: int, step: i
     return t_final, r
 
 
-def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int) -> torch.Tensor:
-    """Joint attention (B, heads, S, d) of one block with the edit rows' image queries edited."""
+def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int,
+                 name: str = "") -> torch.Tensor:
+    """Joint attention (B, heads, S, d) of one block with the edit rows' image queries edited.
+
+    The batch is [uncond..., source, edits...] (or its conditional half alone); with a cached source
+    (`state.cached`) the source's row is left out and its image queries and keys come from the cache, by the
+    layer's `name`. A run that builds a cache hands them to `state.recorder`.
+    """
     plan, layers = state.plan, state.layers
-    rows = plan.num_prompts
-    if state.unconditional_pass or q.shape[0] not in (rows, 2 * rows):
+    per_half = plan.num_edits if state.cached else plan.num_prompts
+    if state.unconditional_pass or q.shape[0] not in (per_half, 2 * per_half):
         return F.scaled_dot_product_attention(q, k, v)
     text, image = layers.slices(q.shape[2])
     step = state.step
     flags = plan.flags[step]
+    first = q.shape[0] - plan.num_edits  # the source, when in the batch, is row first - 1
+    if state.recorder is not None and (block in layers.cross_blocks or block in layers.self_blocks):
+        state.recorder(name, q[first - 1 : first, :, image], k[first - 1 : first])
     cross_on = block in layers.cross_blocks and flags.cross
     replaced = flags.self_replace if block in layers.self_blocks else ()
     record = layers.records(block)
     if plan.num_edits == 0 and not record or not (cross_on or replaced or record):
         return F.scaled_dot_product_attention(q, k, v)
-    first = q.shape[0] - plan.num_edits  # [uncond..., source, edits...]: the source is row first - 1
+    source = state.source[name] if state.cached else None  # (image queries, keys) of the source, (1, heads, ., d)
     if layers.explicit:
-        return _explicit(q, k, v, state, text, image, first, cross_on, replaced, record)
-    return _fused(q, k, v, state, text, image, first, cross_on, replaced, record)
+        return _explicit(q, k, v, state, text, image, first, cross_on, replaced, record, source)
+    return _fused(q, k, v, state, text, image, first, cross_on, replaced, record, source)
 
 
-def _explicit(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool):
+def _explicit(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool,
+              source=None):
     """The reference: every probability materialised and edited as the contract writes it."""
     plan, step = state.plan, state.step
     probs = attention_probs(q, k, None)
     out = apply_probs(probs, v)
-    p_s = probs[first - 1][:, image]
+    p_s = probs[first - 1][:, image] if source is None else attention_probs(*source, None)[0]
     t_s, g_s = p_s[..., text], p_s[..., image]
     mass_s = t_s.sum(-1, keepdim=True)
-    edited, recorded = [], [t_s]
+    edited, recorded = [], [] if source is not None else [t_s]  # a cached source's maps come from the cache
     for e in range(plan.num_edits):
         p_e = probs[first + e][:, image]
         t_e, g_e = p_e[..., text], p_e[..., image]
@@ -130,19 +113,26 @@ def _explicit(q, k, v, state: RunState, text: slice, image: slice, first: int, c
     return torch.cat([out[:first], out_edits])
 
 
-def _fused(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool):
+def _fused(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool,
+           source=None):
     """The contract on scaled-dot-product attention; text probabilities only where they are recorded."""
     plan, step, num_edits = state.plan, state.step, state.plan.num_edits
     is_text = torch.zeros(q.shape[2], 1, dtype=v.dtype, device=v.device)
     is_text[text] = 1
-    s = first - 1
-    plain = F.scaled_dot_product_attention(q[:s], k[:s], v[:s]) if s else q[:0]
-    out_s, mass_s = _sdpa_with(q[s : s + 1], k[s : s + 1], v[s : s + 1], is_text)  # the source, and its text mass
-    mass_s = mass_s[:, :, image]
-    qi_s, k_s = q[s : s + 1, :, image], k[s : s + 1]
+    if source is None:
+        s = first - 1
+        plain = F.scaled_dot_product_attention(q[:s], k[:s], v[:s]) if s else q[:0]
+        out_s, mass_s = _sdpa_with(q[s : s + 1], k[s : s + 1], v[s : s + 1], is_text)  # the source, and its text mass
+        rows_s = [plain, out_s]
+        mass_s = mass_s[:, :, image]
+        qi_s, k_s = q[s : s + 1, :, image], k[s : s + 1]
+    else:  # a cached source: only its image queries' text mass is needed
+        qi_s, k_s = source
+        _, mass_s = _sdpa_with(qi_s, k_s, k_s[..., :0], is_text)
+        rows_s = [F.scaled_dot_product_attention(q[:first], k[:first], v[:first]) if first else q[:0]]
     if num_edits == 0:  # the source alone, recorded
         state.record(_text_probs(qi_s, k_s[:, :, text], mass_s), state.layers.grid, "joint")
-        return torch.cat([plain, out_s])
+        return torch.cat(rows_s)
     q_e, k_e, v_e = q[first:], k[first:], v[first:]
     qi_e = q_e[:, :, image]
     out_text = F.scaled_dot_product_attention(q_e[:, :, text], k_e, v_e)  # text queries: as in plain generation
@@ -164,13 +154,13 @@ def _fused(q, k, v, state: RunState, text: slice, image: slice, first: int, cros
         t_e = _text_probs(qi_e, k_e[:, :, text], mass_e)
         finals, rs = zip(*(_edit_text_block(t_s, t_e[e], plan, e, step, cross_on) for e in range(num_edits)))
         t_final, r = torch.stack(finals), torch.stack(rs)
-        state.record(torch.cat([t_s[None], t_final]), state.layers.grid, "joint")
+        state.record(t_final if source is not None else torch.cat([t_s[None], t_final]), state.layers.grid, "joint")
         text_out, r = apply_probs(t_final, v_text), r.to(v.dtype)
     else:
         text_out, r = _text_terms(qi_s, k_s[:, :, text], mass_s, qi_e, k_e[:, :, text], mass_e, v_text, plan, step, cross_on)
     out_image = text_out + g_out * ((1 - r) / (1 - mass_g))
     parts = [out_text, out_image] if state.layers.text_first else [out_image, out_text]
-    return torch.cat([plain, out_s, torch.cat(parts, 2)])
+    return torch.cat([*rows_s, torch.cat(parts, 2)])
 
 
 def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int, cross_on: bool):
@@ -195,99 +185,49 @@ def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int,
     return mass_s * from_source + mass_e * own, mass_s * r_source + mass_e * r_own
 
 
-def image_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int) -> torch.Tensor:
+def image_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int,
+                 name: str = "") -> torch.Tensor:
     """SD3.5's image-only attention (attn2): the UNet's self-attention rule in the self-replacement blocks."""
     plan, layers = state.plan, state.layers
-    rows = plan.num_prompts
-    replaced = plan.flags[state.step].self_replace if block in layers.self_blocks else ()
-    if state.unconditional_pass or q.shape[0] not in (rows, 2 * rows) or not replaced:
-        return apply_probs(attention_probs(q, k, None), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v)
+    per_half = plan.num_edits if state.cached else plan.num_prompts
+    if state.unconditional_pass or q.shape[0] not in (per_half, 2 * per_half):
+        return _plain(q, k, v, layers.explicit)
     first = q.shape[0] - plan.num_edits
+    if state.recorder is not None and block in layers.self_blocks:
+        state.recorder(name, q[first - 1 : first], k[first - 1 : first])
+    replaced = plan.flags[state.step].self_replace if block in layers.self_blocks else ()
+    if not replaced:
+        return _plain(q, k, v, layers.explicit)
+    q_s, k_s = state.source[name] if state.cached else (q[first - 1 : first], k[first - 1 : first])
     if layers.explicit:
         probs = attention_probs(q, k, None)
+        a_s = attention_probs(q_s, k_s, None)[0] if state.cached else probs[first - 1]
         for e in replaced:
-            probs[first + e] = probs[first - 1]
+            probs[first + e] = a_s
         return apply_probs(probs, v)
     active = plan.self_active[state.step]
-    q = with_source(q, first, q[first - 1 : first], active)
-    k = with_source(k, first, k[first - 1 : first], active)
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(with_source(q, first, q_s, active), with_source(k, first, k_s, active), v)
 
 
-class SD3JointProcessor:
-    """Stable Diffusion 3/3.5's joint attention (`JointAttnProcessor2_0`'s computation) with the edits applied.
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, explicit: bool) -> torch.Tensor:
+    return apply_probs(attention_probs(q, k, None), v) if explicit else F.scaled_dot_product_attention(q, k, v)
 
-    `kind` is "joint" for a block's `attn` (image tokens, then text tokens) and "image" for SD3.5's `attn2`.
+
+class JointAttend:
+    """One MM-DiT attention layer's edited attention for one run: `(q, k, v, mask) -> out`, (B, heads, S, d).
+
+    `kind` is "joint" (a double-stream block's attention over image and text), "single" (a single-stream block's,
+    text first) or "image" (SD3.5's image-only `attn2`). A family's processor computes q, k and v as the model's
+    own processor does and hands them here.
     """
 
-    def __init__(self, state: RunState, block: int, kind: str):
-        self.state, self.block, self.kind = state, block, kind
+    def __init__(self, state: RunState, block: int, name: str, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        self.state, self.block, self.name, self.kind = state, block, name, kind
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        batch = hidden_states.shape[0]
-
-        def heads(x):
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if encoder_hidden_states is None:  # SD3.5's image-only attention
-            out = image_attend(query, key, value, self.state, self.block)
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
-            return attn.to_out[1](attn.to_out[0](out))
-        c_query = heads(attn.add_q_proj(encoder_hidden_states))
-        c_key = heads(attn.add_k_proj(encoder_hidden_states))
-        c_value = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            c_query = attn.norm_added_q(c_query)
-        if attn.norm_added_k is not None:
-            c_key = attn.norm_added_k(c_key)
-        query, key, value = torch.cat([query, c_query], 2), torch.cat([key, c_key], 2), torch.cat([value, c_value], 2)
-        out = joint_attend(query, key, value, self.state, self.block)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
-        image_len = hidden_states.shape[1]
-        out, context = out[:, :image_len], out[:, image_len:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
-
-
-class FluxJointProcessor:
-    """Flux.1's attention (`FluxAttnProcessor`'s computation, RoPE included) with the edits applied.
-
-    Double-stream blocks get the text as `encoder_hidden_states`; single-stream blocks get one sequence whose
-    first L tokens are the text, L coming from the run's plan.
-    """
-
-    def __init__(self, state: RunState, block: int, kind: str):
-        self.state, self.block, self.kind = state, block, kind
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise ValueError("Prompt-to-Prompt on Flux does not take an attention mask")
-        query, key, value, c_query, c_key, c_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            c_query = attn.norm_added_q(c_query.unflatten(-1, (-1, attn.head_dim)))
-            c_key = attn.norm_added_k(c_key.unflatten(-1, (-1, attn.head_dim)))
-            c_value = c_value.unflatten(-1, (-1, attn.head_dim))
-            query, key, value = torch.cat([c_query, query], 1), torch.cat([c_key, key], 1), torch.cat([c_value, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = joint_attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.state, self.block)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text_len = encoder_hidden_states.shape[1]
-        context, out = out[:, :text_len], out[:, text_len:]
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(context.contiguous())
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("Prompt-to-Prompt on joint attention does not take an attention mask")
+        attend = image_attend if self.kind == "image" else joint_attend
+        return attend(q, k, v, self.state, self.block, self.name)

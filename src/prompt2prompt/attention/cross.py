@@ -1,4 +1,4 @@
-"""The attention processor that applies Prompt-to-Prompt edits inside a diffusers UNet.
+"""Prompt-to-Prompt in cross- and self-attention layers (diffusers' `Attention` with `AttnProcessor2_0`'s computation).
 
 Every edit is linear in V, so the fused path runs on `F.scaled_dot_product_attention` alone:
 cross-attention becomes `sdpa(Q_s, K_s, M (a * V_e)) + sdpa(Q_e, K_e, b * V_e)` and self-replacement
@@ -7,147 +7,13 @@ says; it is the reference the fused path is tested against. Probabilities are on
 fused path where they are recorded (cross-attention at the recorded resolutions).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class StepFlags:
-    """What the layers do at one step, decided on the host so that no layer asks the device.
-
-    Edits are numbered 0..E-1 (edit e is prompt 1 + e).
-    """
-
-    cross: bool  # some edit's cross-attention differs from its own attention (or its text block, in MM-DiT)
-    swap: tuple[int, ...]  # edits whose cross-attention row runs as attention(Q_s, K_s, V') alone
-    mix: tuple[int, ...]  # edits that need the source's attention and their own
-    self_replace: tuple[int, ...]  # edits whose self-attention is the source's (where the layer is small enough)
-
-
-@dataclass
-class EditPlan:
-    """Per-run tensors of one edit batch: prompt 0 is the source, prompts 1..E the edits.
-
-    `editor.build_plan` makes it on the CPU; `to(device, dtype)` moves it, once per run, to where the UNet
-    runs. The per-step decisions (`flags`) stay on the host.
-    """
-
-    num_prompts: int
-    num_inference_steps: int
-    replace: tuple[bool, ...]  # (E,) replace mode (else refine)
-    mapper: torch.Tensor  # (E, 77, 77) replacement mapper M[k, j]; for refine the one-hot of m
-    refine_index: torch.Tensor  # (E, 77) long: refinement mapper m
-    alpha: torch.Tensor  # (E, 77) refinement alpha (1 for replace)
-    weights: torch.Tensor  # (E, 77) reweighting w
-    cross: torch.Tensor  # (N, E, 77) cross window c[i, e, j]
-    self_active: torch.Tensor  # (N, E) bool self window
-    a: torch.Tensor  # (N, E, 77) fused coefficients: out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e)
-    b: torch.Tensor  # (N, E, 77)
-    swap: torch.Tensor  # (N, E) bool: b is all zero, so the edit's own attention drops out
-    ra: torch.Tensor  # (N, E, L) a and b without the weights: the text mass an MM-DiT edit keeps (joint.py)
-    rb: torch.Tensor
-    mix_index: tuple[torch.Tensor | None, ...]  # per step, `flags[i].mix` as a long tensor (None if empty)
-    flags: tuple[StepFlags, ...]  # per step, on the host
-
-    @property
-    def num_edits(self) -> int:
-        return self.num_prompts - 1
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "EditPlan":
-        """A copy whose tensors live on `device`, the real-valued ones in `dtype` (the attention's)."""
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-        tensors = {name: move(getattr(self, name)) for name in
-                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap", "ra", "rb")}
-        mix_index = tuple(None if t is None else move(t) for t in self.mix_index)
-        return replace(self, **tensors, mix_index=mix_index)
-
-
-def fused_schedule(cross: torch.Tensor, weights: torch.Tensor, alpha: torch.Tensor, self_active: torch.Tensor):
-    """The fused coefficients (a, b), the swap mask, the mix indices and the host-side flags of every step.
-
-    Args: the plan's `cross` (N, E, L), `weights` and `alpha` (E, L) and `self_active` (N, E), on the CPU.
-    """
-    a, b = cross * weights * alpha, cross * weights * (1 - alpha) + (1 - cross)
-    uses_source = (a != 0).any(-1)  # (N, E)
-    swap = (b == 0).all(-1)
-    own = ~uses_source & (b == 1).all(-1)  # the edit's own attention, unchanged
-    mix = uses_source & ~swap
-
-    def edits(mask: torch.Tensor) -> tuple[int, ...]:
-        return tuple(torch.nonzero(mask).flatten().tolist())
-
-    flags = tuple(
-        StepFlags(cross=not bool(own[i].all()), swap=edits(swap[i]), mix=edits(mix[i]), self_replace=edits(self_active[i]))
-        for i in range(cross.shape[0])
-    )
-    mix_index = tuple(torch.tensor(f.mix, dtype=torch.long) if f.mix else None for f in flags)
-    return a, b, swap, mix_index, flags
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Which layers self-replace, drive local blending and are recorded, at one run's latent size."""
-
-    sizes: dict[int, tuple[int, int]]  # query length -> (h, w) of the layer
-    self_max_side: int
-    blend_size: tuple[int, int] | None  # None: no local blend in this run
-    record_sizes: frozenset[tuple[int, int]] = frozenset()
-    explicit: bool = False
-
-    def recorded(self, size: tuple[int, int], place: str) -> bool:
-        """Whether a cross-attention layer of this size and place (down, mid, up) has its maps recorded."""
-        return (self.blend_size == size and place != "mid") or size in self.record_sizes
-
-    def self_replaces(self, size: tuple[int, int]) -> bool:
-        return max(size) <= self.self_max_side
-
-
-@dataclass
-class RunState:
-    """One run's running values, made fresh by every run: the step and the maps recorded so far.
-
-    With a cached source (`cached`), the batch holds only the edits' rows and `source` gives, at the current
-    evaluation, the source's conditional queries and keys per layer; a run that builds a cache passes each
-    layer's source queries and keys to `recorder`.
-    """
-
-    plan: EditPlan
-    layers: LayerPlan
-    step: int = 0
-    cached: bool = False
-    source: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    recorder: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
-    blend_sum: torch.Tensor | None = None  # (P, h, w, 77) summed over layers and evaluations
-    blend_layers: int = 0
-    records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
-    unconditional_pass: bool = False  # Flux's separate negative pass of true CFG: every row as in plain generation
-
-    def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
-        """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.
-
-        `probs` holds the source and the edits, or the edits alone in a cached run (the source's row then
-        comes from the cache).
-        """
-        maps = probs.mean(1).reshape(probs.shape[0], size[0], size[1], probs.shape[-1]).float()
-        first = self.plan.num_prompts - maps.shape[0]
-        if self.layers.blend_size == size and place != "mid":
-            self.blend_sum = _accumulate(self.blend_sum, maps, first, self.plan.num_prompts)
-            self.blend_layers += 1
-        if size in self.layers.record_sizes:
-            self.records[size] = _accumulate(self.records.get(size), maps, first, self.plan.num_prompts)
-            self.record_counts[size] = self.record_counts.get(size, 0) + 1
-
-
-def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, first: int, rows: int) -> torch.Tensor:
-    if total is None:
-        total = maps.new_zeros(rows, *maps.shape[1:])
-    return torch.cat([total[:first], total[first:] + maps])
+from .plan import EditPlan
+from .state import RunState
 
 
 def _place(name: str) -> str:
@@ -339,28 +205,34 @@ def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, st
 
 
 class GroupAttnProcessor(P2PAttnProcessor):
-    """One layer's processor for several runs in one forward batch: each run's rows go to its own processor.
-
-    The batch is [uncond of every prompt..., cond of every prompt...] (or only the cond half without
-    guidance); a run's rows are one slice per half, which is the batch its processor expects.
-    """
+    """One layer's processor for several runs in one forward batch: each run's rows go to its own processor."""
 
     def __init__(self, processors: list[P2PAttnProcessor], counts: list[int]):  # only `attend` differs
         self.processors = processors
         self.counts = counts
 
     def attend(self, q, k, v, mask):
-        total = sum(self.counts)
-        halves = q.shape[0] // total
-        starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
-        outs: list[list[torch.Tensor]] = [[] for _ in range(halves)]
-        for processor, start, count in zip(self.processors, starts, self.counts):
-            spans = [slice(h * total + start, h * total + start + count) for h in range(halves)]
+        return attend_by_run([p.attend for p in self.processors], self.counts, q, k, v, mask)
 
-            def rows(x):  # slices need no index tensor on the device
-                return None if x is None else torch.cat([x[span] for span in spans])
 
-            out = processor.attend(rows(q), rows(k), rows(v), rows(mask))
-            for h, part in enumerate(out.split(count)):
-                outs[h].append(part)
-        return torch.cat([part for half in outs for part in half])
+def attend_by_run(attends: list, counts: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of several runs in one batch, each run's rows through its own `attend(q, k, v, mask)`.
+
+    The batch is [uncond of every prompt..., cond of every prompt...] (or only the cond half without
+    guidance); a run's rows are one slice per half, which is the batch its own attention expects.
+    """
+    total = sum(counts)
+    halves = q.shape[0] // total
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    outs: list[list[torch.Tensor]] = [[] for _ in range(halves)]
+    for attend, start, count in zip(attends, starts, counts):
+        spans = [slice(h * total + start, h * total + start + count) for h in range(halves)]
+
+        def rows(x):  # slices need no index tensor on the device
+            return None if x is None else torch.cat([x[span] for span in spans])
+
+        out = attend(rows(q), rows(k), rows(v), rows(mask))
+        for h, part in enumerate(out.split(count)):
+            outs[h].append(part)
+    return torch.cat([part for half in outs for part in half])

@@ -1,5 +1,7 @@
 """Local blending: a latent mask from the recorded cross-attention maps of the blend words."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +52,24 @@ def apply_blend(latents: torch.Tensor, row: int, mask: torch.Tensor, source: tor
     source = latents[0] if source is None else source
     blended = source + m * (latents[row] - source)
     return torch.cat([latents[:row], blended[None], latents[row + 1 :]])
+
+
+@dataclass(frozen=True)
+class BlendSpec:
+    """One edit's local blend, its words resolved to token positions."""
+
+    source_positions: list[int]
+    edit_positions: list[int]
+    exclude_source_positions: list[int]
+    exclude_edit_positions: list[int]
+    threshold: float
+    exclude_threshold: float
+    start: float
+
+    def mask(self, source_maps: torch.Tensor, edit_maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        return blend_mask(
+            source_maps, edit_maps, latent_size, source_positions=self.source_positions,
+            edit_positions=self.edit_positions, threshold=self.threshold,
+            exclude_source_positions=self.exclude_source_positions,
+            exclude_edit_positions=self.exclude_edit_positions, exclude_threshold=self.exclude_threshold,
+        )

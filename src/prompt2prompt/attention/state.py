@@ -1,0 +1,107 @@
+"""One run's layer choices (`LayerPlan`, `JointLayerPlan`) and its running values (`RunState`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .plan import EditPlan
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which layers self-replace, drive local blending and are recorded, at one run's latent size."""
+
+    sizes: dict[int, tuple[int, int]]  # query length -> (h, w) of the layer
+    self_max_side: int
+    blend_size: tuple[int, int] | None  # None: no local blend in this run
+    record_sizes: frozenset[tuple[int, int]] = frozenset()
+    explicit: bool = False
+
+    def recorded(self, size: tuple[int, int], place: str) -> bool:
+        """Whether a cross-attention layer of this size and place (down, mid, up) has its maps recorded."""
+        return (self.blend_size == size and place != "mid") or size in self.record_sizes
+
+    def self_replaces(self, size: tuple[int, int]) -> bool:
+        return max(size) <= self.self_max_side
+
+    def cache_settings(self) -> dict:
+        """What a cached source must share with the runs that use it."""
+        return dict(self_max_side=self.self_max_side, blend_size=self.blend_size, explicit=self.explicit)
+
+
+@dataclass
+class RunState:
+    """One run's running values, made fresh by every run: the step and the maps recorded so far.
+
+    With a cached source (`cached`), the batch holds only the edits' rows and `source` gives, at the current
+    evaluation, the source's conditional queries and keys per layer; a run that builds a cache passes each
+    layer's source queries and keys to `recorder`.
+    """
+
+    plan: EditPlan
+    layers: LayerPlan
+    step: int = 0
+    cached: bool = False
+    source: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    recorder: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+    blend_sum: torch.Tensor | None = None  # (P, h, w, 77) summed over layers and evaluations
+    blend_layers: int = 0
+    records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    unconditional_pass: bool = False  # Flux's separate negative pass of true CFG: every row as in plain generation
+
+    def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
+        """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.
+
+        `probs` holds the source and the edits, or the edits alone in a cached run (the source's row then
+        comes from the cache).
+        """
+        maps = probs.mean(1).reshape(probs.shape[0], size[0], size[1], probs.shape[-1]).float()
+        first = self.plan.num_prompts - maps.shape[0]
+        if self.layers.blend_size == size and place != "mid":
+            self.blend_sum = _accumulate(self.blend_sum, maps, first, self.plan.num_prompts)
+            self.blend_layers += 1
+        if size in self.layers.record_sizes:
+            self.records[size] = _accumulate(self.records.get(size), maps, first, self.plan.num_prompts)
+            self.record_counts[size] = self.record_counts.get(size, 0) + 1
+
+
+def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+    if total is None:
+        total = maps.new_zeros(rows, *maps.shape[1:])
+    return torch.cat([total[:first], total[first:] + maps])
+
+
+@dataclass(frozen=True)
+class JointLayerPlan:
+    """Which blocks of an MM-DiT take cross edits, self-replacement and recording, at one run's size.
+
+    Blocks are numbered in the order the transformer runs them (Flux: double-stream blocks, then single-stream).
+    """
+
+    grid: tuple[int, int]  # the image tokens' (h, w) patch grid
+    text_length: int  # L, the joint text's length
+    text_first: bool  # Flux puts the text tokens first, SD3 last
+    cross_blocks: frozenset[int]
+    self_blocks: frozenset[int]
+    record_blocks: frozenset[int]
+    blend_size: tuple[int, int] | None  # the grid when the run blends, else None (RunState reads these two)
+    record_sizes: frozenset[tuple[int, int]] = frozenset()
+    explicit: bool = False
+
+    def slices(self, length: int) -> tuple[slice, slice]:
+        """(text, image) positions in a joint sequence of `length` tokens."""
+        t = self.text_length
+        return (slice(0, t), slice(t, length)) if self.text_first else (slice(length - t, length), slice(0, length - t))
+
+    def records(self, block: int) -> bool:
+        return block in self.record_blocks and (self.blend_size is not None or bool(self.record_sizes))
+
+    def cache_settings(self) -> dict:
+        """What a cached source must share with the runs that use it."""
+        return dict(cross_blocks=sorted(self.cross_blocks), self_blocks=sorted(self.self_blocks),
+                    record_blocks=sorted(self.record_blocks), blend_size=self.blend_size, text_length=self.text_length,
+                    explicit=self.explicit)

@@ -1,0 +1,72 @@
+"""Model families: what the engine asks of a pipeline, answered once per kind of model, one file each.
+
+- `unet.UNetFamily`: Stable Diffusion 1.x/2.x and SDXL (a UNet with cross- and self-attention, CLIP text of 77).
+- `sd3.SD3Family`: Stable Diffusion 3/3.5 (MM-DiT joint attention; text = 77 CLIP tokens, then the T5 tokens).
+- `flux.FluxFamily`: Flux.1 (MM-DiT double- and single-stream blocks, RoPE; text = T5 tokens; packed latents).
+
+`family_of(pipe)` picks one. Outside this package nothing looks at a model's class or kind: callers ask the
+family (`base.Family` lists the questions). A new family is one new file here, added to `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import Family
+from .flux import FluxFamily
+from .mmdit import MAX_SEQUENCE_LENGTH
+from .sd3 import SD3Family
+from .unet import UNetFamily
+
+__all__ = ["FAMILIES", "MAX_SEQUENCE_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
+           "pipeline_class_for", "single_file_class", "supported_models"]
+
+FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily)
+
+
+def family_of(pipe) -> Family:
+    """The family of a diffusers pipeline; a clear error for one the engine does not drive."""
+    for family in FAMILIES:
+        if family.detect(pipe):
+            return family(pipe)
+    transformer = getattr(pipe, "transformer", None)
+    inner = type(transformer).__name__ if transformer is not None else "no unet or transformer"
+    raise TypeError(f"Editor needs a {supported_models()} pipeline; {type(pipe).__name__} (with {inner}) is not one")
+
+
+def family_named(name: str) -> type[Family]:
+    """The family class that recipes and manifests record as `name`."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; the families are {', '.join(f.name for f in FAMILIES)}")
+
+
+def inversion_methods() -> tuple[str, ...]:
+    """Every family's inversion methods, each once."""
+    return tuple(dict.fromkeys(method for family in FAMILIES for method in family.inversion_methods))
+
+
+def supported_models() -> str:
+    """The models the families drive, for a message."""
+    titles = [family.title for family in FAMILIES]
+    return ", ".join(titles[:-1]) + " or " + titles[-1]
+
+
+def pipeline_class_for(index: Mapping[str, Any]) -> tuple[str, type[Family]] | None:
+    """(pipeline class name, family) to load a diffusers folder with, from its model_index.json; None if no family's."""
+    for family in reversed(FAMILIES):  # the most specific first: a UNet folder is any folder with a "unet"
+        name = family.pipeline_class_for(index)
+        if name is not None:
+            return name, family
+    return None
+
+
+def single_file_class(names: Sequence[str]) -> str | None:
+    """The pipeline class of an original single-file checkpoint, from its weight names; None if no family's."""
+    for family in reversed(FAMILIES):  # the most specific first: SD3 files share SD's "model.diffusion_model." prefix
+        name = family.single_file_class(names)
+        if name is not None:
+            return name
+    return None

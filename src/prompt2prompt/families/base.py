@@ -1,0 +1,191 @@
+"""The family protocol: what the engine, the inversions, the recipes and the front ends ask of a model.
+
+A family wraps one kind of pipeline, as k-diffusion's `CompVisDenoiser` wraps a model: callers ask it a
+capability ("which inversion methods?", "how is a word tokenized?", "which processor in this layer?") and never
+which model it is. Each family is one file in this package; `family_of` picks one for a pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ..alignment import MAX_TOKENS, Tokenized
+from ..attention.state import RunState
+from ..limits import check_pixels
+from . import compat
+
+
+class Family:
+    """The base of every family; the defaults here are those of a plain text-to-image pipeline.
+
+    Class attributes say what a family is and takes; methods answer per pipeline (`self.pipe`).
+    """
+
+    name: ClassVar[str]  # as recipes and manifests record it
+    title: ClassVar[str]  # the models, as a message names them
+    pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipeline classes it drives
+    components: ClassVar[tuple[str, ...]]  # the model_index.json entries a folder of it must have
+
+    default_steps: ClassVar[int] = 50
+    default_guidance: ClassVar[float] = 7.5
+    inversion_methods: ClassVar[tuple[str, ...]] = ()  # the first is the default
+    sampler: ClassVar[str]  # the inversion loops it runs on: "ddim" or "flow" (see `prompt2prompt.inversion`)
+    takes_max_sequence_length: ClassVar[bool] = False  # whether its text has a T5 length to choose
+    map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
+    layer_options: ClassVar[tuple[str, ...]] = ()  # the Editor keywords that choose its layers
+    layer_hint: ClassVar[str] = ""  # how it chooses layers, for a message
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # -- What it is --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def detect(cls, pipe) -> bool:
+        """Whether this family drives `pipe`."""
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_class_for(cls, index: Mapping[str, Any]) -> str | None:
+        """The pipeline class to load a diffusers folder with, from its model_index.json, or None if not ours."""
+        name = index.get("_class_name")
+        return name if name in cls.pipeline_classes else None
+
+    @classmethod
+    def single_file_class(cls, names: Sequence[str]) -> str | None:
+        """The pipeline class of an original single-file checkpoint, from its weight names, or None if not ours."""
+        return None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The denoiser: the module whose attention layers the edits steer."""
+        raise NotImplementedError
+
+    @property
+    def default_inversion(self) -> str:
+        return self.inversion_methods[0]
+
+    # -- Text ----------------------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
+        """The prompt's words and their positions in the text the model attends to."""
+        raise NotImplementedError
+
+    def tokenizers(self) -> list:
+        """Every tokenizer the pipeline runs a prompt through (a negative prompt must fit each)."""
+        raise NotImplementedError
+
+    def max_sequence_length(self, pipeline_kwargs: Mapping[str, Any]) -> int:
+        """The T5 length of a run (77 CLIP positions where there is no T5)."""
+        return MAX_TOKENS
+
+    def token_texts(self, tokenized: Tokenized) -> list[str]:
+        """One readable text per position of the tokenized prompt."""
+        raise NotImplementedError
+
+    def check_text_length(self, prompt: str, what: str, pipeline_kwargs: Mapping[str, Any]) -> None:
+        """Refuse a text (a negative prompt) that a text encoder would cut, as a prompt is refused."""
+        for tokenizer in self.tokenizers():
+            clip = "CLIP" in type(tokenizer).__name__
+            limit = MAX_TOKENS if clip else self.max_sequence_length(pipeline_kwargs)
+            length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if length > limit:
+                raise ValueError(
+                    f"{what} {prompt!r} is {length} tokens long, more than the text encoder's {limit} "
+                    f"({'BOS and EOS' if clip else 'EOS'} included); shorten it"
+                )
+
+    # -- Sizes and latents ---------------------------------------------------------------------------------------
+
+    def native_size(self) -> int:
+        """The side in pixels the model was trained at."""
+        raise NotImplementedError
+
+    def default_size(self) -> int:
+        return self.native_size()
+
+    def multiple(self) -> int:
+        """What both sides of an image must be multiples of, in pixels."""
+        raise NotImplementedError
+
+    def image_multiple(self) -> int:
+        """What both sides of an image to invert must be multiples of, in pixels."""
+        return self.multiple()
+
+    def size_unit(self) -> str:
+        """Why an image's sides are multiples of `image_multiple()`, for a message."""
+        raise NotImplementedError
+
+    def check_pixels(self, height: int, width: int) -> None:
+        """Refuse more than `limits.MAX_PIXELS_FACTOR` times the model's native pixels."""
+        check_pixels(height, width, self.native_size())
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the unpacked latent of a `height` x `width` image."""
+        raise NotImplementedError
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's form of (B, C, h, w) latents (identity, or Flux's 2x2 tokens)."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        return latents
+
+    def vae_latents(self, mean: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latent of a VAE posterior mean, normalised as the pipeline decodes it."""
+        config = self.pipe.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0  # SD's VAEs have none
+        return (mean - shift) * config.scaling_factor
+
+    # -- Layers --------------------------------------------------------------------------------------------------
+
+    def check_layer_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse Editor layer keywords that this family does not take, or values it cannot use."""
+        given = sorted(name for name, value in options.items() if value is not None and name not in self.layer_options)
+        if given:
+            raise ValueError(f"{given} do not apply to {type(self.pipe).__name__}; {self.layer_hint}: use "
+                             f"{sorted(self.layer_options)}")
+
+    def layer_plan(self, latent_size: tuple[int, int], text_length: int, *, blend: bool, record_attention,
+                   explicit: bool, options: Mapping[str, Any]):
+        """Which layers self-replace, drive local blending and are recorded in a run at this latent size."""
+        raise NotImplementedError
+
+    def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
+        """The processor of every attention layer for these runs' states (several: one forward batch)."""
+        raise NotImplementedError
+
+    # -- The pipeline call ---------------------------------------------------------------------------------------
+
+    def execution_device(self) -> torch.device:
+        return compat.execution_device(self.pipe)
+
+    def callback_tensor_inputs(self, inversion) -> list[str]:
+        """The step callback's tensor inputs a run needs."""
+        return ["latents"]
+
+    def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
+        """Refuse pipeline keywords an edit cannot honour; may set those an inversion fixes."""
+
+    def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
+        """Whether this call evaluates the model twice a step, the conditional pass first, then the negative."""
+        return False
+
+    def check_inversion(self, inversion) -> None:
+        """Refuse an inversion made for another family."""
+        if inversion.method not in self.inversion_methods or inversion.uncond_embeddings is not None and not self.takes_uncond_embeddings:
+            raise ValueError(f"this {inversion.method!r} inversion was made with another kind of model; invert the "
+                             f"image with this {type(self.pipe).__name__} (methods {', '.join(self.inversion_methods)})")
+
+    takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
+
+    def inversion_scheduler(self):
+        """The scheduler an edit of an inversion runs on (None: the pipeline's own)."""
+        return None
+
+    def inversion_call_kwargs(self, prompts: list[str], inversion, device) -> dict[str, torch.Tensor]:
+        """Explicit embeddings for an inversion that replaces the unconditional one at every step."""
+        raise ValueError(f"{type(self.pipe).__name__} takes no inverted unconditional embeddings")

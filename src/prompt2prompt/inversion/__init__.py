@@ -1,0 +1,80 @@
+"""Real images: invert an image into an edit's starting point, for every family.
+
+`invert` asks the pipeline's family which inversion methods it has and which sampler it runs on, and runs that
+sampler's loops, which ask the family to encode the text and evaluate the model:
+- `ddim`: DDIM, null-text (Mokady et al., 2022), negative-prompt (Miyake et al., 2023) and direct (Ju et al.,
+  2024) inversion on the DDIM step (UNet pipelines: SD 1.x, 2.x, XL);
+- `flow`: inverse Euler and direct inversion on the pipeline's own flow-matching Euler step (SD3/3.5, Flux.1).
+An `Inversion` (`files`) holds the result and saves to and loads from a pair of files.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..families import FAMILIES, family_of
+from ..images import ImageInput
+from . import ddim, flow
+from .common import encode_image
+from .files import Inversion
+
+__all__ = ["Inversion", "encode_image", "invert"]
+
+
+def invert(
+    pipe,
+    image: ImageInput,
+    prompt: str,
+    *,
+    method: Literal["null-text", "negative-prompt", "direct", "ddim", "euler"] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    fit: Literal["crop", "pad"] = "crop",
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    max_sequence_length: int | None = None,
+    inversion_guidance: float = 1.0,
+    progress: bool = True,
+) -> Inversion:
+    """Invert a real image under `prompt` for editing with `pipe` (Stable Diffusion 1.x/2.x/XL/3/3.5 or Flux.1).
+
+    Args:
+        image: a path, PIL image or array; fitted to `height` x `width` (default: the model's size) by `fit`.
+        prompt: a caption of the image: the source prompt of the edits to come.
+        method: on UNet pipelines "null-text" (the default: best fidelity, optimises), "negative-prompt" (no
+            optimisation), "direct" (exact source reconstruction, no optimisation) or "ddim" (plain DDIM inversion,
+            the baseline); on SD3 and Flux "direct" (the default) or "euler" (plain inverse Euler, the baseline).
+        num_inference_steps, guidance_scale: those of the edits to come; an inversion serves only them
+            (None: the model's defaults, 50 and 7.5 on UNets, 28 and 7.0 / 3.5 on SD3 / Flux).
+        num_inner_steps, early_stop_epsilon: null-text's Adam iterations per step and its early-stop loss
+            (`early_stop_epsilon + i * 2e-5` at step i).
+        max_sequence_length: SD3's and Flux's T5 length, which the edits then use too (None: the pipeline's 256 / 512).
+        inversion_guidance: Flux-dev's embedded guidance for the inversion's velocity (1.0: unguided).
+
+    Example:
+        >>> inv = invert(pipe, "cat.jpg", "a photo of a cat", method="direct")  # doctest: +SKIP
+        >>> editor.edit(inv.prompt, [Edit("a photo of a dog")], inversion=inv)  # doctest: +SKIP
+    """
+    family = family_of(pipe)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one string (the image's caption), not {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt must be the image's caption, not empty")
+    method = family.default_inversion if method is None else method
+    if method not in family.inversion_methods:
+        name, methods = type(pipe).__name__, ", ".join(family.inversion_methods)
+        others = [f.title for f in FAMILIES if method in f.inversion_methods]
+        if others:
+            raise ValueError(f"{method!r} inversion is for {' and '.join(others)} pipelines, not {name}; "
+                             f"use one of {methods}")
+        raise ValueError(f"unknown inversion method {method!r} for {name}; use one of {methods}")
+    options = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
+                   max_sequence_length=max_sequence_length, inversion_guidance=inversion_guidance)
+    return _LOOPS[family.sampler](family, image, prompt, method=method, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, height=height, width=width, fit=fit,
+                                  progress=progress, **options)
+
+
+_LOOPS = {"ddim": ddim.invert_ddim, "flow": flow.invert_flow}

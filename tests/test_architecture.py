@@ -1,0 +1,203 @@
+"""The package's layout holds: imports go one way (no cycle), nothing outside `families/` asks which model it has,
+and every diffusers private name is used in `families/compat.py` alone.
+
+Each rule is a small checker over a source tree's ASTs (imports inside functions included; `if TYPE_CHECKING:`
+imports, which never run, left out); each has a control
+that runs it on a tree built to break it, so that a checker that can no longer fail is noticed.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
+
+FAMILY_NAMES = {"unet", "sd3", "flux", "mmdit"}  # as recipes record them, and the old "mmdit" branch
+# Attributes that tell one kind of pipeline from another (a UNet, a transformer, SDXL's and SD3's extra encoders).
+MODEL_ATTRIBUTES = {"unet", "transformer", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}
+# Objects that are diffusers' by this package's naming: a private attribute of one is a diffusers private name.
+DIFFUSERS_OBJECTS = {"pipe", "pipeline", "scheduler", "unet", "transformer", "vae", "model", "attn"}
+# The demo model's trainer builds its own UNet: it makes a model of one kind, it does not ask a pipeline's kind.
+EXEMPT = {"demo/train.py"}
+
+
+def modules(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file under `root` (a package folder)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at module level or inside functions."""
+    found = modules(root)
+    graph: dict[str, set[str]] = {name: set() for name in found}
+    for name, path in found.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import mod` imports the module pkg.mod when there is one, else names of pkg
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in found else base for a in node.names]
+            for target in targets:
+                while target and target not in found:  # `import a.b.c` of a name inside a module
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that can run: all of them but the bodies of `if TYPE_CHECKING:` (imports for type checkers only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _root_name(child.test) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def _root_name(node: ast.AST) -> str | None:
+    """The last name of an expression chain: `self.pipe` -> "pipe", `pipe` -> "pipe"."""
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    return None
+
+
+def _is_model_type(node: ast.AST) -> bool:
+    """`type(pipe)`, `type(self.pipe.transformer)`, ...: the class of a pipeline or a model."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "type" and len(node.args) == 1
+            and _root_name(node.args[0]) in DIFFUSERS_OBJECTS - {"scheduler", "vae", "attn"})
+
+
+def kind_checks(root: Path) -> list[str]:
+    """"file:line: what" for every place outside `families/` that asks a model's kind or uses a diffusers private
+    name outside `families/compat.py`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel in EXEMPT:
+            continue
+        in_families, in_compat = rel.startswith("families/"), rel == "families/compat.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = (rel, getattr(node, "lineno", 0))
+            if not in_compat:
+                if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                        and _root_name(node.value) in DIFFUSERS_OBJECTS:
+                    found.append((*where, f"diffusers private name {node.attr}"))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers") \
+                        and any(a.name.startswith("_") for a in node.names):
+                    found.append((*where, f"diffusers private import"))
+            if in_families:
+                continue
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                classes = node.args[1] if len(node.args) > 1 else None
+                names = [_root_name(c) for c in (classes.elts if isinstance(classes, ast.Tuple) else [classes])]
+                if any(n and (n.endswith("Family") or n.endswith("Pipeline")) for n in names):
+                    found.append((*where, f"isinstance of a model class"))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") \
+                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in MODEL_ATTRIBUTES:
+                found.append((*where, f"{node.func.id} of {node.args[1].value}"))
+            if isinstance(node, ast.Attribute) and node.attr in MODEL_ATTRIBUTES:
+                found.append((*where, f"reads .{node.attr}"))
+            if isinstance(node, ast.Compare):
+                for operand in [node.left, *node.comparators]:
+                    if isinstance(operand, ast.Constant) and operand.value in FAMILY_NAMES:
+                        found.append((*where, f"compares with {operand.value!r}"))
+                    if isinstance(operand, ast.Attribute) and operand.attr == "__name__" and _is_model_type(operand.value):
+                        found.append((*where, f"compares a model's class name"))
+    return [f"{rel}:{line}: {what}" for rel, line, what in sorted(set(found))]
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / "pkg" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "pkg"
+
+
+def test_the_package_imports_in_one_direction():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 30 and "prompt2prompt.engine.editor" in graph
+    assert "prompt2prompt.families" in graph["prompt2prompt.engine.editor"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    pkg = _write(tmp_path, {"__init__.py": "", "a.py": "from typing import TYPE_CHECKING\nfrom .b import x\nif TYPE_CHECKING:\n    from .sub import c\n",
+                            "b.py": "x = 1\ndef f():\n    from . import a\n", "sub/__init__.py": "",
+                            "sub/c.py": "from ..a import x\n"})
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.b", "pkg.a"]
+    (pkg / "b.py").write_text("x = 1\n")
+    assert find_cycle(import_graph(pkg)) is None
+
+
+def test_nothing_outside_families_asks_which_model_it_has():
+    assert kind_checks(PACKAGE) == []
+
+
+def test_the_kind_check_finds_each_kind_of_question(tmp_path):
+    pkg = _write(tmp_path, {
+        "__init__.py": "",
+        "families/__init__.py": "def f(pipe):\n    return pipe.unet if family.name == 'unet' else pipe._pack_latents\n",
+        "families/compat.py": "def pack(pipe):\n    return pipe._pack_latents\n",
+        "front.py": ("def f(pipe, family):\n"
+                     "    if family.name == 'mmdit':\n"
+                     "        return isinstance(family, FluxFamily)\n"
+                     "    if hasattr(pipe, 'text_encoder_2'):\n"
+                     "        return pipe.unet\n"
+                     "    if type(pipe).__name__ == 'FluxPipeline':\n"
+                     "        return pipe._execution_device\n"
+                     "    from diffusers.models.transformers.transformer_flux import _get_qkv_projections\n"),
+    })
+    found = kind_checks(pkg)
+    assert found == [
+        "families/__init__.py:2: diffusers private name _pack_latents",
+        "front.py:2: compares with 'mmdit'",
+        "front.py:3: isinstance of a model class",
+        "front.py:4: hasattr of text_encoder_2",
+        "front.py:5: reads .unet",
+        "front.py:6: compares a model's class name",
+        "front.py:7: diffusers private name _execution_device",
+        "front.py:8: diffusers private import",
+    ]

@@ -1,0 +1,250 @@
+"""One table of edit cases, run over every model family: the contract's invariants on tiny random pipelines.
+
+Families: SD 1.x, SDXL, SD with v-prediction and zero terminal SNR, SD3, SD3.5, Flux.1 and Flux.1-dev (embedded
+guidance), each with and without classifier-free guidance where it has it. For every (setting, case):
+fused == explicit, and the source row is plain generation. For every setting: no-op edits are plain generation,
+each edit in a batch is that edit alone, and outside the local-blend mask the edit keeps the source's latents.
+
+Each edit run is computed once per module (`runs`) and shared by the tests that read it.
+"""
+
+import functools
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
+from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+import prompt2prompt as p2p
+from conftest import on_device, rel_err, tolerance
+
+SOURCE = "a cat riding a bicycle"
+STEPS = 4
+SIZE = dict(height=32, width=32)
+T5_LENGTH = 16  # max_sequence_length of the MM-DiT runs: the whole prompt fits, the joint text stays short
+
+# The random models' cross-attention maps are nearly flat (within ~8% of their maximum): thresholds close to 1
+# leave part of the image out of the blend masks below, in every family, with CFG and without.
+CASES = {
+    "replace": [p2p.Edit("a dog riding a bicycle")],
+    # "lasagne" is two tokens in CLIP ("lasag" "ne") and in the test T5 ("▁las" "agne"), "cat" one in both
+    "replace-one-to-many": [p2p.Edit("a lasagne riding a bicycle", self_steps=(0.25, 0.75))],
+    # "bicycle" is one CLIP token and two T5 pieces ("▁bi" "cycle"), "lasagne" two in each
+    "replace-multi-piece": [p2p.Edit("a cat riding a lasagne", self_steps=(0.25, 0.75))],
+    "refine": [p2p.Edit("a black cat riding a red bicycle")],
+    "reweight-negative": [p2p.Edit(SOURCE, weights={"cat": -0.5, "bicycle": 2.0})],
+    "word-windows": [p2p.Edit("a dog riding a bicycle", cross_steps={"default": 0.5, "dog": (0.25, 1.0)},
+                              self_steps=0.5)],
+    "blend": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog", threshold=0.97, start=0.25))],
+    "blend-exclude": [p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend(
+        "cat", "dog", threshold=0.95, exclude_source_words="bicycle", exclude_edit_words=["bicycle"],
+        exclude_threshold=0.97))],
+    "mixed": [
+        p2p.Edit("a dog riding a bicycle", blend=p2p.LocalBlend("cat", "dog")),
+        p2p.Edit("a cat riding a rusty bicycle", mode="refine", weights={"rusty": 2.0}),
+        p2p.Edit(SOURCE, weights={"riding": -1.0}),
+    ],
+}
+PARTIAL_MASKS = ("blend", "blend-exclude")  # cases whose masks cover part of the image, not all of it
+
+# No-op edits and the prompt each one generates: the source itself (every window active, identity mapper), and
+# edits whose windows are all empty (a word swap, and a refinement that adds a word).
+NOOPS = [
+    (p2p.Edit(SOURCE), SOURCE),
+    (p2p.Edit("a dog riding a bicycle", cross_steps=0.0, self_steps=0.0), "a dog riding a bicycle"),
+    (p2p.Edit("a black dog riding a bicycle", cross_steps=0.0, self_steps=0.0), "a black dog riding a bicycle"),
+]
+
+BUILDERS = {
+    "sd": tiny_sd_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd-vpred": functools.partial(tiny_sd_pipeline, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  timestep_spacing="trailing"),
+    "sd3": tiny_sd3_pipeline,
+    "sd35": tiny_sd35_pipeline,
+    "flux": tiny_flux_pipeline,
+    "flux-dev": functools.partial(tiny_flux_pipeline, guidance_embeds=True),
+}
+CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
+# Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
+SETTINGS = {
+    "sd-cfg": ("sd", CFG), "sd-no-cfg": ("sd", NO_CFG),
+    "sdxl-cfg": ("sdxl", CFG), "sdxl-no-cfg": ("sdxl", NO_CFG),
+    "sd-vpred-cfg": ("sd-vpred", CFG), "sd-vpred-no-cfg": ("sd-vpred", NO_CFG),
+    "sd3-cfg": ("sd3", CFG), "sd3-no-cfg": ("sd3", NO_CFG),
+    "sd35-cfg": ("sd35", CFG), "sd35-no-cfg": ("sd35", NO_CFG),
+    "flux": ("flux", {}),
+    "flux-dev": ("flux-dev", dict(guidance_scale=3.5)),
+}
+
+
+def is_mmdit(pipe) -> bool:
+    return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline))
+
+
+def run(pipe, edits, attention="fused", editor_kwargs=None, **kwargs):
+    """`SOURCE` edited by `edits` at the tests' size and steps, from seed 0, as latents."""
+    options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
+    if is_mmdit(pipe):
+        options["max_sequence_length"] = T5_LENGTH
+    options.update(kwargs)
+    return p2p.Editor(pipe, attention=attention, **(editor_kwargs or {})).edit(SOURCE, edits, **options)
+
+
+def latents_of(pipe, images, height=SIZE["height"], width=SIZE["width"]):
+    """(P, C, h, w) latents of an output_type="latent" result (Flux returns its 2x2 patches packed as tokens)."""
+    if isinstance(pipe, FluxPipeline):
+        return FluxPipeline._unpack_latents(images, height, width, pipe.vae_scale_factor)
+    return images
+
+
+def plain(pipe, prompt, **kwargs):
+    """(C, h, w): the pipeline itself called on `prompt`, from the initial latent the editor draws for seed 0.
+
+    Without `guidance_scale` the pipeline's default applies; it is the editor's, except SDXL's (5.0, not 7.5).
+    """
+    options = dict(num_inference_steps=STEPS, output_type="latent", **SIZE)
+    if is_mmdit(pipe):
+        options["max_sequence_length"] = T5_LENGTH
+    options.update(kwargs)
+    model = pipe.transformer if is_mmdit(pipe) else pipe.unet
+    scale = pipe.vae_scale_factor
+    shape = (1, pipe.vae.config.latent_channels, options["height"] // scale, options["width"] // scale)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
+    if isinstance(pipe, FluxPipeline):
+        latents = FluxPipeline._pack_latents(latents, *shape)
+    images = pipe(prompt, latents=latents, **options).images
+    return latents_of(pipe, images, options["height"], options["width"])[0]
+
+
+class Runs:
+    """The module's pipelines, edit runs and plain generations, each computed on first use."""
+
+    def __init__(self):
+        self._pipes, self._edits, self._plain = {}, {}, {}
+
+    def pipe(self, setting: str):
+        family = SETTINGS[setting][0]
+        if family not in self._pipes:
+            self._pipes[family] = on_device(BUILDERS[family]())
+        return self._pipes[family]
+
+    def edit(self, setting: str, case: str, attention: str = "fused"):
+        key = (setting, case, attention)
+        if key not in self._edits:
+            self._edits[key] = run(self.pipe(setting), CASES[case], attention, **SETTINGS[setting][1])
+        return self._edits[key]
+
+    def plain(self, setting: str, prompt: str):
+        key = (setting, prompt)
+        if key not in self._plain:
+            self._plain[key] = plain(self.pipe(setting), prompt, **SETTINGS[setting][1])
+        return self._plain[key]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return Runs()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_fused_equals_explicit(runs, setting, case):
+    fused, explicit = runs.edit(setting, case), runs.edit(setting, case, "explicit")
+    assert fused.images.shape[0] == 1 + len(CASES[case])
+    assert rel_err(fused.images, explicit.images) <= tolerance()
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_source_row_is_plain_generation(runs, setting, case, attention):
+    pipe = runs.pipe(setting)
+    source = latents_of(pipe, runs.edit(setting, case, attention).images)[0]
+    assert rel_err(source, runs.plain(setting, SOURCE)) <= tolerance()
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_noop_edits_are_plain_generation(runs, setting, attention):
+    pipe = runs.pipe(setting)
+    edits, prompts = zip(*NOOPS)
+    images = latents_of(pipe, run(pipe, list(edits), attention, **SETTINGS[setting][1]).images)
+    for row, prompt in enumerate([SOURCE, *prompts]):
+        assert rel_err(images[row], runs.plain(setting, prompt)) <= tolerance(), prompt
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_each_edit_in_a_batch_is_that_edit_alone(runs, setting):
+    pipe, together = runs.pipe(setting), runs.edit(setting, "mixed")
+    for e, edit in enumerate(CASES["mixed"]):
+        alone = run(pipe, [edit], **SETTINGS[setting][1])
+        assert rel_err(together.images[1 + e], alone.images[1]) <= tolerance()
+        if edit.blend is not None:
+            assert torch.equal(together.masks[e], alone.masks[0])
+
+
+@pytest.mark.parametrize("case", [case for case, edits in CASES.items() if any(e.blend for e in edits)])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_outside_the_blend_mask_the_edit_keeps_the_source(runs, setting, case):
+    result = runs.edit(setting, case)
+    images = latents_of(runs.pipe(setting), result.images)
+    blended = [e for e, edit in enumerate(CASES[case]) if edit.blend is not None]
+    assert sorted(result.masks) == blended
+    for e in blended:
+        mask = result.masks[e]
+        assert mask.device.type == "cpu" and mask.dtype == torch.bool and mask.shape == images.shape[-2:]
+        outside = ~mask.to(images.device)
+        assert torch.equal(images[1 + e][:, outside], images[0][:, outside])
+        if case in PARTIAL_MASKS:
+            assert 0 < mask.sum() < mask.numel()
+            assert not torch.equal(images[1 + e][:, ~outside], images[0][:, ~outside])
+
+
+# -- Re-edits on a cached source, and several runs in one forward batch: every family, every case ----------------
+
+
+def _options(setting: str) -> dict:
+    pipe_options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1])
+    if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev"):
+        pipe_options["max_sequence_length"] = T5_LENGTH
+    return pipe_options
+
+
+@pytest.fixture(scope="module")
+def caches(runs):
+    """One cached source per setting (seed 0), shared by every case: a cache serves any edit of its source."""
+    made = {}
+
+    def get(setting: str):
+        if setting not in made:
+            made[setting] = p2p.Editor(runs.pipe(setting)).cache_source(SOURCE, seed=0, **_options(setting))
+        return made[setting]
+
+    return get
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_cached_source_gives_the_fresh_edit(runs, caches, setting, case):
+    pipe, fresh = runs.pipe(setting), runs.edit(setting, case)
+    cached = p2p.Editor(pipe).edit(SOURCE, CASES[case], cache=caches(setting), output_type="latent", **_options(setting))
+    assert cached.images.shape == fresh.images.shape
+    assert rel_err(cached.images, fresh.images) <= tolerance()
+    assert sorted(cached.masks) == sorted(fresh.masks)
+    for e in fresh.masks:  # the blend masks of the cached run are the fresh run's
+        assert torch.equal(cached.masks[e], fresh.masks[e])
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_runs_in_one_forward_batch_each_equal_the_run_alone(runs, setting):
+    pipe, cases = runs.pipe(setting), ["replace-one-to-many", "refine", "blend"]
+    editor = p2p.Editor(pipe)
+    prepared = [editor.prepare(SOURCE, CASES[case], seed=seed, **_options(setting)) for seed, case in enumerate(cases)]
+    together = editor.run(prepared, output_type="latent")
+    for seed, (case, result) in enumerate(zip(cases, together)):
+        alone = editor.edit(SOURCE, CASES[case], seed=seed, output_type="latent", **_options(setting))
+        assert rel_err(result.images, alone.images) <= tolerance(), case
+        for e in alone.masks:
+            assert torch.equal(result.masks[e], alone.masks[e])
