@@ -126,14 +126,14 @@ def kind_checks(root: Path) -> list[str]:
                     found.append((*where, f"diffusers private name {node.attr}"))
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers") \
                         and any(a.name.startswith("_") for a in node.names):
-                    found.append((*where, f"diffusers private import"))
+                    found.append((*where, "diffusers private import"))
             if in_families:
                 continue
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
                 classes = node.args[1] if len(node.args) > 1 else None
                 names = [_root_name(c) for c in (classes.elts if isinstance(classes, ast.Tuple) else [classes])]
                 if any(n and (n.endswith("Family") or n.endswith("Pipeline")) for n in names):
-                    found.append((*where, f"isinstance of a model class"))
+                    found.append((*where, "isinstance of a model class"))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") \
                     and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in MODEL_ATTRIBUTES:
                 found.append((*where, f"{node.func.id} of {node.args[1].value}"))
@@ -144,7 +144,7 @@ def kind_checks(root: Path) -> list[str]:
                     if isinstance(operand, ast.Constant) and operand.value in FAMILY_NAMES:
                         found.append((*where, f"compares with {operand.value!r}"))
                     if isinstance(operand, ast.Attribute) and operand.attr == "__name__" and _is_model_type(operand.value):
-                        found.append((*where, f"compares a model's class name"))
+                        found.append((*where, "compares a model's class name"))
     return [f"{rel}:{line}: {what}" for rel, line, what in sorted(set(found))]
 
 

@@ -53,3 +53,51 @@ def test_the_web_apps_run_edits_an_sd3_model(tmp_path, tiny_sd3_dir):
     assert seed == 5 and len(gallery) == 2 and len(heatmaps) == 2 * 5  # two prompts, one map per word
     recipe = read_recipe(paths[1])
     assert (recipe.family, recipe.cached_source) == ("sd3", True)
+
+
+def test_the_web_app_reuses_an_sd3_source_and_a_flux_inversion(tmp_path, tiny_sd3_dir, tiny_flux_dir):
+    from prompt2prompt import webapp
+
+    rows = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
+    editors = webapp._Editors([str(tiny_sd3_dir), str(tiny_flux_dir)], str(TORCH_DEVICE), DTYPE_NAME)
+    first = webapp._run(editors, tmp_path, 10 * 2**20, str(tiny_sd3_dir), "a [cat->dog] riding a bicycle", 5, 2, 7.0,
+                        None, "direct", 0, *rows)
+    second = webapp._run(editors, tmp_path, 10 * 2**20, str(tiny_sd3_dir), "a [cat->fox] riding a bicycle", 5, 2, 7.0,
+                         None, "direct", 0, *rows)
+    assert "source reused" not in first[4] and "source reused" in second[4]
+    assert np.array_equal(pixels(first[1][0]), pixels(second[1][0]))  # the same source image, not recomputed
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(photo)
+    hits = editors.sources.hits
+    webapp._run(editors, tmp_path, 10 * 2**20, str(tiny_flux_dir), "a [cat->dog] riding a bicycle", None, 2, 3.5,
+                str(photo), "direct", 0, *rows)
+    again = webapp._run(editors, tmp_path, 10 * 2**20, str(tiny_flux_dir), "a [cat->fox] riding a bicycle", None, 2,
+                        3.5, str(photo), "direct", 0, *rows)
+    assert editors.sources.hits == hits + 2 and "source reused" in again[4]  # the inversion, then the source
+
+
+def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch):
+    from prompt2prompt.engine import Editor
+
+    groups = []
+    run_group = Editor._run_group
+
+    def recording(self, runs, *args):
+        groups.append(len(runs))
+        return run_group(self, runs, *args)
+
+    monkeypatch.setattr(Editor, "_run_group", recording)
+    base = {"model": str(tiny_flux_dir), "num_inference_steps": 2, "height": 32, "width": 32,
+            "max_sequence_length": 16, "seed": 3}
+    lines = [{**base, "source": "a cat riding a bicycle", "edits": [edit]}
+             for edit in ("a dog riding a bicycle", "a fox riding a bicycle", "a black cat riding a bicycle")]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = load_manifest(manifest_path)
+    summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False, **ON_DEVICE)
+    assert (summary.done, summary.failed) == (3, 0) and groups == [3]
+    editor, _ = load_editor(str(tiny_flux_dir), **ON_DEVICE)
+    for job in manifest.jobs:  # each job's images, made in the shared batch, are its own replayed alone
+        png = tmp_path / "out" / "jobs" / job.id / "edit-1.png"
+        assert np.array_equal(pixels(png), np.asarray(run_recipe(read_recipe(png), editor).images[1]))

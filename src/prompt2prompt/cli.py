@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .alignment import check_words, word_spans
 from .edits import MODES, edit_from_dict
 from .engine import load_editor
+from .limits import CROSS_STEPS, SELF_STEPS
 from .loading import check_device, parse_dtype, quiet_loading, resolve_model
 from .recipe import (MAX_STEPS, Recipe, check_guidance, check_int, check_side, file_digest, inversion_available,
                      read_recipe, recipe_for, run_recipe, save_png, save_result)
@@ -312,9 +313,9 @@ def edit(
     guidance: GuidanceOption = None,
     max_sequence_length: SequenceOption = None,
     seed: SeedOption = None,
-    cross: Annotated[str, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8.")] = "0.8",
+    cross: Annotated[str, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8.")] = str(CROSS_STEPS),
     cross_word: Annotated[list[str], typer.Option("--cross-word", help="Per-word window: lion=0.4 (repeatable).")] = [],  # noqa: B006
-    self_steps: Annotated[str, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4.")] = "0.4",
+    self_steps: Annotated[str, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4.")] = str(SELF_STEPS),
     blend: Annotated[str | None, typer.Option(help="Local blend words, source:edit, e.g. cat:dog.",
                                               show_default=False)] = None,
     weight: Annotated[list[str], typer.Option("--weight", help="Reweight a word: word=2.0 (repeatable).")] = [],  # noqa: B006

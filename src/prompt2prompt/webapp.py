@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .edits import MODES
-from .engine import SourceStore
+from .engine import SourceStore, load_editor
 from .images import open_image
-from .engine import load_editor
+from .limits import CROSS_STEPS, SELF_STEPS
 from .loading import ModelSource, check_device, parse_dtype
 from .recipe import (MAX_STEPS, check_guidance, check_int, file_digest, inversion_available, recipe_for, run_recipe,
                      save_result)
@@ -176,7 +176,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
     parsed = _parse(source, "the source prompt")  # inline markup ("a [cat->dog]") makes the first edit
     specs = []
     if parsed.edit is not None:
-        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": 0.8, "self_steps": 0.4,
+        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS,
                       "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
     specs += [spec for i in range(int(count))
               if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
@@ -261,8 +261,8 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                             elem_id=f"edit-{i + 1}")
                         with gr.Row():
                             mode = gr.Radio(list(MODES), value="auto", label="Mode")
-                            cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention steps")
-                            self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention steps")
+                            cross = gr.Slider(0, 1, value=CROSS_STEPS, step=0.05, label="Cross-attention steps")
+                            self_steps = gr.Slider(0, 1, value=SELF_STEPS, step=0.05, label="Self-attention steps")
                         with gr.Row():
                             weight_words = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                                        label="Reweight words")

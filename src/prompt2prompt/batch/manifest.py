@@ -22,12 +22,13 @@ from typing import Any
 from PIL import Image
 
 from ..families import MAX_SEQUENCE_LENGTH
+from ..limits import CROSS_STEPS, SELF_STEPS
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
-_EDIT_DEFAULTS = {"mode": "auto", "cross_steps": 0.8, "self_steps": 0.4, "weights": None, "blend": None}
+_EDIT_DEFAULTS = {"mode": "auto", "cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS, "weights": None, "blend": None}
 _JOB_FIELDS = ("id", "model", "source", "image", "edits", "seed", "num_inference_steps", "guidance_scale",
                "negative_prompt", "height", "width", "inversion", "max_sequence_length")
 # Names people type from the CLI or other tools, and the manifest's name for each.

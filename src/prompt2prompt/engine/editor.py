@@ -212,11 +212,11 @@ class Editor:
         # 4. Layers: which edit, self-replace, blend and record
         channels, *latent_size = family.latent_shape(height, width)
         latent_size = tuple(latent_size)
-        blend = cache is not None or any(e.blend is not None for e in edits)  # a cache always records blend maps
-        layers = self._layer_plan(latent_size, blend, record_attention, source.length)
+        layers = self._layer_plan(latent_size, any(e.blend is not None for e in edits), record_attention, source.length)
         blends = _blend_specs(source, edits, targets)
-        if cache is not None:
-            self._check_cache(cache, layers, num_inference_steps, guidance_scale, height, width, negative_prompt,
+        if cache is not None:  # a cache records the blend maps of every source: its layers are those of a blending run
+            blending = self._layer_plan(latent_size, True, record_attention, source.length)
+            self._check_cache(cache, blending, num_inference_steps, guidance_scale, height, width, negative_prompt,
                               pipeline_kwargs)
         # 5. Initial latents: one draw shared by every prompt, on the model's device
         device, dtype = family.execution_device(), family.model.dtype
