@@ -109,19 +109,9 @@ class P2PAttnProcessor:
         if not layers.self_replaces(size):
             return apply_probs(attention_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         q_s, k_s, mask_s = self._source(q, k, mask, first)
-        replaced = plan.flags[step].self_replace
-        if not replaced:
+        if not plan.flags[step].self_replace:
             return apply_probs(attention_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if layers.explicit:
-            probs = attention_probs(q, k, mask)
-            a_s = attention_probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
-            for e in replaced:
-                probs[first + e] = a_s
-            return apply_probs(probs, v)
-        # Self-replacement is attention(Q_s, K_s, V_e): give the edit rows the source's queries and keys.
-        rows = plan.self_active[step]
-        q, k = with_source(q, first, q_s, rows), with_source(k, first, k_s, rows)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return replace_self(q, k, v, mask, first, q_s, k_s, mask_s, state)
 
     def _source(self, q, k, mask, first: int):
         """The source's conditional (query, key, mask), each (1, ...): its batch row, or the cache's."""
@@ -133,6 +123,26 @@ class P2PAttnProcessor:
         if state.recorder is not None:
             state.recorder(self.name, q_s, k_s)
         return q_s, k_s, None if mask is None else mask[first - 1 : first]
+
+
+def replace_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, first: int,
+                 q_s: torch.Tensor, k_s: torch.Tensor, mask_s: torch.Tensor | None, state: RunState) -> torch.Tensor:
+    """The contract's self-attention rule: edit rows whose self window is open take the source's probabilities.
+
+    `q_s`, `k_s` (1, heads, ., d) are the source's (its batch row, or the cache's); the rows before `first` and
+    the edit rows whose window is closed are computed as they are.
+    """
+    plan, step = state.plan, state.step
+    if state.layers.explicit:
+        probs = attention_probs(q, k, mask)
+        a_s = attention_probs(q_s, k_s, mask_s)[0] if state.cached else probs[first - 1]
+        for e in plan.flags[step].self_replace:
+            probs[first + e] = a_s
+        return apply_probs(probs, v)
+    # Self-replacement is attention(Q_s, K_s, V_e): give the edit rows the source's queries and keys.
+    rows = plan.self_active[step]
+    q, k = with_source(q, first, q_s, rows), with_source(k, first, k_s, rows)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def with_source(x: torch.Tensor, first: int, x_s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ materialised in the fused path only in the blocks whose text maps are recorded (
 import torch
 import torch.nn.functional as F
 
-from .cross import apply_probs, attention_probs, with_source
+from .cross import apply_probs, attention_probs, replace_self, with_source
 from .state import RunState
 
 KINDS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
@@ -199,14 +199,7 @@ def image_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunSt
     if not replaced:
         return _plain(q, k, v, layers.explicit)
     q_s, k_s = state.source[name] if state.cached else (q[first - 1 : first], k[first - 1 : first])
-    if layers.explicit:
-        probs = attention_probs(q, k, None)
-        a_s = attention_probs(q_s, k_s, None)[0] if state.cached else probs[first - 1]
-        for e in replaced:
-            probs[first + e] = a_s
-        return apply_probs(probs, v)
-    active = plan.self_active[state.step]
-    return F.scaled_dot_product_attention(with_source(q, first, q_s, active), with_source(k, first, k_s, active), v)
+    return replace_self(q, k, v, None, first, q_s, k_s, None, state)
 
 
 def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, explicit: bool) -> torch.Tensor:
