@@ -76,9 +76,10 @@ def test_the_guard_catches_a_host_sync():
         bool(torch.empty(3, device=DEVICE).any())
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["source-row", "cached-source"])
 @pytest.mark.parametrize("path", ["fused", "explicit", "recorded"])
 @pytest.mark.parametrize("text_first", [True, False], ids=["flux", "sd3"])
-def test_joint_attention_on_another_device_never_syncs(tokenizer, path, text_first):
+def test_joint_attention_on_another_device_never_syncs(tokenizer, path, text_first, cached):
     from prompt2prompt.alignment import join
     from prompt2prompt.attention.joint import image_attend, joint_attend
     from prompt2prompt.attention.state import JointLayerPlan
@@ -88,11 +89,14 @@ def test_joint_attention_on_another_device_never_syncs(tokenizer, path, text_fir
     layers = JointLayerPlan(grid=(4, 4), text_length=77, text_first=text_first, cross_blocks=frozenset({0}),
                             self_blocks=frozenset({0}), record_blocks=frozenset({0}),
                             blend_size=(4, 4) if path == "recorded" else None, explicit=path == "explicit")
-    q = torch.empty(2 * plan.num_prompts, 2, 16 + 77, 8, device=DEVICE, dtype=DTYPE)
+    rows = plan.num_edits if cached else plan.num_prompts  # a cached source's row is not in the batch
+    q = torch.empty(2 * rows, 2, 16 + 77, 8, device=DEVICE, dtype=DTYPE)
+    image = q[:, :, :16]
+    # the cache's (image queries, keys) of the joint layer and (queries, keys) of the image layer
+    source = {"joint": (q[:1, :, :16], q[:1]), "image": (image[:1], image[:1])} if cached else None
     for step in range(STEPS):
-        state = RunState(plan=plan, layers=layers, step=step)
-        assert joint_attend(q, q, q, state, 0).shape == q.shape
-        image = q[:, :, :16]
-        assert image_attend(image, image, image, state, 0).device == DEVICE
+        state = RunState(plan=plan, layers=layers, step=step, cached=cached, source=source)
+        assert joint_attend(q, q, q, state, 0, "joint").shape == q.shape
+        assert image_attend(image, image, image, state, 0, "image").device == DEVICE
     if path == "recorded":
         assert state.blend_sum.device == DEVICE
