@@ -127,7 +127,7 @@ def test_every_malformed_line_is_reported_with_its_number(tmp_path, tiny_sd_dir)
         load_manifest(path)
     message = str(caught.value)
     expected = {
-        2: "not valid JSON", 3: "'steps' (did you mean 'num_inference_steps'?)", 4: "non-empty list of edits",
+        2: "not valid JSON", 3: "'steps' (did you mean 'num_inference_steps'?)", 4: "the job has no edits: give",
         5: "self_steps", 7: "seed must be a non-negative integer", 8: "cannot be read as an image",
         9: "'missing.png' is not a file", 10: "'inversion' needs an 'image'", 11: "id must be",
         12: "source_words and edit_words", 14: "already line 13's", 15: "a job is a JSON object, not list",
@@ -435,7 +435,7 @@ def test_manifest_settings_have_the_recipe_s_bounds(tmp_path, tiny_sd_dir):
         2: "height must be a positive multiple of 8 px up to 4096", 3: "guidance_scale must be a finite number",
         4: "guidance_scale must be a finite number from -100 to 100", 5: "edits must be a non-empty list of edits of at most 64",
         6: "inversion num_inner_steps must be an integer from 0 to 100", 7: "early_stop_epsilon must be a finite number >= 0",
-        8: "id must be 1-100 letters", 9: "seed must be a non-negative integer", 10: "Exceeds the limit (4300 digits)",
+        8: "id must be 1-100 letters", 9: "seed must be a non-negative integer", 10: "an integer of more than 4300 digits, which no field takes",
         11: "not valid JSON (nested too deeply)", 12: "model '~nobody-here/model' is neither a usable path nor a hub id",
     }
     lines = str(caught.value).splitlines()[1:]
@@ -616,3 +616,41 @@ def test_a_manifest_that_is_a_pipe_is_refused_without_reading_it(tmp_path):
     os.mkfifo(tmp_path / "m.jsonl")
     with pytest.raises(ManifestError, match="not a regular file"):
         load_manifest(tmp_path / "m.jsonl")
+
+
+def test_a_manifest_takes_inline_markup_and_says_what_an_empty_edit_list_lacks(tmp_path):
+    path = write_manifest(tmp_path / "m.jsonl", [
+        {"source": "a [cat->dog] riding a (bike:1.5)", "seed": 1},
+        {"source": "a cat riding a bike", "edits": ["a fox riding a bike"], "seed": 2},
+    ])
+    jobs = load_manifest(path).jobs
+    assert jobs[0].source == "a cat riding a bike"
+    assert [(e["prompt"], e["weights"]) for e in jobs[0].edits] == [("a dog riding a bike", [[4, 1.5]])]
+    assert jobs[1].edits[0]["prompt"] == "a fox riding a bike"
+    bad = write_manifest(tmp_path / "bad.jsonl", [{"source": "a cat riding a bike", "edits": [], "seed": 1}])
+    with pytest.raises(ManifestError, match="the job has no edits: give \"edits\": \\[\"a dog riding a bicycle\"\\]"):
+        load_manifest(bad)
+
+
+def test_the_cli_prints_each_failed_jobs_error(tmp_path, tiny_sd_dir, monkeypatch):
+    from prompt2prompt.recipe import RecipeError
+
+    lines = job_lines(3, model=str(tiny_sd_dir))
+    path = write_manifest(tmp_path / "m.jsonl", lines)
+    jobs = load_manifest(path).jobs
+    real = batch.worker.run_recipe
+
+    def failing(recipe, editor, **kwargs):  # the second job fails as a run-time error would
+        if recipe.source == jobs[1].source:
+            raise RecipeError("the second job's own error")
+        return real(recipe, editor, **kwargs)
+
+    monkeypatch.setattr(batch.worker, "run_recipe", failing)
+    monkeypatch.setattr(batch.worker, "edit_together", lambda editor, recipes: [failing(r, editor, output_type="np").images
+                                                                                 for r in recipes])
+    result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out"), "--workers", "0",
+                                      "--device", ON_DEVICE["device"], "--dtype", ON_DEVICE["dtype"]])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"failed {jobs[1].id} (line 2): RecipeError: the second job's own error" in text
+    assert f"failed {jobs[0].id}" not in text and "run again to retry them" in text

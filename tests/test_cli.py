@@ -208,6 +208,8 @@ def _no_model(*args, **kwargs):
         (["a [cat->dog]", "--cross-word", "lion=0.4"], "the word 'lion' is not in the prompt 'a dog'"),
         (["a cat", "--to", "a fluffy cat", "--mode", "replace"], "replace needs prompts with the same number of words"),
         (["a [cat->dog]", "--self", "0.9:0.1"], "starts after it ends"),
+        (["a big red circle", "--to", ""], "--to takes an edit prompt, and this one is empty"),
+        (["a [cat->dog]", "--blend", "cat:dog", "--blend-threshold", "1.5"], "--blend-threshold"),
     ],
 )
 def test_bad_edits_fail_before_a_model_loads(tmp_path, monkeypatch, args, message):
@@ -474,3 +476,21 @@ def test_a_command_writes_nothing_outside_its_output_folder(tiny_sd_dir, tmp_pat
     assert done.returncode == 0, done.stderr
     assert list(home.iterdir()) == list(temp.iterdir()) == list(cwd.iterdir()) == []
     assert sorted(path.name for path in out.iterdir()) == ["edit-1.png", "grid.png", "source.png"]
+
+
+def test_an_error_about_a_very_long_prompt_quotes_a_short_part_of_it(tiny_sd_dir, tmp_path):
+    long = "a cat " * 20_000  # 120,000 characters, 40,000 words: far over the text encoder's 77 tokens
+    result = run("edit", long, "--to", "a dog", "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
+    assert result.exit_code == 2, result.output[-500:]
+    assert "characters) is 40002 tokens long" in result.stderr and len(result.stderr) < 400
+
+
+def test_blend_threshold_is_recorded_and_a_blend_over_the_whole_image_is_said(tiny_sd_dir, tmp_path):
+    wide = run("edit", "a [cat->dog] riding a bike", "--blend", "cat:dog", "--blend-threshold", "0",
+               "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "wide")
+    assert wide.exit_code == 0, wide.output
+    assert "the local blend of edit 1 covers 100% of the image" in " ".join(wide.stderr.split() + wide.stdout.split())
+    assert read_recipe(tmp_path / "wide" / "edit-1.png").edits[0]["blend"]["threshold"] == 0
+    narrow = run("edit", "a [cat->dog] riding a bike", "--blend", "cat:dog", "--blend-threshold", "0.97",
+                 "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "narrow")
+    assert narrow.exit_code == 0 and "covers" not in narrow.output

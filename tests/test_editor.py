@@ -228,3 +228,18 @@ def test_a_run_that_diverges_is_an_error_not_black_images(sd_pipe, monkeypatch):
         with pytest.raises(RuntimeError, match="NaN/inf"):
             run(sd_pipe, CASES["replace"], guidance_scale=1e30, output_type=output_type)
     assert p2p.Editor(sd_pipe).prepare(SOURCE, CASES["replace"], num_inference_steps=1001).num_inference_steps == 1001
+
+
+def test_a_cross_steps_key_that_is_no_word_is_refused_at_once():
+    with pytest.raises(TypeError, match="cross_steps keys are 'default', words or word positions, not None"):
+        p2p.Edit("a dog riding a bicycle", cross_steps={None: 0.4})
+
+
+def test_a_misspelt_pipeline_keyword_is_refused_with_the_close_match(sd_pipe):
+    editor = p2p.Editor(sd_pipe)
+    with pytest.raises(ValueError, match="StableDiffusionPipeline takes no keyword 'guidance_rescal'; did you mean "
+                                         "'guidance_rescale'"):
+        editor.prepare(SOURCE, ["a dog riding a bicycle"], guidance_rescal=0.7, **SIZE)
+    run = editor.prepare(SOURCE, ["a dog riding a bicycle"], num_inference_steps=2, seed=0, **SIZE)
+    with pytest.raises(ValueError, match="takes no keyword 'etta'; did you mean 'eta'"):
+        editor.run(run, etta=0.5)

@@ -104,7 +104,8 @@ def test_flux_tokens_are_t5_only(flux_pipe):
         (lambda e: e.edit(SOURCE, ["a dog riding a bicycle"], prompt_3="x", **OPTIONS), "prompt_3"),
         (lambda e: e.edit(SOURCE, ["a dog riding a bicycle"], record_attention=16, **OPTIONS), "record_attention"),
         (lambda e: e.edit(SOURCE + " and" * 20, ["a dog"], **OPTIONS), "max_sequence_length"),
-        (lambda e: e.edit(SOURCE, ["a dog riding a bicycle"], true_cfg_scale=float("nan"), **OPTIONS), "finite"),
+        (lambda e: e.edit(SOURCE, ["a dog riding a bicycle"], true_cfg_scale=2.0, **OPTIONS),
+         "StableDiffusion3Pipeline takes no keyword 'true_cfg_scale'"),  # Flux's, not SD3's
         (lambda e: p2p.Editor(e.pipe, blend_res=8), "MM-DiT models choose blocks"),
         (lambda e: p2p.Editor(e.pipe, self_blocks=[7]), "not a block"),
     ],
@@ -117,3 +118,8 @@ def test_bad_input_is_refused_before_compute(sd3_pipe, make, message):
 def test_unet_editor_refuses_block_choices(sd_pipe):
     with pytest.raises(ValueError, match="UNet models choose layers by side"):
         p2p.Editor(sd_pipe, self_blocks=[0])
+
+
+def test_flux_true_cfg_must_be_finite(flux_pipe):
+    with pytest.raises(ValueError, match="true_cfg_scale must be a finite number"):
+        p2p.Editor(flux_pipe).prepare(SOURCE, ["a dog riding a bicycle"], true_cfg_scale=float("nan"), **OPTIONS)

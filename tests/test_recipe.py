@@ -125,7 +125,7 @@ def test_every_bad_field_is_one_clear_recipe_error(changes, message):
     ("{not json", "the recipe is not valid JSON"),
     ("[1, 2]", "the recipe is a JSON list, not an object"),
     ("[" * 100_000, "the recipe is not valid JSON"),
-    ('{"seed": ' + "1" * 5000 + "}", "the recipe is not valid JSON"),
+    ('{"seed": ' + "1" * 5000 + "}", "the recipe holds an integer of more than 4300 digits"),
 ])
 def test_text_that_is_no_recipe_is_one_clear_recipe_error(text, message):
     with pytest.raises(RecipeError, match="^" + message):
@@ -327,3 +327,19 @@ def test_replaying_a_pipe_is_refused_without_reading_it(tmp_path):
     for path in (tmp_path / "fifo.png", "/dev/zero", tmp_path):
         with pytest.raises(RecipeError, match="not a regular file"):
             read_recipe(path)
+
+
+def test_an_input_image_that_is_a_folder_is_named_as_such(editor, tmp_path):
+    (tmp_path / "in.png").mkdir()  # a folder where the recipe's picture should be
+    recipe = parse(recipe_data(seed=None, image={"path": "in.png", "sha256": SHA}, inversion={"method": "ddim"}))
+    with pytest.raises(recipes.RecipeError, match="'.*in.png' is not a regular file"):
+        run_recipe(recipe, editor, base_dir=tmp_path)
+    (tmp_path / "in.png").rmdir()
+    with pytest.raises(recipes.RecipeError, match="is missing"):
+        run_recipe(recipe, editor, base_dir=tmp_path)
+
+
+def test_an_integer_of_thousands_of_digits_gives_our_message_not_pythons():
+    with pytest.raises(recipes.RecipeError) as caught:
+        parse('{"format": 1, "seed": ' + "9" * 5000 + "}")
+    assert "4300 digits" in str(caught.value) and "set_int_max_str_digits" not in str(caught.value)

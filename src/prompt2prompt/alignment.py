@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .limits import quoted
+
 MAX_TOKENS = 77
 
 WordRef = str | int
@@ -102,7 +104,7 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS, *, what: str 
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     if len(ids) > max_length:
         raise ValueError(
-            f"the prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's {max_length} "
+            f"the prompt {quoted(prompt)} is {len(ids)} tokens long, more than the text encoder's {max_length} "
             f"{what}; shorten it"
         )
     spans = word_spans(prompt)

@@ -24,10 +24,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .alignment import check_words, word_spans
-from .edits import MODES, edit_from_dict
+from .edits import MODES, check_edit_words, edit_from_dict
 from .engine import load_editor
-from .limits import CROSS_STEPS, SELF_STEPS
+from .limits import BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS
 from .loading import check_device, parse_dtype, quiet_loading, resolve_model
 from .recipe import (MAX_STEPS, Recipe, check_guidance, check_int, check_side, file_digest, inversion_available,
                      read_recipe, recipe_for, run_recipe, save_png, save_result)
@@ -84,6 +83,10 @@ SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
 AllowPickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Also load pickle (.bin) weights, with torch.load(weights_only=True). Off: safetensors "
                            "only, since a pickle can run code.")]
+
+
+WIDE_BLEND = 0.98  # a blend mask covering this share of the image (or more) keeps nothing of the source
+MAX_SHOWN_FAILURES = 20  # failed jobs whose errors `p2p batch` prints; the index has them all
 
 
 class UsageError(ValueError):
@@ -208,25 +211,11 @@ def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | 
 
 
 def _check_edits(source: str, specs: list[dict[str, Any]]) -> None:
-    """Check the edits as far as no model is needed, so that a bad option or a misspelt word fails at once.
-
-    Building the Edits checks modes, windows and weights; the words they name must be in their prompts. Words
-    are those of `alignment.word_spans`, as in the engine, which checks the rest (the prompts' token counts).
-    """
-    source_words = len(word_spans(source))
-    for edit in map(edit_from_dict, specs):
-        edit_words = len(word_spans(edit.prompt))
-        if edit.mode == "replace" and edit_words != source_words:
-            raise UsageError(f"replace needs prompts with the same number of words, but the source {source!r} has "
-                             f"{source_words} and the edit {edit.prompt!r} has {edit_words}; use --mode refine to "
-                             "add words")
-        check_words(edit.prompt, list(edit.weights or {}))
-        if isinstance(edit.cross_steps, dict):
-            check_words(edit.prompt, [word for word in edit.cross_steps if word != "default"])
-        if edit.blend is not None:
-            for prompt, words in ((source, edit.blend.source_words), (edit.prompt, edit.blend.edit_words),
-                                  (source, edit.blend.exclude_source_words), (edit.prompt, edit.blend.exclude_edit_words)):
-                check_words(prompt, words)
+    """Check the edits as far as no model is needed, so that a bad option or a misspelt word fails at once."""
+    try:
+        check_edit_words(source, [edit_from_dict(spec) for spec in specs])
+    except ValueError as error:
+        raise UsageError(str(error).replace("use mode refine", "use --mode refine")) from None
 
 
 def _pairs(text: str, option: str, parse) -> tuple[str, Any]:
@@ -256,7 +245,7 @@ def _words(text: str) -> list[str]:
 
 def edit_specs(
     prompt: str, to: list[str], *, mode: str, cross: str, cross_words: list[str], self_steps: str,
-    blend: str | None, weights: list[str],
+    blend: str | None, weights: list[str], blend_threshold: float = BLEND_THRESHOLD,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The source prompt and the recipe's edit specs for `p2p edit`'s arguments.
 
@@ -277,11 +266,15 @@ def edit_specs(
         if not sep or not _words(source_words) or not _words(edit_words):
             raise UsageError(f"--blend takes source_words:edit_words (comma-separated), not {blend!r}; e.g. cat:dog")
         blend_spec = {"source_words": _words(source_words), "edit_words": _words(edit_words)}
+        if blend_threshold != BLEND_THRESHOLD:
+            blend_spec["threshold"] = blend_threshold
 
     prompts: list[tuple[str, dict[int, float]]] = []
     if parsed.edit is not None:
         prompts.append((parsed.edit, parsed.weights))
     for text in to:
+        if not text.strip():
+            raise UsageError("--to takes an edit prompt, and this one is empty; e.g. --to 'a dog riding a bicycle'")
         target = parse_prompt(text)
         if target.edit is not None and target.edit != target.source:
             raise UsageError(f"--to takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
@@ -318,6 +311,8 @@ def edit(
     self_steps: Annotated[str, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4.")] = str(SELF_STEPS),
     blend: Annotated[str | None, typer.Option(help="Local blend words, source:edit, e.g. cat:dog.",
                                               show_default=False)] = None,
+    blend_threshold: Annotated[float, typer.Option(min=0, max=1, help="Local blend's mask threshold (on the "
+                                                                      "max-normalised attention).")] = BLEND_THRESHOLD,
     weight: Annotated[list[str], typer.Option("--weight", help="Reweight a word: word=2.0 (repeatable).")] = [],  # noqa: B006
     negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
     height: Annotated[int | None, typer.Option(help="Image height in px [default: the model's].")] = None,
@@ -349,7 +344,8 @@ def edit(
         elif seed is None:
             seed = secrets.randbelow(2**31)
         source, specs = edit_specs(source_prompt if prompt is None else prompt, to, mode=mode, cross=cross,
-                                   cross_words=cross_word, self_steps=self_steps, blend=blend, weights=weight)
+                                   cross_words=cross_word, self_steps=self_steps, blend=blend, weights=weight,
+                                   blend_threshold=blend_threshold)
         _check_edits(source, specs)
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
@@ -362,6 +358,17 @@ def edit(
                 result = run_recipe(recipe, editor)
             paths = save_result(result.images, recipe, out)
     _report(paths, recipe.seed)
+    _warn_wide_blends(result.masks)
+
+
+def _warn_wide_blends(masks: dict) -> None:
+    """Say so when a local blend's mask covers (almost) the whole image: the blend then changes nothing."""
+    for e, mask in sorted(masks.items()):
+        share = float(mask.float().mean())
+        if share >= WIDE_BLEND:
+            console.print(f"[yellow]warning:[/yellow] the local blend of edit {e + 1} covers {share:.0%} of the image, "
+                          "so it keeps nothing of the source; raise --blend-threshold (e.g. 0.6) to confine it",
+                          highlight=False)
 
 
 @app.command()
@@ -555,7 +562,15 @@ def batch(
     console.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} done before; "
                   f"{summary.jobs_per_minute:.1f} jobs/min", highlight=False)
     if summary.failed:
-        console.print("[red]some jobs failed[/red]: their errors are in the index; run again to retry them")
+        from .batch import read_index
+
+        failed = [row for row in read_index(out).values() if row["status"] == "failed"]
+        for row in failed[:MAX_SHOWN_FAILURES]:
+            console.print(f"[red]failed[/red] {escape(str(row['id']))} (line {row.get('line')}): "
+                          f"{escape(' '.join(str(row.get('error')).split())[:300])}", highlight=False)
+        if len(failed) > MAX_SHOWN_FAILURES:
+            console.print(f"... and {len(failed) - MAX_SHOWN_FAILURES} more, in {out / INDEX}", highlight=False)
+        console.print("[red]some jobs failed[/red]: run again to retry them", highlight=False)
         raise typer.Exit(1)
 
 

@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
-from .alignment import WordRef
+from .alignment import WordRef, check_words, word_spans
 from .limits import BLEND_START, BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, check_weight
 from .schedules import CrossSteps, Window, as_window
 
-__all__ = ["MODES", "Edit", "LocalBlend", "Words", "blend_from_dict", "blend_to_dict", "edit_from_dict", "edit_to_dict"]
+__all__ = ["MODES", "Edit", "LocalBlend", "Words", "blend_from_dict", "blend_to_dict", "check_edit_words", "edit_from_dict",
+           "edit_to_dict"]
 
 Words = WordRef | Sequence[WordRef]
 MODES = ("auto", "replace", "refine")
@@ -206,3 +207,31 @@ def edit_from_dict(data: Mapping[str, Any]) -> Edit:
     if fields.get("blend") is not None:
         fields["blend"] = blend_from_dict(fields["blend"])
     return Edit(fields.pop("prompt"), **fields)
+
+
+def check_edit_words(source: str, edits: Sequence[Edit]) -> None:
+    """Refuse, without a model, edits that cannot run on `source`: a word they name (weights, per-word windows,
+    blend words) missing from its prompt, or a replace between prompts of different word counts.
+
+    Words are those of `alignment.word_spans`, as the engine has them; the engine checks the rest (token counts).
+
+    >>> check_edit_words("a cat", [Edit("a dog", blend=LocalBlend("cat", "bird"))])
+    Traceback (most recent call last):
+    ...
+    ValueError: the word 'bird' is not in the prompt 'a dog'; its words are ['a', 'dog']
+    """
+    source_words = len(word_spans(source))
+    for edit in edits:
+        edit_words = len(word_spans(edit.prompt))
+        if edit.mode == "replace" and edit_words != source_words:
+            raise ValueError(f"replace needs prompts with the same number of words, but the source {source!r} has "
+                             f"{source_words} and the edit {edit.prompt!r} has {edit_words}; use mode refine to add "
+                             "words")
+        check_words(edit.prompt, list(edit.weights or {}))
+        if isinstance(edit.cross_steps, Mapping):
+            check_words(edit.prompt, [word for word in edit.cross_steps if word != "default"])
+        if edit.blend is not None:
+            blend = edit.blend
+            for prompt, words in ((source, blend.source_words), (edit.prompt, blend.edit_words),
+                                  (source, blend.exclude_source_words), (edit.prompt, blend.exclude_edit_words)):
+                check_words(prompt, words)

@@ -43,6 +43,17 @@ def lift_hint() -> str:
     return f"set {ALLOW_LARGE}=1 to go beyond"
 
 
+def quoted(text: str, limit: int = 80) -> str:
+    """`text` as an error message quotes it: its repr, cut to about `limit` characters, saying how long it was.
+
+    >>> quoted("a cat"), quoted("word " * 40, limit=20)
+    ("'a cat'", "'word word word word '... (200 characters)")
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def is_finite_number(value: Any) -> bool:
     """A real number (not a bool; numpy's count) that is finite, even as a float: 10**400 is not.
 

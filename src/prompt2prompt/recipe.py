@@ -260,7 +260,9 @@ class Recipe:
         """Parse and validate a recipe, naming what is missing, unknown or out of range (see `validate`)."""
         try:
             data = json.loads(text)
-        except (ValueError, RecursionError) as error:  # ValueError: also an integer of more than 4300 digits
+        except (ValueError, RecursionError) as error:
+            if "integer string conversion" in str(error):  # Python's own advice (raise a global limit) is not ours
+                raise RecipeError("the recipe holds an integer of more than 4300 digits, which no field takes") from None
             raise RecipeError(f"the recipe is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"the recipe is a JSON {type(data).__name__}, not an object")
@@ -475,6 +477,9 @@ def _input_image(recipe: Recipe, base_dir: Path) -> Path:
     except OSError as error:  # a name too long, say
         raise RecipeError(f"the recipe's input image path is unusable: {error.strerror}") from None
     if not found:
+        if path.exists():  # a folder, a pipe or a device: reading it would fail, or never end
+            raise RecipeError(f"the recipe's input image {str(path)!r} is not a regular file (a folder, a pipe or a "
+                              "device); point the recipe at the image file")
         raise RecipeError(f"the recipe's input image {str(path)!r} is missing; put it back to replay this edit")
     if file_digest(path) != recipe.image["sha256"]:
         raise RecipeError(f"the input image {str(path)!r} has changed since the recipe was written")

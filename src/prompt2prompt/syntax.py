@@ -30,8 +30,14 @@ class PromptSyntaxError(ValueError):
         self.text = text
         self.column = column
         self.reason = message
-        pointer = " " * (column - 1) + "^"
-        super().__init__(f"column {column}: {message}\n  {_visible(text)}\n  {pointer}")
+        start = max(0, column - 1 - _CONTEXT) if len(text) > 2 * _CONTEXT else 0  # a long prompt: the part around it
+        shown = text[start : start + 2 * _CONTEXT] if start or len(text) > 2 * _CONTEXT else text
+        before, after = ("…" if start else ""), ("…" if start + len(shown) < len(text) else "")
+        pointer = " " * (len(before) + column - 1 - start) + "^"
+        super().__init__(f"column {column}: {message}\n  {before}{_visible(shown)}{after}\n  {pointer}")
+
+
+_CONTEXT = 40  # characters shown on each side of the column in the error of a long prompt
 
 
 def _visible(text: str) -> str:

@@ -25,6 +25,7 @@ from ..families import MAX_SEQUENCE_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
+from ..syntax import parse_prompt
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
@@ -167,9 +168,17 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     source = data.get("source")
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"'source' must be the source prompt (the image's caption for an image job), not {source!r}")
-    edits = data.get("edits")
-    if not isinstance(edits, list) or not edits:
-        raise ValueError(f"'edits' must be a non-empty list of edits, not {edits!r}")
+    edits = data.get("edits", [])
+    if not isinstance(edits, list):
+        raise ValueError(f"'edits' must be a list of edits, not {edits!r}")
+    parsed = parse_prompt(source)  # inline markup, "a [cat->dog] riding a bicycle", makes the first edit
+    if parsed.edit is not None:
+        source = parsed.source
+        weights = [[position, weight] for position, weight in parsed.weights.items()] or None
+        edits = [{"prompt": parsed.edit, "weights": weights}, *edits]
+    if not edits:
+        raise ValueError("the job has no edits: give \"edits\": [\"a dog riding a bicycle\"] (prompts or objects), or "
+                         "inline markup in the source, e.g. \"a [cat->dog] riding a bicycle\"")
     edits = check_edits([_normal_edit(edit, i) for i, edit in enumerate(edits, 1)])  # fails here, not on a GPU
     steps = data.get("num_inference_steps")
     guidance = data.get("guidance_scale")
@@ -260,7 +269,9 @@ def load_manifest(path: str | os.PathLike, *, model: str = "demo", skip_invalid:
         except RecursionError:
             errors.append(f"{path}:{number}: not valid JSON (nested too deeply)")
             continue
-        except ValueError as error:  # also json's refusal of an integer of more than 4300 digits
+        except ValueError as error:
+            if "integer string conversion" in str(error):  # Python's advice (raise a global limit) is not ours
+                error = ValueError("an integer of more than 4300 digits, which no field takes")
             errors.append(f"{path}:{number}: {error}")
             continue
         if job.id in lines_of:

@@ -243,6 +243,7 @@ class Editor:
         """
         _check_reserved(pipeline_kwargs)
         _check_output_type(output_type)
+        self.family.check_call_kwargs(dict(pipeline_kwargs), None)
         if isinstance(run_or_runs, PreparedRun):
             return self._run_one(run_or_runs, output_type, callback_on_step_end, pipeline_kwargs)
         runs = list(run_or_runs)

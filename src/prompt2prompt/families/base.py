@@ -7,6 +7,8 @@ which model it is. Each family is one file in this package; `family_of` picks on
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -14,7 +16,7 @@ import torch
 
 from ..alignment import MAX_TOKENS, Tokenized
 from ..attention.state import RunState
-from ..limits import check_pixels
+from ..limits import check_pixels, quoted
 from . import compat
 
 
@@ -94,7 +96,7 @@ class Family:
             length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
             if length > limit:
                 raise ValueError(
-                    f"{what} {prompt!r} is {length} tokens long, more than the text encoder's {limit} "
+                    f"{what} {quoted(prompt)} is {length} tokens long, more than the text encoder's {limit} "
                     f"({'BOS and EOS' if clip else 'EOS'} included); shorten it"
                 )
 
@@ -168,7 +170,17 @@ class Family:
         return ["latents"]
 
     def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
-        """Refuse pipeline keywords an edit cannot honour; may set those an inversion fixes."""
+        """Refuse pipeline keywords an edit cannot honour, or that the pipeline does not take (diffusers' pipelines
+        swallow unknown keywords silently); subclasses may set those an inversion fixes."""
+        # Named parameters only: SD's `**kwargs` takes (and drops) anything, which is what this check is for.
+        parameters = {name: p for name, p in inspect.signature(type(self.pipe).__call__).parameters.items()
+                      if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        accepted = sorted(set(parameters) - {"self"})
+        for name in sorted(pipeline_kwargs):
+            if name not in parameters:
+                close = difflib.get_close_matches(name, accepted, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{type(self.pipe).__name__} takes no keyword {name!r}{hint}")
 
     def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
         """Whether this call evaluates the model twice a step, the conditional pass first, then the negative."""

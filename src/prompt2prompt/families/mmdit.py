@@ -165,6 +165,7 @@ class MMDiTFamily(Family):
     # -- The pipeline call ---------------------------------------------------------------------------------------
 
     def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
+        super().check_call_kwargs(pipeline_kwargs, inversion)
         length = getattr(inversion, "max_sequence_length", None)
         if length is not None and pipeline_kwargs.setdefault("max_sequence_length", length) != length:
             raise ValueError(f"this inversion was made with max_sequence_length={length}; edit it with the same, "
