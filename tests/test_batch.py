@@ -627,6 +627,11 @@ def test_a_manifest_takes_inline_markup_and_says_what_an_empty_edit_list_lacks(t
     assert jobs[0].source == "a cat riding a bike"
     assert [(e["prompt"], e["weights"]) for e in jobs[0].edits] == [("a dog riding a bike", [[4, 1.5]])]
     assert jobs[1].edits[0]["prompt"] == "a fox riding a bike"
+    unclosed = write_manifest(tmp_path / "unclosed.jsonl", [{"source": "a [cat riding a bike", "seed": 1}])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(unclosed)
+    assert str(caught.value).splitlines()[-1].endswith(
+        ":1: the source's inline markup, column 3: '[' is never closed: add ']' after the edited words")
     bad = write_manifest(tmp_path / "bad.jsonl", [{"source": "a cat riding a bike", "edits": [], "seed": 1}])
     with pytest.raises(ManifestError, match="the job has no edits: give \"edits\": \\[\"a dog riding a bicycle\"\\]"):
         load_manifest(bad)

@@ -25,7 +25,7 @@ from ..families import MAX_SEQUENCE_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
-from ..syntax import parse_prompt
+from ..syntax import PromptSyntaxError, parse_prompt
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
@@ -171,7 +171,10 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     edits = data.get("edits", [])
     if not isinstance(edits, list):
         raise ValueError(f"'edits' must be a list of edits, not {edits!r}")
-    parsed = parse_prompt(source)  # inline markup, "a [cat->dog] riding a bicycle", makes the first edit
+    try:
+        parsed = parse_prompt(source)  # inline markup, "a [cat->dog] riding a bicycle", makes the first edit
+    except PromptSyntaxError as error:  # one line, as every manifest error is
+        raise ValueError(f"the source's inline markup, column {error.column}: {error.reason}") from None
     if parsed.edit is not None:
         source = parsed.source
         weights = [[position, weight] for position, weight in parsed.weights.items()] or None
