@@ -494,3 +494,13 @@ def test_blend_threshold_is_recorded_and_a_blend_over_the_whole_image_is_said(ti
     narrow = run("edit", "a [cat->dog] riding a bike", "--blend", "cat:dog", "--blend-threshold", "0.97",
                  "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "narrow")
     assert narrow.exit_code == 0 and "covers" not in narrow.output
+
+
+def test_edit_help_shows_brackets_defaults_and_the_inline_syntax():
+    result = run("edit", "--help")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    for shown in ("'a [cat->dog]'", "[default: the model's: 50", "[default: random, recorded]",
+                  "a house on a mountain[+ at winter] refinement: words added", "a (fluffy:2.5) teddy bear",
+                  "--dtype <str> float32, float16", "[default: 0.8]"):
+        assert shown in text, shown

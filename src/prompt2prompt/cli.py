@@ -61,7 +61,8 @@ class _Commands(typer.core.TyperGroup):
 
 
 app = typer.Typer(
-    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    # No rich markup in help: prompts and defaults are written in square brackets, which rich would swallow.
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Prompt-to-Prompt: edit images by editing their prompt.",
 )
 
@@ -328,7 +329,18 @@ def edit(
     allow_pickle: AllowPickleOption = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
 ) -> None:
-    """Edit a prompt: writes the source, each edit and a side-by-side grid, each PNG carrying its recipe."""
+    """Edit a prompt: writes the source, each edit and a side-by-side grid, each PNG carrying its recipe.
+
+    \b
+    Inline syntax in the prompt (the source and its first edit in one string):
+      a [cat->dog] riding a bicycle        word swap
+      a house on a mountain[+ at winter]   refinement: words added
+      a [- fluffy] cat                     refinement: words removed
+      a (fluffy:2.5) teddy bear            reweighting (negative weights allowed)
+      \[ \] \( \)                          literal brackets
+    More edits: --to 'another prompt' (repeatable). Example on the demo model:
+      p2p edit "a big [red->green] circle in the center on a white background" --guidance 5
+    """
     with _user_errors():
         if (prompt is None) == (source_prompt is None):
             raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
@@ -574,7 +586,7 @@ def batch(
         raise typer.Exit(1)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: PIE-Bench, and the shapes benchmark in its format.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: PIE-Bench, and the shapes benchmark in its format.")
 app.add_typer(bench_app, name="bench")
 
 MethodsOption = Annotated[str, typer.Option("--inversion", help="Inversion methods, comma-separated.")]
