@@ -123,23 +123,17 @@ class Metrics:
     def _clip(self, clip: Any):
         from torchmetrics.multimodal import CLIPScore
 
-        if not callable(clip):
+        if callable(clip):
+            model, processor = clip()
+        else:
             from transformers import CLIPModel, CLIPProcessor
 
             try:
                 model, processor = CLIPModel.from_pretrained(str(clip)), CLIPProcessor.from_pretrained(str(clip))
             except Exception as error:  # noqa: BLE001
                 raise MetricError(_cannot_load("clip_whole and clip_edited", "--clip", clip, error)) from None
-
-            def clip():
-                return model, processor
-        loaded = clip
-
-        def with_tensor_features():
-            model, processor = loaded()
-            return _TensorFeatures(model), processor
-
-        return CLIPScore(model_name_or_path=with_tensor_features).to(self.device)
+        features = _TensorFeatures(model)
+        return CLIPScore(model_name_or_path=lambda: (features, processor)).to(self.device)
 
     def _lpips(self, lpips: Callable | None) -> Callable:
         if lpips is not None:

@@ -34,6 +34,7 @@ class Family:
     default_steps: ClassVar[int] = 50
     default_guidance: ClassVar[float] = 7.5
     inversion_methods: ClassVar[tuple[str, ...]] = ()  # the first is the default
+    takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
     sampler: ClassVar[str]  # the inversion loops it runs on: "ddim" or "flow" (see `prompt2prompt.inversion`)
     takes_max_sequence_length: ClassVar[bool] = False  # whether its text has a T5 length to choose
     map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
@@ -188,11 +189,10 @@ class Family:
 
     def check_inversion(self, inversion) -> None:
         """Refuse an inversion made for another family."""
-        if inversion.method not in self.inversion_methods or inversion.uncond_embeddings is not None and not self.takes_uncond_embeddings:
+        foreign_embeddings = inversion.uncond_embeddings is not None and not self.takes_uncond_embeddings
+        if inversion.method not in self.inversion_methods or foreign_embeddings:
             raise ValueError(f"this {inversion.method!r} inversion was made with another kind of model; invert the "
                              f"image with this {type(self.pipe).__name__} (methods {', '.join(self.inversion_methods)})")
-
-    takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
 
     def inversion_scheduler(self):
         """The scheduler an edit of an inversion runs on (None: the pipeline's own)."""

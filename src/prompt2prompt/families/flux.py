@@ -3,7 +3,7 @@ sequence; RoPE positions; latents packed 2x2 into tokens; text = T5 (CLIP gives 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -63,15 +63,11 @@ class FluxFamily(MMDiTFamily):
     pipeline_classes = ("FluxPipeline",)
     components = ("transformer", "text_encoder", "text_encoder_2")
     transformer_prefix = "FluxTransformer"
+    single_file_blocks = "double_blocks."
     default_guidance = 3.5
     default_max_sequence_length = 512
     text_first = True
     processor_class = FluxJointProcessor
-
-    @classmethod
-    def single_file_class(cls, names: Sequence[str]) -> str | None:
-        stripped = (name.removeprefix("model.diffusion_model.") for name in names)
-        return "FluxPipeline" if any(name.startswith("double_blocks.") for name in stripped) else None
 
     def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
         """The T5 text (`max_sequence_length` positions); CLIP gives only the pooled embedding, which is not edited."""

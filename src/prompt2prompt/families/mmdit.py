@@ -49,6 +49,12 @@ class MMDiTFamily(Family):
         return type(transformer).__name__.startswith(cls.transformer_prefix)
 
     transformer_prefix: ClassVar[str]
+    single_file_blocks: ClassVar[str]  # the weight-name prefix of its blocks in an original single-file checkpoint
+
+    @classmethod
+    def single_file_class(cls, names: Sequence[str]) -> str | None:
+        stripped = (name.removeprefix("model.diffusion_model.") for name in names)
+        return cls.pipeline_classes[0] if any(name.startswith(cls.single_file_blocks) for name in stripped) else None
 
     @property
     def model(self) -> torch.nn.Module:

@@ -3,7 +3,7 @@ SD3.5's blocks add an image-only `attn2`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -62,14 +62,10 @@ class SD3Family(MMDiTFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     components = ("transformer", "text_encoder", "text_encoder_2")
     transformer_prefix = "SD3Transformer"
+    single_file_blocks = "joint_blocks."
     default_guidance = 7.0
     text_first = False
     processor_class = SD3JointProcessor
-
-    @classmethod
-    def single_file_class(cls, names: Sequence[str]) -> str | None:
-        stripped = (name.removeprefix("model.diffusion_model.") for name in names)
-        return "StableDiffusion3Pipeline" if any(name.startswith("joint_blocks.") for name in stripped) else None
 
     def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
         """The joint text: 77 CLIP positions, then `max_sequence_length` T5 positions (zeros without T5)."""

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ..images import ImageInput, prepare_image
-from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, lift_hint
+from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, is_finite_number, lift_hint
 from .common import encode_image, refuse_options
 from .files import Inversion
 
@@ -54,7 +54,7 @@ def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: s
         raise ValueError(f"num_inner_steps must be an integer >= 0, got {num_inner_steps!r}")
     if num_inner_steps > MAX_INNER_STEPS and not allow_large():
         raise ValueError(f"num_inner_steps must be at most {MAX_INNER_STEPS}, got {num_inner_steps} ({lift_hint()})")
-    if not isinstance(early_stop_epsilon, (int, float)) or isinstance(early_stop_epsilon, bool) or not math.isfinite(early_stop_epsilon) or early_stop_epsilon < 0:
+    if not is_finite_number(early_stop_epsilon) or early_stop_epsilon < 0:
         raise ValueError(f"early_stop_epsilon must be a finite number >= 0, got {early_stop_epsilon!r}")
 
     image = prepare_image(pipe, image, height=height, width=width, fit=fit)
