@@ -5,7 +5,8 @@ plain generation of [source, edit], a fused P2P edit (1 source + 1 edit), and an
 By default the model is Stable Diffusion 1.5's architecture with random weights (the cost does not
 depend on the weights) at 256 px and a few steps, so that it runs on a CPU in minutes. `--arch sdxl` is
 SDXL base's architecture (random weights, 1024 px by default: build it on a GPU). `--arch sd3` and
-`--arch flux` are SD3-medium's and Flux.1-dev's transformers at their real widths with `--depth` blocks
+`--arch flux`, `--arch chroma` and `--arch pixart` are SD3-medium's, Flux.1-dev's, Chroma1-HD's and PixArt-Σ's
+transformers at their real widths with `--depth` blocks
 (Flux: that many double- and single-stream blocks), tiny text encoders of the real output widths, and a T5
 length of `--max-sequence-length` (128 on the CPU by default; the pipelines' own are 256 and 512).
 `--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
@@ -88,6 +89,9 @@ class PeakMemory:
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+MMDIT = ("sd3", "flux", "chroma", "pixart")  # the transformer architectures (their benchmark pipelines at the real widths)
+
+
 def build_pipeline(args, device: torch.device, dtype: torch.dtype):
     if args.model:
         from prompt2prompt.loading import load_pipeline
@@ -95,11 +99,11 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     import pipelines
 
-    if args.arch in ("sd3", "flux"):
+    if args.arch in MMDIT:
         import mmdit_pipelines
 
         if args.tiny:
-            tiny = mmdit_pipelines.tiny_sd3_pipeline if args.arch == "sd3" else mmdit_pipelines.tiny_flux_pipeline
+            tiny = getattr(mmdit_pipelines, f"tiny_{args.arch}_pipeline")
             return tiny().to(device=device, dtype=dtype)
         return mmdit_pipelines.mmdit_benchmark_pipeline(args.arch, args.depth, single_depth=args.single_depth,
                                                         device=device, dtype=dtype)
@@ -112,7 +116,7 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "sd3", "flux"], help="random-weight architecture")
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", *MMDIT], help="random-weight architecture")
     parser.add_argument("--depth", type=int, default=2, help="sd3/flux: blocks of each kind")
     parser.add_argument("--single-depth", type=int, default=None, help="flux: single-stream blocks [default: --depth]")
     parser.add_argument("--skip-explicit", action="store_true", help="time plain and fused only (big models)")
@@ -130,7 +134,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.size is None:
-        args.size = 32 if args.tiny and args.arch in ("sd3", "flux") else 1024 if args.arch == "sdxl" and not args.tiny else 256
+        args.size = 32 if args.tiny and args.arch in MMDIT else 1024 if args.arch == "sdxl" and not args.tiny else 256
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start = time.perf_counter()
@@ -145,8 +149,13 @@ def main() -> None:
     if family.takes_max_sequence_length:
         common["max_sequence_length"] = args.max_sequence_length
     edit = [p2p.Edit(EDIT, cross_steps=0.8, self_steps=0.4)]
+    if family.name == "chroma":  # plain generation with its padding mask applied as the Editor applies it
+        from prompt2prompt.families.chroma import masked_processors
+
+        masked_processors(pipe)
+    plain_kwargs = dict(getattr(family, "fixed_call", {}))  # PixArt-Σ: the text and size as an edit has them
     runs = {
-        "plain": lambda: pipe([SOURCE, EDIT], latents=plain_latents, **common),
+        "plain": lambda: pipe([SOURCE, EDIT], latents=plain_latents, **common, **plain_kwargs),
         "fused": lambda: p2p.Editor(pipe).edit(SOURCE, edit, latents=latents, **common),
         "explicit": lambda: p2p.Editor(pipe, attention="explicit").edit(SOURCE, edit, latents=latents, **common),
     }
@@ -185,7 +194,9 @@ def main() -> None:
         return a / b if a is not None and b else None
 
     arch = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3": f"SD3-medium ({args.depth} blocks)",
-            "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)"}[args.arch] + " architecture"
+            "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)",
+            "chroma": f"Chroma1-HD ({args.depth}+{args.depth} blocks)",
+            "pixart": f"PixArt-Σ ({args.depth} blocks)"}[args.arch] + " architecture"
     if family.takes_max_sequence_length:
         arch += f", T5 length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")

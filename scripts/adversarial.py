@@ -444,9 +444,9 @@ SRC = {SRC!r}
 EDIT = {EDIT!r}
 NAN, INF = float("nan"), float("inf")
 def row(prompt=EDIT, mode="auto", cross=0.8, self_steps=0.4, weight_words=None, weight=1.0, blend_source=None,
-        blend_edit=None, exclude_source=None, exclude_edit=None):
+        blend_edit=None, exclude_source=None, exclude_edit=None, threshold=0.3):
     return [prompt, mode, cross, self_steps, weight_words or [], weight, blend_source or [], blend_edit or [],
-            exclude_source or [], exclude_edit or []]
+            exclude_source or [], exclude_edit or [], threshold]
 def rows(*given):
     values = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
     for i, r in enumerate(given):
@@ -1829,11 +1829,13 @@ def prepare_assets(ctx: Context) -> None:
     for name in ("home", "tmp", "cwd"):
         (folder / name).mkdir(parents=True, exist_ok=True)
     photo = write_image(folder / "photo.png", "png")
+    # Each run goes into a new numbered folder under --out; `latest` links to the newest.
     runs = {
-        "edit": (["edit", INLINE, *FAST, "--out", str(folder / "edit")], folder / "edit" / "edit-1.png"),
-        "attn": (["attention", SRC, *FAST, "--res", "4", "--out", str(folder / "attn")], folder / "attn" / "image.png"),
+        "edit": (["edit", INLINE, *FAST, "--out", str(folder / "edit")], folder / "edit" / "latest" / "edit-1.png"),
+        "attn": (["attention", SRC, *FAST, "--res", "4", "--out", str(folder / "attn")],
+                 folder / "attn" / "latest" / "image.png"),
         "img": (["edit", "--image", str(photo), "--prompt", SRC, "--to", EDIT, "--steps", "2", "--inversion", "ddim",
-                 "--out", str(folder / "img")], folder / "img" / "edit-1.png"),
+                 "--out", str(folder / "img")], folder / "img" / "latest" / "edit-1.png"),
     }
     from PIL import Image
 
@@ -1889,7 +1891,7 @@ def _allowed(rel: str, allowed: tuple[str, ...]) -> bool:
     return any(rel == prefix or rel.startswith(prefix.rstrip("/") + "/") for prefix in allowed)
 
 
-BENIGN = re.compile(r"^(seed \d+$|skipped |\d+ done, \d+ failed|some jobs failed|identical to |differs from |"
+BENIGN = re.compile(r"^(seed \d+$|saved to |skipped |\d+ done, \d+ failed|some jobs failed|identical to |differs from |"
                     r"p2p batch:|.*\d+%\|.*\||Loading pipeline components|starting the web app)")
 SYNTAX_ERROR = re.compile(r"^error: column \d+:")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -26,8 +26,8 @@
 #   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
 #      benchmarks/reedit.py: a re-edit on a cached source vs a fresh edit, 512 px, 50 steps, fp16
 #   7. pytest tests/test_editor.py and test_conformance.py (UNet families) in bfloat16 (unless --no-bf16)
-#   8. benchmarks/edit_vs_generate.py --arch sd3 and --arch flux: SD3-medium's (24 blocks) and Flux.1-dev's
-#      (19 + 38 blocks) transformers, random weights, 1024 px, 28 steps, bf16, plain vs fused (2 rounds)
+#   8. benchmarks/edit_vs_generate.py --arch sd3, flux, chroma and pixart: SD3-medium's (24 blocks), Flux.1-dev's
+#      and Chroma1-HD's (19 + 38 blocks) and PixArt-Σ's (28 blocks; 20 steps) transformers, random weights, 1024 px, 28 steps, bf16, plain vs fused (2 rounds)
 #   9. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
 # Everything lands in outputs/gpu/ (log, junit-*.xml, bench-*.json, report.*); when $OUT is set, report.md,
@@ -234,7 +234,7 @@ main() {
     quick_k="test_blend_mask_is_the_union or test_self_attention_untouched or test_edit_changes_the_output"
     quick_k+=" or (test_shapes_and_contents and direct) or test_job_ids_are_stable"
     # the conformance suite's UNet families, as tests/test_editor.py had them before the suite took them over
-    local unet_only="not (test_conformance and (sd3 or flux))"
+    local unet_only="not (test_conformance and (sd3 or flux or chroma or pixart))"
     if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-$quick_k}; else k=${P2P_GPU_PYTEST_K:-not local_ray and $unet_only}; fi
     # shellcheck disable=SC2086
     step "tests-$DTYPE" "$( ((QUICK)) && echo 240 || echo 110)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE="$DTYPE" \
@@ -270,11 +270,19 @@ main() {
             --max-sequence-length 16 --json "$RUN/bench-sd3.json"
         step bench-flux 120 "${mmdit[@]}" --arch flux --tiny --steps 2 --threads 1 --dtype "$BENCH_DTYPE" \
             --max-sequence-length 16 --json "$RUN/bench-flux.json"
+        step bench-chroma 120 "${mmdit[@]}" --arch chroma --tiny --steps 2 --threads 1 --dtype "$BENCH_DTYPE" \
+            --max-sequence-length 16 --json "$RUN/bench-chroma.json"
+        step bench-pixart 120 "${mmdit[@]}" --arch pixart --tiny --steps 2 --threads 1 --dtype "$BENCH_DTYPE" \
+            --max-sequence-length 16 --json "$RUN/bench-pixart.json"
     else
         step bench-sd3 70 "${mmdit[@]}" --arch sd3 --depth 24 --size 1024 --steps 28 --max-sequence-length 256 \
             --dtype bfloat16 --json "$RUN/bench-sd3.json"
         step bench-flux 110 "${mmdit[@]}" --arch flux --depth 19 --single-depth 38 --size 1024 --steps 28 \
             --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux.json"
+        step bench-chroma 110 "${mmdit[@]}" --arch chroma --depth 19 --single-depth 38 --size 1024 --steps 28 \
+            --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-chroma.json"
+        step bench-pixart 60 "${mmdit[@]}" --arch pixart --depth 28 --size 1024 --steps 20 \
+            --max-sequence-length 300 --dtype bfloat16 --json "$RUN/bench-pixart.json"
     fi
 }
 

@@ -8,6 +8,8 @@ The joint text sequence each transformer attends to:
 * SD3 / SD3.5: the 77 CLIP tokens (both CLIP encoders' penultimate states side by side, zero-padded up to the T5
   width), then `max_sequence_length` T5 tokens (default 256; zeros when there is no T5).
 * Flux: the `max_sequence_length` T5 tokens only (default 512); CLIP gives only the pooled vector.
+* Chroma: as Flux's, with no CLIP at all; the padding after EOS and one padding token is masked.
+* PixArt-Σ (a cross-attention DiT, not an MM-DiT): cross-attention to the T5 tokens, the padding after EOS masked.
 """
 
 import string
@@ -15,9 +17,14 @@ import string
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -187,6 +194,8 @@ def mmdit_benchmark_pipeline(family: str, depth: int = 2, seed: int = 0, *, sing
 
     SD3-medium: `depth` joint blocks of 24 heads x 64 (1536 wide), 2x2 patches of 16 latent channels, text width
     4096 (CLIP-L 768 + CLIP-G 1280 states zero-padded up to the T5-XXL width), pooled 768 + 1280 = 2048.
+    Chroma: Flux.1's blocks (as below) with T5 alone and its real modulation approximator (5 layers of 5120).
+    PixArt-Σ: `depth` blocks of 16 heads x 72 (1152 wide), 2x2 patches of 4 latent channels, T5 width 4096.
     Flux.1: `depth` double-stream and `depth` single-stream blocks of 24 heads x 128 (3072 wide), 64 input channels
     (16 latent channels packed 2x2), rope axes (16, 56, 56), T5 width 4096, CLIP-L pooled 768, distilled guidance
     (dev's `guidance_embeds`). The VAE is small but has the real factor 8 and 16 latent channels, so a 1024 px image
@@ -195,8 +204,8 @@ def mmdit_benchmark_pipeline(family: str, depth: int = 2, seed: int = 0, *, sing
     blocks (default `depth`; the real model has 19 and 38). With `device` the modules are built there; `dtype`
     casts the whole pipeline.
     """
-    if family not in ("sd3", "flux"):
-        raise ValueError(f"family must be 'sd3' or 'flux', not {family!r}")
+    if family not in ("sd3", "flux", "chroma", "pixart"):
+        raise ValueError(f"family must be 'sd3', 'flux', 'chroma' or 'pixart', not {family!r}")
     one_layer = dict(layers=1, intermediate=256)
     with _on(device):
         t5 = _t5_encoder(4096, num_layers=1, d_ff=256, num_heads=1, d_kv=64, seed=seed + 2)
@@ -215,6 +224,30 @@ def mmdit_benchmark_pipeline(family: str, depth: int = 2, seed: int = 0, *, sing
                 text_encoder_2=_clip(1280, projection=True, heads=20, seed=seed + 1, **one_layer),
                 tokenizer_2=clip_tokenizer(), text_encoder_3=t5, tokenizer_3=t5_tokenizer(),
             )
+        elif family == "pixart":
+            torch.manual_seed(seed)
+            transformer = PixArtTransformer2DModel(
+                sample_size=128, num_layers=depth, patch_size=2, attention_head_dim=72, num_attention_heads=16,
+                caption_channels=4096, in_channels=4, cross_attention_dim=1152, out_channels=8, attention_bias=True,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+            ).eval()
+            pipe = PixArtSigmaPipeline(transformer=transformer, vae=_vae(4, vae_blocks, seed=seed),
+                                       scheduler=DDIMScheduler(), text_encoder=t5, tokenizer=t5_tokenizer())
+        elif family == "chroma":
+            torch.manual_seed(seed)
+            transformer = ChromaTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=depth, num_single_layers=depth if single_depth is None else single_depth,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+            ).eval()  # the real approximator: 64 channels, 5 layers of 5120
+            pipe = ChromaPipeline(
+                transformer=transformer, vae=_vae(16, vae_blocks, seed=seed, **_FLUX_VAE),
+                scheduler=FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096,
+                ),
+                text_encoder=t5, tokenizer=t5_tokenizer(),
+            )
         else:
             torch.manual_seed(seed)
             transformer = FluxTransformer2DModel(
@@ -232,3 +265,36 @@ def mmdit_benchmark_pipeline(family: str, depth: int = 2, seed: int = 0, *, sing
                 tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
             )
     return _cast(pipe, device, dtype)
+
+
+def tiny_chroma_pipeline(seed: int = 0) -> ChromaPipeline:
+    """A Chroma-shaped pipeline: Flux's blocks (one double-, one single-stream) with T5 width 32 alone, masked padding."""
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    pipe = ChromaPipeline(
+        transformer=transformer, vae=_vae(4, seed=seed, **_FLUX_VAE), scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=_t5_encoder(32, seed=seed + 1), tokenizer=t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
+    """A PixArt-Σ-shaped pipeline: two blocks of self- and cross-attention (2x2 patches, learned sigma) at 32 px,
+    T5 width 32 with its padding masked, DDIM as the scheduler."""
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    pipe = PixArtSigmaPipeline(
+        transformer=transformer, vae=_vae(4, seed=seed), scheduler=DDIMScheduler(),
+        text_encoder=_t5_encoder(32, seed=seed + 1), tokenizer=t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -48,3 +48,23 @@ def tiny_flux_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-flux"
     tiny_flux_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma_dir(tmp_path_factory) -> Path:
+    """A saved tiny Chroma pipeline (T5 alone, masked padding)."""
+    from mmdit_pipelines import tiny_chroma_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-chroma"
+    tiny_chroma_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory) -> Path:
+    """A saved tiny PixArt-Σ pipeline (a cross-attention DiT, masked T5 padding)."""
+    from mmdit_pipelines import tiny_pixart_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-pixart"
+    tiny_pixart_pipeline().save_pretrained(folder)
+    return folder

@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,16 @@ def pixels(path):
         return np.asarray(image.convert("RGB"))
 
 
+def run_folders(output: str) -> list[Path]:
+    """The run folders a command wrote into, in order, from the files it printed (one a line)."""
+    return list(dict.fromkeys(Path(line).parent for line in output.splitlines() if line.strip()))
+
+
+def run_folder(output: str) -> Path:
+    (folder,) = run_folders(output)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def inline_edit(tiny_sd_dir, tmp_path_factory):
     """`p2p edit` with inline replace markup, a weight, a blend and a per-word window; its output folder."""
@@ -39,11 +50,12 @@ def inline_edit(tiny_sd_dir, tmp_path_factory):
     result = run("edit", "a [cat->dog] riding a (red:1.5) bicycle", "--model", tiny_sd_dir, *FAST,
                  "--blend", "cat:dog", "--cross-word", "dog=0.5", "--out", out)
     assert result.exit_code == 0, result.output
-    return out, result
+    return run_folder(result.stdout), result
 
 
 def test_edit_writes_source_edits_and_grid_with_recipes(inline_edit, tiny_sd_dir):
     out, result = inline_edit
+    assert out.name == "0001-a-cat-riding-a-red-bicycle-seed7"  # a new folder under --out, named by the run
     names = ["source.png", "edit-1.png", "grid.png"]
     assert result.stdout.split() == [str(out / name) for name in names]
     for index, name in zip([0, 1, None], names):
@@ -55,8 +67,8 @@ def test_edit_writes_source_edits_and_grid_with_recipes(inline_edit, tiny_sd_dir
     assert recipe.source == "a cat riding a red bicycle"
     assert recipe.edits == [{
         "prompt": "a dog riding a red bicycle", "mode": "auto", "cross_steps": {"default": 0.8, "dog": 0.5},
-        "self_steps": 0.4, "weights": [[4, 1.5]], "blend": {"source_words": ["cat"], "edit_words": ["dog"]},
-    }]
+        "self_steps": 0.4, "weights": [[4, 1.5]], "blend": {"source_words": ["cat"], "edit_words": ["dog"], "threshold": 0.3},
+    }]  # the tiny model has no defaults of its own: the paper's windows and threshold, written into the recipe
     assert (recipe.seed, recipe.num_inference_steps, recipe.guidance_scale) == (7, 2, 7.5)
     assert (recipe.model, recipe.revision, recipe.dtype) == (str(tiny_sd_dir), None, "float32")
     assert recipe.scheduler["_class_name"] == "DDIMScheduler"
@@ -79,8 +91,10 @@ def test_replay_is_bit_for_bit(inline_edit, tmp_path, name):
     result = run("replay", out / name, "--out", tmp_path, "--check")
     assert result.exit_code == 0, result.output
     assert "identical" in result.stderr
-    assert np.array_equal(pixels(tmp_path / name), pixels(out / name))
-    assert read_recipe(tmp_path / name) == read_recipe(out / name)
+    replayed = run_folder(result.stdout)
+    assert replayed.parent == tmp_path
+    assert np.array_equal(pixels(replayed / name), pixels(out / name))
+    assert read_recipe(replayed / name) == read_recipe(out / name)
 
 
 def test_replay_reports_a_difference(inline_edit, tmp_path):
@@ -101,8 +115,9 @@ def test_replay_runs_on_the_recorded_number_of_cpu_threads(tiny_sd_dir, tmp_path
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
-    assert read_recipe(tmp_path / "edit-1.png").threads == 1
-    assert run("replay", tmp_path / "edit-1.png", "--check").exit_code == 0
+    folder = run_folder(result.stdout)
+    assert read_recipe(folder / "edit-1.png").threads == 1
+    assert run("replay", folder / "edit-1.png", "--check").exit_code == 0
     assert torch.get_num_threads() == threads
 
 
@@ -111,41 +126,46 @@ def test_several_edits_share_the_options(tiny_sd_dir, tmp_path):
                  "--weight", "mat=0.5", "--cross", "0.1:0.9", "--self", "0.2", "--mode", "auto", "--model", tiny_sd_dir,
                  *FAST, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edit-1.png", "edit-2.png", "grid.png", "source.png"]
-    edits = read_recipe(tmp_path / "grid.png").edits
+    folder = run_folder(result.stdout)
+    assert sorted(p.name for p in folder.glob("*.png")) == ["edit-1.png", "edit-2.png", "grid.png", "source.png"]
+    edits = read_recipe(folder / "grid.png").edits
     assert [e["prompt"] for e in edits] == ["a dog on a mat", "a fluffy cat on a mat"]
     assert [e["weights"] for e in edits] == [[["mat", 0.5]], [[1, 2.0], ["mat", 0.5]]]
     assert all(e["cross_steps"] == [0.1, 0.9] and e["self_steps"] == 0.2 for e in edits)
-    replay = run("replay", tmp_path / "edit-2.png", "--out", tmp_path / "replay", "--check")
+    replay = run("replay", folder / "edit-2.png", "--out", tmp_path / "replay", "--check")
     assert replay.exit_code == 0, replay.output
 
 
 def test_the_model_can_come_from_the_environment(tiny_sd_dir, tmp_path):
     result = run("edit", "a [cat->dog]", *FAST, "--out", tmp_path, env={"P2P_MODEL": str(tiny_sd_dir)})
     assert result.exit_code == 0, result.output
-    assert read_recipe(tmp_path / "source.png").model == str(tiny_sd_dir)
+    assert read_recipe(run_folder(result.stdout) / "source.png").model == str(tiny_sd_dir)
 
 
 def test_a_random_seed_is_recorded_and_replays(tiny_sd_dir, tmp_path):
     result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, "--steps", "2", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    seed = read_recipe(tmp_path / "edit-1.png").seed
-    assert f"seed {seed}" in result.stderr
-    assert run("replay", tmp_path / "edit-1.png", "--check").exit_code == 0
-    assert (tmp_path / "replay" / "edit-1.png").is_file()
+    folder = run_folder(result.stdout)
+    seed = read_recipe(folder / "edit-1.png").seed
+    assert f"seed {seed}" in result.stderr and folder.name == f"0001-a-cat-seed{seed}"
+    replay = run("replay", folder / "edit-1.png", "--check")
+    assert replay.exit_code == 0, replay.output
+    assert run_folder(replay.stdout) == folder / "replay" / folder.name  # by default beside the PNG, in replay/
 
 
 def test_attention_writes_a_heatmap_grid(tiny_sd_dir, tmp_path):
     result = run("attention", "a squirrel eating a burger", "--res", "4", "--model", tiny_sd_dir, *FAST,
                  "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    recipe = read_recipe(tmp_path / "attention.png")
+    folder = run_folder(result.stdout)
+    assert result.stdout.split() == [str(folder / "image.png"), str(folder / "attention.png")]
+    recipe = read_recipe(folder / "attention.png")
     assert (recipe.kind, recipe.record_attention, recipe.edits) == ("attention", 4, [])
     tokens = p2p.Editor(load_pipeline(str(tiny_sd_dir))).tokenize("a squirrel eating a burger")
     words = len(tokens.ids) - 2  # without BOS and EOS
-    with Image.open(tmp_path / "attention.png") as grid:
+    with Image.open(folder / "attention.png") as grid:
         assert grid.width == min(words, 8) * 128
-    replay = run("replay", tmp_path / "attention.png", "--out", tmp_path / "replay", "--check")
+    replay = run("replay", folder / "attention.png", "--out", tmp_path / "replay", "--check")
     assert replay.exit_code == 0, replay.output
 
 
@@ -157,15 +177,17 @@ def test_real_image_edit_replays_bit_for_bit(tiny_sd_dir, tmp_path):
     result = run("edit", "--image", photo, "--prompt", "a cat sitting next to a mirror", "--to",
                  "a tiger sitting next to a mirror", "--model", tiny_sd_dir, "--steps", "2", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    recipe = read_recipe(tmp_path / "out" / "edit-1.png")
+    folder = run_folder(result.stdout)
+    assert folder.name == "0001-a-cat-sitting-next-to-a-mirror"  # no seed: the inversion gives the latent
+    recipe = read_recipe(folder / "edit-1.png")
     assert recipe.image == {"path": str(photo), "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}
-    assert (recipe.inversion, recipe.seed) == ({"method": "null-text"}, None)
-    replay = run("replay", tmp_path / "out" / "edit-1.png", "--check")
+    assert (recipe.inversion, recipe.seed) == ({"method": "direct"}, None)  # the default: exact, and the fastest
+    replay = run("replay", folder / "edit-1.png", "--check")
     assert replay.exit_code == 0, replay.output
     seeded = run("edit", "--image", photo, "--prompt", "a cat", "--to", "a dog", "--seed", "3", "--model", tiny_sd_dir)
     assert seeded.exit_code == 2 and "--seed does not apply to --image" in seeded.stderr
     photo.write_bytes(photo.read_bytes() + b"\0")
-    changed = run("replay", tmp_path / "out" / "edit-1.png")
+    changed = run("replay", folder / "edit-1.png")
     assert changed.exit_code == 2 and "has changed since the recipe was written" in changed.stderr
 
 
@@ -280,7 +302,7 @@ def test_offline_hub_model_from_the_cache_and_missing_from_it(tiny_sd_dir, tmp_p
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
     done = _entry_point(["edit", "a [cat->dog]", "--model", "p2p-tests/tiny-sd", *FAST, "--out", tmp_path / "out"], env)
     assert done.returncode == 0, done.stderr
-    recipe = read_recipe(tmp_path / "out" / "edit-1.png")
+    recipe = read_recipe(run_folder(done.stdout) / "edit-1.png")
     assert (recipe.model, recipe.revision) == ("p2p-tests/tiny-sd", commit)
     missing = _entry_point(["edit", "a [cat->dog]", "--model", "p2p-tests/elsewhere", "--out", tmp_path / "x"], env)
     assert missing.returncode == 1
@@ -450,7 +472,7 @@ def test_nan_images_fail_and_write_no_png(tiny_sd_dir, tmp_path, monkeypatch):
     result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
     assert result.exit_code == 1, result.output
     _one_error(result, "NaN")
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(tmp_path.iterdir())  # no run folder, no staging folder left behind
 
 
 def test_pickle_weights_need_allow_pickle(tiny_sd_pickle_dir, tmp_path):
@@ -460,7 +482,7 @@ def test_pickle_weights_need_allow_pickle(tiny_sd_pickle_dir, tmp_path):
     assert "--allow-pickle" in result.stderr
     result = run("edit", "a [cat->dog]", "--model", tiny_sd_pickle_dir, *FAST, "--allow-pickle", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "edit-1.png").is_file()
+    assert (run_folder(result.stdout) / "edit-1.png").is_file()
 
 
 def test_a_command_writes_nothing_outside_its_output_folder(tiny_sd_dir, tmp_path):
@@ -475,7 +497,8 @@ def test_a_command_writes_nothing_outside_its_output_folder(tiny_sd_dir, tmp_pat
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert list(home.iterdir()) == list(temp.iterdir()) == list(cwd.iterdir()) == []
-    assert sorted(path.name for path in out.iterdir()) == ["edit-1.png", "grid.png", "source.png"]
+    assert sorted(path.name for path in out.iterdir()) == ["0001-a-cat-seed7", "latest"]
+    assert sorted(path.name for path in (out / "latest").iterdir()) == ["edit-1.png", "grid.png", "source.png"]
 
 
 def test_an_error_about_a_very_long_prompt_quotes_a_short_part_of_it(tiny_sd_dir, tmp_path):
@@ -490,7 +513,7 @@ def test_blend_threshold_is_recorded_and_a_blend_over_the_whole_image_is_said(ti
                "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "wide")
     assert wide.exit_code == 0, wide.output
     assert "the local blend of edit 1 covers 100% of the image" in " ".join(wide.stderr.split() + wide.stdout.split())
-    assert read_recipe(tmp_path / "wide" / "edit-1.png").edits[0]["blend"]["threshold"] == 0
+    assert read_recipe(run_folder(wide.stdout) / "edit-1.png").edits[0]["blend"]["threshold"] == 0
     narrow = run("edit", "a [cat->dog] riding a bike", "--blend", "cat:dog", "--blend-threshold", "0.97",
                  "--model", tiny_sd_dir, *FAST, "--out", tmp_path / "narrow")
     assert narrow.exit_code == 0 and "covers" not in narrow.output
@@ -500,7 +523,145 @@ def test_edit_help_shows_brackets_defaults_and_the_inline_syntax():
     result = run("edit", "--help")
     text = " ".join(result.output.split())
     assert result.exit_code == 0
-    for shown in ("'a [cat->dog]'", "[default: the model's: 50", "[default: random, recorded]",
+    for shown in ("'a [cat->dog]'", "[default: the model's: 30 for the demo model, 50", "[default: random, recorded]",
                   "a house on a mountain[+ at winter] refinement: words added", "a (fluffy:2.5) teddy bear",
-                  "--dtype <str> float32, float16", "[default: 0.8]"):
+                  "--dtype <str> float32, float16", "[default: the model's; 0.8 (the paper's)"):
         assert shown in text, shown
+
+
+# The demo model (64 px), at 2 steps: a run takes a second or two.
+DEMO = ["--model", "demo", "--steps", "2"]
+
+
+def test_runs_never_overwrite_or_mix(tmp_path):
+    """Each run goes into a new numbered folder under --out, renamed into place whole; `latest` links the newest."""
+    first = run("edit", "a big [red->purple] circle", "--to", "a big red star", *DEMO, "--seed", "1", "--out", tmp_path)
+    assert first.exit_code == 0, first.output
+    one = run_folder(first.stdout)
+    before = {path.name: path.read_bytes() for path in one.iterdir()}
+    second = run("edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--out", tmp_path)
+    assert second.exit_code == 0, second.output
+    two = run_folder(second.stdout)
+    assert (one.parent, one.name, two.parent, two.name) == (
+        tmp_path, "0001-a-big-red-circle-seed1", tmp_path, "0002-a-big-red-circle-seed1")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [one.name, two.name, "latest"]  # no staging left
+    assert {path.name: path.read_bytes() for path in one.iterdir()} == before  # the first run is untouched
+    assert sorted(path.name for path in two.iterdir()) == ["edit-1.png", "grid.png", "source.png"]  # no stale edit-2
+    assert (tmp_path / "latest").resolve() == two.resolve()
+    assert f"saved to {two} (also {tmp_path / 'latest'})" in " ".join(second.stderr.split())
+    replays = [run("replay", one / "edit-2.png", "--check") for _ in range(2)]
+    assert all(replay.exit_code == 0 for replay in replays), replays[0].output
+    assert [run_folder(replay.stdout) for replay in replays] == [one / "replay" / "0001-a-big-red-circle-seed1",
+                                                                 one / "replay" / "0002-a-big-red-circle-seed1"]
+
+
+def test_the_grid_labels_the_edited_words_on_tiles_of_at_least_256_px(tmp_path):
+    result = run("edit", "a big [red->purple] circle in the center on a white background",
+                 "--to", "a big red circle in the center on a white gradient background",
+                 "--to", "a big (red:2) circle in the center on a white background", *DEMO, "--seed", "1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = run_folder(result.stdout)
+    images = []
+    for name in ["source.png", "edit-1.png", "edit-2.png", "edit-3.png"]:
+        with Image.open(folder / name) as image:
+            images.append(image.convert("RGB"))
+    assert images[0].size == (64, 64)
+    # The grid is these images, enlarged 4x pixel for pixel, under labels that name what each edit changes.
+    expected = p2p.image_grid(images, ["source (seed 1)", "red -> purple", "+ gradient", "reweight red x2"], width=256)
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size == expected.size and grid.width == 4 * 256 and grid.height > 256
+        assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(expected))
+
+
+def test_seeds_make_one_run_folder_and_grid_each(tmp_path):
+    result = run("edit", "a big [red->green] circle", *DEMO, "--seeds", "3,1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folders = run_folders(result.stdout)
+    assert [folder.name for folder in folders] == ["0001-a-big-red-circle-seed3", "0002-a-big-red-circle-seed1"]
+    assert [read_recipe(folder / "grid.png").seed for folder in folders] == [3, 1]
+    assert not np.array_equal(pixels(folders[0] / "source.png"), pixels(folders[1] / "source.png"))
+    single = run("edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--out", tmp_path)
+    assert np.array_equal(pixels(run_folder(single.stdout) / "edit-1.png"), pixels(folders[1] / "edit-1.png"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "1", "--seeds", "2,3"], "--seed and --seeds exclude each other"),
+        (["--seeds", "1,,2"], "--seeds takes seeds from 0 to 2**63 - 1, comma-separated"),
+        (["--seeds", "1,-2"], "--seeds takes seeds from 0 to 2**63 - 1, comma-separated"),
+        (["--seeds", "4,4"], "--seeds names the seed 4 twice"),
+        (["--image", "photo.png", "--seeds", "1,2"], "--seeds does not apply to --image"),
+        (["--image", "photo.png", "--scheduler", "euler"], "--scheduler does not apply to --image"),
+    ],
+)
+def test_seeds_and_scheduler_misuse_is_refused_before_a_model_loads(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "resolve_model", _no_model)
+    monkeypatch.setattr(cli, "load_editor", _no_model)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    prompt = ["--prompt", "a cat", "--to", "a dog"] if "--image" in args else ["a [cat->dog]"]
+    result = run("edit", *prompt, *args)
+    assert result.exit_code == 2, result.output
+    _one_error(result, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]
+
+
+def test_a_scheduler_by_name_is_recorded_and_replays_bit_for_bit(tmp_path):
+    result = run("edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--scheduler", "EulerDiscreteScheduler",
+                 "--out", tmp_path / "euler")
+    assert result.exit_code == 0, result.output
+    folder = run_folder(result.stdout)
+    recipe = read_recipe(folder / "edit-1.png")
+    assert recipe.scheduler["_class_name"] == "EulerDiscreteScheduler"
+    assert recipe.scheduler["prediction_type"] == "v_prediction"  # configured as the model's own scheduler
+    with Image.open(folder / "edit-1.png") as image:
+        assert "Sampler: Euler," in image.text["parameters"]
+    replay = run("replay", folder / "edit-1.png", "--check")
+    assert replay.exit_code == 0 and "identical" in replay.stderr, replay.output
+    ddim = run("edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--out", tmp_path / "ddim")
+    assert not np.array_equal(pixels(run_folder(ddim.stdout) / "edit-1.png"), pixels(folder / "edit-1.png"))
+    short = run("attention", "a big red circle", *DEMO, "--seed", "1", "--scheduler", "euler-a", "--out", tmp_path / "a")
+    assert short.exit_code == 0, short.output
+    assert read_recipe(run_folder(short.stdout) / "image.png").scheduler["_class_name"] == "EulerAncestralDiscreteScheduler"
+
+
+def test_an_unknown_scheduler_is_a_one_line_usage_error_listing_the_choices(tmp_path):
+    result = run("edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--scheduler", "bogus", "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    _one_error(result, "--scheduler 'bogus' is not one this model takes; choose one of ddim, ddpm, pndm, lms, euler")
+    assert "EulerDiscreteScheduler" in result.stderr and "UniPCMultistepScheduler" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_pngs_carry_automatic1111_parameters_beside_the_recipe(tmp_path):
+    result = run("edit", "a big [red->green] circle", *DEMO, "--seed", "5", "--guidance", "4.5",
+                 "--negative", "blurry, dark", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = run_folder(result.stdout)
+    with Image.open(folder / "edit-1.png") as image:
+        assert image.text["parameters"] == ("a big green circle\nNegative prompt: blurry, dark\n"
+                                            "Steps: 2, Sampler: DDIM, CFG scale: 4.5, Seed: 5, Size: 64x64, Model: demo")
+        assert json.loads(image.text[RECIPE_KEY])["edits"][0]["prompt"] == "a big green circle"  # still the recipe
+    with Image.open(folder / "grid.png") as grid:  # the source's prompt, and the generated size, not the grid's
+        assert grid.text["parameters"] == ("a big red circle\nNegative prompt: blurry, dark\n"
+                                           "Steps: 2, Sampler: DDIM, CFG scale: 4.5, Seed: 5, Size: 64x64, Model: demo")
+
+
+def test_float16_on_the_cpu_is_one_warning_of_ours_and_then_runs(tmp_path):
+    done = _entry_point(["edit", "a big [red->green] circle", *DEMO, "--seed", "1", "--device", "cpu", "--dtype",
+                         "float16", "--out", tmp_path], {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "running them will fail" not in done.stderr  # diffusers' warning, printed once per component before
+    assert [line for line in done.stderr.splitlines() if "warning" in line.lower()] == [
+        "warning: float16 on the CPU runs slowly (most CPUs compute it in software) and a few operations may lack it "
+        "there; float32 is the CPU's dtype (--dtype float32)"]
+    assert read_recipe(run_folder(done.stdout) / "edit-1.png").dtype == "float16"
+
+
+def test_importing_the_cli_imports_no_torch_and_help_answers():
+    code = "import sys, prompt2prompt.cli; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    helped = _entry_point(["--help"], {})
+    assert helped.returncode == 0 and all(command in helped.stdout for command in ("edit", "attention", "replay"))

@@ -1,7 +1,8 @@
 """One table of edit cases, run over every model family: the contract's invariants on tiny random pipelines.
 
-Families: SD 1.x, SDXL, SD with v-prediction and zero terminal SNR, SD3, SD3.5, Flux.1 and Flux.1-dev (embedded
-guidance), each with and without classifier-free guidance where it has it. For every (setting, case):
+Families: SD 1.x, SDXL, SD with v-prediction and zero terminal SNR, SD3, SD3.5, Flux.1, Flux.1-dev (embedded
+guidance), Chroma (masked T5 padding: each prompt's true length differs from its edits') and PixArt-Σ (a
+cross-attention DiT, masked T5 padding), each with and without classifier-free guidance where it has it. For every (setting, case):
 fused == explicit, and the source row is plain generation. For every setting: no-op edits are plain generation,
 each edit in a batch is that edit alone, and outside the local-blend mask the edit keeps the source's latents.
 
@@ -12,11 +13,13 @@ import functools
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
+from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+from mmdit_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
+                             tiny_sd35_pipeline)
 from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 import prompt2prompt as p2p
+from prompt2prompt.families.chroma import masked_processors
 from conftest import on_device, rel_err, tolerance
 
 SOURCE = "a cat riding a bicycle"
@@ -65,6 +68,10 @@ BUILDERS = {
     "sd35": tiny_sd35_pipeline,
     "flux": tiny_flux_pipeline,
     "flux-dev": functools.partial(tiny_flux_pipeline, guidance_embeds=True),
+    "chroma": tiny_chroma_pipeline,
+    # Seed 10: on the 8x8 patch grid, the random maps of seeds 0-9 are too flat for both blend cases to leave part
+    # of the image in and part out (their masks cover all or nothing of it); seed 10's are not.
+    "pixart": functools.partial(tiny_pixart_pipeline, seed=10),
 }
 CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
 # Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
@@ -76,17 +83,26 @@ SETTINGS = {
     "sd35-cfg": ("sd35", CFG), "sd35-no-cfg": ("sd35", NO_CFG),
     "flux": ("flux", {}),
     "flux-dev": ("flux-dev", dict(guidance_scale=3.5)),
+    # Chroma: masked T5 padding (each prompt's own true length); guidance is a second, negative pass
+    "chroma-cfg": ("chroma", dict(guidance_scale=3.0)), "chroma-no-cfg": ("chroma", NO_CFG),
+    # PixArt-Σ: a cross-attention DiT; masked T5 padding; self-replacement by block
+    "pixart-cfg": ("pixart", dict(guidance_scale=4.5)), "pixart-no-cfg": ("pixart", NO_CFG),
 }
 
 
-def is_mmdit(pipe) -> bool:
-    return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline))
+def is_transformer(pipe) -> bool:
+    return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline))
+
+
+def packs(pipe) -> bool:
+    """Whether the pipeline packs its latents 2x2 into tokens, as Flux does."""
+    return isinstance(pipe, (FluxPipeline, ChromaPipeline))
 
 
 def run(pipe, edits, attention="fused", editor_kwargs=None, **kwargs):
     """`SOURCE` edited by `edits` at the tests' size and steps, from seed 0, as latents."""
     options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
-    if is_mmdit(pipe):
+    if is_transformer(pipe):
         options["max_sequence_length"] = T5_LENGTH
     options.update(kwargs)
     return p2p.Editor(pipe, attention=attention, **(editor_kwargs or {})).edit(SOURCE, edits, **options)
@@ -94,7 +110,7 @@ def run(pipe, edits, attention="fused", editor_kwargs=None, **kwargs):
 
 def latents_of(pipe, images, height=SIZE["height"], width=SIZE["width"]):
     """(P, C, h, w) latents of an output_type="latent" result (Flux returns its 2x2 patches packed as tokens)."""
-    if isinstance(pipe, FluxPipeline):
+    if packs(pipe):
         return FluxPipeline._unpack_latents(images, height, width, pipe.vae_scale_factor)
     return images
 
@@ -105,16 +121,26 @@ def plain(pipe, prompt, **kwargs):
     Without `guidance_scale` the pipeline's default applies; it is the editor's, except SDXL's (5.0, not 7.5).
     """
     options = dict(num_inference_steps=STEPS, output_type="latent", **SIZE)
-    if is_mmdit(pipe):
+    if is_transformer(pipe):
         options["max_sequence_length"] = T5_LENGTH
     options.update(kwargs)
-    model = pipe.transformer if is_mmdit(pipe) else pipe.unet
+    model = pipe.transformer if is_transformer(pipe) else pipe.unet
     scale = pipe.vae_scale_factor
     shape = (1, pipe.vae.config.latent_channels, options["height"] // scale, options["width"] // scale)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
-    if isinstance(pipe, FluxPipeline):
+    if packs(pipe):
         latents = FluxPipeline._pack_latents(latents, *shape)
-    images = pipe(prompt, latents=latents, **options).images
+    if isinstance(pipe, PixArtSigmaPipeline):  # the prompt as the edits read it, the size as asked (pixart.py)
+        options.update(clean_caption=False, use_resolution_binning=False)
+    if isinstance(pipe, ChromaPipeline):  # its padding mask applied as a mask, as the model means it (chroma.py)
+        saved = pipe.transformer.attn_processors
+        masked_processors(pipe)
+        try:
+            images = pipe(prompt, latents=latents, **options).images
+        finally:
+            pipe.transformer.set_attn_processor(saved)
+    else:
+        images = pipe(prompt, latents=latents, **options).images
     return latents_of(pipe, images, options["height"], options["width"])[0]
 
 
@@ -207,7 +233,7 @@ def test_outside_the_blend_mask_the_edit_keeps_the_source(runs, setting, case):
 
 def _options(setting: str) -> dict:
     pipe_options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1])
-    if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev"):
+    if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev", "chroma", "pixart"):
         pipe_options["max_sequence_length"] = T5_LENGTH
     return pipe_options
 

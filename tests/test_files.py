@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from prompt2prompt import files
-from prompt2prompt.files import write_atomic, write_text_atomic
+from prompt2prompt.files import run_slug, write_atomic, write_folder_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -75,3 +75,58 @@ def test_the_umask_is_read_without_proc_too(tmp_path, umask, monkeypatch):
 def test_write_text_atomic_writes_utf8(tmp_path):
     write_text_atomic(tmp_path / "row.json", '{"prompt": "un café"}')
     assert (tmp_path / "row.json").read_bytes() == '{"prompt": "un café"}'.encode()
+
+
+def _fill(*names: str):
+    """A `write` for write_folder_atomic that puts a file of each name into the staging folder."""
+    return lambda staging: [(staging / name).write_text(name) for name in names]
+
+
+def test_run_folders_are_numbered_and_never_overwrite_one_another(tmp_path, umask):
+    os.umask(0o022)
+    (tmp_path / "0007-mine").mkdir()  # numbered entries of any label count, whoever made them
+    (tmp_path / "notes.txt").write_text("not a run")
+    first = write_folder_atomic(tmp_path, "a-cat-seed1", _fill("source.png", "edit-1.png", "edit-2.png"))
+    second = write_folder_atomic(tmp_path, "a-cat-seed1", _fill("source.png", "edit-1.png"))
+    assert (first.name, second.name) == ("0008-a-cat-seed1", "0009-a-cat-seed1")
+    assert sorted(p.name for p in first.iterdir()) == ["edit-1.png", "edit-2.png", "source.png"]
+    assert sorted(p.name for p in second.iterdir()) == ["edit-1.png", "source.png"]  # nothing mixed in
+    assert mode(second) == 0o755  # a plain mkdir's, not mkdtemp's 0o700
+    assert os.readlink(tmp_path / "latest") == "0009-a-cat-seed1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0007-mine", first.name, second.name, "latest", "notes.txt"]
+
+
+def test_a_name_taken_meanwhile_moves_the_run_to_the_next_number(tmp_path, monkeypatch):
+    real_rename = os.rename
+
+    def racing_rename(source, target):
+        if os.path.basename(target) == "0001-a-dog":  # another process publishes 0001 after this one counted
+            os.mkdir(target)
+            with open(os.path.join(target, "source.png"), "w") as file:
+                file.write("theirs")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(files.os, "rename", racing_rename)
+    folder = write_folder_atomic(tmp_path, "a-dog", _fill("source.png"))
+    assert folder.name == "0002-a-dog" and (tmp_path / "0001-a-dog" / "source.png").read_text() == "theirs"
+    assert (folder / "source.png").read_text() == "source.png"
+
+
+def test_a_failed_run_leaves_no_folder_and_a_users_latest_is_kept(tmp_path):
+    def half_written(staging):
+        (staging / "source.png").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomic(tmp_path, "a-cat", half_written)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "latest").mkdir()  # the user's own folder of that name: not a link to replace
+    folder = write_folder_atomic(tmp_path, "a-cat", _fill("source.png"))
+    assert folder.name == "0001-a-cat" and not (tmp_path / "latest").is_symlink()
+
+
+@pytest.mark.parametrize("text, slug", [("a big [red->green] circle", "a-big-red-green-circle"),
+                                        ("Un café, s'il vous plaît", "un-cafe-s-il-vous-plait"),
+                                        ("a " + "verylongword" * 5, "a"), ("!!!", "run")])
+def test_run_slugs_are_short_ascii_words(text, slug):
+    assert run_slug(text) == slug

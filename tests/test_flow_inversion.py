@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import on_device, rel_err, tolerance
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-from mmdit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
+from mmdit_pipelines import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
 
 import prompt2prompt as p2p
 from prompt2prompt.families import family_of
@@ -33,10 +33,11 @@ def image():
 @pytest.fixture(scope="module")
 def pipes():
     return {"sd3": on_device(tiny_sd3_pipeline()), "sd35": on_device(tiny_sd35_pipeline()),
-            "flux": on_device(tiny_flux_pipeline()), "flux-dev": on_device(tiny_flux_pipeline(guidance_embeds=True))}
+            "flux": on_device(tiny_flux_pipeline()), "flux-dev": on_device(tiny_flux_pipeline(guidance_embeds=True)),
+            "chroma": on_device(tiny_chroma_pipeline())}
 
 
-@pytest.fixture(params=["sd3", "sd35", "flux", "flux-dev"])
+@pytest.fixture(params=["sd3", "sd35", "flux", "flux-dev", "chroma"])
 def pipe(request, pipes):
     return pipes[request.param]
 
@@ -141,9 +142,9 @@ def test_bad_arguments_get_clear_errors(pipes, sd_pipe, image, monkeypatch):
             invert(sd3, image, SOURCE, method=method, **OPTIONS)
     with pytest.raises(ValueError, match="unknown inversion method 'pnp' for StableDiffusion3Pipeline"):
         invert(sd3, image, SOURCE, method="pnp", **OPTIONS)
-    with pytest.raises(ValueError, match=r"'euler' inversion is for Stable Diffusion 3 and 3.5 and Flux.1 pipelines, not StableDiffusionPipeline"):
+    with pytest.raises(ValueError, match=r"'euler' inversion is for Stable Diffusion 3 and 3.5, Flux.1 and Chroma pipelines, not StableDiffusionPipeline"):
         invert(sd_pipe, image, SOURCE, method="euler")
-    with pytest.raises(ValueError, match="max_sequence_length applies to Stable Diffusion 3 and 3.5 and Flux.1 pipelines"):
+    with pytest.raises(ValueError, match="max_sequence_length applies to Stable Diffusion 3 and 3.5, Flux.1 and Chroma pipelines"):
         invert(sd_pipe, image, SOURCE, method="ddim", max_sequence_length=16)
     with pytest.raises(ValueError, match="height=42 is not a size this model accepts.*multiple of 4 px"):
         invert(sd3, image, SOURCE, **{**OPTIONS, "height": 42})

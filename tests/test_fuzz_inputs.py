@@ -173,8 +173,8 @@ def test_crafted_manifest_lines_give_a_job_or_one_value_error(folder, line):
         assert_clean(error)
         return
     assert isinstance(job, Job) and "\n" not in job.id
-    for spec in job.edits:
-        assert set(spec) == set(EDIT_FIELDS)
+    for spec in job.edits:  # every field, but windows it does not give: those are the model's, filled later
+        assert set(EDIT_FIELDS) - {"cross_steps", "self_steps"} <= set(spec) <= set(EDIT_FIELDS)
 
 
 @FUZZ

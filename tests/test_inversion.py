@@ -225,7 +225,7 @@ def test_load_errors(sd, image, tmp_path):
 
 
 def test_bad_arguments_get_clear_errors(sd, image):
-    with pytest.raises(ValueError, match="'pnp'.*null-text, negative-prompt, direct, ddim"):
+    with pytest.raises(ValueError, match="'pnp'.*direct, null-text, negative-prompt, ddim"):
         invert(sd, image, PROMPT, method="pnp")
     with pytest.raises(ValueError, match="guidance_scale=1.0"):
         invert(sd, image, PROMPT, method="null-text", guidance_scale=1.0)

@@ -2,10 +2,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from saved_models import tiny_flux_dir, tiny_sd3_dir, tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401 (fixtures)
+from saved_models import tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_sd3_dir, tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401
 
 from prompt2prompt import Editor, loading
 from prompt2prompt.engine import load_editor
@@ -25,7 +25,8 @@ def test_detects_sdxl_folders(tiny_sdxl_dir):
     assert pipe.unet.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("folder, cls", [("tiny_sd3_dir", StableDiffusion3Pipeline), ("tiny_flux_dir", FluxPipeline)])
+@pytest.mark.parametrize("folder, cls", [("tiny_sd3_dir", StableDiffusion3Pipeline), ("tiny_flux_dir", FluxPipeline),
+                                        ("tiny_chroma_dir", ChromaPipeline), ("tiny_pixart_dir", PixArtSigmaPipeline)])
 def test_detects_mmdit_folders_and_edits_them(request, folder, cls):
     pipe = load_pipeline(str(request.getfixturevalue(folder)))
     assert type(pipe) is cls
@@ -125,6 +126,10 @@ def test_single_file_checkpoints_are_told_apart_by_their_weight_names(tmp_path, 
     assert loading._pipeline_class(resolve_model(str(xl))) is StableDiffusionXLPipeline
     assert loading._pipeline_class(resolve_model(str(sd3))) is StableDiffusion3Pipeline
     assert loading._pipeline_class(resolve_model(str(flux))) is FluxPipeline
+    chroma = tmp_path / "chroma.safetensors"  # Flux's blocks, and Chroma's modulation approximator instead of Flux's
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
+               "distilled_guidance_layer.in_proj.weight": torch.zeros(1)}, chroma)
+    assert loading._pipeline_class(resolve_model(str(chroma))) is ChromaPipeline
     # Offline, the base model's configuration is missing from the (empty) cache: a clear error, no traceback.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     _go_offline(monkeypatch)
@@ -285,3 +290,11 @@ def test_a_model_index_whose_class_name_is_not_text_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": ["FluxPipeline"], "unet": ["diffusers", "X"]}')
     with pytest.raises(ModelLoadError, match="without its 'text_encoder'|non-diffusers"):
         load_pipeline(str(tmp_path))
+
+
+def test_float16_on_the_cpu_gives_one_warning_of_ours_not_diffusers_three(tiny_sd_dir, capfd):
+    with pytest.warns(UserWarning) as caught:
+        pipe = load_pipeline(str(tiny_sd_dir), device="cpu", torch_dtype="float16")
+    assert [str(w.message) for w in caught] == [loading.CPU_FLOAT16]
+    assert pipe.unet.dtype == torch.float16
+    assert "running them will fail" not in capfd.readouterr().err  # diffusers' warning, once per component before

@@ -1,11 +1,12 @@
-"""SD3 and Flux through the batch runner and the web app's run function (the browser tests cover its page)."""
+"""SD3, Flux, Chroma and PixArt-Σ through the batch runner and the web app (the browser tests cover its page)."""
 
 import json
 
 import numpy as np
+import pytest
 from conftest import DTYPE_NAME, TORCH_DEVICE
 from PIL import Image
-from saved_models import tiny_flux_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
+from saved_models import tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe
@@ -24,8 +25,8 @@ def test_a_flux_batch_runs_each_job_and_records_its_family(tmp_path, tiny_flux_d
             "max_sequence_length": 16, "seed": 3}
     lines = [
         {**base, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"]},
-        {**base, "source": "a cat riding a bicycle", "edits": [{"prompt": "a dog riding a bicycle",
-                                                                "blend": {"source_words": ["zebra"], "edit_words": ["dog"]}}]},
+        # over the 16 T5 tokens of these jobs: only the model can refuse it, at run time
+        {**base, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle" + " very" * 20]},
         {**base, "source": "a red car", "edits": [{"prompt": "a red car", "weights": {"red": -1.0}}]},
     ]
     manifest_path = tmp_path / "m.jsonl"
@@ -34,7 +35,7 @@ def test_a_flux_batch_runs_each_job_and_records_its_family(tmp_path, tiny_flux_d
     summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed) == (2, 1)
     rows = {row["line"]: row for row in map(json.loads, (tmp_path / "out" / INDEX).read_text().splitlines())}
-    assert "zebra" in rows[2]["error"]
+    assert "tokens long" in rows[2]["error"]
     png = tmp_path / "out" / "jobs" / manifest.jobs[0].id / "edit-1.png"
     recipe = read_recipe(png)
     assert (recipe.family, recipe.max_sequence_length, recipe.guidance_scale) == ("flux", 16, 3.5)
@@ -101,3 +102,28 @@ def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch)
     for job in manifest.jobs:  # each job's images, made in the shared batch, are its own replayed alone
         png = tmp_path / "out" / "jobs" / job.id / "edit-1.png"
         assert np.array_equal(pixels(png), np.asarray(run_recipe(read_recipe(png), editor).images[1]))
+
+
+@pytest.mark.parametrize("model, family, guidance", [("tiny_chroma_dir", "chroma", 3.0), ("tiny_pixart_dir", "pixart", 4.5)])
+def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_path, model, family, guidance):
+    from prompt2prompt import webapp
+
+    folder = str(request.getfixturevalue(model))
+    app = webapp.build_app([folder], out_dir=tmp_path / "web", device=str(TORCH_DEVICE), dtype=DTYPE_NAME)
+    assert app is not None  # the form starts at the model's defaults, whatever inversions it has (PixArt: none)
+    editors = webapp._Editors([folder], str(TORCH_DEVICE), DTYPE_NAME)
+    rows = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
+    gallery, paths, heatmaps, seed, _ = webapp._run(
+        editors, tmp_path / "web", 10 * 2**20, folder, "a [cat->dog] riding a bicycle", 5, 2, guidance, None, None, 0,
+        *rows)
+    assert seed == 5 and len(gallery) == 2 and read_recipe(paths[1]).family == family
+    assert len(heatmaps) == 2 * 5  # two prompts, one map per word (T5 splits words into pieces)
+    lines = [{"model": folder, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"], "seed": i,
+              "num_inference_steps": 2, "height": 32, "width": 32, "max_sequence_length": 16} for i in range(2)]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = run_batch(load_manifest(manifest_path), tmp_path / "out", workers=0, batch_size=2, progress=False,
+                        **ON_DEVICE)
+    assert (summary.done, summary.failed) == (2, 0)
+    rows = list(map(json.loads, (tmp_path / "out" / INDEX).read_text().splitlines()))
+    assert [row["batch"] for row in rows] == [2, 2]  # both jobs in one forward batch

@@ -15,7 +15,8 @@ import prompt2prompt as p2p
 from prompt2prompt import recipe as recipes
 from prompt2prompt.engine import EditResult
 from prompt2prompt.edits import edit_to_dict
-from prompt2prompt.recipe import Recipe, RecipeError, check_finite, file_digest, read_recipe, run_recipe, save_png
+from prompt2prompt.recipe import (Recipe, RecipeError, check_finite, edit_label, file_digest, read_recipe, run_recipe,
+                                  save_png)
 
 SHA = "0" * 64
 
@@ -85,7 +86,7 @@ def test_a_valid_recipe_round_trips():
         ({"seed": None, "image": {"path": "in.png", "sha256": "x"}}, "image sha256 must be 64 lowercase hex digits"),
         ({"image": {"path": "in.png", "sha256": SHA}}, "a recipe with an image takes no seed"),
         ({"seed": None, "image": {"path": "in.png", "sha256": SHA}, "inversion": {"method": "magic"}},
-         "inversion method 'magic' is not one of null-text"),
+         "inversion method 'magic' is not one of direct, null-text"),
         ({"seed": None, "image": {"path": "in.png", "sha256": SHA}, "inversion": {"num_inner_steps": 10**6}},
          "inversion num_inner_steps must be an integer from 0 to 100"),
         ({"seed": None, "image": {"path": "in.png", "sha256": SHA}, "inversion": {"early_stop_epsilon": -1}},
@@ -343,3 +344,32 @@ def test_an_integer_of_thousands_of_digits_gives_our_message_not_pythons():
     with pytest.raises(recipes.RecipeError) as caught:
         parse('{"format": 1, "seed": ' + "9" * 5000 + "}")
     assert "4300 digits" in str(caught.value) and "set_int_max_str_digits" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "source, spec, label",
+    [
+        ("a big red circle", {"prompt": "a big purple circle"}, "red -> purple"),
+        ("a cat riding a bicycle", {"prompt": "a big dog riding a bicycle"}, "cat -> big dog"),
+        ("a house on a mountain", {"prompt": "a house on a mountain at winter"}, "+ at winter"),
+        ("a fluffy teddy bear", {"prompt": "a teddy bear"}, "- fluffy"),
+        ("a red circle", {"prompt": "a red circle", "weights": [["red", 2.0], ["circle", 2.0]]}, "reweight red, circle x2"),
+        ("a cat riding a red bicycle", {"prompt": "a dog riding a red bicycle", "weights": [[4, 1.5]],
+                                        "blend": {"source_words": ["cat"], "edit_words": ["dog"]}},
+         "cat -> dog, reweight red x1.5, local blend"),
+        ("a red circle", {"prompt": "a red circle", "weights": [[-1, -2.0], [9, 3.0]]}, "reweight circle x -2, word 9 x3"),
+        ("a red circle", {"prompt": "a red circle"}, ""),
+    ],
+)
+def test_edit_labels_name_the_edited_words(source, spec, label):
+    assert edit_label(source, spec) == label
+
+
+def test_pngs_carry_automatic1111_parameters_that_pil_reads_back(tmp_path):
+    recipe = Recipe("a cat", [{"prompt": "a dog"}], None, 30, 7.5, "/models/My Model.safetensors",
+                    scheduler={"_class_name": "EulerAncestralDiscreteScheduler"}, image_index=1)
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "edit-1.png", recipe)
+    with Image.open(tmp_path / "edit-1.png") as image:
+        # No seed (an inverted image has none), the checkpoint's name without its folder, no negative prompt.
+        assert image.text["parameters"] == "a dog\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Size: 8x8, Model: My Model"
+        assert Recipe.from_json(image.text["prompt2prompt"]) == recipe

@@ -17,6 +17,7 @@ from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
 
 import prompt2prompt as p2p
 from prompt2prompt import webapp
+from prompt2prompt.families import UNetFamily
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.recipe import read_recipe, run_recipe
 
@@ -154,7 +155,8 @@ def test_real_image_upload_is_inverted_and_recorded(page, server, tmp_path):
     _run(page, "a cat", "a dog", seed="-1")
     (run_folder,) = set(out.iterdir()) - before
     recipe = read_recipe(run_folder / "edit-1.png")
-    assert recipe.image["path"] == "input.png" and recipe.inversion == {"method": "null-text"}
+    default_method = UNetFamily.inversion_methods[0]  # the form starts at the model's default inversion
+    assert recipe.image["path"] == "input.png" and recipe.inversion == {"method": default_method}
     assert recipe.seed is None and (run_folder / "input.png").is_file()
 
 
@@ -204,7 +206,7 @@ def test_a_forged_request_cannot_make_the_app_read_a_server_path(server):
     app, out = server
     config = httpx.get(f"{app.local_url}config").json()
     (run,) = [d for d in config["dependencies"] if d.get("api_name") == "run_edit"]
-    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], []]
+    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
     forged = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
 
     def submit(image, session: str) -> bool:
@@ -321,3 +323,279 @@ def test_a_forged_form_field_gets_a_message(tiny_sd_dir, tmp_path, field, value)
     args[field] = value
     with pytest.raises(gr.Error):
         webapp._run(*args, *[None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS))
+
+
+# The whole image, as drawn: its object-fit box inside every clipping ancestor, its aspect ratio kept, and nothing
+# drawn over its corners or its centre (Gradio lays captions and the gallery's label over thumbnails).
+WHOLE_IMAGE = """(img) => {
+    img.scrollIntoView({block: "center"});
+    const r = img.getBoundingClientRect(), style = getComputedStyle(img);
+    const nw = img.naturalWidth, nh = img.naturalHeight;
+    const scale = {contain: Math.min(r.width / nw, r.height / nh), cover: Math.max(r.width / nw, r.height / nh),
+                   "scale-down": Math.min(1, r.width / nw, r.height / nh), none: 1}[style.objectFit];
+    const w = scale === undefined ? r.width : nw * scale, h = scale === undefined ? r.height : nh * scale;
+    const [px, py] = style.objectPosition.split(" ").map(parseFloat);  // percentages
+    const left = r.left + (r.width - w) * px / 100, top = r.top + (r.height - h) * py / 100;
+    const box = {left, top, right: left + w, bottom: top + h};
+    const clip = {left: 0, top: 0, right: innerWidth, bottom: innerHeight};
+    for (let e = img.parentElement; e; e = e.parentElement) {
+        const s = getComputedStyle(e);
+        if (s.overflowX === "visible" && s.overflowY === "visible") continue;
+        const b = e.getBoundingClientRect(), x = b.left + e.clientLeft, y = b.top + e.clientTop;
+        clip.left = Math.max(clip.left, x); clip.top = Math.max(clip.top, y);
+        clip.right = Math.min(clip.right, x + e.clientWidth); clip.bottom = Math.min(clip.bottom, y + e.clientHeight);
+    }
+    const points = [[box.left + 2, box.top + 2], [box.right - 2, box.top + 2], [box.left + 2, box.bottom - 2],
+                    [box.right - 2, box.bottom - 2], [(box.left + box.right) / 2, (box.top + box.bottom) / 2]];
+    return {box, clip, ratio: (w / h) / (nw / nh), rendering: style.imageRendering,
+            covered: points.filter(([x, y]) => document.elementFromPoint(x, y) !== img).length};
+}"""
+
+
+def _assert_whole(page, selector: str) -> None:
+    images = page.locator(selector)
+    page.wait_for_function(f"[...document.querySelectorAll({selector!r})].every(i => i.complete && i.naturalWidth)")
+    for i in range(images.count()):
+        seen = images.nth(i).evaluate(WHOLE_IMAGE)
+        box, clip = seen["box"], seen["clip"]
+        assert clip["left"] - 1 <= box["left"] and box["right"] <= clip["right"] + 1, (selector, i, seen)
+        assert clip["top"] - 1 <= box["top"] and box["bottom"] <= clip["bottom"] + 1, (selector, i, seen)
+        assert seen["ratio"] == pytest.approx(1, abs=0.02) and seen["covered"] == 0, (selector, i, seen)
+        assert seen["rendering"] == "pixelated", (selector, i, seen)  # 32 px images, drawn larger
+
+
+def test_the_gallery_shows_whole_images_and_the_heatmaps_their_tokens(page):
+    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
+    _assert_whole(page, "#gallery img")
+    page.get_by_role("tab", name="Attention").click()
+    page.wait_for_selector("#heatmaps img")
+    labels = page.locator("#heatmaps .caption-label").all_inner_texts()
+    assert labels == "a cat riding a bicycle a dog riding a bicycle".split()
+    _assert_whole(page, "#heatmaps img")
+
+
+def test_heatmap_captions_are_their_tokens(tiny_sd_dir, tmp_path):
+    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    row = ["a (fluffy:2) dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
+    _, _, heatmaps, _, _ = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
+                                       "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    assert [label for _, label in heatmaps] == ["a", "cat", "a", "fluffy", "dog"]
+
+
+def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, capfd):
+    page.fill("#source textarea", "a [cat->dog riding")
+    page.click("#run")
+    pre = page.wait_for_selector(".toast-body pre", timeout=60_000)
+    assert "the source prompt: column 3: '[' is never closed" in page.inner_text(".toast-body")
+    prompt_line, caret_line = pre.inner_text().splitlines()
+    assert prompt_line.strip() == "a [cat->dog riding" and caret_line.strip() == "^"
+    x_of = """(pre, [line, column]) => {
+        const node = pre.firstChild, lines = node.textContent.split("\\n"), range = document.createRange();
+        const at = lines.slice(0, line).reduce((n, text) => n + text.length + 1, 0) + column;
+        range.setStart(node, at); range.setEnd(node, at + 1);
+        return range.getBoundingClientRect().left;
+    }"""
+    bracket = pre.evaluate(x_of, [0, prompt_line.index("[")])
+    caret = pre.evaluate(x_of, [1, caret_line.index("^")])
+    assert caret == pytest.approx(bracket, abs=0.5)  # the caret stands under the '[' (a monospace font)
+    assert "mono" in pre.evaluate("pre => getComputedStyle(pre).fontFamily")
+    (record,) = [r for r in caplog.records if r.name == "prompt2prompt.webapp"]
+    assert "column 3" in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_user_errors_are_logged_in_one_line_and_bugs_with_their_traceback(caplog):
+    shown = webapp._shown(ValueError("the word 'x' is not in the prompt\n  a cat\n  ^"))
+    assert shown.message == "the word 'x' is not in the prompt<pre>  a cat\n  ^</pre>"
+    webapp._shown(KeyError("x"))
+    user, bug = caplog.records
+    assert user.getMessage() == "refused: the word 'x' is not in the prompt" and user.exc_info is None
+    assert bug.getMessage() == "failed: KeyError: 'x'" and bug.exc_info is not None
+
+
+def test_messages_are_escaped_for_the_toasts_html():
+    assert webapp._error("the word '<img src=x>' & more").message == "the word '&lt;img src=x>' &amp; more"
+
+
+def _queue_call(app, data: list, session: str) -> dict:
+    """One request to the Run button's function through Gradio's queue, as a browser or a script sends it."""
+    config = httpx.get(f"{app.local_url}config").json()
+    (run,) = [d for d in config["dependencies"] if d.get("api_name") == "run_edit"]
+    joined = httpx.post(f"{app.local_url}gradio_api/queue/join",
+                        json={"data": data, "fn_index": run["id"], "session_hash": session})
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", f"{app.local_url}gradio_api/queue/data?session_hash={session}", timeout=120) as events:
+        return next(json.loads(line[5:]) for line in events.iter_lines() if "process_completed" in line)
+
+
+def _form(app, source: str = "a cat", seed: int = 7) -> list:
+    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
+    model = next(fn for fn in app.fns.values() if fn.name == "run_edit").inputs[0].value
+    return [model, source, seed, 2, 7.5, None, "null-text", 1, *row, *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (2, "abc", "the request's 'Seed (-1: random)' is not what the form sends"),
+    (3, "abc", "the request's 'Steps' is not what the form sends"),
+    (3, None, "the request's 'Steps' is not what the form sends"),
+    (5, "/etc/passwd", "the request holds a file that was not uploaded to this app"),
+    (9, "fine", "Value: 'fine' (type: &lt;class 'str'>) is not in the list of choices"),
+    (slice(5, None), None, "the request holds 5 values; the form sends"),
+])
+def test_a_forged_api_request_gets_the_apps_one_line_message(server, field, value, message):
+    app, out = server
+    data = _form(app)
+    if isinstance(field, slice):
+        del data[field]
+    else:
+        data[field] = value
+    done = _queue_call(app, data, f"forged-{field}-{value}")
+    error = done["output"]["error"]
+    assert done["success"] is False and error is not None and error.startswith(message)
+    assert "\n" not in error and str(out) not in error and "gradio" not in error.lower()
+
+
+def test_a_text_file_named_png_gets_a_message_without_a_server_path(tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    with pytest.raises(gr.Error) as refused:
+        webapp._check_upload(str(notes), 2**20)
+    assert refused.value.message.startswith("the upload is not an image that can be read")
+    assert str(tmp_path) not in refused.value.message and "notes" not in refused.value.message
+    with pytest.raises(gr.Error, match="the upload is no longer on the server; upload the image again"):
+        webapp._check_upload(str(tmp_path / "gone.png"), 2**20)
+
+
+def test_a_run_is_written_aside_and_moved_into_the_output_folder_whole(tiny_sd_dir, tmp_path, monkeypatch):
+    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    real_save, seen = webapp.save_result, []
+
+    def watched_save(images, recipe, folder):  # what --out holds while the PNGs are being written
+        seen.append((folder, sorted(path.name for path in tmp_path.iterdir())))
+        return real_save(images, recipe, folder)
+
+    monkeypatch.setattr(webapp, "save_result", watched_save)
+    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
+    _, files, _, _, status = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
+                                         "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    ((staging, during),) = seen
+    assert staging.parent == tmp_path / webapp.STAGING and during == [webapp.STAGING]
+    (run_folder,) = tmp_path.iterdir()  # the staging folder is gone
+    assert run_folder.name == staging.name and f"`{run_folder.name}`" in status
+    assert [Path(path) for path in files] == [run_folder / name for name in ("source.png", "edit-1.png", "grid.png")]
+    assert all(Path(path).is_file() for path in files)
+
+
+def test_leftovers_of_a_crash_are_removed_at_start_and_whole_runs_kept(tiny_sd_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    whole, empty, partial = (out / f"20260101-12000{i}-{i}-abcdef" for i in range(3))
+    for folder, names in ((whole, ["source.png", "edit-1.png", "grid.png", ".grid.png.k2j4.tmp.png"]), (empty, []),
+                          (partial, ["input.png", "source.png"]), (out / ".staging" / "20260101-120003-3-abcdef",
+                                                                   ["source.png"]),
+                          (out / "my-own-folder", []), (out, [".edit-1.png.x8f2.tmp.png", "notes.txt", ".hidden"])):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / name).write_bytes(b"png")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # build_app sets it; restored
+    webapp.build_app([str(tiny_sd_dir)], out_dir=out)
+    assert sorted(path.name for path in out.iterdir()) == sorted([whole.name, "my-own-folder", "notes.txt", ".hidden"])
+    assert sorted(path.name for path in whole.iterdir()) == ["edit-1.png", "grid.png", "source.png"]
+
+
+def test_the_queue_size_comes_from_p2p_serve(tiny_sd_dir, tmp_path, server, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prompt2prompt import cli
+
+    app, _ = server
+    assert app._queue.max_size == webapp.QUEUE_SIZE == 64  # the default
+    given = {}
+    monkeypatch.setattr(webapp, "launch", lambda models, **options: given.update(options))
+    result = CliRunner().invoke(cli.app, ["serve", "--model", str(tiny_sd_dir), "--out", str(tmp_path), "--queue", "5"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    assert webapp.build_app([str(tiny_sd_dir)], out_dir=tmp_path, queue_size=given["queue_size"])._queue.max_size == 5
+
+
+def test_gradios_cache_keeps_the_files_of_recent_runs_only(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(webapp, "CACHE_RUNS", 2)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    out = tmp_path / "out"
+    app = webapp.launch([str(tiny_sd_dir)], port=_free_port(), out_dir=out, prevent_thread_lock=True)
+    try:
+        entries = []
+        for seed in range(1, 7):
+            assert _queue_call(app, _form(app, seed=seed), f"run-{seed}")["success"]
+            entries.append(len(list((out / ".gradio").iterdir())))
+    finally:
+        app.close()
+    assert entries[-1] <= 3 * entries[0] < 6 * entries[0]  # this run's and the last two runs' files; not all six
+    assert len([path for path in out.iterdir() if path.name != ".gradio"]) == 6  # the runs themselves are kept
+
+
+def test_the_cache_bound_keeps_an_upload_in_use_and_gradios_other_files(tmp_path):
+    old, upload, other = tmp_path / ("a" * 64), tmp_path / ("b" * 64), tmp_path / "vibe_edit_history"
+    for path in (old / "image.webp", upload / "photo.png", other):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    for path in (old / "image.webp", old, upload / "photo.png", upload, other):
+        os.utime(path, (0, 0))
+    cache = webapp._CacheBound(tmp_path, runs=1)
+    cache.run_started()
+    cache.run_started(str(upload / "photo.png"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([upload.name, other.name])
+
+
+def test_the_form_starts_at_the_models_defaults_and_follows_the_picked_model(tiny_sd_dir, tmp_path, monkeypatch):
+    from prompt2prompt.engine import load_editor
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    app = webapp.build_app([str(tiny_sd_dir), "demo"], out_dir=tmp_path)
+    tiny, demo = load_editor(str(tiny_sd_dir))[0].defaults, load_editor("demo")[0].defaults
+    assert (tiny.num_inference_steps, tiny.self_steps) != (demo.num_inference_steps, demo.self_steps)
+    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
+    steps, guidance, row = run.inputs[3], run.inputs[4], run.inputs[8:8 + webapp.ROW_FIELDS]
+    assert (steps.value, guidance.value) == (tiny.num_inference_steps, tiny.guidance_scale)
+    assert (row[2].value, row[3].value, row[10].value) == (tiny.cross_steps, tiny.self_steps, tiny.blend_threshold)
+    assert row[10].label == "Blend threshold"
+    follow = next(fn for fn in app.fns.values() if fn.name == "model_defaults")
+    assert follow.outputs[:2] == [steps, guidance] and follow.outputs[3:6] == [row[2], row[3], row[10]]
+    picked_steps, picked_guidance, _, *per_row = follow.fn("demo")
+    assert (picked_steps, picked_guidance) == (demo.num_inference_steps, demo.guidance_scale)
+    assert per_row == [demo.cross_steps, demo.self_steps, demo.blend_threshold] * webapp.MAX_EDITS
+
+
+def test_the_placeholders_are_an_edit_the_default_model_draws(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    app = webapp.build_app(["demo"], out_dir=tmp_path)
+    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
+    source, first_edit = run.inputs[1], run.inputs[8]
+    assert source.placeholder == "a big red circle in the center on a white background"
+    assert first_edit.placeholder == "a big purple circle in the center on a white background"
+
+
+def test_a_run_takes_the_models_defaults_for_sliders_left_at_them_and_says_so(tmp_path):
+    editors = webapp._Editors(["demo"], "cpu", "auto")
+    defaults = editors.get("demo")[0].defaults
+    source, edit = "a big red circle in the center on a white background", "a big red star in the center on a white background"
+    row = [edit, "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, ["circle"], ["star"], [], [],
+           defaults.blend_threshold]
+    _, files, _, _, status = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale, None,
+                                         "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    (spec,) = read_recipe(files[1]).edits
+    cross, self_steps, why = defaults.windows_for(source, edit)
+    assert (spec["cross_steps"], spec["self_steps"]) == (cross, self_steps) != (defaults.cross_steps, defaults.self_steps)
+    assert spec["blend"]["threshold"] == defaults.blend_threshold
+    assert "Defaults: " in status and why in status and f"guidance {defaults.guidance_scale:g}" in status
+    assert "2 steps" not in status  # the steps slider was moved: not a default
+
+
+def test_gallery_captions_name_the_edited_words(tmp_path):
+    editors = webapp._Editors(["demo"], "cpu", "auto")
+    defaults = editors.get("demo")[0].defaults
+    source = "a big red circle in the center on a white background"
+    row = [source.replace("red", "green"), "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, [], [], [], [],
+           defaults.blend_threshold]
+    gallery, *_ = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale, None, "direct", 1,
+                              *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    assert [caption for _, caption in gallery] == [f"source: {source}", "edit 1: red -> green"]

@@ -32,6 +32,9 @@ class Tokenized:
     word_tokens: list[list[int]]
     length: int = MAX_TOKENS  # the text encoder's sequence length (every tensor over tokens spans it)
     parts: tuple["TextPart", ...] = ()  # a joint text's parts (empty: the text is this one tokenization)
+    # Masked padding: positions >= true_length are padding the pipeline masks (no row gives them probability);
+    # None: the padding, if any, is attended like any token (CLIP, SD3's and Flux's T5).
+    true_length: int | None = None
 
     @property
     def blocks(self) -> tuple["TextPart", ...]:
@@ -118,6 +121,41 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS, *, what: str 
                 word_tokens[w].append(pos)
                 break
     return Tokenized(prompt, words, ids, word_tokens, length=max_length)
+
+
+def tokenize_templated(tokenizer, prompt: str, template: str, drop: int, max_length: int | None = None, *,
+                       what: str = "") -> Tokenized:
+    """A prompt read through a chat template (`template.format(prompt)`), of which the pipeline keeps the tokens
+    from `drop` on (Qwen-Image's `prompt_template_encode_start_idx`), and masks the padding after them.
+
+    Positions count from the first kept token; a word's tokens are found by character offsets inside the templated
+    string; the template's kept tokens (its suffix) belong to no word, like EOS. `true_length` is the number of kept
+    tokens, and `length` the padded length the run uses (`max_length`, or the true length when None).
+
+    >>> t = tokenize_templated(tok, "a red cat", "<s>user: {}</s>", drop=2)  # doctest: +SKIP
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a string, not {type(prompt).__name__}")
+    if "{}" not in template:
+        raise ValueError(f"a chat template holds '{{}}' where the prompt goes, not {template!r}")
+    start = template.index("{}")
+    text = template[:start] + prompt + template[start + 2:]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+    ids, offsets = list(enc["input_ids"])[drop:], list(enc["offset_mapping"])[drop:]
+    if max_length is not None and len(ids) > max_length:
+        detail = f" {what}" if what else ""
+        raise ValueError(f"the prompt {quoted(prompt)} is {len(ids)} tokens long in its template, more than the "
+                         f"model's {max_length}{detail}; shorten it")
+    spans = [(a + start, b + start) for a, b in word_spans(prompt)]
+    words = [text[a:b] for a, b in spans]
+    word_tokens: list[list[int]] = [[] for _ in words]
+    for pos, (a, b) in enumerate(offsets):
+        for w, (ws, we) in enumerate(spans):
+            if b > a and ws <= a and b <= we:
+                word_tokens[w].append(pos)
+                break
+    length = len(ids) if max_length is None else max_length
+    return Tokenized(prompt, words, ids, word_tokens, length=length, true_length=len(ids))
 
 
 def _strip(word: str) -> str:
@@ -303,4 +341,26 @@ def text_mappers(source: Tokenized, edit: Tokenized, mode: str) -> tuple[torch.T
             index[o : o + n], alpha[o : o + n] = m + o, a
     if mode != "replace":
         mapper = torch.nn.functional.one_hot(index, length).T.float()
+    if any(part.tokenized.true_length is not None for t in (source, edit) for part in t.blocks):
+        mapper, alpha = masked_padding(mapper, alpha, source, edit)
     return mapper, index, alpha
+
+
+def masked_padding(mapper: torch.Tensor, alpha: torch.Tensor, source: Tokenized, edit: Tokenized):
+    """The contract's masked-padding rule on (L, L) mapper M and (L,) alpha: M[k, j] = 0 where source position k or
+    edit position j is masked padding, and alpha[j] = 0 on the edit's masked positions (its map there is its own
+    attention, which the mask makes zero). A joint text's parts are masked each at its own true length."""
+    def masked(t: Tokenized) -> torch.Tensor:
+        out = torch.zeros(t.length, dtype=torch.bool)
+        for part in t.blocks:
+            n = part.tokenized.true_length
+            if n is not None:
+                out[part.offset + n : part.offset + part.tokenized.length] = True
+        return out
+
+    masked_s, masked_e = masked(source), masked(edit)
+    mapper = mapper.clone()
+    mapper[masked_s] = 0
+    mapper[:, masked_e] = 0
+    alpha = torch.where(masked_e, torch.zeros_like(alpha), alpha)
+    return mapper, alpha

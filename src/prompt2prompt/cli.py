@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import secrets
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 # torch._dynamo, which diffusers imports, makes $TMPDIR/torchinductor_<user> as it is imported. `p2p` compiles
 # nothing, so that cache points at the temp folder itself, which exists: a command makes no folder outside --out.
@@ -24,13 +26,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .edits import MODES, check_edit_words, edit_from_dict
-from .engine import load_editor
+# Only modules that import no torch, at the top: `p2p --help` (and a usage error) answers at once. The engine,
+# the loaders and the recipes (torch, diffusers) are imported inside the commands that run a model.
+from .files import LATEST, run_slug, write_folder_atomic
 from .limits import BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS
-from .loading import check_device, parse_dtype, quiet_loading, resolve_model
-from .recipe import (MAX_STEPS, Recipe, check_guidance, check_int, check_side, file_digest, inversion_available,
-                     read_recipe, recipe_for, run_recipe, save_png, save_result)
 from .syntax import PromptSyntaxError, parse_prompt
+
+if TYPE_CHECKING:
+    from .loading import ModelSource
+    from .recipe import Recipe
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -71,19 +75,29 @@ ModelOption = Annotated[str, typer.Option(
 DeviceOption = Annotated[str | None, typer.Option(help="cuda, cpu, ... [default: cuda if available, else cpu]")]
 DtypeOption = Annotated[str, typer.Option(help="float32, float16, bfloat16, or auto (float16 on cuda, else float32).")]
 StepsOption = Annotated[int | None, typer.Option(
-    "--steps", min=1, help="Denoising steps [default: the model's: 50 for SD 1.x/2.x/XL, 28 for SD3 and Flux].",
+    "--steps", min=1, help="Denoising steps [default: the model's: 30 for the demo model, 50 for SD 1.x/2.x/XL, 28 "
+                          "for SD3 and Flux].",
     show_default=False)]
 GuidanceOption = Annotated[float | None, typer.Option(
-    "--guidance", help="Guidance scale [default: 7.5 for SD 1.x/2.x/XL, 7.0 for SD3; Flux: its embedded guidance, "
-                       "3.5]; <= 1 turns classifier-free guidance off.", show_default=False)]
+    "--guidance", help="Guidance scale [default: the model's: 5 for the demo model, 7.5 for SD 1.x/2.x/XL, 7.0 for "
+                       "SD3; Flux: its embedded guidance, 3.5]; <= 1 turns classifier-free guidance off.",
+    show_default=False)]
 SequenceOption = Annotated[int | None, typer.Option(
-    "--max-sequence-length", min=1, max=512, help="SD3 and Flux: T5 tokens [default: 256 for SD3, 512 for Flux].",
+    "--max-sequence-length", min=1, max=512, help="Models with T5 text: its length [default: the model's: 256 for SD3, "
+                                                  "512 for Flux and Chroma, 300 for PixArt-Σ].",
     show_default=False)]
 SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
                                                 help="Seed of the initial latent [default: random, recorded].")]
 AllowPickleOption = Annotated[bool, typer.Option(
     "--allow-pickle", help="Also load pickle (.bin) weights, with torch.load(weights_only=True). Off: safetensors "
                            "only, since a pickle can run code.")]
+SeedsOption = Annotated[str | None, typer.Option(
+    help="Several seeds, comma-separated (1,2,3): the model loads once, each seed gets its own run folder and grid.",
+    show_default=False)]
+SchedulerOption = Annotated[str | None, typer.Option(
+    help="One of the model's compatible schedulers, by class name (EulerDiscreteScheduler) or short name (ddim, "
+         "euler, euler-a, dpm++, ...); recorded in the recipe [default: the model's].", show_default=False)]
+OutOption = Annotated[Path, typer.Option(help="Parent folder: each run goes into a new numbered folder in it.")]
 
 
 WIDE_BLEND = 0.98  # a blend mask covering this share of the image (or more) keeps nothing of the source
@@ -152,18 +166,75 @@ def _output_folder(out: Path) -> Iterator[None]:
 def _sequence_length(editor, length: int | None) -> int | None:
     """--max-sequence-length, refused on a model without T5 text rather than ignored."""
     if length is not None and not editor.family.takes_max_sequence_length:
-        raise UsageError("--max-sequence-length is a T5 length: SD3 and Flux have one, this model has not")
+        raise UsageError("--max-sequence-length is a T5 length: SD3, Flux, Chroma and PixArt-Σ have one, this model has "
+                         "not")
     return length
 
 
 def _check_numbers(steps: int | None, guidance: float | None, height: int | None = None, width: int | None = None) -> None:
     """The run's numbers, checked as a recipe's are, before any model loads (None: the model's default)."""
+    from .recipe import MAX_STEPS, check_guidance, check_int, check_side
+
     if steps is not None:
         check_int(steps, "--steps", 1, MAX_STEPS)
     if guidance is not None:
         check_guidance(guidance)
     check_side(height, "--height")
     check_side(width, "--width")
+
+
+def _seed_list(seed: int | None, seeds: str | None, *, image: bool) -> list[int | None]:
+    """The seeds to run: --seed's, --seeds' (comma-separated), or one random one; None for a real image."""
+    if seeds is not None and seed is not None:
+        raise UsageError("--seed and --seeds exclude each other: one seed with --seed 7, several with --seeds 1,2,3")
+    if image:
+        if seed is not None or seeds is not None:
+            option = "--seed" if seed is not None else "--seeds"
+            raise UsageError(f"{option} does not apply to --image: the inversion supplies the initial latent")
+        return [None]
+    if seeds is None:
+        return [secrets.randbelow(2**31) if seed is None else seed]
+    parsed = []
+    for text in seeds.split(","):
+        if not text.strip().isdigit() or int(text) >= 2**63:
+            raise UsageError(f"--seeds takes seeds from 0 to 2**63 - 1, comma-separated (e.g. 1,2,3), not {seeds!r}")
+        if int(text) in parsed:
+            raise UsageError(f"--seeds names the seed {int(text)} twice: its runs would be the same")
+        parsed.append(int(text))
+    return parsed
+
+
+# Short names of common schedulers, each the classes it stands for, the first one the pipeline takes wins (SD's
+# Euler is EulerDiscreteScheduler, SD3's and Flux's FlowMatchEulerDiscreteScheduler).
+SCHEDULER_NAMES = {
+    "ddim": ("DDIMScheduler",), "ddpm": ("DDPMScheduler",), "pndm": ("PNDMScheduler",), "lms": ("LMSDiscreteScheduler",),
+    "euler": ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"), "euler-a": ("EulerAncestralDiscreteScheduler",),
+    "heun": ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"), "dpm++": ("DPMSolverMultistepScheduler",),
+    "unipc": ("UniPCMultistepScheduler",), "deis": ("DEISMultistepScheduler",),
+}
+
+
+def scheduler_class(name: str, compatibles) -> type:
+    """The scheduler class among `compatibles` that `name` names: a class name (any case, "Scheduler" optional)
+    or a short name of SCHEDULER_NAMES. A UsageError lists the choices otherwise."""
+    by_name = {cls.__name__: cls for cls in compatibles}
+    key = name.strip().lower()
+    for class_name, cls in by_name.items():
+        if key in (class_name.lower(), class_name.lower().removesuffix("scheduler")):
+            return cls
+    for class_name in SCHEDULER_NAMES.get(key, ()):
+        if class_name in by_name:
+            return by_name[class_name]
+    short = [short for short, names in SCHEDULER_NAMES.items() if any(n in by_name for n in names)]
+    raise UsageError(f"--scheduler {name!r} is not one this model takes; choose one of {', '.join(short)}"
+                     f"{' or ' if short else ''}{', '.join(sorted(by_name))}")
+
+
+def _use_scheduler(editor, name: str | None) -> None:
+    """Put the scheduler that --scheduler names on the pipeline, configured as the model's; the recipe records it."""
+    if name is not None:
+        pipe = editor.pipe
+        pipe.scheduler = scheduler_class(name, pipe.scheduler.compatibles).from_config(pipe.scheduler.config)
 
 
 class _StepBar:
@@ -202,17 +273,39 @@ def _progress(pipe, description: str) -> Iterator[None]:
         del pipe.progress_bar
 
 
+def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
+    """`loading.resolve_model`, imported when a command needs it (loading imports torch)."""
+    from . import loading
+
+    return loading.resolve_model(model, revision=revision)
+
+
+def load_editor(source: ModelSource, **options: Any):
+    """`engine.load_editor`, imported when a command needs it (the engine imports torch and diffusers)."""
+    from . import engine
+
+    return engine.load_editor(source, **options)
+
+
 def _load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None,
                  allow_pickle: bool = False):
     """Load `model` behind one spinner; a download, before it, keeps its own progress bars."""
-    parse_dtype(dtype, check_device(device))  # a bad --device or --dtype fails before any download
+    from .loading import CPU_FLOAT16, check_device, parse_dtype, slow_dtype
+
+    checked = check_device(device)
+    note = slow_dtype(parse_dtype(dtype, checked), checked)  # a bad --device or --dtype fails before any download
     source = resolve_model(model, revision=revision)
-    with console.status(f"loading {model} ..."):
+    if note:  # said here once, as the CLI says things, instead of load_pipeline's Python warning
+        console.print(f"[yellow]warning:[/yellow] {note} (--dtype float32)", highlight=False)
+    with console.status(f"loading {model} ..."), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(CPU_FLOAT16))
         return load_editor(source, device=device, dtype=dtype, allow_pickle=allow_pickle)
 
 
 def _check_edits(source: str, specs: list[dict[str, Any]]) -> None:
     """Check the edits as far as no model is needed, so that a bad option or a misspelt word fails at once."""
+    from .edits import check_edit_words, edit_from_dict
+
     try:
         check_edit_words(source, [edit_from_dict(spec) for spec in specs])
     except ValueError as error:
@@ -245,20 +338,23 @@ def _words(text: str) -> list[str]:
 
 
 def edit_specs(
-    prompt: str, to: list[str], *, mode: str, cross: str, cross_words: list[str], self_steps: str,
-    blend: str | None, weights: list[str], blend_threshold: float = BLEND_THRESHOLD,
+    prompt: str, to: list[str], *, mode: str, cross: str | None, cross_words: list[str], self_steps: str | None,
+    blend: str | None, weights: list[str], blend_threshold: float | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The source prompt and the recipe's edit specs for `p2p edit`'s arguments.
 
     The prompt may carry inline markup ("a [cat->dog]", "(fluffy:2)"), which makes the first edit; each
-    `--to` adds one more. Options other than the prompts apply to every edit.
+    `--to` adds one more. Options other than the prompts apply to every edit. A window or threshold not given
+    is left out of the spec: `recipe_for` fills it with the model's default.
     """
+    from .edits import MODES
+
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     parsed = parse_prompt(prompt)
-    cross_steps: Any = _window(cross, "--cross")
+    cross_steps: Any = None if cross is None else _window(cross, "--cross")
     if cross_words:
-        cross_steps = {"default": cross_steps} | dict(_pairs(t, "--cross-word", lambda v: _window(v, "--cross-word"))
+        cross_steps = ({} if cross_steps is None else {"default": cross_steps}) | dict(_pairs(t, "--cross-word", lambda v: _window(v, "--cross-word"))
                                                        for t in cross_words)
     word_weights = [list(_pairs(t, "--weight", float)) for t in weights]
     blend_spec = None
@@ -267,7 +363,7 @@ def edit_specs(
         if not sep or not _words(source_words) or not _words(edit_words):
             raise UsageError(f"--blend takes source_words:edit_words (comma-separated), not {blend!r}; e.g. cat:dog")
         blend_spec = {"source_words": _words(source_words), "edit_words": _words(edit_words)}
-        if blend_threshold != BLEND_THRESHOLD:
+        if blend_threshold is not None:
             blend_spec["threshold"] = blend_threshold
 
     prompts: list[tuple[str, dict[int, float]]] = []
@@ -289,8 +385,11 @@ def edit_specs(
     specs = []
     for edit_prompt, inline_weights in prompts:
         pairs = [[position, weight] for position, weight in inline_weights.items()] + word_weights
-        specs.append({"prompt": edit_prompt, "mode": mode, "cross_steps": cross_steps,
-                      "self_steps": _window(self_steps, "--self"), "weights": pairs or None, "blend": blend_spec})
+        spec = {"prompt": edit_prompt, "mode": mode, "cross_steps": cross_steps,
+                "self_steps": None if self_steps is None else _window(self_steps, "--self"),
+                "weights": pairs or None, "blend": blend_spec}
+        specs.append({name: value for name, value in spec.items()
+                      if value is not None or name not in ("cross_steps", "self_steps")})
     return parsed.source, specs
 
 
@@ -307,29 +406,37 @@ def edit(
     guidance: GuidanceOption = None,
     max_sequence_length: SequenceOption = None,
     seed: SeedOption = None,
-    cross: Annotated[str, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8.")] = str(CROSS_STEPS),
+    seeds: SeedsOption = None,
+    scheduler: SchedulerOption = None,
+    cross: Annotated[str | None, typer.Option(help="Cross-attention window: 0.8 or 0.2:0.8 [default: the model's; "
+                                                   f"{CROSS_STEPS} (the paper's) unless its files say otherwise].",
+                                              show_default=False)] = None,
     cross_word: Annotated[list[str], typer.Option("--cross-word", help="Per-word window: lion=0.4 (repeatable).")] = [],  # noqa: B006
-    self_steps: Annotated[str, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4.")] = str(SELF_STEPS),
+    self_steps: Annotated[str | None, typer.Option("--self", help="Self-attention window: 0.4 or 0.1:0.4 [default: the "
+                                                          f"model's; {SELF_STEPS} (the paper's) unless its files say "
+                                                          "otherwise].", show_default=False)] = None,
     blend: Annotated[str | None, typer.Option(help="Local blend words, source:edit, e.g. cat:dog.",
                                               show_default=False)] = None,
-    blend_threshold: Annotated[float, typer.Option(min=0, max=1, help="Local blend's mask threshold (on the "
-                                                                      "max-normalised attention).")] = BLEND_THRESHOLD,
+    blend_threshold: Annotated[float | None, typer.Option(
+        min=0, max=1, help="Local blend's mask threshold, on the max-normalised attention [default: the model's; "
+                           f"{BLEND_THRESHOLD} (the paper's) unless its files say otherwise].", show_default=False)] = None,
     weight: Annotated[list[str], typer.Option("--weight", help="Reweight a word: word=2.0 (repeatable).")] = [],  # noqa: B006
     negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
     height: Annotated[int | None, typer.Option(help="Image height in px [default: the model's].")] = None,
     width: Annotated[int | None, typer.Option(help="Image width in px [default: the model's].")] = None,
     image: Annotated[Path | None, typer.Option(help="A real image to edit (with --prompt as its caption).",
                                                exists=True, dir_okay=False, show_default=False)] = None,
-    inversion: Annotated[str | None, typer.Option(help="Inversion method for --image: null-text, negative-prompt, "
-                                                       "direct or ddim on SD 1.x/2.x/XL [default: null-text]; direct or "
-                                                       "euler on SD3 and Flux [default: direct].",
+    inversion: Annotated[str | None, typer.Option(help="Inversion method for --image: direct, null-text, negative-prompt "
+                                                       "or ddim on SD 1.x/2.x/XL; direct or euler on SD3, Flux and Chroma "
+                                                       "[default: direct, exact and the fastest].",
                                                   show_default=False)] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     allow_pickle: AllowPickleOption = False,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+    out: OutOption = Path("outputs"),
 ) -> None:
-    """Edit a prompt: writes the source, each edit and a side-by-side grid, each PNG carrying its recipe.
+    """Edit a prompt: writes the source, each edit and a labelled grid, each PNG carrying its recipe, into a new
+    numbered folder under --out (outputs/0001-a-cat-seed7/; outputs/latest links to the newest).
 
     \b
     Inline syntax in the prompt (the source and its first edit in one string):
@@ -337,40 +444,51 @@ def edit(
       a house on a mountain[+ at winter]   refinement: words added
       a [- fluffy] cat                     refinement: words removed
       a (fluffy:2.5) teddy bear            reweighting (negative weights allowed)
-      \[ \] \( \)                          literal brackets
-    More edits: --to 'another prompt' (repeatable). Example on the demo model:
-      p2p edit "a big [red->green] circle in the center on a white background" --guidance 5
+      \\[ \\] \\( \\)                          literal brackets
+    More edits: --to 'another prompt' (repeatable). Steps, guidance, windows and
+    the blend threshold default to the model's own (the demo model's: 30 steps,
+    guidance 5); the command prints those it used. On the demo model (circles,
+    squares, triangles and stars in five colours):
+      p2p edit "a big [red->purple] circle in the center on a white background"
+      p2p edit "a big red [circle->star] in the center on a white background"
     """
     with _user_errors():
         if (prompt is None) == (source_prompt is None):
             raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
+        from .recipe import file_digest, inversion_available, recipe_for, run_recipe, save_result
+
         _check_numbers(steps, guidance, height, width)
+        run_seeds = _seed_list(seed, seeds, image=image is not None)
         real: dict[str, Any] = {}
         if image is not None:
             if not inversion_available():
                 raise UsageError("--image needs real-image inversion, which this install of prompt2prompt lacks")
-            if seed is not None:
-                raise UsageError("--seed does not apply to --image: the inversion supplies the initial latent")
+            if scheduler is not None:
+                raise UsageError("--scheduler does not apply to --image: an inversion is edited on the scheduler it "
+                                 "was made with")
             real = dict(image={"path": str(image.resolve()), "sha256": file_digest(image)},
                         inversion={} if inversion is None else {"method": inversion})
-        elif seed is None:
-            seed = secrets.randbelow(2**31)
         source, specs = edit_specs(source_prompt if prompt is None else prompt, to, mode=mode, cross=cross,
                                    cross_words=cross_word, self_steps=self_steps, blend=blend, weights=weight,
                                    blend_threshold=blend_threshold)
         _check_edits(source, specs)
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
-            recipe = recipe_for(
-                editor, model_source, source=source, edits=specs, seed=seed, num_inference_steps=steps,
-                guidance_scale=guidance, negative_prompt=negative, height=height, width=width,
-                max_sequence_length=_sequence_length(editor, max_sequence_length), **real,
-            )
-            with _progress(editor.pipe, "editing"):
-                result = run_recipe(recipe, editor)
-            paths = save_result(result.images, recipe, out)
-    _report(paths, recipe.seed)
-    _warn_wide_blends(result.masks)
+            _use_scheduler(editor, scheduler)
+            for index, seed in enumerate(run_seeds):  # one model load for every seed; a run folder each
+                used: list[str] = []
+                recipe = recipe_for(
+                    editor, model_source, used=used, source=source, edits=specs, seed=seed, num_inference_steps=steps,
+                    guidance_scale=guidance, negative_prompt=negative, height=height, width=width,
+                    max_sequence_length=_sequence_length(editor, max_sequence_length), **real,
+                )
+                with _progress(editor.pipe, "editing" if len(run_seeds) == 1 else f"seed {seed}"):
+                    result = run_recipe(recipe, editor)
+                folder, paths = _publish(out, recipe, save_result, result.images)
+                _report(folder, paths, recipe.seed)
+                if index == 0:  # after the run: a failed one prints its error alone
+                    _say_defaults(used)
+                _warn_wide_blends(result.masks)
 
 
 def _warn_wide_blends(masks: dict) -> None:
@@ -392,35 +510,42 @@ def attention(
     guidance: GuidanceOption = None,
     max_sequence_length: SequenceOption = None,
     seed: SeedOption = None,
+    scheduler: SchedulerOption = None,
     negative: Annotated[str | None, typer.Option(help="Negative prompt.", show_default=False)] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     allow_pickle: AllowPickleOption = False,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+    out: OutOption = Path("outputs"),
 ) -> None:
-    """Per-token cross-attention heatmaps over the generated image, as a grid PNG."""
+    """Per-token cross-attention heatmaps over the generated image, as a grid PNG, in a new folder under --out."""
     with _user_errors():
+        from .recipe import recipe_for, run_recipe
+
         source = parse_prompt(prompt)
         if source.edit is not None:
             raise UsageError(f"attention takes a plain prompt, without edit markup: {prompt!r}")
         _check_numbers(steps, guidance)
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
+            _use_scheduler(editor, scheduler)
+            used = []
             recipe = recipe_for(
-                editor, model_source, source=source.source, edits=[],
+                editor, model_source, used=used, source=source.source, edits=[],
                 seed=secrets.randbelow(2**31) if seed is None else seed, num_inference_steps=steps,
                 guidance_scale=guidance, negative_prompt=negative, kind="attention", record_attention=res or True,
                 max_sequence_length=_sequence_length(editor, max_sequence_length),
             )
             with _progress(editor.pipe, "generating"):
                 result = run_recipe(recipe, editor)
-            paths = save_attention(result, recipe, out)
-    _report(paths, recipe.seed)
+            folder, paths = _publish(out, recipe, save_attention, result)
+            _report(folder, paths, recipe.seed)
+            _say_defaults(used)
 
 
 def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:
     """Write image.png and attention.png (the per-token heatmap grid), each carrying the recipe."""
     import prompt2prompt as p2p
+    from .recipe import save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     res = None if recipe.record_attention is True else recipe.record_attention
@@ -430,18 +555,41 @@ def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:
             save_png(grid, out_dir / "attention.png", recipe.with_index(None))]
 
 
-def _report(paths: list[Path], seed: int | None) -> None:
+def _say_defaults(used: list[str]) -> None:
+    """One line naming the model's defaults a run took (what the user did not set), and where they came from."""
+    if used:
+        console.print(f"defaults: {escape('; '.join(used))}", highlight=False)
+
+
+def _run_label(recipe: Recipe) -> str:
+    """A run folder's name after its number: the source prompt's first words, and the seed."""
+    return run_slug(recipe.source) + ("" if recipe.seed is None else f"-seed{recipe.seed}")
+
+
+def _publish(out: Path, recipe: Recipe, save, what) -> tuple[Path, list[Path]]:
+    """`save(what, recipe, folder)` into a new numbered folder under `out`, renamed into place whole: a run
+    never overwrites or mixes with an earlier one. Returns the folder and the paths of its files."""
+    written: list[Path] = []
+    folder = write_folder_atomic(out, _run_label(recipe), lambda staging: written.extend(save(what, recipe, staging)))
+    return folder, [folder / path.name for path in written]
+
+
+def _report(folder: Path, paths: list[Path], seed: int | None) -> None:
+    """The run's files on stdout, one a line (for scripts), then its seed and folder on stderr."""
     for path in paths:
         typer.echo(str(path))
     if seed is not None:
         console.print(f"seed {seed}", highlight=False)
+    latest = folder.parent / LATEST
+    also = f" (also {latest})" if latest.is_symlink() and os.readlink(latest) == folder.name else ""
+    console.print(f"saved to {escape(str(folder))}{escape(also)}", highlight=False)
 
 
 @app.command()
 def replay(
     png: Annotated[Path, typer.Argument(help="A PNG written by p2p.", show_default=False)],
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <png folder>/replay].",
-                                             show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the replay's new numbered folder goes [default: <png "
+                                                  "folder>/replay].", show_default=False)] = None,
     model: Annotated[str | None, typer.Option(help="Use this model instead of the recipe's (same weights).",
                                               show_default=False)] = None,
     device: DeviceOption = None,
@@ -449,10 +597,12 @@ def replay(
     allow_pickle: AllowPickleOption = False,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 unless the replay is identical, bit for bit.")] = False,
 ) -> None:
-    """Regenerate a result from the recipe in its PNG, and compare it with the PNG."""
+    """Regenerate a result from the recipe in its PNG, into a new folder, and compare it with the PNG."""
     with _user_errors():
+        from .recipe import read_recipe, run_recipe, save_result
+
         recipe = read_recipe(png)
-        out = out or png.parent / "replay"
+        out = out or _through_link(png.parent) / "replay"
         with _output_folder(out):
             revision = None if model else recipe.revision
             editor, _ = _load_editor(model or recipe.model, device, dtype or recipe.dtype, revision=revision,
@@ -460,19 +610,24 @@ def replay(
             with _progress(editor.pipe, "replaying"):
                 result = run_recipe(recipe, editor, base_dir=png.parent)
             if recipe.kind == "attention":
-                paths = save_attention(result, recipe, out)
+                folder, paths = _publish(out, recipe, save_attention, result)
                 replayed = paths[0] if recipe.image_index == 0 else paths[1]
             else:
-                paths = save_result(result.images, recipe, out)
+                folder, paths = _publish(out, recipe, save_result, result.images)
                 replayed = paths[-1] if recipe.image_index is None else paths[recipe.image_index]
         difference = _pixel_difference(png, replayed)
-    _report(paths, recipe.seed)
+    _report(folder, paths, recipe.seed)
     if difference is None:
         console.print(f"identical to {png}, bit for bit", highlight=False)
         return
     console.print(f"[yellow]differs from {escape(str(png))}[/yellow]: {difference}", highlight=False)
     if check:
         raise typer.Exit(1)
+
+
+def _through_link(folder: Path) -> Path:
+    """The folder a link names (`outputs/latest` gives its run folder, which a later run does not move), else itself."""
+    return folder.parent / os.readlink(folder) if folder.is_symlink() else folder
 
 
 def _pixel_difference(original: Path, replayed: Path) -> str | None:
@@ -501,6 +656,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.1, max=1024, help="Largest accepted upload.")] = 10.0,
     cache_mb: Annotated[float, typer.Option(min=0, max=2**20, help="Memory for the sources and inversions of recent "
                                                                   "runs, reused when only the edits change.")] = 2048,
+    queue: Annotated[int, typer.Option(min=1, max=10_000, help="Requests that may wait for their turn (runs go one "
+                                                               "at a time); one more is told the queue is full.")] = 64,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     allow_pickle: AllowPickleOption = False,
@@ -510,6 +667,8 @@ def serve(
         for option, value in (("--max-upload-mb", max_upload_mb), ("--cache-mb", cache_mb)):
             if math.isnan(value):  # NaN passes click's range checks
                 raise UsageError(f"{option} must be a number, not {value}")
+        from .loading import check_device, parse_dtype
+
         parse_dtype(dtype, check_device(device))
         try:
             from .webapp import launch
@@ -519,13 +678,15 @@ def serve(
             console.print(f"starting the web app on http://{host}:{port} with {', '.join(model)} (Ctrl+C stops it)",
                           highlight=False)
             launch(models=model, host=host, port=port, out_dir=out, max_upload_mb=max_upload_mb, device=device,
-                   dtype=dtype, cache_mb=cache_mb, allow_pickle=allow_pickle)
+                   dtype=dtype, cache_mb=cache_mb, allow_pickle=allow_pickle, queue_size=queue)
 
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo")) -> None:
     """Run the built-in demo edits on the embedded demo model."""
     with _user_errors():
+        from .loading import quiet_loading
+
         try:
             from .demo import run_demo
         except ImportError as error:
@@ -613,6 +774,7 @@ def _bench(data: Path, out: Path, protocol, methods: str, metrics: str, *, types
            workers: int, ray: str | None, device: str | None, dtype: str, extra=None) -> None:
     """Run a PIE-format benchmark folder through the harness and print where its table is."""
     from .bench.metrics import Metrics
+    from .loading import check_device
     from .bench.pie import load_pie
     from .bench.run import run_bench, table
 

@@ -17,8 +17,8 @@ import torch
 
 from . import families
 
-__all__ = ["DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device",
-           "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model"]
+__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device",
+           "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model", "slow_dtype"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -153,6 +153,17 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
     return _DTYPES[name]
 
 
+# What we say, once, instead of diffusers' "running them will fail" (printed once per component, and untrue:
+# torch runs float16 on the CPU, in software).
+CPU_FLOAT16 = ("float16 on the CPU runs slowly (most CPUs compute it in software) and a few operations may lack it "
+               "there; float32 is the CPU's dtype")
+
+
+def slow_dtype(dtype: torch.dtype, device: str | torch.device) -> str | None:
+    """CPU_FLOAT16 when `dtype` on `device` is float16 on the CPU, else None."""
+    return CPU_FLOAT16 if dtype == torch.float16 and torch.device(device).type == "cpu" else None
+
+
 def _pipeline_class(source: ModelSource):
     """The diffusers pipeline class to load `source` with, as the families recognise it."""
     import diffusers
@@ -255,7 +266,8 @@ def _checkpoint_class(path: Path) -> str:
     if name is None:
         raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion or Flux checkpoint (it has no "
                              "'model.diffusion_model.*', 'joint_blocks.*' or 'double_blocks.*' weights); pass an "
-                             "original SD 1.x/2.x/XL/3/3.5 or Flux.1 .safetensors file")
+                             "original SD 1.x/2.x/XL/3/3.5, Flux.1 or Chroma .safetensors file (PixArt-Σ loads from "
+                             "a diffusers folder or a hub id)")
     return name
 
 
@@ -303,7 +315,11 @@ def load_pipeline(
             detail = " ".join(incomplete[0].split())[:200]
             raise ModelLoadError(f"cannot load {source.id!r}: its weights are incomplete ({detail}...); use a "
                                  "complete checkpoint of a supported model")
-        return pipe.to(device)
+        if slow_dtype(dtype, device) is None:
+            return pipe.to(device)
+        warnings.warn(CPU_FLOAT16, UserWarning, stacklevel=2)
+        with library_logs():  # diffusers' own warning about it, once per component
+            return pipe.to(device)
     except ModelLoadError:
         raise
     except Exception as error:  # a model folder is untrusted input: missing files, broken configs, bad weights

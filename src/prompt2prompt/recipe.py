@@ -36,11 +36,13 @@ from .loading import library_logs, parse_dtype
 if TYPE_CHECKING:
     from .engine import SourceStore
 
-__all__ = ["ALLOW_LARGE", "EDIT_FIELDS", "INVERSION_OPTIONS", "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES",
-           "MAX_SIDE", "MAX_STEPS", "MAX_THREADS", "MAX_TRAIN_TIMESTEPS", "RECIPE_KEY", "Recipe", "RecipeError", "allow_large",
-           "build_edits", "check_edits", "check_finite", "check_guidance", "check_int", "check_inversion", "check_seed",
-           "check_side", "file_digest", "inversion_available", "package_version", "read_recipe", "recipe_for",
-           "run_recipe", "save_png", "save_result", "scheduler_config"]
+__all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "GRID_TILE", "INVERSION_OPTIONS", "MAX_EDITS",
+           "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES", "MAX_SIDE", "MAX_STEPS", "MAX_THREADS",
+           "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
+           "allow_large", "build_edits", "check_edits", "check_finite", "check_guidance", "check_int",
+           "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "inversion_available",
+           "package_version", "read_recipe", "recipe_for", "run_recipe", "save_png", "save_result",
+           "scheduler_config"]
 
 RECIPE_KEY = "prompt2prompt"
 FORMAT = 1
@@ -388,10 +390,13 @@ def scheduler_config(scheduler) -> dict[str, Any]:
     return json.loads(scheduler.to_json_string())
 
 
-def recipe_for(editor, model, **fields: Any) -> Recipe:
+def recipe_for(editor, model, *, used: list[str] | None = None, **fields: Any) -> Recipe:
     """A recipe for a run of `editor`, whose pipeline was loaded from `model` (a `loading.ModelSource`).
 
     The model id and revision, the scheduler, the dtype and the device come from them; `fields` give the rest.
+    What `fields` leave out (None, or an edit without windows, a blend without a threshold) is the model's default
+    (`editor.defaults`), written into the recipe so that a replay needs no defaults; `used`, if given, gains one
+    line per default taken, saying where it came from.
     """
     import torch
 
@@ -404,13 +409,49 @@ def recipe_for(editor, model, **fields: Any) -> Recipe:
         fields["max_sequence_length"] = family.max_sequence_length({} if length is None else {"max_sequence_length": length})
     if fields.get("image") is not None and "method" not in (fields.get("inversion") or {}):
         fields["inversion"] = {"method": family.default_inversion, **(fields.get("inversion") or {})}
-    if fields.get("num_inference_steps") is None:
-        fields["num_inference_steps"] = family.default_steps
-    if fields.get("guidance_scale") is None:
-        fields["guidance_scale"] = family.default_guidance
+    defaults, notes = editor.defaults, [] if used is None else used
+    by_origin: dict[str, list[str]] = {}
+    for name, shown in (("num_inference_steps", "{:g} steps"), ("guidance_scale", "guidance {:g}")):
+        if fields.get(name) is None:
+            fields[name] = getattr(defaults, name)
+            by_origin.setdefault(defaults.origin.get(name, ""), []).append(shown.format(fields[name]))
+    notes.extend(f"{', '.join(values)} ({origin})" for origin, values in by_origin.items())
+    if fields.get("edits"):
+        fields["edits"] = [_edit_defaults(spec, fields.get("source", ""), defaults, i, notes)
+                           for i, spec in enumerate(fields["edits"], 1)]
     return Recipe(model=model.id, revision=model.revision, scheduler=scheduler_config(pipe.scheduler),
                   dtype=str(family.model.dtype).removeprefix("torch."), device=pipe.device.type, threads=threads,
                   family=family.name, **fields)
+
+
+def _edit_defaults(spec: Any, source: str, defaults, index: int, notes: list[str]) -> Any:
+    """An edit spec with its missing windows and blend threshold taken from the model's defaults."""
+    if not isinstance(spec, dict):
+        return spec  # Recipe.validate refuses it with its message
+    spec = dict(spec)
+    cross, self_steps, rule = defaults.windows_for(source, str(spec.get("prompt", "")))
+    taken: dict[str, list[str]] = {}  # where from -> what
+
+    def take(name: str, text: str) -> None:
+        taken.setdefault(rule or defaults.origin.get(name, ""), []).append(text)
+
+    if spec.get("cross_steps") is None:
+        spec["cross_steps"] = cross
+        take("cross_steps", f"cross {cross:g}")
+    elif isinstance(spec["cross_steps"], dict) and "default" not in spec["cross_steps"]:
+        spec["cross_steps"] = {"default": cross, **spec["cross_steps"]}  # the other words' window
+        take("cross_steps", f"cross {cross:g} for the other words")
+    if spec.get("self_steps") is None:
+        spec["self_steps"] = self_steps
+        take("self_steps", f"self {self_steps:g}")
+    blend = spec.get("blend")
+    if isinstance(blend, dict) and blend.get("threshold") is None:
+        spec["blend"] = {**blend, "threshold": defaults.blend_threshold}
+        taken.setdefault(defaults.origin.get("blend_threshold", ""), []).append(
+            f"blend threshold {defaults.blend_threshold:g}")
+    if taken:
+        notes.append(f"edit {index}: " + "; ".join(f"{', '.join(what)} ({where})" for where, what in taken.items()))
+    return spec
 
 
 def inversion_available() -> bool:
@@ -570,11 +611,66 @@ def source_key(recipe: Recipe) -> str:
     return json.dumps(fields, sort_keys=True)
 
 
-def save_png(image: Image.Image, path: str | Path, recipe: Recipe) -> Path:
-    """Write `image` as a PNG carrying `recipe`, atomically: readers never see a half-written file."""
+# Automatic1111's sampler names for diffusers' schedulers (its infotext's "Sampler"); others show their class name.
+A1111_SAMPLERS = {
+    "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS", "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a", "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a", "UniPCMultistepScheduler": "UniPC",
+    "DDPMScheduler": "DDPM", "DEISMultistepScheduler": "DEIS", "LCMScheduler": "LCM",
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+}
+PARAMETERS_KEY = "parameters"  # the PNG text chunk of Automatic1111's infotext, which PNG Info readers show
+
+
+def _a1111_value(value: Any) -> str:
+    """A value as Automatic1111 writes it into its infotext: JSON-quoted if it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(recipe: Recipe, size: tuple[int, int]) -> str:
+    """The recipe as Automatic1111's infotext (its PNG "parameters" text), for the tools that read that format.
+
+    The prompt is that of the image the PNG holds (an edit's for an edit, the source's for the source and the
+    grid); `size` is (width, height). Only the JSON recipe is replayed: this text says less (no edits).
+
+    >>> print(a1111_parameters(Recipe("a cat", [], 7, 30, 5.0, "demo", negative_prompt="blurry, dark",
+    ...                               scheduler={"_class_name": "EulerDiscreteScheduler"}), (64, 64)))
+    a cat
+    Negative prompt: blurry, dark
+    Steps: 30, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 64x64, Model: demo
+    """
+    # Written for any recipe, a crafted one too (tests write those to check that replay refuses them): the text
+    # takes what it can and never fails.
+    index, edits, prompt = recipe.image_index, recipe.edits, recipe.source
+    if (recipe.kind == "edit" and isinstance(edits, list) and _is_int(index) and 0 < index <= len(edits)
+            and isinstance(edits[index - 1], dict)):
+        prompt = edits[index - 1].get("prompt", prompt)
+    lines = [str(prompt)] + ([f"Negative prompt: {recipe.negative_prompt}"] if recipe.negative_prompt else [])
+    scheduler = recipe.scheduler.get("_class_name") if isinstance(recipe.scheduler, dict) else None
+    scheduler = scheduler if isinstance(scheduler, str) else None
+    guidance = recipe.guidance_scale
+    model = Path(str(recipe.model))
+    fields = {"Steps": recipe.num_inference_steps, "Sampler": A1111_SAMPLERS.get(scheduler, scheduler),
+              "CFG scale": f"{guidance:g}" if is_finite_number(guidance) else guidance, "Seed": recipe.seed,
+              "Size": f"{size[0]}x{size[1]}",
+              # A checkpoint's name, as Automatic1111 gives it: a local path would say where the user keeps files.
+              "Model": (model.stem if model.suffix == ".safetensors" else model.name) if model.is_absolute() else recipe.model}
+    lines.append(", ".join(f"{key}: {_a1111_value(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, recipe: Recipe, *, size: tuple[int, int] | None = None) -> Path:
+    """Write `image` as a PNG carrying `recipe`, atomically: readers never see a half-written file.
+
+    Besides the recipe (JSON, what `read_recipe` and replay read), the PNG carries Automatic1111's "parameters"
+    text (`a1111_parameters`), so that PNG Info readers show the prompt, steps, sampler, seed and model; `size`
+    is the generated images' size it gives (default: this image's; a grid passes its images').
+    """
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_itxt(RECIPE_KEY, recipe.to_json())
+    info.add_text(PARAMETERS_KEY, a1111_parameters(recipe, size or image.size))  # iTXt if it is not Latin-1
     return write_atomic(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
@@ -595,14 +691,56 @@ def read_recipe(path: str | Path) -> Recipe:
     return Recipe.from_json(text)
 
 
+GRID_TILE = 256  # px: a grid tile's least width, so that small images (the demo's 64 px) and their labels read
+
+
+def edit_label(source: str, spec: dict[str, Any]) -> str:
+    """What an edit changes, as a short caption: its words against `source`'s, its reweighted words, its blend.
+
+    Weights at word positions count in the edit's prompt, as `Edit` counts them. Empty when nothing differs.
+
+    >>> edit_label("a big red circle", {"prompt": "a big purple circle"})
+    'red -> purple'
+    >>> edit_label("a circle on a white background", {"prompt": "a circle on a white gradient background"})
+    '+ gradient'
+    >>> edit_label("a fluffy red cat", {"prompt": "a red cat", "weights": [[1, 2.0], ["cat", -2]]})
+    '- fluffy, reweight red x2, cat x -2'
+    """
+    import difflib
+
+    before, after = source.split(), str(spec.get("prompt", "")).split()
+    parts = []
+    for change, i1, i2, j1, j2 in difflib.SequenceMatcher(None, before, after, autojunk=False).get_opcodes():
+        old, new = " ".join(before[i1:i2]), " ".join(after[j1:j2])
+        parts += {"replace": [f"{old} -> {new}"], "insert": [f"+ {new}"], "delete": [f"- {old}"]}.get(change, [])
+    by_weight: dict[float, list[str]] = {}  # words of the same weight share it: "red, circle x -2"
+    for word, weight in spec.get("weights") or []:
+        if isinstance(word, int):
+            word = after[word] if -len(after) <= word < len(after) else f"word {word}"
+        by_weight.setdefault(weight, []).append(str(word))
+    if by_weight:
+        parts.append("reweight " + ", ".join(f"{', '.join(words)} x{'' if weight >= 0 else ' '}{weight:g}"
+                                             for weight, words in by_weight.items()))
+    if spec.get("blend"):
+        parts.append("local blend")
+    return ", ".join(parts)
+
+
 def save_result(images: list[Image.Image], recipe: Recipe, out_dir: str | Path) -> list[Path]:
-    """Write source.png, edit-1.png, ... and grid.png (side by side) into `out_dir`, each carrying the recipe."""
+    """Write source.png, edit-1.png, ... and grid.png into `out_dir`, each carrying the recipe.
+
+    The grid labels each image with what its edit changes (`edit_label`); small images are enlarged in it, pixel
+    for pixel (nearest neighbour, a whole factor), to at least GRID_TILE px wide.
+    """
     from prompt2prompt import image_grid
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ["source.png"] + [f"edit-{i}.png" for i in range(1, len(images))]
     paths = [save_png(image, out_dir / name, recipe.with_index(i)) for i, (name, image) in enumerate(zip(names, images))]
-    grid = image_grid(images, [recipe.source] + [spec["prompt"] for spec in recipe.edits], width=images[0].width)
-    paths.append(save_png(grid, out_dir / "grid.png", recipe.with_index(None)))
+    labels = ["source" if recipe.seed is None else f"source (seed {recipe.seed})"]
+    labels += [edit_label(recipe.source, spec) or f"edit {i}" for i, spec in enumerate(recipe.edits, 1)]
+    width = images[0].width * math.ceil(GRID_TILE / images[0].width)
+    grid = image_grid(images, labels, width=width)
+    paths.append(save_png(grid, out_dir / "grid.png", recipe.with_index(None), size=images[0].size))
     return paths

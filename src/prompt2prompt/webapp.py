@@ -11,6 +11,10 @@ the uploads under the output folder, but gradio's other temporary folders where 
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
+import logging
 import math
 import os
 import re
@@ -22,13 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from .edits import MODES
 from .engine import SourceStore, load_editor
 from .images import open_image
-from .limits import CROSS_STEPS, SELF_STEPS
 from .loading import ModelSource, check_device, parse_dtype
-from .recipe import (MAX_STEPS, check_guidance, check_int, file_digest, inversion_available, recipe_for, run_recipe,
-                     save_result)
+from .recipe import (MAX_STEPS, check_guidance, check_int, edit_label, file_digest, inversion_available, recipe_for,
+                     run_recipe, save_result)
 from .syntax import PromptSyntaxError, parse_prompt
 
 if TYPE_CHECKING:
@@ -38,26 +43,75 @@ __all__ = ["build_app", "launch"]
 
 MAX_EDITS = 4
 # Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words, blend edit
-# words, exclude source words, exclude edit words.
-ROW_FIELDS = 10
+# words, exclude source words, exclude edit words, blend threshold.
+ROW_FIELDS = 11
+QUEUE_SIZE = 64  # requests waiting at most (Gradio's queue max_size); one more is told the queue is full
+CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see _CacheBound)
+STAGING = ".staging"  # under the output folder: runs being written, renamed into place when whole
+# A run folder's name, as _run_folder makes it: only such folders are ever cleaned up (never the user's own).
+_RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")
+_TEMPORARY = re.compile(r"[.].+[.]tmp([.][^.]+)?")  # write_atomic's temporary files (".edit-1.png.x8f2.tmp.png")
+# Small images (the demo model's 64 px) are drawn larger than they are: pixelated, so their pixels stay sharp.
+SMALL_IMAGE = 256
+# Gradio lays a thumbnail's caption over the bottom of its image, and the gallery's label over the first one's
+# top: here the caption sits beneath the image, which takes the rest of the square cell, whole, and the cells
+# start below the label. The gallery is as tall as its one row (Gradio's "auto" height is 450 to 550 px).
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+:is(#gallery, #heatmaps) .grid-container { padding-top: var(--size-6); }
+#gallery .grid-wrap { min-height: 0; max-height: none; }
+#heatmaps .grid-wrap { min-height: 0; }
+:is(#gallery, #heatmaps) .thumbnail-item { display: flex; flex-direction: column; }
+:is(#gallery, #heatmaps) .thumbnail-item img { flex: 1 1 0; min-height: 0; }
+:is(#gallery, #heatmaps) .thumbnail-item .caption-label {
+    position: static; flex: none; max-width: none; border: none; border-radius: 0; }
+"""
+
+log = logging.getLogger(__name__)
 
 
-def _error(message: str) -> Exception:
-    """The error a user sees in the app, as a toast: a `gradio.Error`."""
+def _error(message: str, detail: str | None = None) -> Exception:
+    """The error a user sees in the app, as a toast: a `gradio.Error` with `message` on one line and `detail`
+    (a prompt with a caret under a column) beneath it in monospace.
+
+    Gradio renders the toast's text as HTML, so the user's words in it are escaped (only & and <, which are all
+    that text needs: an API client reads the message nearly as written). Gradio prints no traceback for it:
+    `_shown` logs each error once.
+    """
     import gradio as gr  # imported by build_app already, with its folders set
 
-    return gr.Error(message)
+    shown = _html_text(message)
+    if detail:
+        shown += f"<pre>{_html_text(detail)}</pre>"
+    error = gr.Error(shown, print_exception=False)
+    error.line = message  # the log's one line
+    return error
 
 
 def _shown(error: Exception) -> Exception:
-    """`error` as a `gradio.Error`, whose message the user sees (Gradio shows others as a bare "Error")."""
+    """`error` as a `gradio.Error`, whose message the user sees (Gradio shows others as a bare "Error"), and
+    logged: a user's error in one line, anything else (a bug) with its traceback."""
     import gradio as gr
 
     if isinstance(error, gr.Error):
-        return error
-    if isinstance(error, (ValueError, OSError, RuntimeError)):  # the engine's checks, files, models, NaN results
-        return _error(str(error))
-    return _error(f"{type(error).__name__}: {error}")
+        shown = error
+    elif isinstance(error, (ValueError, OSError, RuntimeError)):  # the engine's checks, files, models, NaN results
+        lines = str(error).splitlines() or [type(error).__name__]
+        shown = _error(lines[0], "\n".join(lines[1:]) or None)
+    else:
+        shown = _error(f"{type(error).__name__}: {_one_line(str(error))}")
+        log.error("failed: %s", shown.line, exc_info=error)
+        return shown
+    log.warning("refused: %s", getattr(shown, "line", None) or _one_line(shown.message))
+    return shown
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _html_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;")
 
 
 class _Editors:
@@ -90,16 +144,36 @@ def _words(prompt: str | None) -> list[str]:
     return list(dict.fromkeys((prompt or "").split()))
 
 
+def _default_method(family) -> str | None:
+    """The inversion the form offers first: the family's default, or none for a family without inversion."""
+    return family.default_inversion if family.inversion_methods else None
+
+
+def _heatmap_labels(result, prompt_index: int) -> list[str]:
+    """The caption of each of `attention_heatmaps(result, prompt_index)`: its token (its word on SD3 and Flux)."""
+    if getattr(result, "map_unit", "token") == "word":
+        return [word for word, positions in result.words[prompt_index] if positions]
+    return list(result.tokens[prompt_index][1:-1])  # without the start and end tokens, as the heatmaps
+
+
+def _image_classes(path: str | Path) -> list[str]:
+    """The gallery's CSS classes for images like the one at `path`: "pixelated" for small ones."""
+    with Image.open(path) as image:
+        return ["pixelated"] if max(image.size) < SMALL_IMAGE else []
+
+
 def _parse(text: str, what: str):
     try:
         return parse_prompt(text)
-    except PromptSyntaxError as error:
-        raise _error(f"{what}: {error}") from None
+    except PromptSyntaxError as error:  # its message's last lines: the prompt and a caret under the column
+        first, *rest = str(error).splitlines()
+        raise _error(f"{what}: {first}", "\n".join(rest)) from None
 
 
 def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
     """One row's recipe edit spec; None for an empty row. The prompt may weight words inline: "a (fluffy:2) cat"."""
-    prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit = values
+    prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit, \
+        threshold = values
     if not (prompt or "").strip():
         return None
     if cross is None or self_steps is None or (weight_words and weight is None):  # only a forged request
@@ -113,28 +187,50 @@ def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
         if not blend_source or not blend_edit:
             raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
         blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
-                 "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or [])}
+                 "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or []),
+                 "threshold": None if threshold is None else float(threshold)}
     weights = [[position, w] for position, w in parsed.weights.items()]
     weights += [[word, float(weight)] for word in weight_words or []]
     return {"prompt": parsed.source, "mode": mode, "cross_steps": float(cross),
             "self_steps": float(self_steps), "weights": weights or None, "blend": blend}
 
 
+def _leave_defaults(spec: dict[str, Any], defaults) -> dict[str, Any]:
+    """`spec` without the windows and blend threshold whose sliders stand at the model's defaults (`defaults`, a
+    `ModelDefaults`): the run then takes the model's own, its per-word windows included (the demo model's shape
+    swaps take a shorter cross-attention window), and the status line says which it took."""
+    spec = dict(spec)
+    for name in ("cross_steps", "self_steps"):
+        if spec[name] == getattr(defaults, name):
+            spec[name] = None
+    if spec["blend"] is not None and spec["blend"]["threshold"] == defaults.blend_threshold:
+        spec["blend"] = {**spec["blend"], "threshold": None}
+    return spec
+
+
 def _check_upload(path: str, max_bytes: int) -> str:
     """`path` if it holds an image within the limits; the upload component takes any file, so that a wrong one
-    gets this message and not Gradio's bare "Error"."""
-    size = os.path.getsize(path)
+    gets this message and not Gradio's bare "Error". The messages name "the upload", never its path on the server.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:  # gone from Gradio's cache (see _CacheBound), or never there
+        raise _error("the upload is no longer on the server; upload the image again") from None
     if size > max_bytes:
         raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
     try:
         open_image(path).close()
-    except ValueError as error:  # its message starts with the quoted path: name the upload instead
-        raise _error(str(error).replace(f"'{path}'", "the upload", 1)) from None
+    except OSError:
+        raise _error("the upload is no longer on the server; upload the image again") from None
+    except ValueError as error:  # its message starts with the quoted path, and Pillow's reason may hold it too
+        message = str(error).replace(f"'{path}'", "the upload", 1)
+        raise _error(message.replace(f"'{path}'", "it").replace(path, "it")) from None
     return path
 
 
 # Each row field: the types its component sends (None where it may be empty). Only a forged request sends others.
-_ROW_TYPES = ((str,), (str,), (int, float), (int, float), (list,), (int, float), (list,), (list,), (list,), (list,))
+_ROW_TYPES = ((str,), (str,), (int, float), (int, float), (list,), (int, float), (list,), (list,), (list,), (list,),
+              (int, float))
 
 
 def _check_form(model, source, image, method, count, rows) -> None:
@@ -157,11 +253,86 @@ def _check_form(model, source, image, method, count, rows) -> None:
 
 
 def _run_folder(out_dir: Path, seed: int | None) -> Path:
-    """A fresh folder for one run, named by the server only."""
+    """A fresh folder for one run, named by the server only, in the staging folder: `_publish` moves it into
+    `out_dir` when it is whole, so that a crash (a kill, a power cut) never leaves half a run there."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = out_dir / f"{stamp}-{seed if seed is not None else 'image'}-{secrets.token_hex(3)}"
+    folder = out_dir / STAGING / f"{stamp}-{seed if seed is not None else 'image'}-{secrets.token_hex(3)}"
     folder.mkdir(parents=True)
     return folder
+
+
+def _publish(staging: Path, out_dir: Path) -> Path:
+    """Move a whole run from the staging folder into `out_dir`, in one rename (the same file system)."""
+    folder = out_dir / staging.name
+    os.rename(staging, folder)  # the name is fresh (a random part), so nothing is overwritten
+    return folder
+
+
+def _clean_leftovers(out_dir: Path) -> list[Path]:
+    """Remove what a crash left in `out_dir`: the staging folder, temporary files, and run folders that are empty
+    or lack their grid.png (save_result writes it last; runs made before staging existed were written in place).
+
+    Only the names the app makes are touched, never the user's other files. Returns what was removed.
+    """
+    staging = out_dir / STAGING
+    removed = sorted(staging.iterdir()) if staging.is_dir() and not staging.is_symlink() else []
+    for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if _TEMPORARY.fullmatch(entry.name):
+            removed.append(entry)
+        elif _RUN_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if not (entry / "grid.png").is_file():
+                removed.append(entry)
+            else:
+                removed += [file for file in entry.iterdir() if _TEMPORARY.fullmatch(file.name)]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        staging.rmdir()
+    if removed:
+        log.warning("removed %d leftovers of unfinished runs from %s", len(removed), out_dir)
+    return removed
+
+
+class _CacheBound:
+    """Keeps Gradio's cache (GRADIO_TEMP_DIR) to the files of the last `runs` runs.
+
+    Gradio copies every image it shows or offers for download into its cache and deletes none while the server
+    runs, so each run adds a few dozen files for good. Here, each run's start removes the cache entries (Gradio's
+    hash-named folders) that no file was written to or used since the start of the run `runs` runs back: old
+    results and old uploads. The upload of the run starting is marked as used first, so that a user editing one
+    photo again and again keeps it.
+    """
+
+    _ENTRY = re.compile(r"[0-9a-f]{32,}")  # Gradio's cache entries: a folder named by a hash of the content
+
+    def __init__(self, folder: Path, runs: int = CACHE_RUNS):
+        self.folder = folder
+        self.starts: collections.deque[float] = collections.deque(maxlen=runs)
+        self.lock = threading.Lock()
+
+    def run_started(self, upload: str | None = None) -> None:
+        with self.lock:
+            if upload and Path(upload).is_file() and Path(upload).parent.parent == self.folder:
+                os.utime(upload)
+            if len(self.starts) == self.starts.maxlen:
+                # Less a little: file times come from the kernel's coarse clock, a few ms behind time.time().
+                self.prune(older_than=self.starts[0] - 0.05)
+            self.starts.append(time.time())
+
+    def prune(self, *, older_than: float) -> None:
+        for entry in self.folder.iterdir() if self.folder.is_dir() else []:
+            if self._ENTRY.fullmatch(entry.name) and entry.is_dir() and _newest(entry) < older_than:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _newest(folder: Path) -> float:
+    """The latest modification time of `folder` and the files in it."""
+    times = [folder.stat().st_mtime]
+    times += [path.stat().st_mtime for path in folder.rglob("*") if path.is_file()]
+    return max(times)
 
 
 def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: str, seed: float | None,
@@ -176,7 +347,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
     parsed = _parse(source, "the source prompt")  # inline markup ("a [cat->dog]") makes the first edit
     specs = []
     if parsed.edit is not None:
-        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS,
+        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": None, "self_steps": None,  # the model's
                       "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
     specs += [spec for i in range(int(count))
               if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
@@ -201,6 +372,11 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
         seed = secrets.randbelow(2**31)
     editor, model_source = editors.get(model)
     seed = None if seed is None else int(seed)
+    # Sliders left at the model's defaults take the defaults, as options left out do on the command line.
+    defaults, used = editor.defaults, []
+    specs = [_leave_defaults(spec, defaults) for spec in specs]
+    steps = None if steps == defaults.num_inference_steps else steps
+    guidance = None if guidance == defaults.guidance_scale else guidance
     folder = _run_folder(out_dir, seed)
     try:
         if image:
@@ -209,60 +385,78 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
             shutil.copyfile(image, copy)
             real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
         recipe = recipe_for(
-            editor, model_source, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
+            editor, model_source, used=used, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
             guidance_scale=guidance, record_attention=True, cached_source=True, **real,
         )
         hits, started = editors.sources.hits, time.perf_counter()
         result = run_recipe(recipe, editor, base_dir=folder, sources=editors.sources)
         timing = f"{time.perf_counter() - started:.1f} s" + (", source reused" if editors.sources.hits > hits else "")
         paths = save_result(result.images, recipe, folder)
+        staging, folder = folder, _publish(folder, out_dir)
     except BaseException:  # the engine's checks, NaN results, ...: a failed run leaves no folder behind
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    captions = ["source: " + recipe.source] + [f"edit {i}: {spec['prompt']}" for i, spec in enumerate(specs, 1)]
+    finally:
+        with contextlib.suppress(OSError):  # empty now, unless another process is writing a run there
+            (out_dir / STAGING).rmdir()
+    paths = [folder / path.relative_to(staging) for path in paths]
+    # What each edit changes ("red -> green"), so that a caption cut short never hides the edited word.
+    captions = ["source: " + recipe.source] + [f"edit {i}: {edit_label(recipe.source, spec) or spec['prompt']}"
+                                               for i, spec in enumerate(specs, 1)]
     gallery = [(str(path), text) for path, text in zip(paths, captions)]  # the grid (last path) is download-only
-    heatmaps = [(heat, f"{i}: {text}") for i, text in enumerate(result.prompts)
-                for heat in p2p.attention_heatmaps(result, prompt_index=i)]
+    heatmaps = [(heat, label) for i in range(len(result.prompts))
+                for heat, label in zip(p2p.attention_heatmaps(result, prompt_index=i), _heatmap_labels(result, i),
+                                       strict=True)]
     status = (f"Seed {recipe.seed}. " if recipe.seed is not None else "") + f"Saved to `{folder.name}`. {timing}."
+    if used:  # e.g. "30 steps, guidance 5 (the model's prompt2prompt.json); edit 1: cross 0.5, self 0 (...)"
+        status += f" Defaults: {'; '.join(used)}."
     return gallery, [str(path) for path in paths], heatmaps, recipe.seed, status
 
 
 def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None = None, dtype: str = "auto",
-              max_upload_mb: float = 10.0, cache_mb: float = 2048, allow_pickle: bool = False) -> gr.Blocks:
+              max_upload_mb: float = 10.0, cache_mb: float = 2048, allow_pickle: bool = False,
+              queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The web app's Blocks, offering `models` (the first is the default) and writing under `out_dir`.
 
     Gradio's own upload cache and temporary files are moved into `out_dir` too (GRADIO_TEMP_DIR, set before
-    gradio is first imported; see the module's docstring). Sources and inversions of recent runs are kept within
-    `cache_mb` MiB, so that changing only the edits re-runs only the edits. `allow_pickle` is
-    `load_pipeline`'s.
+    gradio is first imported; see the module's docstring), and kept to the files of the last `CACHE_RUNS` runs.
+    Each run is written into `out_dir/.staging` and moved into `out_dir` whole; what a crash left there is removed
+    first (`_clean_leftovers`). Sources and inversions of recent runs are kept within `cache_mb` MiB, so that
+    changing only the edits re-runs only the edits. At most `queue_size` requests wait in the queue.
+    `allow_pickle` is `load_pipeline`'s.
     """
     if not models:
         raise ValueError("the web app needs at least one model, e.g. models=['demo']")
     editors = _Editors(models, device, dtype, cache_mb, allow_pickle)  # a bad device fails before any folder
-    first = editors.get(models[0])[0].family  # the default model loads now: the form starts at its own settings
+    first_editor = editors.get(models[0])[0]  # the default model loads now: the form starts at its own settings
+    first, defaults = first_editor.family, first_editor.defaults
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out_dir)
     os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
     import gradio as gr
 
     max_bytes = int(max_upload_mb * 2**20)
     can_invert = inversion_available()
+    cache = _CacheBound(out_dir / ".gradio", CACHE_RUNS)
 
-    with gr.Blocks(title="prompt2prompt", analytics_enabled=False) as app:
+    with _blocks_class()(title="prompt2prompt", analytics_enabled=False) as app:
         gr.Markdown("## Prompt-to-Prompt\nEdit an image by editing its prompt.")
         with gr.Row():
             with gr.Column(scale=3):
-                source = gr.Textbox(label="Source prompt", placeholder="a cat riding a bicycle", elem_id="source")
+                source = gr.Textbox(label="Source prompt", placeholder=defaults.example[0], elem_id="source")
                 rows: list[gr.components.Component] = []
                 groups = []
                 for i in range(MAX_EDITS):
                     with gr.Group(visible=i == 0) as group:
-                        prompt = gr.Textbox(label=f"Edit {i + 1}", placeholder="a dog riding a bicycle",
+                        prompt = gr.Textbox(label=f"Edit {i + 1}", placeholder=defaults.example[1] if i == 0 else "",
                                             elem_id=f"edit-{i + 1}")
                         with gr.Row():
                             mode = gr.Radio(list(MODES), value="auto", label="Mode")
-                            cross = gr.Slider(0, 1, value=CROSS_STEPS, step=0.05, label="Cross-attention steps")
-                            self_steps = gr.Slider(0, 1, value=SELF_STEPS, step=0.05, label="Self-attention steps")
+                            cross = gr.Slider(0, 1, value=defaults.cross_steps, step=0.05,
+                                              label="Cross-attention steps", elem_id=f"cross-{i + 1}")
+                            self_steps = gr.Slider(0, 1, value=defaults.self_steps, step=0.05,
+                                                   label="Self-attention steps", elem_id=f"self-{i + 1}")
                         with gr.Row():
                             weight_words = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                                        label="Reweight words")
@@ -272,6 +466,8 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                                        label="Local blend: source words")
                             blend_edit = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                                      label="Local blend: edit words")
+                            threshold = gr.Slider(0, 1, value=defaults.blend_threshold, step=0.05,
+                                                  label="Blend threshold", elem_id=f"threshold-{i + 1}")
                         with gr.Row():
                             exclude_source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                                          label="Exclude: source words")
@@ -281,7 +477,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                   [weight_words, blend_edit, exclude_edit], queue=False)
                     groups.append(group)
                     rows += [prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit,
-                             exclude_source, exclude_edit]
+                             exclude_source, exclude_edit, threshold]
                 with gr.Row():
                     add = gr.Button("Add edit", size="sm")
                     remove = gr.Button("Remove edit", size="sm")
@@ -290,8 +486,9 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 with gr.Row():
                     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     reuse = gr.Button("Reuse seed", size="sm")
-                steps = gr.Slider(1, 100, value=first.default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=first.default_guidance, step=0.5, label="Guidance", elem_id="guidance")
+                steps = gr.Slider(1, 100, value=defaults.num_inference_steps, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 20, value=defaults.guidance_scale, step=0.5, label="Guidance",
+                                     elem_id="guidance")
                 with gr.Accordion("Real image", open=False):
                     if not can_invert:
                         gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
@@ -300,17 +497,20 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                                     label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
                                           "caption is the source prompt)")
                     preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
-                    method = gr.Dropdown(list(first.inversion_methods),
-                                         value=first.default_inversion, label="Inversion", interactive=can_invert)
+                    method = gr.Dropdown(list(first.inversion_methods), value=_default_method(first), label="Inversion",
+                                         interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
         with gr.Tabs():
             with gr.Tab("Images"):
-                gallery = gr.Gallery(label="Source and edits", columns=MAX_EDITS + 1, height=360, elem_id="gallery")
+                # Whole images: one row of MAX_EDITS + 1 square cells whatever the count, as tall as they need.
+                gallery = gr.Gallery(label="Source and edits", columns=MAX_EDITS + 1, fit_columns=False, height="auto",
+                                     object_fit="contain", elem_id="gallery")
                 files = gr.File(label="Download: PNGs carrying their recipe (p2p replay FILE)", file_count="multiple",
                                 interactive=False, elem_id="downloads")
             with gr.Tab("Attention"):
-                heatmaps = gr.Gallery(label="Per-token cross-attention", columns=8, elem_id="heatmaps")
+                heatmaps = gr.Gallery(label="Per-token cross-attention", columns=8, fit_columns=False, height="auto",
+                                      object_fit="contain", elem_id="heatmaps")
 
         count = gr.State(1)
         last_seed = gr.State(None)
@@ -334,36 +534,94 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
         image.change(show_upload, image, preview, concurrency_limit=None)  # queued: its errors show as toasts
 
         def model_defaults(name: str):
-            """The picked model's own steps, guidance and inversion methods (SD3 and Flux differ from SD's)."""
+            """The picked model's own defaults (`editor.defaults`: its prompt2prompt.json, else its family's) for
+            steps, guidance, every row's windows and blend threshold, and its inversion methods."""
             try:
-                family = editors.get(name)[0].family
+                editor = editors.get(name)[0]
             except Exception as error:
                 raise _shown(error) from None
-            methods = list(family.inversion_methods)
-            return (gr.update(value=family.default_steps), gr.update(value=family.default_guidance),
-                    gr.update(choices=methods, value=family.default_inversion))
+            picked, family = editor.defaults, editor.family
+            per_row = [picked.cross_steps, picked.self_steps, picked.blend_threshold] * MAX_EDITS
+            return (picked.num_inference_steps, picked.guidance_scale,
+                    gr.update(choices=list(family.inversion_methods), value=_default_method(family)), *per_row)
 
-        model.change(model_defaults, model, [steps, guidance, method], concurrency_limit=1, concurrency_id="edit")
+        row_defaults = [rows[i * ROW_FIELDS + field] for i in range(MAX_EDITS) for field in (2, 3, 10)]
+        model.change(model_defaults, model, [steps, guidance, method, *row_defaults], concurrency_limit=1,
+                     concurrency_id="edit")
 
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
         def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             try:
-                return _run(editors, out_dir, max_bytes, *args)
+                cache.run_started(args[5] if isinstance(args[5], str) else None)  # args[5]: the upload
+                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, *args)
             except Exception as error:
                 raise _shown(error) from None
+            classes = _image_classes(shown[0][0])
+            return (gr.update(value=shown, elem_classes=classes), files, gr.update(value=heat, elem_classes=classes),
+                    used_seed, said)
 
         run.click(run_edit, [model, source, seed, steps, guidance, image, method, count, *rows],
                   [gallery, files, heatmaps, last_seed, status], concurrency_limit=1, concurrency_id="edit")
-    app.queue(default_concurrency_limit=1, max_size=32)
+    app.queue(default_concurrency_limit=1, max_size=queue_size)
     return app
+
+
+@functools.cache
+def _blocks_class() -> type[gr.Blocks]:
+    """`gradio.Blocks` with the app's own messages for requests that Gradio refuses before any function runs
+    (fields missing, or of the wrong type: only a forged request), and the app's CSS at launch."""
+    import gradio as gr
+
+    class Blocks(gr.Blocks):
+        async def process_api(self, block_fn, inputs, *args, **kwargs):
+            try:
+                return await super().process_api(block_fn, inputs, *args, **kwargs)
+            except gr.Error as error:
+                if hasattr(error, "line"):  # the app's own
+                    raise
+                # Gradio's own (a value not among a dropdown's choices): its text, escaped, logged in one line
+                raise _shown(ValueError(_one_line(str(error.message)))) from None
+            except Exception as error:  # Gradio's own checks; its messages name its internals and server paths
+                fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+                reason = _refusal(fn.inputs, inputs, error)
+                if reason is None:  # not the request's fault (the app's functions raise gradio.Error): a bug
+                    log.error("failed: %s", _one_line(str(error)), exc_info=error)
+                    raise _error(f"the server failed on this request ({type(error).__name__}); its log says "
+                                 "why") from None
+                raise _shown(ValueError(reason)) from None
+
+        def launch(self, **kwargs):
+            return super().launch(**{"css": CSS, **kwargs})
+
+    return Blocks
+
+
+def _refusal(components: Sequence[Any], inputs: Any, error: Exception) -> str | None:
+    """Why Gradio refused a request before the app's function ran, in the app's words; None if it did not."""
+    from gradio.exceptions import ComponentProcessingError, InvalidPathError
+    from pydantic import ValidationError
+
+    if isinstance(inputs, list) and len(inputs) < len(components):
+        return f"the request holds {len(inputs)} values; the form sends {len(components)}"
+    if isinstance(error, ComponentProcessingError):  # its message names the input's index, or it is an output's
+        found = re.search(r"preprocess input component at index (\d+)", str(error))
+        if found is None:
+            return None
+        name = getattr(components[int(found[1])], "label", None) or f"field {int(found[1]) + 1}"
+        return f"the request's {name!r} is not what the form sends"
+    if isinstance(error, (InvalidPathError, ValidationError)):
+        return "the request holds a file that was not uploaded to this app, or a value that is not a file"
+    return None
 
 
 def launch(models: Sequence[str], *, host: str = "127.0.0.1", port: int = 7860, out_dir: str | Path = "outputs/web",
            max_upload_mb: float = 10.0, device: str | None = None, dtype: str = "auto",
-           prevent_thread_lock: bool = False, cache_mb: float = 2048, allow_pickle: bool = False) -> gr.Blocks:
-    """Serve the web app on `host`:`port` (127.0.0.1 by default: only this machine can reach it)."""
+           prevent_thread_lock: bool = False, cache_mb: float = 2048, allow_pickle: bool = False,
+           queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """Serve the web app on `host`:`port` (127.0.0.1 by default: only this machine can reach it), with at most
+    `queue_size` requests waiting."""
     app = build_app(models, out_dir=out_dir, device=device, dtype=dtype, max_upload_mb=max_upload_mb,
-                    cache_mb=cache_mb, allow_pickle=allow_pickle)
+                    cache_mb=cache_mb, allow_pickle=allow_pickle, queue_size=queue_size)
     app.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20),
                allowed_paths=[str(Path(out_dir).resolve())], prevent_thread_lock=prevent_thread_lock, quiet=True)
     return app

@@ -9,6 +9,8 @@ fused path where they are recorded (cross-attention at the recorded resolutions)
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,12 @@ def _place(name: str) -> str:
     return "down" if name.startswith("down") else "mid" if name.startswith("mid") else "up"
 
 
+def _block(name: str) -> int | None:
+    """A DiT layer's block number ("transformer_blocks.3.attn1.processor" -> 3); None in a UNet."""
+    found = re.match(r"transformer_blocks\.(\d+)\.", name)
+    return int(found[1]) if found else None
+
+
 class P2PAttnProcessor:
     """A diffusers attention processor that edits one layer's attention by the run's plan."""
 
@@ -28,6 +36,7 @@ class P2PAttnProcessor:
         self.name = name
         self.is_cross = ".attn2." in name or name.endswith("attn2.processor")
         self.place = _place(name)
+        self.block = _block(name)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         # Same pre- and post-processing as diffusers' AttnProcessor2_0; only the attention core differs.
@@ -106,7 +115,7 @@ class P2PAttnProcessor:
                 plain = F.scaled_dot_product_attention(q[:first], k[:first], v[:first], attn_mask=m)
                 return torch.cat([plain, apply_probs(probs[first:], v[first:])])
             return _fused_cross(q, k, v, mask, first, q_s, k_s, mask_s, plan, step)
-        if not layers.self_replaces(size):
+        if not layers.self_replaces(size, self.block):
             return apply_probs(attention_probs(q, k, mask), v) if layers.explicit else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         q_s, k_s, mask_s = self._source(q, k, mask, first)
         if not plan.flags[step].self_replace:
@@ -118,6 +127,8 @@ class P2PAttnProcessor:
         state = self.state
         if state.cached:
             q_s, k_s = state.source[self.name]
+            if mask is not None and state.plan.key_mask is not None:  # masked padding: the source's own length
+                return q_s, k_s, state.plan.key_mask[:1, None, None, :].to(mask.dtype)
             return q_s, k_s, None if mask is None else mask[first : first + 1]
         q_s, k_s = q[first - 1 : first], k[first - 1 : first]
         if state.recorder is not None:

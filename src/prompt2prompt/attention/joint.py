@@ -21,8 +21,9 @@ from .state import RunState
 KINDS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
 
 
-def _sdpa_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sdpa(q, k, [v, extra])` split into its `v` and `extra` outputs.
+def _sdpa_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sdpa(q, k, [v, extra])` split into its `v` and `extra` outputs (`mask`: an additive key mask).
 
     Fused kernels want one width for queries, keys and values (and stay fast at multiples of 8): the value is
     padded to the queries' width, or all three to the next multiple of 8 above it, with the scale of the true
@@ -33,13 +34,42 @@ def _sdpa_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.T
     extra = extra.expand(*v.shape[:-1], x).to(v.dtype)
     value = torch.cat([v, extra, v.new_zeros(*v.shape[:-1], width - d - x)], -1)
     q, k = F.pad(q, (0, width - d_q)), F.pad(k, (0, width - d_q))
-    out = F.scaled_dot_product_attention(q, k, value, scale=d_q**-0.5)
+    out = F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=d_q**-0.5)
     return out[..., :d], out[..., d : d + x]
 
 
-def _text_probs(q: torch.Tensor, k_text: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _keys(mask: torch.Tensor | None, keys: slice) -> torch.Tensor | None:
+    """The part of an additive key mask (.., S) over `keys`."""
+    return None if mask is None else mask[..., keys]
+
+
+def row_masks(state: RunState, mask: torch.Tensor | None, rows: int, text: slice, length: int):
+    """Additive key masks (B, 1, 1, S) of a batch's rows and (1, 1, 1, S) of the source, or (None, None).
+
+    The conditional rows (the last ones: source and edits, or the edits alone with a cached source) mask each
+    prompt's padding from its true length on (`plan.key_mask`, the contract's masked-padding rule); the rows
+    before them (the unconditional half) keep the mask the pipeline gave.
+    """
+    plan = state.plan
+    if plan.key_mask is None:
+        return mask, None
+    ours = plan.key_mask.new_zeros(plan.num_prompts, length)
+    ours[:, text] = plan.key_mask
+    conditional = ours[1:] if state.cached else ours
+    before = rows - conditional.shape[0]
+    if before:
+        theirs = mask.reshape(rows, -1)[:before] if mask is not None else ours.new_zeros(before, length)
+        conditional = torch.cat([theirs.to(ours.dtype), conditional])
+    return conditional[:, None, None, :], ours[:1, None, None, :]
+
+
+def _text_probs(q: torch.Tensor, k_text: torch.Tensor, mass: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The text block of a joint softmax, `mass * softmax over the text keys` (float32)."""
-    return attention_probs(q, k_text, None) * mass.float()
+    return attention_probs(q, k_text, mask) * mass.float()
 
 
 def _edit_text_block(t_s: torch.Tensor, t_e: torch.Tensor, plan, e: int, step: int, cross_on: bool):
@@ -57,18 +87,20 @@ def _edit_text_block(t_s: torch.Tensor, t_e: torch.Tensor, plan, e: int, step: i
 
 
 def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int,
-                 name: str = "") -> torch.Tensor:
+                 name: str = "", mask: torch.Tensor | None = None) -> torch.Tensor:
     """Joint attention (B, heads, S, d) of one block with the edit rows' image queries edited.
 
     The batch is [uncond..., source, edits...] (or its conditional half alone); with a cached source
     (`state.cached`) the source's row is left out and its image queries and keys come from the cache, by the
-    layer's `name`. A run that builds a cache hands them to `state.recorder`.
+    layer's `name`. A run that builds a cache hands them to `state.recorder`. `mask` is the pipeline's additive
+    key mask (B, 1, 1, S), if it masks padding; the conditional rows use the plan's (`row_masks`).
     """
     plan, layers = state.plan, state.layers
     per_half = plan.num_edits if state.cached else plan.num_prompts
     if state.unconditional_pass or q.shape[0] not in (per_half, 2 * per_half):
-        return F.scaled_dot_product_attention(q, k, v)
+        return _sdpa(q, k, v, mask)
     text, image = layers.slices(q.shape[2])
+    mask, mask_s = row_masks(state, mask, q.shape[0], text, q.shape[2])
     step = state.step
     flags = plan.flags[step]
     first = q.shape[0] - plan.num_edits  # the source, when in the batch, is row first - 1
@@ -78,20 +110,20 @@ def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunSt
     replaced = flags.self_replace if block in layers.self_blocks else ()
     record = layers.records(block)
     if plan.num_edits == 0 and not record or not (cross_on or replaced or record):
-        return F.scaled_dot_product_attention(q, k, v)
+        return _sdpa(q, k, v, mask)
     source = state.source[name] if state.cached else None  # (image queries, keys) of the source, (1, heads, ., d)
     if layers.explicit:
-        return _explicit(q, k, v, state, text, image, first, cross_on, replaced, record, source)
-    return _fused(q, k, v, state, text, image, first, cross_on, replaced, record, source)
+        return _explicit(q, k, v, state, text, image, first, cross_on, replaced, record, source, mask, mask_s)
+    return _fused(q, k, v, state, text, image, first, cross_on, replaced, record, source, mask, mask_s)
 
 
 def _explicit(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool,
-              source=None):
+              source=None, mask=None, mask_s=None):
     """The reference: every probability materialised and edited as the contract writes it."""
     plan, step = state.plan, state.step
-    probs = attention_probs(q, k, None)
+    probs = attention_probs(q, k, mask)
     out = apply_probs(probs, v)
-    p_s = probs[first - 1][:, image] if source is None else attention_probs(*source, None)[0]
+    p_s = probs[first - 1][:, image] if source is None else attention_probs(*source, mask_s)[0]
     t_s, g_s = p_s[..., text], p_s[..., image]
     mass_s = t_s.sum(-1, keepdim=True)
     edited, recorded = [], [] if source is not None else [t_s]  # a cached source's maps come from the cache
@@ -114,56 +146,64 @@ def _explicit(q, k, v, state: RunState, text: slice, image: slice, first: int, c
 
 
 def _fused(q, k, v, state: RunState, text: slice, image: slice, first: int, cross_on: bool, replaced, record: bool,
-           source=None):
+           source=None, mask=None, mask_s=None):
     """The contract on scaled-dot-product attention; text probabilities only where they are recorded."""
     plan, step, num_edits = state.plan, state.step, state.plan.num_edits
     is_text = torch.zeros(q.shape[2], 1, dtype=v.dtype, device=v.device)
     is_text[text] = 1
+    m = (lambda rows: None) if mask is None else (lambda rows: mask[rows].to(q.dtype))  # noqa: E731
     if source is None:
         s = first - 1
-        plain = F.scaled_dot_product_attention(q[:s], k[:s], v[:s]) if s else q[:0]
-        out_s, mass_s = _sdpa_with(q[s : s + 1], k[s : s + 1], v[s : s + 1], is_text)  # the source, and its text mass
+        mask_s = None if mask is None else m(slice(s, s + 1))
+        plain = _sdpa(q[:s], k[:s], v[:s], m(slice(0, s))) if s else q[:0]
+        out_s, mass_s = _sdpa_with(q[s : s + 1], k[s : s + 1], v[s : s + 1], is_text, mask_s)  # the source, its text mass
         rows_s = [plain, out_s]
         mass_s = mass_s[:, :, image]
         qi_s, k_s = q[s : s + 1, :, image], k[s : s + 1]
     else:  # a cached source: only its image queries' text mass is needed
         qi_s, k_s = source
-        _, mass_s = _sdpa_with(qi_s, k_s, k_s[..., :0], is_text)
-        rows_s = [F.scaled_dot_product_attention(q[:first], k[:first], v[:first]) if first else q[:0]]
+        mask_s = None if mask_s is None else mask_s.to(q.dtype)
+        _, mass_s = _sdpa_with(qi_s, k_s, k_s[..., :0], is_text, mask_s)
+        rows_s = [_sdpa(q[:first], k[:first], v[:first], m(slice(0, first))) if first else q[:0]]
     if num_edits == 0:  # the source alone, recorded
-        state.record(_text_probs(qi_s, k_s[:, :, text], mass_s), state.layers.grid, "joint")
+        state.record(_text_probs(qi_s, k_s[:, :, text], mass_s, _keys(mask_s, text)), state.layers.grid, "joint")
         return torch.cat(rows_s)
     q_e, k_e, v_e = q[first:], k[first:], v[first:]
+    mask_e = m(slice(first, None))
     qi_e = q_e[:, :, image]
-    out_text = F.scaled_dot_product_attention(q_e[:, :, text], k_e, v_e)  # text queries: as in plain generation
+    out_text = _sdpa(q_e[:, :, text], k_e, v_e, mask_e)  # text queries: as in plain generation
 
     # The image block, of the edit's own row or (self-replacement) the source's, and that row's text mass.
     rows = plan.self_active[step] if replaced else None
     q_g = qi_e if rows is None else with_source(qi_e, 0, qi_s, rows)
     k_g = k_e if rows is None else with_source(k_e, 0, k_s, rows)
-    g_out, mass_g = _sdpa_with(q_g, k_g, v_e * (1 - is_text), is_text)
+    mask_g = mask_e if rows is None or mask_e is None else with_source(mask_e, 0, mask_s, rows)
+    g_out, mass_g = _sdpa_with(q_g, k_g, v_e * (1 - is_text), is_text, mask_g)
     if rows is None:
         mass_e = mass_g
     else:
-        _, mass_own = _sdpa_with(qi_e, k_e, v_e[..., :0], is_text)
+        _, mass_own = _sdpa_with(qi_e, k_e, v_e[..., :0], is_text, mask_e)
         mass_e = torch.where(rows.view(-1, 1, 1, 1), mass_own, mass_g)
 
     v_text = v_e[:, :, text]
+    mt_s, mt_e = _keys(mask_s, text), _keys(mask_e, text)
     if record:
-        t_s = _text_probs(qi_s[0], k_s[0, :, text], mass_s[0])
-        t_e = _text_probs(qi_e, k_e[:, :, text], mass_e)
+        t_s = _text_probs(qi_s[0], k_s[0, :, text], mass_s[0], None if mt_s is None else mt_s[0])
+        t_e = _text_probs(qi_e, k_e[:, :, text], mass_e, mt_e)
         finals, rs = zip(*(_edit_text_block(t_s, t_e[e], plan, e, step, cross_on) for e in range(num_edits)))
         t_final, r = torch.stack(finals), torch.stack(rs)
         state.record(t_final if source is not None else torch.cat([t_s[None], t_final]), state.layers.grid, "joint")
         text_out, r = apply_probs(t_final, v_text), r.to(v.dtype)
     else:
-        text_out, r = _text_terms(qi_s, k_s[:, :, text], mass_s, qi_e, k_e[:, :, text], mass_e, v_text, plan, step, cross_on)
+        text_out, r = _text_terms(qi_s, k_s[:, :, text], mass_s, qi_e, k_e[:, :, text], mass_e, v_text, plan, step,
+                                  cross_on, mt_s, mt_e)
     out_image = text_out + g_out * ((1 - r) / (1 - mass_g))
     parts = [out_text, out_image] if state.layers.text_first else [out_image, out_text]
     return torch.cat([*rows_s, torch.cat(parts, 2)])
 
 
-def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int, cross_on: bool):
+def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int, cross_on: bool, mask_s=None,
+                mask_e=None):
     """`T_final @ V_e[T]` and `r` of every edit, by two text-only attentions (the source's and the edit's own).
 
     With `a = c w alpha`, `b = c w (1 - alpha) + 1 - c` (and their unweighted `ra`, `rb` for r), the text block
@@ -171,7 +211,7 @@ def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int,
     """
     num_edits = v_text.shape[0]
     if not cross_on:  # the edit's own text block: a = 0, b = 1
-        own, r = _sdpa_with(qi_e, kt_e, v_text, torch.ones_like(v_text[..., :1]))
+        own, r = _sdpa_with(qi_e, kt_e, v_text, torch.ones_like(v_text[..., :1]), mask_e)
         return mass_e * own, mass_e * r
     a, b = plan.a[step].to(v_text.dtype), plan.b[step].to(v_text.dtype)  # (E, L)
     ra, rb = plan.ra[step].to(v_text.dtype), plan.rb[step].to(v_text.dtype)
@@ -179,9 +219,10 @@ def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int,
     v_mapped = torch.einsum("ekj,ehjd->ehkd", mapper, v_text * a[:, None, :, None])
     r_mapped = torch.einsum("ekj,ej->ek", mapper, ra)[:, None, :, None]
     from_source, r_source = _sdpa_with(
-        qi_s.expand(num_edits, -1, -1, -1), kt_s.expand(num_edits, -1, -1, -1), v_mapped, r_mapped
+        qi_s.expand(num_edits, -1, -1, -1), kt_s.expand(num_edits, -1, -1, -1), v_mapped, r_mapped,
+        None if mask_s is None else mask_s.expand(num_edits, -1, -1, -1),
     )
-    own, r_own = _sdpa_with(qi_e, kt_e, v_text * b[:, None, :, None], rb[:, None, :, None])
+    own, r_own = _sdpa_with(qi_e, kt_e, v_text * b[:, None, :, None], rb[:, None, :, None], mask_e)
     return mass_s * from_source + mass_e * own, mass_s * r_source + mass_e * r_own
 
 
@@ -220,7 +261,9 @@ class JointAttend:
         self.state, self.block, self.name, self.kind = state, block, name, kind
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None:
-            raise ValueError("Prompt-to-Prompt on joint attention does not take an attention mask")
-        attend = image_attend if self.kind == "image" else joint_attend
-        return attend(q, k, v, self.state, self.block, self.name)
+        """`mask`: an additive key mask (B, 1, 1, S) that a family built from its pipeline's padding mask."""
+        if self.kind == "image":
+            if mask is not None:
+                raise ValueError("Prompt-to-Prompt on image-only attention does not take an attention mask")
+            return image_attend(q, k, v, self.state, self.block, self.name)
+        return joint_attend(q, k, v, self.state, self.block, self.name, mask)

@@ -57,6 +57,9 @@ class EditPlan:
     rb: torch.Tensor
     mix_index: tuple[torch.Tensor | None, ...]  # per step, `flags[i].mix` as a long tensor (None if empty)
     flags: tuple[StepFlags, ...]  # per step, on the host
+    # (P, L) additive key mask of each prompt's text: 0 on its true tokens, -inf on its masked padding; None when
+    # the text has no masked padding (CLIP, SD3's and Flux's T5).
+    key_mask: torch.Tensor | None = None
 
     @property
     def num_edits(self) -> int:
@@ -69,6 +72,8 @@ class EditPlan:
 
         tensors = {name: move(getattr(self, name)) for name in
                    ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap", "ra", "rb")}
+        if self.key_mask is not None:
+            tensors["key_mask"] = move(self.key_mask)
         mix_index = tuple(None if t is None else move(t) for t in self.mix_index)
         return replace(self, **tensors, mix_index=mix_index)
 
@@ -124,5 +129,18 @@ def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tok
     return EditPlan(
         num_prompts=e + 1, num_inference_steps=n, replace=tuple(replace), mapper=mapper, refine_index=refine_index,
         alpha=alpha, weights=weights, cross=cross, self_active=self_active, a=a, b=b, swap=swap, mix_index=mix_index,
-        flags=flags, ra=cross * alpha, rb=cross * (1 - alpha) + (1 - cross),
+        flags=flags, ra=cross * alpha, rb=cross * (1 - alpha) + (1 - cross), key_mask=key_mask([source, *tokenized]),
     )
+
+
+def key_mask(prompts: Sequence[Tokenized]) -> torch.Tensor | None:
+    """(P, L) additive masks of the prompts' texts: -inf from each part's true length on, else 0; None if unmasked."""
+    if all(part.tokenized.true_length is None for t in prompts for part in t.blocks):
+        return None
+    mask = torch.zeros(len(prompts), prompts[0].length)
+    for p, t in enumerate(prompts):
+        for part in t.blocks:
+            n = part.tokenized.true_length
+            if n is not None:
+                mask[p, part.offset + n : part.offset + part.tokenized.length] = float("-inf")
+    return mask

@@ -19,17 +19,25 @@ class LayerPlan:
     blend_size: tuple[int, int] | None  # None: no local blend in this run
     record_sizes: frozenset[tuple[int, int]] = frozenset()
     explicit: bool = False
+    # A DiT of one resolution (PixArt-Σ) chooses by block: the blocks whose self-attention is replaced (None: by
+    # side, `self_max_side`, as in a UNet).
+    self_blocks: frozenset[int] | None = None
 
     def recorded(self, size: tuple[int, int], place: str) -> bool:
         """Whether a cross-attention layer of this size and place (down, mid, up) has its maps recorded."""
         return (self.blend_size == size and place != "mid") or size in self.record_sizes
 
-    def self_replaces(self, size: tuple[int, int]) -> bool:
+    def self_replaces(self, size: tuple[int, int], block: int | None = None) -> bool:
+        """Whether a self-attention layer of this size (in this block, for a DiT) takes the source's attention."""
+        if self.self_blocks is not None:
+            return block in self.self_blocks
         return max(size) <= self.self_max_side
 
     def cache_settings(self) -> dict:
         """What a cached source must share with the runs that use it."""
-        return dict(self_max_side=self.self_max_side, blend_size=self.blend_size, explicit=self.explicit)
+        blocks = None if self.self_blocks is None else sorted(self.self_blocks)
+        return dict(self_max_side=self.self_max_side, blend_size=self.blend_size, explicit=self.explicit,
+                    self_blocks=blocks)
 
 
 @dataclass

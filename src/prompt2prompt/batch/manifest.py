@@ -23,13 +23,17 @@ from PIL import Image
 
 from ..families import MAX_SEQUENCE_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
+from ..edits import check_edit_words, edit_from_dict
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
 from ..syntax import PromptSyntaxError, parse_prompt
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
-_EDIT_DEFAULTS = {"mode": "auto", "cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS, "weights": None, "blend": None}
+_EDIT_DEFAULTS = {"mode": "auto", "weights": None, "blend": None}
+# Absent windows are the model's (filled when the job's recipe is made); a job's id counts them as the paper's,
+# as ids did before models had their own defaults, so that the ids of a run stay as they were.
+_ID_WINDOWS = {"cross_steps": CROSS_STEPS, "self_steps": SELF_STEPS}
 _JOB_FIELDS = ("id", "model", "source", "image", "edits", "seed", "num_inference_steps", "guidance_scale",
                "negative_prompt", "height", "width", "inversion", "max_sequence_length")
 # Names people type from the CLI or other tools, and the manifest's name for each.
@@ -89,7 +93,8 @@ def _unknown(fields: Iterable[str], known: Sequence[str], what: str) -> str | No
 
 
 def _normal_edit(edit: Any, index: int) -> dict[str, Any]:
-    """An edit as the recipe stores it: every field present, weights as [word, weight] pairs (checked later)."""
+    """An edit as the recipe stores it: every field present but absent windows (the model's), weights as [word,
+    weight] pairs (checked later)."""
     where = f"edit {index}"
     if isinstance(edit, str):
         edit = {"prompt": edit}
@@ -149,7 +154,7 @@ def _inversion(value: Any) -> dict[str, Any]:
         raise ValueError(f"inversion must be a method name or an object with {', '.join(INVERSION_OPTIONS)}, not {value!r}")
     if message := _unknown(spec, INVERSION_OPTIONS, "inversion"):
         raise ValueError(message)
-    return check_inversion(dict(spec))  # no method: the model's default (null-text on a UNet, direct on SD3/Flux)
+    return check_inversion(dict(spec))  # no method: the model's default (direct)
 
 
 def _seed_from(digest: str) -> int:
@@ -163,6 +168,8 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     """
     if not isinstance(data, dict):
         raise ValueError(f"a job is a JSON object, not {type(data).__name__}")
+    if "prompt" in data and "source" not in data:  # "prompt": "a [cat->dog] riding a bicycle", as the CLI takes it
+        data = {("source" if name == "prompt" else name): value for name, value in data.items()}
     if message := _unknown(data, _JOB_FIELDS, "job"):
         raise ValueError(message)
     source = data.get("source")
@@ -183,6 +190,7 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         raise ValueError("the job has no edits: give \"edits\": [\"a dog riding a bicycle\"] (prompts or objects), or "
                          "inline markup in the source, e.g. \"a [cat->dog] riding a bicycle\"")
     edits = check_edits([_normal_edit(edit, i) for i, edit in enumerate(edits, 1)])  # fails here, not on a GPU
+    check_edit_words(source, [edit_from_dict(edit) for edit in edits])  # words missing from their prompts, too
     steps = data.get("num_inference_steps")
     guidance = data.get("guidance_scale")
     if steps is not None:
@@ -202,7 +210,7 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         raise ValueError(f"model must be a hub id, a local path or 'demo', not {model_name!r}")
     content: dict[str, Any] = {
         "model": model if model_name is None else _model_id(model_name, base, "the manifest's folder"),
-        "source": source, "edits": edits,
+        "source": source, "edits": [{**_ID_WINDOWS, **edit} for edit in edits],
         # Absent steps and guidance are the defaults of the jobs' ids before SD3 and Flux came: ids stay as they were.
         "num_inference_steps": 50 if steps is None else steps, "guidance_scale": 7.5 if guidance is None else guidance,
         "negative_prompt": negative, "height": data.get("height"), "width": data.get("width"),

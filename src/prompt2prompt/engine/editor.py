@@ -122,6 +122,7 @@ class Editor:
         self.self_replace_max_res, self.blend_res = self_replace_max_res, blend_res
         self.cross_blocks, self.self_blocks, self.record_blocks = cross_blocks, self_blocks, record_blocks
         self.attention = attention
+        self.defaults = family.defaults()  # the model's own (its prompt2prompt.json), else its family's
 
     @property
     def layer_options(self) -> dict[str, Any]:
@@ -327,9 +328,9 @@ class Editor:
         if inversion is not None:
             steps, guidance, height, width = _inversion_settings(inversion, steps, guidance, height, width,
                                                                  negative_prompt, latents, seed, generator, cache)
-        family = self.family
-        steps = check_steps(family.default_steps if steps is None else steps)
-        guidance = check_guidance(family.default_guidance if guidance is None else guidance)
+        family, defaults = self.family, self.defaults
+        steps = check_steps(defaults.num_inference_steps if steps is None else steps)
+        guidance = check_guidance(defaults.guidance_scale if guidance is None else guidance)
         default = family.default_size()
         height = default if height is None else height
         width = default if width is None else width
@@ -434,7 +435,8 @@ class Editor:
             wanted = call_kwargs["output_type"]
             # PIL images cannot hold NaN (diffusers casts it to black): take floats, check, then convert as it does.
             try:
-                images = pipe(**{**call_kwargs, "output_type": "np" if wanted == "pil" else wanted}).images
+                call = self.family.pipeline_call({**call_kwargs, "output_type": "np" if wanted == "pil" else wanted})
+                images = pipe(**call).images
             except (ValueError, TypeError, RuntimeError, OSError):  # the pipeline's own checks, out of memory, ...
                 raise
             except Exception as error:  # diffusers failing on a pass-through keyword (clip_skip, LoRA scale, ...)

@@ -3,6 +3,8 @@
 - `unet.UNetFamily`: Stable Diffusion 1.x/2.x and SDXL (a UNet with cross- and self-attention, CLIP text of 77).
 - `sd3.SD3Family`: Stable Diffusion 3/3.5 (MM-DiT joint attention; text = 77 CLIP tokens, then the T5 tokens).
 - `flux.FluxFamily`: Flux.1 (MM-DiT double- and single-stream blocks, RoPE; text = T5 tokens; packed latents).
+- `chroma.ChromaFamily`: Chroma (Flux's blocks; T5 alone, its padding masked; true classifier-free guidance).
+- `pixart.PixArtFamily`: PixArt-Σ (a cross-attention DiT at one resolution; T5 text, its padding masked).
 
 `family_of(pipe)` picks one. Outside this package nothing looks at a model's class or kind: callers ask the
 family (`base.Family` lists the questions). A new family is one new file here, added to `FAMILIES`.
@@ -13,16 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Family
+from .base import MAX_SEQUENCE_LENGTH, Family
+from .chroma import ChromaFamily
 from .flux import FluxFamily
-from .mmdit import MAX_SEQUENCE_LENGTH
+from .pixart import PixArtFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
 __all__ = ["FAMILIES", "MAX_SEQUENCE_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
-           "pipeline_class_for", "single_file_class", "supported_models"]
+           "listed", "pipeline_class_for", "single_file_class", "supported_models"]
 
-FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily)
+FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily)
 
 
 def family_of(pipe) -> Family:
@@ -50,8 +53,12 @@ def inversion_methods() -> tuple[str, ...]:
 
 def supported_models() -> str:
     """The models the families drive, for a message."""
-    titles = [family.title for family in FAMILIES]
-    return ", ".join(titles[:-1]) + " or " + titles[-1]
+    return listed([family.title for family in FAMILIES], "or")
+
+
+def listed(titles: Sequence[str], last: str = "and") -> str:
+    """Titles for a message: "A", "A and B", "A, B and C"."""
+    return titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + f" {last} " + titles[-1]
 
 
 def pipeline_class_for(index: Mapping[str, Any]) -> tuple[str, type[Family]] | None:

@@ -7,17 +7,41 @@ which model it is. Each family is one file in this package; `family_of` picks on
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
-from collections.abc import Mapping, Sequence
+from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from ..alignment import MAX_TOKENS, Tokenized
 from ..attention.state import RunState
-from ..limits import check_pixels, quoted
+from ..limits import check_pixels, check_positive_int, quoted
 from . import compat
+from .defaults import ModelDefaults, model_defaults
+
+
+MAX_SEQUENCE_LENGTH = 512  # T5 positions: the most the T5 pipelines (SD3, Flux, Chroma, PixArt-Σ) take
+
+
+def t5_length(pipeline_kwargs: Mapping[str, Any], default: int) -> int:
+    """A run's T5 length: its `max_sequence_length`, else the family's default; at most `MAX_SEQUENCE_LENGTH`."""
+    length = check_positive_int(pipeline_kwargs.get("max_sequence_length", default), "max_sequence_length")
+    if length > MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, not {length}")
+    return length
+
+
+def check_blocks(blocks: Any, count: int, what: str) -> frozenset[int]:
+    """Block numbers of a model with `count` blocks (numbered as they run), as a set; else a clear error."""
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence | set | frozenset):
+        raise TypeError(f"{what} must be a list of block numbers, not {blocks!r}")
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < count:
+            raise ValueError(f"{what}: {b!r} is not a block of this model, whose blocks are 0..{count - 1}")
+    return frozenset(blocks)
 
 
 class Family:
@@ -69,7 +93,22 @@ class Family:
 
     @property
     def default_inversion(self) -> str:
+        if not self.inversion_methods:
+            raise ValueError(self.no_inversion_message())
         return self.inversion_methods[0]
+
+    no_inversion: ClassVar[str] = ""  # why a family has no inversion, for its message
+
+    def no_inversion_message(self) -> str:
+        return (f"real images cannot be edited on {self.title} models: {self.no_inversion}; edit generated images, "
+                "or invert the image with another model")
+
+    def defaults(self) -> ModelDefaults:
+        """This model's defaults: its own `prompt2prompt.json` where its folder has one, else the family's."""
+        # `name_or_path` is the folder a pipeline was loaded from (a hub snapshot's too); None when built in memory.
+        where = getattr(self.pipe, "name_or_path", None)
+        folder = where if isinstance(where, str) and Path(where).is_dir() else None
+        return model_defaults(self, folder)
 
     # -- Text ----------------------------------------------------------------------------------------------------
 
@@ -161,6 +200,12 @@ class Family:
         """The processor of every attention layer for these runs' states (several: one forward batch)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def plain_attention(self) -> Iterator[None]:
+        """The model's attention as the edits compute it when nothing is edited, for the calls outside an edit run
+        (an inversion's); the pipeline's own processors, unless a family's differ from them (Chroma's mask)."""
+        yield
+
     # -- The pipeline call ---------------------------------------------------------------------------------------
 
     def execution_device(self) -> torch.device:
@@ -182,6 +227,11 @@ class Family:
                 close = difflib.get_close_matches(name, accepted, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{type(self.pipe).__name__} takes no keyword {name!r}{hint}")
+
+    def pipeline_call(self, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keywords of the pipeline call for an edit run's `call_kwargs` (the same, unless a pipeline takes its
+        step callback under another name)."""
+        return call_kwargs
 
     def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
         """Whether this call evaluates the model twice a step, the conditional pass first, then the negative."""

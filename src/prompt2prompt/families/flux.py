@@ -123,12 +123,18 @@ class FluxFamily(MMDiTFamily):
         t = timestep.to(device).expand(x.shape[0])
         h, w = latents.shape[-2:]
         image_ids = compat.flux_latent_image_ids(self.pipe, x.shape[0], h // 2, w // 2, device, dtype)
-        embedded = None
-        if model.config.guidance_embeds:  # Flux-dev's embedded guidance
-            embedded = torch.full([x.shape[0]], guidance, device=device, dtype=torch.float32)
-        out = model(hidden_states=x, timestep=t.to(dtype) / 1000, guidance=embedded, pooled_projections=text.pooled,
-                    encoder_hidden_states=text.embeds, txt_ids=text.text_ids, img_ids=image_ids, return_dict=False)[0]
+        with self.plain_attention():
+            out = model(hidden_states=x, timestep=t.to(dtype) / 1000, encoder_hidden_states=text.embeds,
+                        txt_ids=text.text_ids, img_ids=image_ids, return_dict=False,
+                        **self._conditioning(text, x, guidance))[0]
         return self.unpack(out, (h, w))
+
+    def _conditioning(self, text: FlowText, x: torch.Tensor, guidance: float) -> dict[str, Any]:
+        """The transformer's other inputs: the pooled CLIP text, and Flux-dev's embedded guidance."""
+        embedded = None
+        if self.model.config.guidance_embeds:
+            embedded = torch.full([x.shape[0]], guidance, device=x.device, dtype=torch.float32)
+        return dict(guidance=embedded, pooled_projections=text.pooled)
 
     def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config):
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)

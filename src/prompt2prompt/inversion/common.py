@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..families import FAMILIES, Family, family_of
+from ..families import FAMILIES, Family, family_of, listed
 from ..images import to_tensor
 
 
@@ -38,6 +38,6 @@ def refuse_options(family: Family, given: Mapping[str, Any], defaults: Mapping[s
     """Refuse `invert()` options that the family's sampler does not use, rather than ignoring them."""
     for name, value in given.items():
         if value != defaults[name]:
-            takers = [f.title for f in FAMILIES if f.sampler != family.sampler]
-            raise ValueError(f"{name} applies to {' and '.join(takers)} pipelines, not to "
+            takers = [f.title for f in FAMILIES if f.sampler != family.sampler and f.inversion_methods]
+            raise ValueError(f"{name} applies to {listed(takers)} pipelines, not to "
                              f"{type(family.pipe).__name__}; leave it unset")

@@ -42,8 +42,9 @@ def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: s
     """Invert `image` under `prompt` with a DDIM-family `method` (see `prompt2prompt.inversion.invert`)."""
     pipe = family.pipe
     refuse_options(family, flow_options, {"max_sequence_length": None, "inversion_guidance": 1.0})
-    num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
-    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
+    defaults = family.defaults()  # the model's own, else its family's
+    num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     family.tokenize(prompt, {})  # a caption over 77 tokens is refused here, not after the inversion
     check_steps(num_inference_steps)
     check_finite(guidance_scale, "guidance_scale")

@@ -47,8 +47,9 @@ def invert_flow(family: MMDiTFamily, image: ImageInput, prompt: str, *, method: 
     # 1. Check inputs, before any model call
     pipe = family.pipe
     refuse_options(family, ddim_options, {"num_inner_steps": 10, "early_stop_epsilon": 1e-5})
-    num_inference_steps = family.default_steps if num_inference_steps is None else num_inference_steps
-    guidance_scale = family.default_guidance if guidance_scale is None else guidance_scale
+    defaults = family.defaults()  # the model's own, else its family's
+    num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     check_steps(num_inference_steps)
     check_finite(guidance_scale, "guidance_scale")
     check_finite(inversion_guidance, "inversion_guidance")
@@ -165,7 +166,7 @@ def direct_corrections(family: MMDiTFamily, scheduler: FlowMatchEulerDiscreteSch
         return {"latents": family.pack(landed + corrections[-1])}
 
     try:
-        with compat.progress_bar_off(pipe):
+        with compat.progress_bar_off(pipe), family.plain_attention():
             pipe(prompt=[inversion.prompt], latents=family.pack(inversion.latents), height=inversion.height,
                  width=inversion.width, num_inference_steps=n, guidance_scale=inversion.guidance_scale,
                  max_sequence_length=inversion.max_sequence_length, output_type="latent",

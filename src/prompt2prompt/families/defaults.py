@@ -1,0 +1,148 @@
+"""A model's defaults: steps, guidance, the edit windows and the blend threshold a run uses when it is not told.
+
+They come from three places, in order: the model's own `prompt2prompt.json` (beside its `model_index.json`; the
+demo model ships one), its family (Stable Diffusion's 50 steps and guidance 7.5, Flux's 28 and 3.5, ...), and the
+paper (cross-attention 0.8, self-attention 0.4, blend threshold 0.3). A model file may also name words whose swaps
+need other windows (the demo model's shape words: a shape swap takes only with a short cross-attention window).
+
+The front ends (CLI, web app, batch, recipes) fill what the user left out from these and say which they used; the
+Python `Edit` and `LocalBlend` keep the paper's defaults, as the contract states them.
+
+A `prompt2prompt.json`:
+
+    {"num_inference_steps": 30, "guidance_scale": 5.0, "cross_steps": 0.8, "self_steps": 0.2,
+     "blend_threshold": 0.8,
+     "word_windows": [{"name": "shape swap", "words": ["circle", "star"], "cross_steps": 0.5, "self_steps": 0.0}],
+     "example": ["a big red circle in the center", "a big purple circle in the center"]}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..limits import BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, check_guidance, check_steps, quoted
+
+DEFAULTS_FILE = "prompt2prompt.json"
+FIELDS = ("num_inference_steps", "guidance_scale", "cross_steps", "self_steps", "blend_threshold")
+_FILE_FIELDS = (*FIELDS, "word_windows", "example", "notes")
+EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")  # a source and an edit, for a form's placeholders
+_WORD = re.compile(r"[\w'-]+")
+
+
+@dataclass(frozen=True)
+class WordWindows:
+    """The windows of an edit that swaps, adds or removes one of `words` (e.g. a model's shape words)."""
+
+    name: str
+    words: frozenset[str]
+    cross_steps: float
+    self_steps: float
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a run of one model uses when it is not told; `origin` says where each value came from."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    cross_steps: float = CROSS_STEPS
+    self_steps: float = SELF_STEPS
+    blend_threshold: float = BLEND_THRESHOLD
+    word_windows: tuple[WordWindows, ...] = ()
+    origin: Mapping[str, str] = field(default_factory=dict)  # field -> "the model's prompt2prompt.json", ...
+    example: tuple[str, str] = EXAMPLE  # a source prompt and an edit the model draws (the web app's placeholders)
+
+    def windows_for(self, source: str, prompt: str) -> tuple[float, float, str | None]:
+        """(cross_steps, self_steps, rule) for an edit of `source` into `prompt` that gives no windows; `rule` names
+        the model's word windows that apply ("the model's shape swap windows"), None when the plain defaults do."""
+        changed = _words(source) ^ _words(prompt)
+        for rule in self.word_windows:
+            if changed & rule.words:
+                return rule.cross_steps, rule.self_steps, f"the model's {rule.name} windows"
+        return self.cross_steps, self.self_steps, None
+
+    def describe(self) -> str:
+        """One line: the defaults and where they came from, e.g. for `p2p edit` to print."""
+        by_origin: dict[str, list[str]] = {}
+        shown = {"num_inference_steps": f"{self.num_inference_steps} steps", "guidance_scale": f"guidance {self.guidance_scale:g}",
+                 "cross_steps": f"cross {self.cross_steps:g}", "self_steps": f"self {self.self_steps:g}",
+                 "blend_threshold": f"blend threshold {self.blend_threshold:g}"}
+        for name in FIELDS:
+            by_origin.setdefault(self.origin.get(name, "?"), []).append(shown[name])
+        parts = [f"{', '.join(values)} ({origin})" for origin, values in by_origin.items()]
+        rules = [f"{rule.name}: cross {rule.cross_steps:g}, self {rule.self_steps:g}" for rule in self.word_windows]
+        return "; ".join(parts + rules)
+
+
+def _words(text: str) -> set[str]:
+    return {word.lower() for word in _WORD.findall(text)}
+
+
+def model_defaults(family, folder: str | Path | None) -> ModelDefaults:
+    """The defaults of a model of `family` (a `Family` class or instance) whose files are in `folder` (None: none)."""
+    values: dict[str, Any] = {"num_inference_steps": family.default_steps, "guidance_scale": family.default_guidance}
+    origin = {name: f"the {family.title} default" for name in values} | {
+        name: "the paper's default" for name in ("cross_steps", "self_steps", "blend_threshold")}
+    rules: tuple[WordWindows, ...] = ()
+    path = Path(folder) / DEFAULTS_FILE if folder is not None else None
+    if path is not None and path.is_file():
+        data = read_defaults_file(path)
+        rules = data.pop("word_windows")
+        example = data.pop("example", EXAMPLE)
+        values |= data
+        origin |= {name: f"the model's {DEFAULTS_FILE}" for name in data}
+        return ModelDefaults(**values, word_windows=rules, origin=origin, example=example)
+    return ModelDefaults(**values, word_windows=rules, origin=origin)
+
+
+def read_defaults_file(path: Path) -> dict[str, Any]:
+    """A `prompt2prompt.json`, checked as untrusted input: a ValueError naming the file and the field if it is bad."""
+    where = f"{str(path)!r}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the model's defaults {where}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the model's defaults {where} must be a JSON object, not {quoted(str(data))}")
+    if unknown := sorted(set(data) - set(_FILE_FIELDS)):
+        raise ValueError(f"the model's defaults {where} have unknown fields {unknown}; the fields are "
+                         f"{', '.join(_FILE_FIELDS)}")
+    try:
+        out: dict[str, Any] = {}
+        if "num_inference_steps" in data:
+            out["num_inference_steps"] = check_steps(data["num_inference_steps"])
+        if "guidance_scale" in data:
+            out["guidance_scale"] = check_guidance(data["guidance_scale"])
+        for name in ("cross_steps", "self_steps", "blend_threshold"):
+            if name in data:
+                out[name] = check_fraction(data[name], name)
+        out["word_windows"] = tuple(_word_windows(rule, i) for i, rule in enumerate(data.get("word_windows", []), 1))
+        if "example" in data:
+            example = data["example"]
+            if not (isinstance(example, list) and len(example) == 2 and all(isinstance(p, str) and p.strip()
+                                                                             for p in example)):
+                raise ValueError("example must be [source prompt, edit prompt]")
+            out["example"] = tuple(example)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the model's defaults {where}: {error}") from None
+    return out
+
+
+def _word_windows(rule: Any, index: int) -> WordWindows:
+    what = f"word_windows[{index}]"
+    if not isinstance(rule, dict) or not {"words", "cross_steps", "self_steps"} <= set(rule):
+        raise ValueError(f"{what} must be an object with name, words, cross_steps and self_steps")
+    words = rule["words"]
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"{what}.words must be a non-empty list of words")
+    name = rule.get("name", "word")
+    if not isinstance(name, str):
+        raise ValueError(f"{what}.name must be text")
+    return WordWindows(name=name, words=frozenset(w.strip().lower() for w in words),
+                       cross_steps=check_fraction(rule["cross_steps"], f"{what}.cross_steps"),
+                       self_steps=check_fraction(rule["self_steps"], f"{what}.self_steps"))
