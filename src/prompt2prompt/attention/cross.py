@@ -257,3 +257,10 @@ def attend_by_run(attends: list, counts: list[int], q: torch.Tensor, k: torch.Te
         for h, part in enumerate(out.split(count)):
             outs[h].append(part)
     return torch.cat([part for half in outs for part in half])
+
+
+def cross_processors(names, states, counts) -> dict:
+    """A `P2PAttnProcessor` for every layer name, for one run's state; several runs' in one forward batch, grouped."""
+    if len(states) == 1:
+        return {name: P2PAttnProcessor(states[0], name) for name in names}
+    return {name: GroupAttnProcessor([P2PAttnProcessor(s, name) for s in states], list(counts)) for name in names}

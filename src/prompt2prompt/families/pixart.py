@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..alignment import Tokenized, tokenize
-from ..attention.cross import GroupAttnProcessor, P2PAttnProcessor
+from ..attention.cross import cross_processors
 from ..attention.state import LayerPlan, RunState
 from .base import Family, check_blocks, t5_length
 
@@ -118,10 +118,7 @@ class PixArtFamily(Family):
                          self_blocks=blocks)
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
-        names = self.model.attn_processors
-        if len(states) == 1:
-            return {name: P2PAttnProcessor(states[0], name) for name in names}
-        return {name: GroupAttnProcessor([P2PAttnProcessor(s, name) for s in states], list(counts)) for name in names}
+        return cross_processors(self.model.attn_processors, states, counts)
 
     # -- The pipeline call ---------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..alignment import Tokenized, tokenize
-from ..attention.cross import GroupAttnProcessor, P2PAttnProcessor
+from ..attention.cross import cross_processors
 from ..attention.state import LayerPlan, RunState
 from . import compat
 from .base import Family
@@ -151,10 +151,7 @@ class UNetFamily(Family):
                          blend_size=blend_size, record_sizes=record_sizes, explicit=explicit)
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
-        names = self.model.attn_processors
-        if len(states) == 1:
-            return {name: P2PAttnProcessor(states[0], name) for name in names}
-        return {name: GroupAttnProcessor([P2PAttnProcessor(s, name) for s in states], list(counts)) for name in names}
+        return cross_processors(self.model.attn_processors, states, counts)
 
     # -- The pipeline call ---------------------------------------------------------------------------------------
 
