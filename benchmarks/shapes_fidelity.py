@@ -1,16 +1,28 @@
 """Edit fidelity on the shapes world: Prompt-to-Prompt against plain regeneration, measured by a scene parser.
 
-    .venv/bin/python benchmarks/shapes_fidelity.py                 # the shipped demo model, 50 scenes
-    .venv/bin/python benchmarks/shapes_fidelity.py --model runs/export --scenes 8 --plain 40
+    .venv/bin/python benchmarks/shapes_fidelity.py --model demo --out runs/fidelity-demo.json
+    .venv/bin/python benchmarks/shapes_fidelity.py --model demo-flow --out runs/fidelity-flow.json
+    .venv/bin/python benchmarks/shapes_fidelity.py --model runs/export --scenes 8 --plain 40   # a quick look
 
-1. Plain samples: held-out captions (never seen in training), one sample each; the parser checks
-   colour, shape, size and position of each object, and the background.
-2. Edits: for held-out scenes, a colour swap, a shape swap and a background swap of the source
-   caption, made three ways from the same seed: plain regeneration of the edited caption (the
-   uncontrolled baseline), P2P, and P2P with local blend. For each: attribute success (the parser
-   sees the target attribute), layout IoU (the edited object's mask against the source's), and the
-   PSNR of the region the edit should leave alone (outside the object for object edits, the object
-   itself for background swaps).
+Every caption is held out (never seen in training) and every seed far from the training seeds. The
+windows, the blend threshold, the steps and the guidance are the model's own (its `prompt2prompt.json`)
+unless given. Sections:
+
+1. Plain samples: the parser checks each object's colour, shape, size and position (where the caption
+   names one), and the background; two-object captions, fixed and free, also "both colours".
+2. Fixed-layout edits (captions that name the position): colour, shape and background swaps, made from
+   the same seed by plain regeneration of the edited caption (the baseline), P2P, and P2P with local blend.
+   Attribute success, layout IoU (the edited object's mask against the source's) and the PSNR of the region
+   the edit should leave alone (outside the object; the object itself for background swaps).
+3. Free-layout edits (no position word: the seed and the whole caption place the object): colour swap,
+   shape swap and adding "and a small <colour> <shape>", baseline beside P2P. The IoU is the first
+   object's; an added object counts when it is a separate object of the asked colour and shape and the
+   first object is still there, in its colour.
+4. Local blend at the model's threshold, on colour swaps of one- and two-object scenes: whether the mask
+   (the blend's own, upsampled) covers the edited object without covering the whole image, and the PSNR of
+   the decoded pixels outside it against the source.
+5. Real images: rendered scenes (drawn by the world, not by the model) inverted by the model's default
+   method, then a colour swap; layout IoU against the rendered object's mask.
 """
 
 from __future__ import annotations
@@ -19,10 +31,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from prompt2prompt import Edit, Editor, LocalBlend
@@ -32,61 +46,16 @@ from prompt2prompt.files import write_text_atomic
 
 PLAIN_SEED = 20_000_000  # held-out captions and seeds: far above every training seed
 EDIT_SEED = 30_000_000
-KINDS = ("color", "shape", "background")
+FREE_SEED = 40_000_000
+BLEND_SEED = 50_000_000
+REAL_SEED = 60_000_000
+FIXED_KINDS = ("color", "shape", "background")
+FREE_KINDS = ("color", "shape", "add")
 METHODS = ("baseline", "p2p", "p2p+blend")
 
 
-def to_arrays(images) -> list[np.ndarray]:
-    return [np.asarray(image.convert("RGB")) for image in images]
-
-
-def plain_accuracy(pipe, *, num_captions: int, num_objects: int, steps: int, guidance: float, batch: int = 16) -> dict:
-    """Share of objects whose colour, shape, size, position (and of scenes whose background) the parser confirms."""
-    scenes = [world.sample_scene(PLAIN_SEED + num_objects * 1_000_000 + i, num_objects=num_objects, split="heldout")
-              for i in range(num_captions)]
-    hits = {"color": 0, "shape": 0, "size": 0, "position": 0, "all": 0}
-    backgrounds, objects = 0, 0
-    for start in tqdm(range(0, len(scenes), batch), desc=f"plain samples ({num_objects} object)"):
-        chunk = scenes[start:start + batch]
-        generators = [torch.Generator().manual_seed(PLAIN_SEED + start + i) for i in range(len(chunk))]
-        images = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators).images
-        for scene, image in zip(chunk, to_arrays(images)):
-            parsed = parse(image)
-            backgrounds += parsed.background == scene.background
-            for obj in scene.objects:
-                objects += 1
-                found = parsed.find(obj.color)
-                # Without an object of the right colour, judge the largest object not claimed by another colour.
-                others = [p for p in parsed.objects if p.color not in {o.color for o in scene.objects}]
-                judged = found or (others[0] if others else None)
-                hits["color"] += found is not None
-                if judged is None:
-                    continue
-                hits["shape"] += judged.shape == obj.shape
-                hits["size"] += judged.size == obj.size
-                hits["position"] += judged.position == obj.position
-                hits["all"] += (found is not None and judged.shape == obj.shape and judged.size == obj.size
-                                and judged.position == obj.position)
-    result = {k: v / objects for k, v in hits.items()}
-    result["background"] = backgrounds / len(scenes)
-    result["captions"] = len(scenes)
-    return result
-
-
-def swap(scene: world.Scene, kind: str, rng: np.random.Generator) -> tuple[world.Scene, str, str]:
-    """The scene with one attribute of its first object (or its background) changed, and the two words."""
-    obj = scene.objects[0]
-    if kind == "color":
-        new = str(rng.choice([c for c in world.COLORS if c != obj.color]))
-        return world.Scene((world.Obj(obj.shape, new, obj.size, obj.position, obj.center),), scene.background,
-                           scene.gradient), obj.color, new
-    if kind == "shape":
-        new = str(rng.choice([s for s in world.SHAPES if s != obj.shape]))
-        return world.Scene((world.Obj(new, obj.color, obj.size, obj.position, obj.center),), scene.background,
-                           scene.gradient), obj.shape, new
-    new = str(rng.choice([b for b in world.BACKGROUNDS if b != scene.background]))
-    return world.Scene(scene.objects, new, scene.gradient), scene.background, new
+def to_array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
 
 
 def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -98,116 +67,264 @@ def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
     return 60.0 if mse < 1e-6 else min(60.0, 10 * np.log10(255.0 ** 2 / mse))
 
 
-def score_edit(kind: str, source: ParsedScene, source_image: np.ndarray, edited_image: np.ndarray,
-               source_scene: world.Scene, target: world.Scene) -> dict | None:
-    """Attribute success, layout IoU and preserved-region PSNR of one edit; None when the source has no object."""
+def mean(values) -> float:
+    values = [v for v in values if v == v]  # NaN: nothing to measure in that scene
+    return float(np.mean(values)) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- 1. plain samples
+
+
+def plain_accuracy(pipe, scenes: list[world.Scene], *, steps: int, guidance: float, seed: int, batch: int = 16) -> dict:
+    """Share of objects whose colour, shape, size, position (and of scenes whose background) the parser confirms."""
+    hits = {"color": [], "shape": [], "size": [], "position": [], "all": [], "background": [], "both colours": []}
+    for start in tqdm(range(0, len(scenes), batch), desc="plain samples"):
+        chunk = scenes[start:start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators).images
+        for scene, image in zip(chunk, images):
+            parsed = parse(to_array(image))
+            hits["background"].append(parsed.background == scene.background)
+            hits["both colours"].append(all(parsed.find(o.color) is not None for o in scene.objects))
+            for obj in scene.objects:
+                found = parsed.find(obj.color)
+                # Without an object of the right colour, judge the largest object not claimed by another colour.
+                others = [p for p in parsed.objects if p.color not in {o.color for o in scene.objects}]
+                judged = found or (others[0] if others else None)
+                hits["color"].append(found is not None)
+                hits["shape"].append(judged is not None and judged.shape == obj.shape)
+                hits["size"].append(judged is not None and judged.size == obj.size)
+                if obj.position is not None:
+                    hits["position"].append(judged is not None and judged.position == obj.position)
+                hits["all"].append(found is not None and judged.shape == obj.shape and judged.size == obj.size
+                                   and (obj.position is None or judged.position == obj.position))
+    result = {k: mean(v) for k, v in hits.items()}
+    result["captions"] = len(scenes)
+    return result
+
+
+# ----------------------------------------------------------------------------- 2. and 3. edits
+
+
+def swap(scene: world.Scene, kind: str, rng: np.random.Generator) -> tuple[world.Scene, str, str]:
+    """The scene with one attribute of its first object (or its background) changed, and the two words."""
+    obj = scene.objects[0]
+    if kind == "color":
+        new = str(rng.choice([c for c in world.COLORS if c != obj.color and c not in {o.color for o in scene.objects}]))
+        return replace(scene, objects=(replace(obj, color=new), *scene.objects[1:])), obj.color, new
+    if kind == "shape":
+        new = str(rng.choice([s for s in world.SHAPES if s != obj.shape]))
+        return replace(scene, objects=(replace(obj, shape=new), *scene.objects[1:])), obj.shape, new
+    if kind == "background":
+        new = str(rng.choice([b for b in world.BACKGROUNDS if b != scene.background]))
+        return replace(scene, background=new), scene.background, new
+    # add: "and a small <colour> <shape>" after the first object, a colour no object has
+    color = str(rng.choice([c for c in world.COLORS if c != obj.color]))
+    added = world.Obj(str(rng.choice(world.SHAPES)), color, "small", None)
+    return replace(scene, objects=(obj, added)), obj.color, color
+
+
+def score(kind: str, source: ParsedScene, source_image: np.ndarray, edited_image: np.ndarray,
+          source_scene: world.Scene, target: world.Scene) -> dict | None:
+    """Attribute success, the first object's layout IoU and the untouched region's PSNR; None without a source object."""
     old = source.find(source_scene.objects[0].color)
     if old is None:
         return None
     edited = parse(edited_image)
-    new_obj = target.objects[0]
-    found = edited.find(new_obj.color)
+    first = target.objects[0]
+    found = edited.find(first.color)
     if kind == "color":
         success = found is not None
     elif kind == "shape":
-        success = found is not None and found.shape == new_obj.shape
-    else:
+        success = found is not None and found.shape == first.shape
+    elif kind == "background":
         success = edited.background == target.background
+    else:  # add: a separate object of the asked colour and shape, and the first object still there
+        added = edited.find(target.objects[1].color)
+        success = (added is not None and found is not None and added.shape == target.objects[1].shape
+                   and not (added.mask & old.mask).sum() > 0.5 * added.mask.sum())
     new_mask = found.mask if found is not None else np.zeros_like(old.mask)
-    iou = mask_iou(old.mask, new_mask)
-    if kind == "background":
-        region = old.mask & new_mask
-    else:
-        region = ~(old.mask | new_mask)
-    return {"success": float(success), "iou": iou, "psnr": psnr(source_image, edited_image, region)}
+    region = old.mask & new_mask if kind == "background" else ~(old.mask | new_mask)
+    return {"success": float(success), "iou": mask_iou(old.mask, new_mask),
+            "psnr": psnr(source_image, edited_image, region)}
 
 
-def fidelity(editor: Editor, *, num_scenes: int, steps: int, guidance: float, cross: float, self_steps: float,
-             blend_threshold: float) -> dict:
-    """Runs the three swaps three ways on `num_scenes` held-out scenes; returns per-kind, per-method means."""
-    scores = {kind: {method: [] for method in METHODS} for kind in KINDS}
-    skipped = 0
-    for i in tqdm(range(num_scenes), desc="edits"):
-        seed = EDIT_SEED + i
-        scene = world.sample_scene(seed, split="heldout")
-        rng = np.random.default_rng(seed)
-        targets = [swap(scene, kind, rng) for kind in KINDS]
-        plain = [Edit(t.caption(), cross_steps=cross, self_steps=self_steps) for t, _, _ in targets]
-        blended = [Edit(t.caption(), cross_steps=cross, self_steps=self_steps, blend=LocalBlend(old, new, threshold=blend_threshold))
-                   for t, old, new in targets]
-        common = dict(num_inference_steps=steps, guidance_scale=guidance, seed=seed)
-        p2p = to_arrays(editor.edit(scene.caption(), plain, **common).images)
-        blend = to_arrays(editor.edit(scene.caption(), blended, **common).images)
-        baseline = [to_arrays(editor.edit(t.caption(), **common).images)[0] for t, _, _ in targets]
-        source_image = p2p[0]
+def edits(editor: Editor, *, layout: str, kinds: tuple[str, ...], num_scenes: int, seed: int, steps: int,
+          guidance: float, threshold: float, blend: bool) -> dict:
+    """Each kind of edit on `num_scenes` held-out scenes of `layout`, by regeneration, P2P (and P2P + blend)."""
+    methods = METHODS if blend else METHODS[:2]
+    scores = {kind: {method: [] for method in methods} for kind in kinds}
+    for i in tqdm(range(num_scenes), desc=f"{layout}-layout edits"):
+        scene_seed = seed + i
+        scene = world.sample_scene(scene_seed, split="heldout", layout=layout)
+        rng = np.random.default_rng(scene_seed)
+        targets = [swap(scene, kind, rng) for kind in kinds]
+        source_caption = scene.caption()
+
+        def make(target, old, new, with_blend):
+            cross, self_steps, _ = editor.defaults.windows_for(source_caption, target.caption())
+            blend_words = LocalBlend(old, new, threshold=threshold) if with_blend else None
+            return Edit(target.caption(), cross_steps=cross, self_steps=self_steps, blend=blend_words)
+
+        common = dict(num_inference_steps=steps, guidance_scale=guidance, seed=scene_seed)
+        images = {"p2p": editor.edit(source_caption, [make(*t, False) for t in targets], **common).images}
+        if blend:
+            images["p2p+blend"] = editor.edit(source_caption, [make(*t, True) for t in targets], **common).images
+        images["baseline"] = [None] + [editor.edit(t.caption(), **common).images[0] for t, _, _ in targets]
+        source_image = to_array(images["p2p"][0])
         source = parse(source_image)
-        for k, (kind, (target, _, _)) in enumerate(zip(KINDS, targets)):
-            results = {"baseline": baseline[k], "p2p": p2p[k + 1], "p2p+blend": blend[k + 1]}
-            for method, image in results.items():
-                score = score_edit(kind, source, source_image, image, scene, target)
-                if score is None:
-                    skipped += method == "baseline" and k == 0
-                    continue
-                scores[kind][method].append(score)
-    table = {kind: {method: {metric: float(np.nanmean([s[metric] for s in scores[kind][method]]))
-                             if scores[kind][method] else float("nan")
-                             for metric in ("success", "iou", "psnr")} for method in METHODS} for kind in KINDS}
-    return {"table": table, "scenes": num_scenes, "sources_without_object": skipped}
+        for k, (kind, (target, _, _)) in enumerate(zip(kinds, targets)):
+            for method in methods:
+                result = score(kind, source, source_image, to_array(images[method][k + 1]), scene, target)
+                if result is not None:
+                    scores[kind][method].append(result)
+    return {"scenes": num_scenes, "table": {
+        kind: {method: {metric: mean(s[metric] for s in rows) for metric in ("success", "iou", "psnr")}
+               | {"n": len(rows)} for method, rows in by_method.items()} for kind, by_method in scores.items()}}
+
+
+# ----------------------------------------------------------------------------- 4. local blend
+
+
+def blend_locality(editor: Editor, *, num_scenes: int, seed: int, steps: int, guidance: float,
+                   threshold: float) -> dict:
+    """Colour swaps with a local blend: does the mask find the object, and do the pixels outside it stay put?"""
+    rows = {}
+    for num_objects in (1, 2):
+        found, psnrs, coverage = [], [], []
+        for i in tqdm(range(num_scenes), desc=f"local blend ({num_objects} object)"):
+            scene_seed = seed + 1000 * num_objects + i
+            layout = "free" if i % 2 else "fixed"
+            scene = world.sample_scene(scene_seed, num_objects=num_objects, split="heldout", layout=layout)
+            target, old, new = swap(scene, "color", np.random.default_rng(scene_seed))
+            cross, self_steps, _ = editor.defaults.windows_for(scene.caption(), target.caption())
+            edit = Edit(target.caption(), cross_steps=cross, self_steps=self_steps,
+                        blend=LocalBlend(old, new, threshold=threshold))
+            result = editor.edit(scene.caption(), [edit], num_inference_steps=steps, guidance_scale=guidance,
+                                 seed=scene_seed)
+            source_image, edited_image = to_array(result.images[0]), to_array(result.images[1])
+            mask = result.masks[0].float()[None, None]
+            mask = torch.nn.functional.interpolate(mask, size=(world.SIZE, world.SIZE), mode="nearest")[0, 0] > 0.5
+            mask = mask.numpy()
+            obj = parse(source_image).find(old)
+            if obj is None:
+                continue
+            covered = (mask & obj.mask).sum() / obj.mask.sum()
+            coverage.append(float(mask.mean()))
+            found.append(covered > 0.9 and mask.mean() < 0.9)
+            psnrs.append(psnr(source_image, edited_image, ~mask))
+        rows[f"{num_objects} object"] = {"mask finds the object": mean(found), "mask area": mean(coverage),
+                                         "psnr outside": mean(psnrs), "psnr outside, min": float(np.nanmin(psnrs)),
+                                         "psnr >= 35 dB": mean([p >= 35 for p in psnrs]), "n": len(found)}
+    return rows
+
+
+# ----------------------------------------------------------------------------- 5. real images
+
+
+def real_images(editor: Editor, *, num_scenes: int, seed: int, steps: int, guidance: float) -> dict:
+    """Rendered scenes inverted by the model's default method, then a colour swap: IoU against the rendered mask."""
+    ious, success = [], []
+    for i in tqdm(range(num_scenes), desc="real images"):
+        scene_seed = seed + i
+        scene = world.sample_scene(scene_seed, split="heldout", layout="free" if i % 2 else "fixed")
+        rendered = world.render(scene)
+        target, old, new = swap(scene, "color", np.random.default_rng(scene_seed))
+        inversion = editor.invert(Image.fromarray(rendered.image), scene.caption(), num_inference_steps=steps,
+                                  guidance_scale=guidance)
+        cross, self_steps, _ = editor.defaults.windows_for(scene.caption(), target.caption())
+        result = editor.edit(scene.caption(), [Edit(target.caption(), cross_steps=cross, self_steps=self_steps)],
+                             inversion=inversion)
+        found = parse(to_array(result.images[1])).find(new)
+        success.append(found is not None)
+        ious.append(mask_iou(rendered.masks[0], found.mask if found is not None else np.zeros_like(rendered.masks[0])))
+    return {"success": mean(success), "iou": mean(ious), "n": len(ious)}
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def markdown(report: dict) -> str:
-    """The report as the two Markdown tables of the model card."""
-    lines = []
-    plain = report["plain"]
-    lines += ["| plain samples, held-out captions | colour | shape | size | position | all four | background |",
-              "|---|---|---|---|---|---|---|"]
-    for name, row in plain.items():
+    """The report as the Markdown tables of the model card."""
+    lines = ["| plain samples, held-out captions | colour | shape | size | position | all | background | both colours |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in report["plain"].items():
+        both = f"{row['both colours']:.0%}" if name.startswith("two") else ""
+        position = f"{row['position']:.0%}" if row["position"] == row["position"] else "(none named)"
         lines.append(f"| {name} ({row['captions']} captions) | {row['color']:.0%} | {row['shape']:.0%} | "
-                     f"{row['size']:.0%} | {row['position']:.0%} | {row['all']:.0%} | {row['background']:.0%} |")
-    if "fidelity" in report:
-        fid = report["fidelity"]
-        lines += ["", f"| swap ({fid['scenes']} held-out scenes) | method | attribute success | layout IoU | "
-                      "PSNR of the untouched region (dB) |", "|---|---|---|---|---|"]
-        for kind, rows in fid["table"].items():
+                     f"{row['size']:.0%} | {position} | {row['all']:.0%} | {row['background']:.0%} | {both} |")
+    for section in ("fixed", "free"):
+        if section not in report:
+            continue
+        part = report[section]
+        lines += ["", f"| {section}-layout edit ({part['scenes']} held-out scenes) | method | attribute success | "
+                      "layout IoU | PSNR of the untouched region (dB) |", "|---|---|---|---|---|"]
+        for kind, rows in part["table"].items():
             for method, row in rows.items():
                 lines.append(f"| {kind} | {method} | {row['success']:.0%} | {row['iou']:.2f} | {row['psnr']:.1f} |")
+    if "blend" in report:
+        lines += ["", f"| local blend, colour swaps (threshold {report['blend_threshold']:g}) | mask finds the object "
+                      "(covers it, not the whole image) | mask area | PSNR outside the mask (dB): mean | min | "
+                      "share >= 35 dB |", "|---|---|---|---|---|---|"]
+        for name, row in report["blend"].items():
+            lines.append(f"| {name} ({row['n']} scenes) | {row['mask finds the object']:.0%} | {row['mask area']:.0%} | "
+                         f"{row['psnr outside']:.1f} | {row['psnr outside, min']:.1f} | {row['psnr >= 35 dB']:.0%} |")
+    if "real" in report:
+        row = report["real"]
+        lines += ["", "| real images: inversion, then a colour swap | new colour | layout IoU against the render |",
+                  "|---|---|---|", f"| {row['n']} rendered scenes | {row['success']:.0%} | {row['iou']:.2f} |"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="demo", help="'demo' (the shipped model) or a diffusers folder")
-    parser.add_argument("--scenes", type=int, default=50, help="held-out scenes to edit (0: skip the edits)")
-    parser.add_argument("--plain", type=int, default=100, help="held-out single-object captions to sample")
-    parser.add_argument("--plain-two", type=int, default=32, help="held-out two-object captions to sample")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--cross", type=float, default=0.8, help="P2P cross-attention window")
-    parser.add_argument("--self-steps", type=float, default=0.2, help="P2P self-attention window")
-    # The demo model's attention maps are diffuse: at LocalBlend's default 0.3 the mask covers the whole image.
-    parser.add_argument("--blend-threshold", type=float, default=0.8, help="LocalBlend threshold")
+    parser.add_argument("--model", default="demo", help="'demo', 'demo-flow' or a diffusers folder")
+    parser.add_argument("--scenes", type=int, default=50, help="held-out scenes per edit section (0: skip them)")
+    parser.add_argument("--free-scenes", type=int, default=40, help="held-out free-layout scenes (0: skip)")
+    parser.add_argument("--plain", type=int, default=100, help="held-out one-object captions to sample")
+    parser.add_argument("--plain-two", type=int, default=40, help="held-out two-object captions, per layout")
+    parser.add_argument("--blend-scenes", type=int, default=30, help="colour swaps with a blend, per object count")
+    parser.add_argument("--real", type=int, default=20, help="rendered scenes to invert and edit (0: skip)")
+    parser.add_argument("--steps", type=int, help="default: the model's")
+    parser.add_argument("--guidance", type=float, help="default: the model's")
+    parser.add_argument("--blend-threshold", type=float, help="LocalBlend threshold (default: the model's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the report here as JSON (and .md beside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from prompt2prompt.loading import load_pipeline
 
     started = time.time()
-    pipe = load_pipeline(args.model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    report: dict = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "cross": args.cross,
-                    "self_steps": args.self_steps, "blend_threshold": args.blend_threshold, "plain": {}}
+    editor = Editor.from_pretrained(args.model, device="cpu", torch_dtype=torch.float32, blend_res=8,
+                                    self_replace_max_res=8)
+    editor.pipe.set_progress_bar_config(disable=True)
+    defaults = editor.defaults
+    steps = args.steps or defaults.num_inference_steps
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    threshold = defaults.blend_threshold if args.blend_threshold is None else args.blend_threshold
+    common = dict(steps=steps, guidance=guidance)
+    report: dict = {"model": args.model, "steps": steps, "guidance": guidance, "blend_threshold": threshold,
+                    "defaults": defaults.describe(), "plain": {}}
     if args.plain:
-        report["plain"]["one object"] = plain_accuracy(pipe, num_captions=args.plain, num_objects=1,
-                                                       steps=args.steps, guidance=args.guidance)
+        scenes = [world.sample_scene(PLAIN_SEED + i, split="heldout") for i in range(args.plain)]
+        report["plain"]["one object, fixed layout"] = plain_accuracy(editor.pipe, scenes, seed=PLAIN_SEED, **common)
     if args.plain_two:
-        report["plain"]["two objects"] = plain_accuracy(pipe, num_captions=args.plain_two, num_objects=2,
-                                                        steps=args.steps, guidance=args.guidance)
+        for layout in world.LAYOUTS:
+            scenes = [world.sample_scene(PLAIN_SEED + 1_000_000 + i, num_objects=2, split="heldout", layout=layout)
+                      for i in range(args.plain_two)]
+            report["plain"][f"two objects, {layout} layout"] = plain_accuracy(editor.pipe, scenes,
+                                                                              seed=PLAIN_SEED + 1_000_000, **common)
     if args.scenes:
-        editor = Editor(pipe, blend_res=8, self_replace_max_res=8)
-        report["fidelity"] = fidelity(editor, num_scenes=args.scenes, steps=args.steps, guidance=args.guidance,
-                                      cross=args.cross, self_steps=args.self_steps,
-                                      blend_threshold=args.blend_threshold)
+        report["fixed"] = edits(editor, layout="fixed", kinds=FIXED_KINDS, num_scenes=args.scenes, seed=EDIT_SEED,
+                                threshold=threshold, blend=True, **common)
+    if args.free_scenes:
+        report["free"] = edits(editor, layout="free", kinds=FREE_KINDS, num_scenes=args.free_scenes, seed=FREE_SEED,
+                               threshold=threshold, blend=False, **common)
+    if args.blend_scenes:
+        report["blend"] = blend_locality(editor, num_scenes=args.blend_scenes, seed=BLEND_SEED, threshold=threshold,
+                                         **common)
+    if args.real:
+        report["real"] = real_images(editor, num_scenes=args.real, seed=REAL_SEED, **common)
     report["seconds"] = round(time.time() - started, 1)
     text = markdown(report)
     print(text)

@@ -128,3 +128,45 @@ def test_training_helpers_are_deterministic_and_resumable(tmp_path):
     with pytest.raises(SystemExit, match="batch"):
         load_config(tmp_path / "run", {"batch": 16})
     assert config.batch == 8
+
+
+def test_free_layouts_name_no_position_and_place_objects_anywhere():
+    positions = ("left", "right", "top", "bottom", "center")
+    centers = []
+    for seed in range(80):
+        scene = world.sample_scene(seed, num_objects=1 + seed % 2, split="all", layout="free")
+        caption = scene.caption()
+        assert not any(word in caption.split() for word in positions), caption
+        rendered = world.render(scene)
+        for obj, mask in zip(scene.objects, rendered.masks):
+            assert obj.position is None and mask.sum() > 100
+            radius = world.SIZES[obj.size]
+            assert all(radius <= c <= world.SIZE - radius for c in obj.center)  # inside the picture
+            centers.append(obj.center)
+        if len(scene.objects) == 2:
+            assert not (rendered.masks[0] & rendered.masks[1]).any()
+            assert " and " in caption and (scene.objects[0].size, scene.objects[1].size) != ("big", "big")
+    # Continuous positions: far more distinct places than the five fixed centres, spread over the picture.
+    xs, ys = np.array(centers).T
+    assert len({(round(x), round(y)) for x, y in centers}) > 50
+    assert xs.min() < 22 and xs.max() > 42 and ys.min() < 22 and ys.max() > 42
+
+
+def test_fixed_layouts_draw_as_before_and_a_bad_layout_is_refused():
+    # The fixed world is unchanged by the free one: the same seed gives the same scene as it always did.
+    scene = world.sample_scene(3, num_objects=2)
+    assert scene == world.sample_scene(3, num_objects=2, layout="fixed")
+    assert all(obj.position in world.POSITIONS for obj in scene.objects)
+    with pytest.raises(ValueError, match="layout must be 'fixed' or 'free'"):
+        world.sample_scene(0, layout="anywhere")
+
+
+def test_the_data_set_mixes_layouts_and_object_counts_as_asked():
+    _, captions = world.render_dataset(400, seed=11, two_object_fraction=0.2, free_fraction=0.5,
+                                       free_two_object_fraction=0.6, progress=False)
+    named = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+    free = [c for c in captions if not any(p in c for p in named)]
+    assert 0.4 < len(free) / len(captions) < 0.6
+    assert 0.5 < np.mean([" and " in c for c in free]) < 0.7
+    fixed = [c for c in captions if c not in free]
+    assert 0.1 < np.mean([" and " in c for c in fixed]) < 0.3

@@ -36,10 +36,13 @@ def test_detects_mmdit_folders_and_edits_them(request, folder, cls):
 
 
 def test_demo_resolves_to_the_packaged_folder(tiny_sd_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "DEMO_MODEL", tmp_path / "missing")
+    monkeypatch.setitem(loading.DEMO_MODELS, "demo", tmp_path / "missing")
     with pytest.raises(ModelLoadError, match="demo model is missing"):
         resolve_model("demo")
-    monkeypatch.setattr(loading, "DEMO_MODEL", tiny_sd_dir)
+    monkeypatch.setitem(loading.DEMO_MODELS, "demo-flow", tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="demo-flow model is missing"):
+        resolve_model("demo-flow")
+    monkeypatch.setitem(loading.DEMO_MODELS, "demo", tiny_sd_dir)
     source = resolve_model("demo")
     assert (source.id, source.path) == ("demo", tiny_sd_dir)
     assert type(load_pipeline("demo")) is StableDiffusionPipeline

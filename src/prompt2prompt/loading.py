@@ -17,10 +17,13 @@ import torch
 
 from . import families
 
-__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "ModelLoadError", "ModelSource", "check_device", "default_device",
+__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "ModelSource", "check_device", "default_device",
            "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model", "slow_dtype"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
+# The models inside the package, by the names `--model` and `from_pretrained` take: the UNet one and the
+# joint-attention (SD3-style, flow-matching) one, trained on the same shapes world.
+DEMO_MODELS = {"demo": DEMO_MODEL, "demo-flow": Path(__file__).parent / "demo" / "flow_model"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -54,15 +57,16 @@ def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
     """Find `model` on disk, fetching a hub id into the Hugging Face cache unless offline.
 
     Args:
-        model: "demo", a diffusers folder, a `.safetensors` file, or a hub id such as
+        model: "demo" or "demo-flow", a diffusers folder, a `.safetensors` file, or a hub id such as
             "stable-diffusion-v1-5/stable-diffusion-v1-5".
         revision: a hub branch, tag or commit; only for hub ids.
     """
-    if model == "demo":
-        if not (DEMO_MODEL / "model_index.json").is_file():
-            raise ModelLoadError(f"the demo model is missing from this install (expected {DEMO_MODEL}); "
+    if model in DEMO_MODELS:
+        folder = DEMO_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"the {model} model is missing from this install (expected {folder}); "
                                  "reinstall prompt2prompt, or pass --model with another model")
-        return ModelSource(id="demo", path=DEMO_MODEL)
+        return ModelSource(id=model, path=folder)
     path = Path(model).expanduser()
     if path.exists():
         if revision is not None:

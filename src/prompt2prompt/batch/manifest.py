@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..families import MAX_SEQUENCE_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
+from ..loading import DEMO_MODELS
 from ..edits import check_edit_words, edit_from_dict
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
@@ -113,11 +114,11 @@ def _normal_edit(edit: Any, index: int) -> dict[str, Any]:
 
 
 def _model_id(model: str, base: Path, where: str) -> str:
-    """Local models by absolute path (as the recipe records them); "demo" and hub ids as given."""
+    """Local models by absolute path (as the recipe records them); the demo models and hub ids as given."""
     try:
         path = Path(model).expanduser()
         path = path if path.is_absolute() else base / path
-        exists = model != "demo" and path.exists()
+        exists = model not in DEMO_MODELS and path.exists()
     except (OSError, ValueError, RuntimeError) as error:  # a NUL, a name too long, "~nobody"
         raise ValueError(f"model {model!r} is neither a usable path nor a hub id ({error})") from None
     if exists:

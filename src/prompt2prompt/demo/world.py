@@ -2,9 +2,15 @@
 
 Every attribute is one CLIP token in a fixed place of the caption, so a word swap ("red" -> "green",
 "circle" -> "square", "left" -> "right", "white" -> "black") changes exactly one attribute of the scene.
-The world is kept small on purpose (five fixed positions, two well-separated sizes, neutral
-backgrounds): the demo model has to learn it on a laptop CPU, and a 4x VAE keeps only shapes that
-are several latent pixels wide.
+
+Scenes come in two layouts. A *fixed* layout names each object's position ("on the left"), one of five
+fixed centres. A *free* layout names none and puts each object anywhere in the picture: then the seed
+and the whole caption decide where things land, so regenerating an edited caption from the same seed
+may move them, and Prompt-to-Prompt should not. That is the paper's point, and the free half of the
+world is what lets the demo models show it.
+
+The world is otherwise kept small on purpose (two well-separated sizes, neutral backgrounds): the demo
+models learn it on a laptop CPU, and a 4x VAE keeps only shapes that are several latent pixels wide.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at t
 POSITION_PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 GRADIENT_SHIFT = 70  # the bottom of a gradient background is this much lighter (or darker) than its top
 JITTER = 1.5  # pixels of random offset of each object's centre
+MARGIN = 2.0  # pixels between a free object's circle of radius SIZES[size] and the picture's edge
+# How far each shape reaches from its centre, in units of SIZES[size]: a triangle's base corners reach furthest.
+REACH = {"circle": 0.9, "square": 0.75 * 2 ** 0.5, "triangle": 1.38, "star": 1.0}
+LAYOUTS = ("fixed", "free")
 
 
 @dataclass(frozen=True)
@@ -53,12 +63,13 @@ class Obj:
     shape: str
     color: str
     size: str
-    position: str
+    position: str | None  # None: a free layout, the caption names no position
     center: tuple[float, float] = field(default=(32.0, 32.0), compare=False)
 
     def phrase(self) -> str:
-        """The object's caption phrase, e.g. "a big red circle on the left"."""
-        return f"a {self.size} {self.color} {self.shape} {POSITION_PHRASES[self.position]}"
+        """The object's caption phrase, e.g. "a big red circle on the left" (free: "a big red circle")."""
+        words = f"a {self.size} {self.color} {self.shape}"
+        return words if self.position is None else f"{words} {POSITION_PHRASES[self.position]}"
 
 
 @dataclass(frozen=True)
@@ -99,25 +110,55 @@ def is_held_out(scene: Scene) -> bool:
     return digest[0] % 10 == 0
 
 
-def sample_scene(seed: int, *, num_objects: int = 1, split: str = "train", gradient_fraction: float = 0.25) -> Scene:
+def sample_scene(seed: int, *, num_objects: int = 1, split: str = "train", gradient_fraction: float = 0.25,
+                 layout: str = "fixed") -> Scene:
     """The scene drawn from `seed`: uniform attributes, restricted to the train or held-out captions.
 
-    `split` is "train" (captions used in training), "heldout" (the other tenth) or "all".
+    `split` is "train" (captions used in training), "heldout" (the other tenth) or "all". `layout` is
+    "fixed" (each object at a named position) or "free" (anywhere, no position word).
     """
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects must be 1 or 2, got {num_objects!r}")
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'fixed' or 'free', got {layout!r}")
     rng = np.random.default_rng(seed)
     while True:
-        scene = _draw_scene(rng, num_objects, gradient_fraction)
+        scene = _draw_scene(rng, num_objects, gradient_fraction, layout)
         if split == "all" or is_held_out(scene) == (split == "heldout"):
             return scene
 
 
-def _draw_scene(rng: np.random.Generator, num_objects: int, gradient_fraction: float) -> Scene:
+def free_centers(rng: np.random.Generator, shapes: tuple[str, ...],
+                 sizes: tuple[str, ...]) -> tuple[tuple[float, float], ...]:
+    """Centres anywhere in the picture for objects of `shapes` and `sizes`, clear of the edges and of each other.
+
+    Objects never overlap: the circles they reach to (`REACH`) keep apart. All centres are drawn again until
+    they do (placing one after the other can corner the second: a small object in the middle leaves a big
+    one no room). Two big objects would fit only in opposite corners, so a free scene has at most one.
+    """
+    margins = [SIZES[size] + MARGIN for size in sizes]
+    reach = [SIZES[size] * REACH[shape] for shape, size in zip(shapes, sizes)]
+    while True:
+        centers = [tuple(float(v) for v in rng.uniform(m, SIZE - m, size=2)) for m in margins]
+        if all(np.hypot(a[0] - b[0], a[1] - b[1]) > ra + rb
+               for i, (a, ra) in enumerate(zip(centers, reach)) for b, rb in zip(centers[i + 1:], reach[i + 1:])):
+            return tuple(centers)
+
+
+def _draw_scene(rng: np.random.Generator, num_objects: int, gradient_fraction: float, layout: str) -> Scene:
     background = str(rng.choice(list(BACKGROUNDS)))
     gradient = bool(rng.random() < gradient_fraction)
+    if layout == "free":
+        colors = tuple(str(c) for c in rng.choice(list(COLORS), size=num_objects, replace=False))
+        shapes = tuple(str(rng.choice(SHAPES)) for _ in colors)
+        sizes = tuple(str(rng.choice(list(SIZES))) for _ in colors)
+        if sizes == ("big", "big"):
+            sizes = ("big", "small") if rng.random() < 0.5 else ("small", "big")
+        centers = free_centers(rng, shapes, sizes)
+        objects = (Obj(*attributes, None, center) for *attributes, center in zip(shapes, colors, sizes, centers))
+        return Scene(tuple(objects), background, gradient)
     if num_objects == 1:
         positions = (str(rng.choice(list(POSITIONS))),)
         colors = (str(rng.choice(list(COLORS))),)
@@ -199,7 +240,7 @@ def render(scene: Scene) -> Rendered:
     image = background_image(scene.background, scene.gradient)
     coverages = []
     for obj in scene.objects:
-        if obj.size not in SIZES or obj.color not in COLORS or obj.position not in POSITIONS:
+        if obj.size not in SIZES or obj.color not in COLORS or obj.position not in (*POSITIONS, None):
             raise ValueError(f"object {obj!r} has an unknown size, colour or position")
         alpha = shape_coverage(obj.shape, obj.center, SIZES[obj.size])
         color = np.array(COLORS[obj.color], dtype=np.float32)
@@ -211,20 +252,27 @@ def render(scene: Scene) -> Rendered:
 
 
 def render_dataset(num_images: int, *, seed: int = 0, two_object_fraction: float = 0.25, split: str = "train",
+                   free_fraction: float = 0.0, free_two_object_fraction: float | None = None,
                    progress: bool = True) -> tuple[np.ndarray, list[str]]:
     """Renders `num_images` scenes drawn from seeds `seed`, `seed + 1`, ...: (N, 64, 64, 3) uint8 and captions.
 
-    Whether a scene has two objects is itself drawn from its seed, so the data set is a pure function
-    of its arguments.
+    A share `free_fraction` of the scenes has a free layout; of those, `free_two_object_fraction` (by
+    default `two_object_fraction`) has two objects, and of the fixed ones `two_object_fraction`. Both
+    choices are drawn from the scene's seed, so the data set is a pure function of its arguments.
     """
     from tqdm.auto import tqdm
 
+    if free_two_object_fraction is None:
+        free_two_object_fraction = two_object_fraction
     images = np.empty((num_images, SIZE, SIZE, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(num_images), desc="rendering scenes", disable=not progress):
         scene_seed = seed + i
-        num_objects = 2 if np.random.default_rng([scene_seed, 1]).random() < two_object_fraction else 1
-        rendered = render(sample_scene(scene_seed, num_objects=num_objects, split=split))
+        free = np.random.default_rng([scene_seed, 2]).random() < free_fraction
+        share = free_two_object_fraction if free else two_object_fraction
+        num_objects = 2 if np.random.default_rng([scene_seed, 1]).random() < share else 1
+        layout = "free" if free else "fixed"
+        rendered = render(sample_scene(scene_seed, num_objects=num_objects, split=split, layout=layout))
         images[i] = rendered.image
         captions.append(rendered.caption)
     return images, captions

@@ -25,6 +25,7 @@ from ..attention.plan import EditPlan, build_plan
 from ..attention.state import LayerPlan, RunState
 from ..edits import Edit
 from ..families import Family, family_of
+from ..families.defaults import DEFAULTS_FILE
 from ..limits import MAX_LATENT, allow_large, check_guidance, check_seed, check_steps, is_int, lift_hint
 from ..loading import ModelSource, check_device, load_pipeline, parse_dtype, quiet_loading, resolve_model
 from .cache import CacheRecorder, SourceCache
@@ -114,15 +115,23 @@ class Editor:
         for name in ("tokenizer", "scheduler"):
             if getattr(pipe, name, None) is None:
                 raise TypeError(f"Editor needs a pipeline with a {name}; {type(pipe).__name__} has none")
-        options = dict(self_replace_max_res=self_replace_max_res, blend_res=blend_res, cross_blocks=cross_blocks,
-                       self_blocks=self_blocks, record_blocks=record_blocks)
-        family.check_layer_options(options)
+        given = dict(self_replace_max_res=self_replace_max_res, blend_res=blend_res, cross_blocks=cross_blocks,
+                     self_blocks=self_blocks, record_blocks=record_blocks)
+        family.check_layer_options(given)
+        defaults = family.defaults()  # the model's own (its prompt2prompt.json), else its family's
+        # Layers not given are the model's (its file's "layers"), else the family's rule (None).
+        options = {name: defaults.layers.get(name) if value is None else value for name, value in given.items()}
+        try:
+            family.check_layer_options(options)
+        except ValueError as error:
+            raise ValueError(f"the model's {DEFAULTS_FILE} \"layers\": {error}") from None
         self.pipe = pipe
         self.family: Family = family
-        self.self_replace_max_res, self.blend_res = self_replace_max_res, blend_res
-        self.cross_blocks, self.self_blocks, self.record_blocks = cross_blocks, self_blocks, record_blocks
+        self.self_replace_max_res, self.blend_res = options["self_replace_max_res"], options["blend_res"]
+        self.cross_blocks, self.self_blocks = options["cross_blocks"], options["self_blocks"]
+        self.record_blocks = options["record_blocks"]
         self.attention = attention
-        self.defaults = family.defaults()  # the model's own (its prompt2prompt.json), else its family's
+        self.defaults = defaults
 
     @property
     def layer_options(self) -> dict[str, Any]:

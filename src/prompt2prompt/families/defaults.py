@@ -3,7 +3,9 @@
 They come from three places, in order: the model's own `prompt2prompt.json` (beside its `model_index.json`; the
 demo model ships one), its family (Stable Diffusion's 50 steps and guidance 7.5, Flux's 28 and 3.5, ...), and the
 paper (cross-attention 0.8, self-attention 0.4, blend threshold 0.3). A model file may also name words whose swaps
-need other windows (the demo model's shape words: a shape swap takes only with a short cross-attention window).
+need other windows (the demo model's shape words: a shape swap takes only with a short cross-attention window), and
+the layers an `Editor` of it uses when not told (`Editor`'s layer keywords: `blend_res` and `self_replace_max_res` on
+UNet models, `cross_blocks`, `self_blocks` and `record_blocks` on MM-DiT models).
 
 The front ends (CLI, web app, batch, recipes) fill what the user left out from these and say which they used; the
 Python `Edit` and `LocalBlend` keep the paper's defaults, as the contract states them.
@@ -13,6 +15,7 @@ A `prompt2prompt.json`:
     {"num_inference_steps": 30, "guidance_scale": 5.0, "cross_steps": 0.8, "self_steps": 0.2,
      "blend_threshold": 0.8,
      "word_windows": [{"name": "shape swap", "words": ["circle", "star"], "cross_steps": 0.5, "self_steps": 0.0}],
+     "layers": {"blend_res": 8},
      "example": ["a big red circle in the center", "a big purple circle in the center"]}
 """
 
@@ -29,7 +32,8 @@ from ..limits import BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, c
 
 DEFAULTS_FILE = "prompt2prompt.json"
 FIELDS = ("num_inference_steps", "guidance_scale", "cross_steps", "self_steps", "blend_threshold")
-_FILE_FIELDS = (*FIELDS, "word_windows", "example", "notes")
+_FILE_FIELDS = (*FIELDS, "word_windows", "layers", "example", "notes")
+LAYER_FIELDS = ("self_replace_max_res", "blend_res", "cross_blocks", "self_blocks", "record_blocks")  # Editor's keywords
 EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")  # a source and an edit, for a form's placeholders
 _WORD = re.compile(r"[\w'-]+")
 
@@ -54,6 +58,7 @@ class ModelDefaults:
     self_steps: float = SELF_STEPS
     blend_threshold: float = BLEND_THRESHOLD
     word_windows: tuple[WordWindows, ...] = ()
+    layers: Mapping[str, Any] = field(default_factory=dict)  # Editor layer keyword -> value, for those not given
     origin: Mapping[str, str] = field(default_factory=dict)  # field -> "the model's prompt2prompt.json", ...
     example: tuple[str, str] = EXAMPLE  # a source prompt and an edit the model draws (the web app's placeholders)
 
@@ -94,9 +99,10 @@ def model_defaults(family, folder: str | Path | None) -> ModelDefaults:
         data = read_defaults_file(path)
         rules = data.pop("word_windows")
         example = data.pop("example", EXAMPLE)
+        layers = data.pop("layers", {})
         values |= data
         origin |= {name: f"the model's {DEFAULTS_FILE}" for name in data}
-        return ModelDefaults(**values, word_windows=rules, origin=origin, example=example)
+        return ModelDefaults(**values, word_windows=rules, layers=layers, origin=origin, example=example)
     return ModelDefaults(**values, word_windows=rules, origin=origin)
 
 
@@ -122,6 +128,8 @@ def read_defaults_file(path: Path) -> dict[str, Any]:
             if name in data:
                 out[name] = check_fraction(data[name], name)
         out["word_windows"] = tuple(_word_windows(rule, i) for i, rule in enumerate(data.get("word_windows", []), 1))
+        if "layers" in data:
+            out["layers"] = _layers(data["layers"])
         if "example" in data:
             example = data["example"]
             if not (isinstance(example, list) and len(example) == 2 and all(isinstance(p, str) and p.strip()
@@ -146,3 +154,20 @@ def _word_windows(rule: Any, index: int) -> WordWindows:
     return WordWindows(name=name, words=frozenset(w.strip().lower() for w in words),
                        cross_steps=check_fraction(rule["cross_steps"], f"{what}.cross_steps"),
                        self_steps=check_fraction(rule["self_steps"], f"{what}.self_steps"))
+
+
+def _layers(layers: Any) -> dict[str, Any]:
+    """The file's `layers`: Editor layer keywords with an int (a layer side) or a list of ints (block numbers).
+
+    Whether the model's family takes them, and whether the values fit it, the family checks when an Editor is made.
+    """
+    if not isinstance(layers, dict):
+        raise ValueError(f"layers must be an object of Editor layer keywords ({', '.join(LAYER_FIELDS)})")
+    if unknown := sorted(set(layers) - set(LAYER_FIELDS)):
+        raise ValueError(f"layers has unknown keywords {unknown}; they are {', '.join(LAYER_FIELDS)}")
+    for name, value in layers.items():
+        one = isinstance(value, int) and not isinstance(value, bool)
+        many = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not (one or many):
+            raise ValueError(f"layers.{name} must be a number or a list of block numbers, not {quoted(str(value))}")
+    return dict(layers)

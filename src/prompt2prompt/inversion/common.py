@@ -14,7 +14,7 @@ from ..images import to_tensor
 def encode_image(pipe, image) -> torch.Tensor:
     """The VAE latent (1, C, h, w) of an RGB PIL image, normalised as the pipeline decodes it, in its denoiser's dtype.
 
-    The family normalises the VAE's posterior mean as its pipeline decodes (SD: `latents * scaling_factor`, SDXL
+    The family normalises the VAE's posterior mean (an `AutoencoderTiny`'s latent) as its pipeline decodes (SD: `latents * scaling_factor`, SDXL
     first undoing `latents_mean`/`latents_std` where its VAE has them; SD3 and Flux also `- shift_factor`).
     """
     family = family_of(pipe)
@@ -27,7 +27,9 @@ def encode_image(pipe, image) -> torch.Tensor:
     try:
         with torch.no_grad():
             pixels = to_tensor(image).to(device=family.execution_device(), dtype=vae.dtype)
-            mean = vae.encode(pixels).latent_dist.mean
+            encoded = vae.encode(pixels)
+            # AutoencoderKL gives a posterior, whose mean is the latent; AutoencoderTiny gives the latent itself.
+            mean = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
     finally:
         if upcast:
             vae.to(dtype)
