@@ -122,6 +122,9 @@ def test_a_shape_swap_on_the_demo_model_takes_its_shape_windows(tmp_path):
     ('{"num_inference_steps": 0}', "num_inference_steps"),
     ('{"word_windows": [{"words": []}]}', "word_windows[1]"),
     ('{"example": ["a cat"]}', "example must be [source prompt, edit prompt]"),
+    ('{"layers": [8]}', "layers must be an object of Editor layer keywords"),
+    ('{"layers": {"blend_size": 8}}', "layers has unknown keywords ['blend_size']"),
+    ('{"layers": {"self_blocks": "all"}}', "layers.self_blocks must be a number or a list of block numbers"),
 ])
 def test_a_bad_defaults_file_is_refused_in_one_line(tmp_path, content, message):
     (tmp_path / DEFAULTS_FILE).write_text(content)
@@ -178,3 +181,23 @@ def test_a_manifest_takes_prompt_with_inline_markup(tmp_path):
     assert job.source == "a cat riding a bicycle"
     assert [edit["prompt"] for edit in job.edits] == ["a dog riding a bicycle"]
     assert "cross_steps" not in job.edits[0]  # the model's windows, filled when its recipe is made
+
+
+def test_the_editor_takes_the_model_s_layers_unless_told(own_defaults_dir, tiny_sd3_dir, tmp_path):
+    folder = tmp_path / "tiny-sd-layers"
+    shutil.copytree(own_defaults_dir, folder)
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"layers": {"blend_res": 8, "self_replace_max_res": 16}}))
+    editor, _ = load_editor(str(folder), device="cpu")
+    assert (editor.blend_res, editor.self_replace_max_res) == (8, 16)
+    assert p2p.Editor(editor.pipe, blend_res=16).layer_options == {"blend_res": 16, "self_replace_max_res": 16}
+    # Without a file: the family's rule (None), as before.
+    assert load_editor(str(own_defaults_dir), device="cpu")[0].layer_options == {"blend_res": None,
+                                                                                 "self_replace_max_res": None}
+    # A file that names another family's layers is refused when the Editor is made, naming the file.
+    sd3 = tmp_path / "tiny-sd3-layers"
+    shutil.copytree(tiny_sd3_dir, sd3)
+    (sd3 / DEFAULTS_FILE).write_text(json.dumps({"layers": {"blend_res": 8}}))
+    with pytest.raises(ValueError, match=r"prompt2prompt.json \"layers\": \['blend_res'\] do not apply"):
+        load_editor(str(sd3), device="cpu")
+    (sd3 / DEFAULTS_FILE).write_text(json.dumps({"layers": {"self_blocks": [0]}}))
+    assert load_editor(str(sd3), device="cpu")[0].self_blocks == [0]

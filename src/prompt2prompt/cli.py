@@ -682,8 +682,10 @@ def serve(
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo")) -> None:
-    """Run the built-in demo edits on the embedded demo model."""
+def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/demo"),
+         model: Annotated[str, typer.Option(help="An embedded model: 'demo' (UNet) or 'demo-flow' (joint attention, "
+                                                 "SD3-style), or a shapes-world model folder.")] = "demo") -> None:
+    """Run the built-in demo edits on an embedded demo model."""
     with _user_errors():
         from .loading import quiet_loading
 
@@ -692,7 +694,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outpu
         except ImportError as error:
             raise RuntimeError(f"the demo is missing from this install ({error})") from None
         with _output_folder(out), quiet_loading():
-            paths = run_demo(out)
+            paths = run_demo(out, model=model)
     for path in paths:
         typer.echo(str(path))
 

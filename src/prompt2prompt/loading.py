@@ -196,6 +196,18 @@ def _pipeline_class(source: ModelSource):
         transformers_logging.set_verbosity(verbosity)
 
 
+def _absent(source: ModelSource) -> dict[str, None]:
+    """The components the folder's model_index.json declares absent ([null, null]), as None keywords.
+
+    diffusers saves a component that is None so (SD3 without T5: the demo-flow model), but loads the folder only
+    when told again that it is None, as its docs show (`text_encoder_3=None, tokenizer_3=None`).
+    """
+    index = _model_index(source)
+    if not isinstance(index, dict):
+        return {}
+    return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
+
+
 def _model_index(source: ModelSource):
     index_file = source.path / "model_index.json"
     if not index_file.is_file():
@@ -313,7 +325,7 @@ def load_pipeline(
             else:
                 # use_safetensors=None prefers safetensors and falls back to pickles, loaded with weights_only=True.
                 pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True,
-                                           use_safetensors=None if allow_pickle else True)
+                                           use_safetensors=None if allow_pickle else True, **_absent(source))
         incomplete = [m for m in logged if "newly initialized" in m or "were not initialized" in m]
         if incomplete:  # a checkpoint lacking weights would run on random ones: noise, with a warning at best
             detail = " ".join(incomplete[0].split())[:200]

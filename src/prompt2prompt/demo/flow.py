@@ -144,7 +144,7 @@ def init_text_encoder(encoder, folder: Path) -> None:
     from transformers import CLIPTextModel
 
     trained = CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32)
-    encoder.text_model.load_state_dict(trained.text_model.state_dict())
+    encoder.text_model.load_state_dict(trained.state_dict())  # transformers 5: CLIPTextModel is the bare text model
 
 
 def stage_flow(run: Path, config: Config, steps: int, init_text: Path | None = None) -> None:
