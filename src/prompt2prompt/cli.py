@@ -834,9 +834,12 @@ def bench_pie(
 def bench_shapes(
     out: Annotated[Path, typer.Option(help="Output folder (the benchmark's data in out/data); run again to resume.",
                                       show_default=False)],
-    model: Annotated[str, typer.Option(help="A shapes-world model: 'demo', or a folder.")] = "demo",
+    model: Annotated[str, typer.Option(help="A shapes-world model: 'demo', 'demo-flow', or a folder.")] = "demo",
     scenes: Annotated[int, typer.Option(min=5, max=10_000, help="Entries, spread over five editing types.")] = 40,
-    inversion: MethodsOption = "ddim,null-text,negative-prompt,direct",
+    inversion: Annotated[str | None, typer.Option(
+        "--inversion", help="Inversion methods, comma-separated [default: every method of the model's family: "
+                            "ddim,null-text,negative-prompt,direct on 'demo', direct,euler on 'demo-flow']",
+        show_default=False)] = None,
     metrics: MetricsOption = "psnr,mse,ssim",
     steps: Annotated[int, typer.Option(min=1, max=1000, help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Guidance scale (5: the demo model's).")] = 5.0,
@@ -850,6 +853,10 @@ def bench_shapes(
         from .bench.pie import Protocol
         from .bench.shapes import write_shapes_benchmark
 
+        if inversion is None:
+            from .loading import inversion_methods
+
+            inversion = ",".join(inversion_methods(model))
         _bench_lists(inversion, metrics, guidance)
         protocol = Protocol(model=model, num_inference_steps=steps, guidance_scale=guidance)
         with _output_folder(out):

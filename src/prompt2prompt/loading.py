@@ -18,7 +18,7 @@ import torch
 from . import families
 
 __all__ = ["CPU_FLOAT16", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "ModelSource", "check_device", "default_device",
-           "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model", "slow_dtype"]
+           "inversion_methods", "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model", "slow_dtype"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 # The models inside the package, by the names `--model` and `from_pretrained` take: the UNet one and the
@@ -194,6 +194,16 @@ def _pipeline_class(source: ModelSource):
         return getattr(diffusers, name)
     finally:
         transformers_logging.set_verbosity(verbosity)
+
+
+def inversion_methods(model: str) -> tuple[str, ...]:
+    """The inversion methods of a model folder's family, read from its model_index.json without loading it."""
+    source = resolve_model(model)
+    index = None if source.single_file else _model_index(source)
+    found = families.pipeline_class_for(index) if isinstance(index, dict) else None
+    if found is None:
+        raise ModelLoadError(f"{source.id!r} is not a diffusers folder of {families.supported_models()} pipelines")
+    return tuple(found[1].inversion_methods)
 
 
 def _absent(source: ModelSource) -> dict[str, None]:
