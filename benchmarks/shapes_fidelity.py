@@ -214,8 +214,12 @@ def edits(editor: Editor, *, layout: str, kinds: tuple[str, ...], num_scenes: in
 
 
 def blend_locality(editor: Editor, *, num_scenes: int, seed: int, steps: int, guidance: float,
-                   threshold: float) -> dict:
-    """Colour swaps with a local blend: does the mask find the object, and do the pixels outside it stay put?"""
+                   threshold: float, words: str = "object") -> dict:
+    """Colour swaps with a local blend: does the mask find the object, and do the pixels outside it stay put?
+
+    The blend's words are the object's colour and shape ("red circle" -> "green circle") with `words="object"`,
+    the colour words alone with "colour".
+    """
     rows = {}
     for num_objects in (1, 2):
         found, psnrs, coverage = [], [], []
@@ -225,8 +229,9 @@ def blend_locality(editor: Editor, *, num_scenes: int, seed: int, steps: int, gu
             scene = world.sample_scene(scene_seed, num_objects=num_objects, split="heldout", layout=layout)
             target, old, new = swap(scene, "color", np.random.default_rng(scene_seed))
             cross, self_steps, _ = editor.defaults.windows_for(scene.caption(), target.caption())
+            shape = () if words == "colour" else (scene.objects[0].shape,)
             edit = Edit(target.caption(), cross_steps=cross, self_steps=self_steps,
-                        blend=LocalBlend(old, new, threshold=threshold))
+                        blend=LocalBlend((old, *shape), (new, *shape), threshold=threshold))
             result = editor.edit(scene.caption(), [edit], num_inference_steps=steps, guidance_scale=guidance,
                                  seed=scene_seed)
             source_image, edited_image = to_array(result.images[0]), to_array(result.images[1])
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="default: the model's")
     parser.add_argument("--guidance", type=float, help="default: the model's")
     parser.add_argument("--blend-threshold", type=float, help="LocalBlend threshold (default: the model's)")
+    parser.add_argument("--blend-words", choices=("object", "colour"), default="object",
+                        help="the blend's words in section 4: the object's colour and shape, or its colour alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the report here as JSON (and .md beside it)")
     args = parser.parse_args(argv)
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                                threshold=threshold, blend=False, **common)
     if args.blend_scenes:
         report["blend"] = blend_locality(editor, num_scenes=args.blend_scenes, seed=BLEND_SEED, threshold=threshold,
-                                         **common)
+                                         words=args.blend_words, **common)
     if args.real:
         report["real"] = real_images(editor, num_scenes=args.real, seed=REAL_SEED, **common)
     report["seconds"] = round(time.time() - started, 1)

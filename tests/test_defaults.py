@@ -40,7 +40,7 @@ def own_defaults_dir(tiny_sd_dir, tmp_path_factory):
 def test_the_demo_model_ships_its_measured_defaults():
     editor, _ = load_editor("demo", device="cpu")
     d = editor.defaults
-    assert (d.num_inference_steps, d.guidance_scale, d.cross_steps, d.self_steps, d.blend_threshold) == (30, 5.0, 0.8, 0.2, 0.8)
+    assert (d.num_inference_steps, d.guidance_scale, d.cross_steps, d.self_steps, d.blend_threshold) == (30, 5.0, 0.8, 0.2, 0.6)
     assert d.windows_for(CIRCLE, CIRCLE.replace("circle", "star")) == (0.5, 0.0, "the model's shape swap windows")
     assert d.windows_for(CIRCLE, CIRCLE.replace("red", "purple")) == (0.8, 0.2, None)
     assert d.origin["guidance_scale"] == f"the model's {DEFAULTS_FILE}"

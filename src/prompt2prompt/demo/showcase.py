@@ -10,14 +10,15 @@ MODEL_DIR = Path(__file__).parent / "model"
 SOURCE = "a big red circle in the center on a white background"
 SEED = 1
 # The paper's point: a caption without a position word lets the seed and the whole caption place things, so
-# regenerating the edited caption from the same seed moves them; P2P keeps them (docs/demo-model.md measures it).
+# regenerating the edited caption from the same seed may move them; P2P keeps them. A colour swap is the edit kind
+# where both models show it (docs/demo-model.md measures it); the seed is one where regeneration moves the circle.
 FREE_SOURCE = "a big red circle on a white background"
-FREE_EDIT = "a big red circle and a small blue star on a white background"
-FREE_SEED = 3
+FREE_EDIT = "a big green circle on a white background"
+FREE_SEED = 20
 # A two-object scene: the blend keeps the star, pixel for pixel, while the circle changes colour.
 BLEND_SOURCE = "a big red circle on the left and a small blue star on the right on a white background"
 BLEND_EDIT = "a big green circle on the left and a small blue star on the right on a white background"
-BLEND_SEED = 0
+BLEND_SEED = 1
 
 
 def demo_edits():
@@ -41,7 +42,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", *, model: str | Path = "demo"
     """Runs the demo edits on an embedded model ("demo" or "demo-flow"; offline) and returns the PNGs it wrote.
 
     Writes `demo_grid.png` (the source and four captioned edits: a colour swap, a shape swap, a
-    refinement and a negative reweight), `regenerate_vs_p2p.png` (an object added to a caption without a
+    refinement and a negative reweight), `regenerate_vs_p2p.png` (a colour swap of a caption without a
     position word: plain regeneration of the edited caption from the same seed beside the P2P edit),
     `local_blend.png` (a colour swap in a two-object scene without and with local blend) and
     `attention.png` (the source's cross-attention). Steps, guidance, windows, layers and the blend threshold
@@ -77,10 +78,11 @@ def run_demo(out_dir: str | Path = "outputs/demo", *, model: str | Path = "demo"
 
     regenerated = editor.edit(FREE_EDIT, seed=FREE_SEED, **common).images[0]
     kept = editor.edit(FREE_SOURCE, [edit(FREE_SOURCE, FREE_EDIT)], seed=FREE_SEED, **common).images
-    labels = [f"source (seed {FREE_SEED})", "+ small blue star: regenerated", "+ small blue star: P2P"]
+    labels = [f"source (seed {FREE_SEED})", "red -> green: regenerated", "red -> green: P2P"]
     paths.append(_save(image_grid([kept[0], regenerated, kept[1]], labels, width=192), out / "regenerate_vs_p2p.png"))
 
-    blend = LocalBlend("red", "green", threshold=defaults.blend_threshold)
+    # The object's words, colour and shape: on these small models they find the object better than the colour alone.
+    blend = LocalBlend(["red", "circle"], ["green", "circle"], threshold=defaults.blend_threshold)
     swap = [edit(BLEND_SOURCE, BLEND_EDIT), edit(BLEND_SOURCE, BLEND_EDIT, blend=blend)]
     blended = editor.edit(BLEND_SOURCE, swap, seed=BLEND_SEED, **common)
     labels = ["source", "red -> green", "red -> green, local blend"]
