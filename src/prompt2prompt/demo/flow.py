@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from prompt2prompt.demo import world
 from prompt2prompt.demo.training import (Config, build_tokenizer, corrupt, export_folder, load_data, log, lr_at,
-                                         resume, save_atomic, step_generator, tokenize, vae_checkpoint)
+                                         optimizer_step, resume, save_atomic, step_generator, tokenize,
+                                         vae_checkpoint)
 
 PROBE_SIGMAS = (0.3, 0.6, 0.85)
 
@@ -190,13 +191,7 @@ def stage_flow(run: Path, config: Config, steps: int, init_text: Path | None = N
         for group in opt.param_groups:
             group["lr"] = config.flow_lr * lr_at(step, steps, config.warmup)
         loss = flow_loss(transformer, text_encoders, x0, ids, noise, sample_sigmas(config.batch, g))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        optimizer_step(loss, opt, params, ema_params, step, config.ema_decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         done = step + 1

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from prompt2prompt.demo import world
 from prompt2prompt.demo.training import (HELDOUT_SEED, Config, build_tokenizer, build_vae, corrupt, export_folder,
-                                         load_config, load_data, log, lr_at, psnr_db, resume, save_atomic,
-                                         step_generator, to_pixels, tokenize, vae_checkpoint)
+                                         load_config, load_data, log, lr_at, optimizer_step, psnr_db, resume,
+                                         save_atomic, step_generator, to_pixels, tokenize, vae_checkpoint)
 from prompt2prompt.files import write_atomic
 
 PROBE_TIMESTEPS = (300, 600, 850)
@@ -281,13 +281,7 @@ def stage_unet(run: Path, config: Config, steps: int, init: Path | None = None) 
             group["lr"] = config.lr * lr_at(step, steps, config.warmup)
         pred = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        optimizer_step(loss, opt, params, ema_params, step, config.ema_decay)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         done = step + 1

@@ -143,6 +143,20 @@ def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000_019 + step)
 
 
+def optimizer_step(loss: torch.Tensor, opt, params: list, ema_params: list, step: int, ema_decay: float) -> None:
+    """Backpropagates `loss`, clips the gradient norm at 1, steps `opt`, then moves the EMA copies towards `params`.
+
+    The EMA's decay warms up as (1 + step) / (10 + step), so that its first steps follow the young model closely.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
 def lr_at(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then a cosine decay to a tenth of the peak."""
     if step < warmup:
