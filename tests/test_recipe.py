@@ -82,6 +82,7 @@ def test_a_valid_recipe_round_trips():
         ({"image_index": -1}, "image_index must be"),
         ({"image_index": "0"}, "image_index must be"),
         ({"inversion": {"method": "ddim"}}, "the recipe's inversion needs an image"),
+        ({"seed": None}, "a recipe without an image needs a seed"),  # a random seed would replay as another picture
         ({"seed": None, "image": {"path": "in.png"}}, "image must be an object with path and sha256"),
         ({"seed": None, "image": {"path": "in.png", "sha256": "x"}}, "image sha256 must be 64 lowercase hex digits"),
         ({"image": {"path": "in.png", "sha256": SHA}}, "a recipe with an image takes no seed"),
@@ -367,7 +368,8 @@ def test_edit_labels_name_the_edited_words(source, spec, label):
 
 def test_pngs_carry_automatic1111_parameters_that_pil_reads_back(tmp_path):
     recipe = Recipe("a cat", [{"prompt": "a dog"}], None, 30, 7.5, "/models/My Model.safetensors",
-                    scheduler={"_class_name": "EulerAncestralDiscreteScheduler"}, image_index=1)
+                    scheduler={"_class_name": "EulerAncestralDiscreteScheduler"}, image_index=1,
+                    image={"path": "in.png", "sha256": SHA})
     save_png(Image.new("RGB", (8, 8)), tmp_path / "edit-1.png", recipe)
     with Image.open(tmp_path / "edit-1.png") as image:
         # No seed (an inverted image has none), the checkpoint's name without its folder, no negative prompt.

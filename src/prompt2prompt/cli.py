@@ -713,7 +713,7 @@ def batch(
     model: ModelOption = "demo",
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Run the valid jobs of a manifest with "
                                                                       "malformed lines.")] = False,
-    score: Annotated[str | None, typer.Option(help="Score hook package.module:function (see the README).",
+    score: Annotated[str | None, typer.Option(help="Score hook package.module:function (see docs/batch.md).",
                                               show_default=False)] = None,
     min_score: Annotated[float | None, typer.Option(help="Do not write edits scoring below this.",
                                                     show_default=False)] = None,

@@ -329,6 +329,9 @@ class Recipe:
         if self.image is None:
             if self.inversion is not None:
                 raise RecipeError("the recipe's inversion needs an image to invert, and the recipe has none")
+            if self.seed is None:  # a random seed would replay as another picture, and record null again
+                raise RecipeError("a recipe without an image needs a seed (an integer): the seed is what makes the "
+                                  "generated picture the same on every replay")
             return
         if not isinstance(self.image, dict) or set(self.image) != {"path", "sha256"}:
             raise RecipeError(f"image must be an object with path and sha256, not {_show(self.image)}")
