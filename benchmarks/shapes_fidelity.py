@@ -129,7 +129,8 @@ def swap(scene: world.Scene, kind: str, rng: np.random.Generator) -> tuple[world
 
 def score(kind: str, source: ParsedScene, source_image: np.ndarray, edited_image: np.ndarray,
           source_scene: world.Scene, target: world.Scene) -> dict | None:
-    """Attribute success, the first object's layout IoU and the untouched region's PSNR; None without a source object."""
+    """Attribute success, the first object's layout IoU, whether it stayed in place, and the untouched region's PSNR;
+    None when the source has no object."""
     old = source.find(source_scene.objects[0].color)
     if old is None:
         return None
@@ -151,7 +152,8 @@ def score(kind: str, source: ParsedScene, source_image: np.ndarray, edited_image
     # A new shape cannot cover the old one's pixels (a star inside a circle's box has IoU ~0.45 with it): the
     # layout of a shape swap is the object's bounding box, its place and size.
     iou = box_iou(old.mask, new_mask) if kind == "shape" else mask_iou(old.mask, new_mask)
-    return {"success": float(success), "iou": iou, "in place": float(found is not None and moved(old.mask, new_mask) <= 6),
+    in_place = found is not None and moved(old.mask, new_mask) <= 6
+    return {"success": float(success), "iou": iou, "in place": float(in_place),
             "psnr": psnr(source_image, edited_image, region)}
 
 
@@ -246,7 +248,8 @@ def blend_locality(editor: Editor, *, num_scenes: int, seed: int, steps: int, gu
             found.append(covered > 0.9 and mask.mean() < 0.9)
             psnrs.append(psnr(source_image, edited_image, ~mask))
         rows[f"{num_objects} object"] = {"mask finds the object": mean(found), "mask area": mean(coverage),
-                                         "psnr outside": mean(psnrs), "psnr outside, min": min(psnrs, default=float("nan")),
+                                         "psnr outside": mean(psnrs),
+                                         "psnr outside, min": min(psnrs, default=float("nan")),
                                          "psnr >= 35 dB": mean([p >= 35 for p in psnrs]), "n": len(found)}
     return rows
 
@@ -278,7 +281,8 @@ def real_images(editor: Editor, *, num_scenes: int, seed: int, steps: int, guida
 
 def markdown(report: dict) -> str:
     """The report as the Markdown tables of the model card."""
-    lines = ["| plain samples, held-out captions | colour | shape | size | position | all | background | both colours |",
+    lines = ["| plain samples, held-out captions | colour | shape | size | position | all | background "
+             "| both colours |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in report["plain"].items():
         both = f"{row['both colours']:.0%}" if name.startswith("two") else ""
@@ -300,7 +304,8 @@ def markdown(report: dict) -> str:
                       "(covers it, not the whole image) | mask area | PSNR outside the mask (dB): mean | min | "
                       "share >= 35 dB |", "|---|---|---|---|---|---|"]
         for name, row in report["blend"].items():
-            lines.append(f"| {name} ({row['n']} scenes) | {row['mask finds the object']:.0%} | {row['mask area']:.0%} | "
+            lines.append(f"| {name} ({row['n']} scenes) | {row['mask finds the object']:.0%} | "
+                         f"{row['mask area']:.0%} | "
                          f"{row['psnr outside']:.1f} | {row['psnr outside, min']:.1f} | {row['psnr >= 35 dB']:.0%} |")
     if "real" in report:
         row = report["real"]

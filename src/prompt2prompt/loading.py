@@ -17,8 +17,9 @@ import torch
 
 from . import families
 
-__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "ModelSource", "check_device", "default_device",
-           "inversion_methods", "library_logs", "load_pipeline", "parse_dtype", "quiet_loading", "resolve_model", "slow_dtype"]
+__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "ModelSource", "check_device",
+           "default_device", "inversion_methods", "library_logs", "load_pipeline", "parse_dtype", "quiet_loading",
+           "resolve_model", "slow_dtype"]
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "model"
 # The models inside the package, by the names `--model` and `from_pretrained` take: the UNet one and the
@@ -168,22 +169,29 @@ def slow_dtype(dtype: torch.dtype, device: str | torch.device) -> str | None:
     return CPU_FLOAT16 if dtype == torch.float16 and torch.device(device).type == "cpu" else None
 
 
-def _pipeline_class(source: ModelSource):
-    """The diffusers pipeline class to load `source` with, as the families recognise it."""
+def _folder_family(source: ModelSource, index) -> tuple[str, type[families.Family]]:
+    """(pipeline class name, family) of a diffusers folder, from its model_index.json `index`."""
+    found = families.pipeline_class_for(index) if isinstance(index, dict) else None
+    if found is None:
+        kind = index.get("_class_name") if isinstance(index, dict) else None
+        kind = kind if isinstance(kind, str) else "non-diffusers"
+        raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits "
+                             f"{families.supported_models()} pipelines")
+    return found
+
+
+def _pipeline_class(source: ModelSource, index=None):
+    """The diffusers pipeline class to load `source` with, as the families see it (`index`: its model_index.json,
+    when the caller has read it already)."""
     import diffusers
     from transformers.utils import logging as transformers_logging
 
     if source.single_file:
         name = _checkpoint_class(source.path)
     else:
-        index = _model_index(source)
-        found = families.pipeline_class_for(index) if isinstance(index, dict) else None
-        kind = index.get("_class_name") if isinstance(index, dict) else None
-        kind = kind if isinstance(kind, str) else "non-diffusers"
-        if found is None:
-            raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits "
-                                 f"{families.supported_models()} pipelines")
-        name, family = found
+        index = _model_index(source) if index is None else index
+        name, family = _folder_family(source, index)
+        kind = index.get("_class_name")
         missing = [component for component in family.components if not index.get(component)]
         if missing:
             raise ModelLoadError(f"{source.id!r} holds a {kind} model without its {', '.join(map(repr, missing))}")
@@ -199,22 +207,18 @@ def _pipeline_class(source: ModelSource):
 def inversion_methods(model: str) -> tuple[str, ...]:
     """The inversion methods of a model folder's family, read from its model_index.json without loading it."""
     source = resolve_model(model)
-    index = None if source.single_file else _model_index(source)
-    found = families.pipeline_class_for(index) if isinstance(index, dict) else None
-    if found is None:
-        raise ModelLoadError(f"{source.id!r} is not a diffusers folder of {families.supported_models()} pipelines")
-    return tuple(found[1].inversion_methods)
+    if source.single_file:
+        raise ModelLoadError(f"{source.id!r} is a single file; pass a diffusers folder of "
+                             f"{families.supported_models()} pipelines")
+    return tuple(_folder_family(source, _model_index(source))[1].inversion_methods)
 
 
-def _absent(source: ModelSource) -> dict[str, None]:
-    """The components the folder's model_index.json declares absent ([null, null]), as None keywords.
+def _absent(index: dict) -> dict[str, None]:
+    """The components a folder's model_index.json `index` declares absent ([null, null]), as None keywords.
 
     diffusers saves a component that is None so (SD3 without T5: the demo-flow model), but loads the folder only
     when told again that it is None, as its docs show (`text_encoder_3=None, tokenizer_3=None`).
     """
-    index = _model_index(source)
-    if not isinstance(index, dict):
-        return {}
     return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
 
 
@@ -323,7 +327,8 @@ def load_pipeline(
     source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
     device = check_device(device)
     dtype = parse_dtype(torch_dtype, device)
-    cls = _pipeline_class(source)
+    index = None if source.single_file else _model_index(source)
+    cls = _pipeline_class(source, index)
     if not allow_pickle and not source.single_file:
         _check_safetensors(source)
     try:
@@ -335,7 +340,7 @@ def load_pipeline(
             else:
                 # use_safetensors=None prefers safetensors and falls back to pickles, loaded with weights_only=True.
                 pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True,
-                                           use_safetensors=None if allow_pickle else True, **_absent(source))
+                                           use_safetensors=None if allow_pickle else True, **_absent(index))
         incomplete = [m for m in logged if "newly initialized" in m or "were not initialized" in m]
         if incomplete:  # a checkpoint lacking weights would run on random ones: noise, with a warning at best
             detail = " ".join(incomplete[0].split())[:200]

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from prompt2prompt.demo import world
-from prompt2prompt.demo.training import (Config, build_tokenizer, corrupt, export_folder, load_data, log, lr_at,
-                                         optimizer_step, resume, save_atomic, step_generator, tokenize,
-                                         vae_checkpoint)
+from prompt2prompt.demo.training import (Config, build_tokenizer, corrupt, draw_batch, export_folder,
+                                         load_training_set, log, lr_at, optimizer_step, resume, save_atomic,
+                                         step_generator, tokenize, vae_checkpoint)
 
 PROBE_SIGMAS = (0.3, 0.6, 0.85)
 
@@ -40,7 +40,8 @@ def build_transformer(config: Config):
     return SD3Transformer2DModel(
         sample_size=world.SIZE // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=config.flow_layers,
         attention_head_dim=config.flow_head_dim, num_attention_heads=config.flow_heads,
-        joint_attention_dim=sum(config.flow_text_widths), caption_projection_dim=config.flow_heads * config.flow_head_dim,
+        joint_attention_dim=sum(config.flow_text_widths),
+        caption_projection_dim=config.flow_heads * config.flow_head_dim,
         pooled_projection_dim=sum(config.flow_text_widths), pos_embed_max_size=world.SIZE // 8, qk_norm="rms_norm",
     )
 
@@ -152,11 +153,8 @@ def stage_flow(run: Path, config: Config, steps: int, init_text: Path | None = N
     """Trains the transformer and both text encoders jointly on the autoencoder's latents, with EMA copies."""
     from tqdm.auto import tqdm
 
-    encoded = torch.load(run / "latents.pt", weights_only=False)
-    latents, probe = encoded["latents"], encoded["probe"][:config.probe_size]
-    data = load_data(run)
-    captions = [str(c) for c in data["captions"][:len(latents)]]
-    probe_captions = [str(c) for c in data["probe_captions"]][:config.probe_size]
+    encoded, captions, probe_captions = load_training_set(run, config)
+    latents, probe = encoded["latents"], encoded["probe"]
     torch.manual_seed(config.seed)
     transformer, text_encoders = build_transformer(config), build_text_encoders(config)
     if init_text is not None:
@@ -183,10 +181,7 @@ def stage_flow(run: Path, config: Config, steps: int, init_text: Path | None = N
     started, losses = time.time(), []
     for step in bar:
         g = step_generator(config.seed, 4, step)
-        idx = torch.randint(len(latents), (config.batch,), generator=g)
-        ids = tokens[idx].clone()
-        ids[torch.rand(config.batch, generator=g) < config.caption_dropout] = empty
-        x0 = latents[idx].float()
+        x0, ids = draw_batch(latents, tokens, empty, config, g)
         noise = torch.randn(x0.shape, generator=g)
         for group in opt.param_groups:
             group["lr"] = config.flow_lr * lr_at(step, steps, config.warmup)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from prompt2prompt.demo import world
-from prompt2prompt.demo.training import (HELDOUT_SEED, Config, build_tokenizer, build_vae, corrupt, export_folder,
-                                         load_config, load_data, log, lr_at, optimizer_step, psnr_db, resume,
-                                         save_atomic, step_generator, to_pixels, tokenize, vae_checkpoint)
+from prompt2prompt.demo.training import (HELDOUT_SEED, Config, build_tokenizer, build_vae, corrupt, draw_batch,
+                                         export_folder, load_config, load_data, load_training_set, log, lr_at,
+                                         optimizer_step, psnr_db, resume, save_atomic, step_generator, to_pixels,
+                                         tokenize, vae_checkpoint)
 from prompt2prompt.files import write_atomic
 
 PROBE_TIMESTEPS = (300, 600, 850)
@@ -233,14 +234,8 @@ def stage_unet(run: Path, config: Config, steps: int, init: Path | None = None) 
     """
     from tqdm.auto import tqdm
 
-    latents_path = run / "latents.pt"
-    if not latents_path.exists():
-        raise SystemExit(f"{latents_path} is missing: run the 'vae' stage first")
-    encoded = torch.load(latents_path, weights_only=False)
-    latents, probe = encoded["latents"], encoded["probe"][:config.probe_size]
-    data = load_data(run)
-    captions = [str(c) for c in data["captions"][:len(latents)]]
-    probe_captions = [str(c) for c in data["probe_captions"]][:config.probe_size]
+    encoded, captions, probe_captions = load_training_set(run, config)
+    latents, probe = encoded["latents"], encoded["probe"]
     torch.manual_seed(config.seed)
     unet, text_encoder = build_unet(config), build_text_encoder(config)
     if init is not None:
@@ -268,11 +263,7 @@ def stage_unet(run: Path, config: Config, steps: int, init: Path | None = None) 
     started, losses = time.time(), []
     for step in bar:
         g = step_generator(config.seed, 2, step)
-        idx = torch.randint(len(latents), (config.batch,), generator=g)
-        x0 = latents[idx].float()
-        ids = tokens[idx].clone()
-        drop = torch.rand(config.batch, generator=g) < config.caption_dropout
-        ids[drop] = empty
+        x0, ids = draw_batch(latents, tokens, empty, config, g)
         noise = torch.randn(x0.shape, generator=g)
         timesteps = sample_timesteps(config, scheduler.config.num_train_timesteps, g)
         noisy = scheduler.add_noise(x0, noise, timesteps)

@@ -45,7 +45,8 @@ class Config:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_latent_l2: float = 1e-4  # keeps the latents well inside the decoder's tanh clamp (+-3)
-    vae_latent_noise: float = 0.1  # decoder trained on noisy latents (share of their std): a denoiser's small errors decode cleanly
+    # The decoder is trained on noisy latents (a share of their std), so that a denoiser's small errors decode cleanly.
+    vae_latent_noise: float = 0.1
     # UNet: latent 16x16, cross-attention at 16x16 and 8x8 (and in the 4x4 mid block)
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers: int = 1
@@ -171,6 +172,29 @@ def load_data(run: Path) -> dict:
         raise SystemExit(f"{path} is missing: run the 'data' stage first")
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
+
+
+def load_training_set(run: Path, config: Config) -> tuple[dict, list[str], list[str]]:
+    """What a denoiser stage trains and probes on: the encoded latents (`latents.pt`: "latents", "probe",
+    "scaling_factor"), the captions of those latents, and the probe's captions (`config.probe_size` of each)."""
+    path = run / "latents.pt"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the 'vae' stage first")
+    encoded = torch.load(path, weights_only=False)
+    encoded["probe"] = encoded["probe"][:config.probe_size]
+    data = load_data(run)
+    captions = [str(c) for c in data["captions"][:len(encoded["latents"])]]
+    return encoded, captions, [str(c) for c in data["probe_captions"]][:config.probe_size]
+
+
+def draw_batch(latents: torch.Tensor, tokens: torch.Tensor, empty: torch.Tensor, config: Config,
+               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch drawn from `g`: latents (B, 4, 16, 16) in fp32 and their token ids, a share
+    `config.caption_dropout` of them replaced by the empty caption's (classifier-free guidance learns from those)."""
+    idx = torch.randint(len(latents), (config.batch,), generator=g)
+    ids = tokens[idx].clone()
+    ids[torch.rand(config.batch, generator=g) < config.caption_dropout] = empty
+    return latents[idx].float(), ids
 
 
 def psnr_db(mse: float) -> float:

@@ -14,8 +14,9 @@ from ..images import to_tensor
 def encode_image(pipe, image) -> torch.Tensor:
     """The VAE latent (1, C, h, w) of an RGB PIL image, normalised as the pipeline decodes it, in its denoiser's dtype.
 
-    The family normalises the VAE's posterior mean (an `AutoencoderTiny`'s latent) as its pipeline decodes (SD: `latents * scaling_factor`, SDXL
-    first undoing `latents_mean`/`latents_std` where its VAE has them; SD3 and Flux also `- shift_factor`).
+    The family normalises the VAE's posterior mean (an `AutoencoderTiny`'s latent) as its pipeline decodes (SD:
+    `latents * scaling_factor`, SDXL first undoing `latents_mean`/`latents_std` where its VAE has them; SD3 and Flux
+    also `- shift_factor`).
     """
     family = family_of(pipe)
     vae = pipe.vae
