@@ -495,7 +495,7 @@ def syntax_cases() -> list[Case]:
         ("bare-swap-markup", "[->]", "usage"),
         ("spaces-around-arrow", "a big [ -> ] circle", "usage"),
         ("insert-via-arrow", "a big [->shiny] red" + TAIL, "ok"),
-        ("delete-via-arrow", "a big [red->]" + TAIL, "ok"),
+        ("delete-via-arrow", "a big [red->]" + TAIL, "usage"),  # a forgotten new word: [-red] removes one
         ("bare-plus", "[+]", "usage"),
         ("bare-minus", "[-]", "usage"),
         ("plus-tab", "a big red circle[+\t]", "usage"),

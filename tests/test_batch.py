@@ -1,5 +1,6 @@
 """Batch jobs: manifest validation, a 20-job run, kill -9 and resume, failures, out-of-memory retries, Ray."""
 
+import html
 import json
 import os
 import re
@@ -69,7 +70,8 @@ def assert_complete(out: Path, jobs) -> None:
     for job in jobs:
         folder = out / "jobs" / job.id
         names = sorted(p.name for p in folder.iterdir())
-        assert names == sorted(["job.json", "source.png"] + [f"edit-{i}.png" for i in range(1, len(job.edits) + 1)])
+        assert names == sorted(["job.json", "source.png", "grid.png"]
+                               + [f"edit-{i}.png" for i in range(1, len(job.edits) + 1)])
         for index, name in enumerate(["source.png"] + [f"edit-{i}.png" for i in range(1, len(job.edits) + 1)]):
             assert pixels(folder / name).shape == (32, 32, 3)
             recipe = read_recipe(folder / name)
@@ -212,6 +214,23 @@ def test_twenty_jobs_run_to_folders_with_recipes_and_an_index(plain_run):
     assert not np.array_equal(pixels(out / "jobs" / first.id / "source.png"), pixels(out / "jobs" / first.id / "edit-1.png"))
 
 
+def test_a_run_can_be_browsed_each_job_with_its_prompt_edits_and_labelled_grid(plain_run):
+    jobs, out, _ = plain_run
+    page = (out / "index.html").read_text()
+    rows = [tuple(map(html.unescape, row)) for row in
+            re.findall(r'<tr><td>(\d+)</td><td><code>(\w+)</code></td><td class="prompt">(.*?)</td><td><ul>(.*?)</ul></td>',
+                       page)]
+    assert [(int(line), job_id) for line, job_id, _, _ in rows] == [(job.line, job.id) for job in jobs.jobs]
+    for (_, job_id, source, edits), job in zip(rows, jobs.jobs):
+        assert source == job.source and f'<img src="jobs/{job_id}/grid.png"' in page
+        grid = Image.open(out / "jobs" / job_id / "grid.png")
+        assert grid.width >= 32 * (1 + len(job.edits)) and grid.height > 32  # every image, with a label under it
+        assert read_recipe(out / "jobs" / job_id / "grid.png").source == job.source
+    # Each edit is named by what it changes, as p2p edit's grid names it.
+    assert rows[0][3] == "<li>cat -> dog</li>" and "<li>+ red</li>" in rows[1][3]
+    assert "<li>fox -> owl, reweight bike x1.5, local blend</li>" in rows[2][3]
+
+
 def test_a_finished_run_restarted_does_nothing(plain_run, monkeypatch):
     jobs, out, _ = plain_run
     monkeypatch.setattr(Worker, "run", lambda self, group: pytest.fail("a finished job ran again"))
@@ -242,7 +261,8 @@ def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tm
     out = tmp_path / "out"
     command = [sys.executable, "-c", "from prompt2prompt.cli import main; main()", "batch", str(manifest20),
                "--out", str(out), "--workers", "1", "--device", ON_DEVICE["device"], "--dtype", ON_DEVICE["dtype"]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    stderr = open(tmp_path / "stderr.txt", "wb")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 240
@@ -259,9 +279,18 @@ def test_a_run_killed_with_sigkill_resumes_every_job_exactly_once(manifest20, tm
                 break
             time.sleep(0.05)
         assert children and not any(Path(f"/proc/{pid}").exists() for pid in children), "orphaned workers"
+        for _ in range(100):  # multiprocessing's resource tracker ends by itself once it has cleaned up
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+    stderr.close()
+    # The tracker cleans up the pool's semaphores, as it should, without a warning that reads like damage.
+    assert "leaked semaphore" not in (tmp_path / "stderr.txt").read_text()
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "jobs").glob("*/*.png")}
     jobs = load_manifest(manifest20).jobs
     done_before = len({p.parent.name for p in finished})
@@ -389,7 +418,7 @@ def test_score_hook_is_recorded_and_filters_edits(tmp_path, tiny_sd_dir):
     assert rows[0]["scores"][0] > 0.5 and rows[0]["paths"][1].endswith("edit-1.png")
     assert rows[1]["scores"][0] == 0.0 and rows[1]["scores"][1] > 0.5
     assert rows[1]["paths"] == [f"jobs/{manifest.jobs[1].id}/source.png", f"jobs/{manifest.jobs[1].id}/edit-2.png"]
-    assert sorted(p.name for p in (out / "jobs" / manifest.jobs[1].id).glob("*.png")) == ["edit-2.png", "source.png"]
+    assert sorted(p.name for p in (out / "jobs" / manifest.jobs[1].id).glob("*.png")) == ["edit-2.png", "grid.png", "source.png"]
     assert read_recipe(out / rows[1]["paths"][1]).image_index == 2
 
 
@@ -593,8 +622,8 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path, tiny_sd_dir):
         run_batch(manifest, tmp_path / "out", workers=0, progress=False, **ON_DEVICE)
     finally:
         os.umask(previous)
-    files = [tmp_path / "out" / INDEX, *(tmp_path / "out" / "jobs").glob("*/*")]
-    assert len(files) == 4  # the index, source.png, edit-1.png, job.json
+    files = [tmp_path / "out" / INDEX, tmp_path / "out" / "index.html", *(tmp_path / "out" / "jobs").glob("*/*")]
+    assert len(files) == 6  # the index, the browse page, source.png, edit-1.png, grid.png, job.json
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o644 for path in files}
 
 

@@ -224,6 +224,9 @@ def test_the_table_averages_per_type_skips_nan_and_shows_the_published_rows(tmp_
     assert "| Direct + P2P | 3 | 25.00 | 200.00 | 3.00 |" in markdown
     assert "| Direct + P2P, published (SD 1.4, 700 images) | 700 | 27.22 | 32.86 |" in markdown
     assert "Editing type 6: change color" in markdown and "Failed: Direct + P2P: 1" in markdown
+    # Under the table, what each column measures: the pixel metrics are on the unedited region.
+    assert "- PSNR (higher): on the unedited region: both images outside the edit mask" in markdown
+    assert "- MSE x10^4 (lower): on the unedited region" in markdown and "seconds per image: wall time" in markdown
     assert (tmp_path / "table.csv").read_text().splitlines()[1] == "all,direct,3,25.00,200.00,3.00"
     assert json.loads((tmp_path / "table.json").read_text())["sections"]["6"]["direct"]["psnr"] == 30.0
 
@@ -251,6 +254,12 @@ def test_a_killed_shapes_run_resumes_where_it_stopped(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in done} == done  # finished edits were not made again
+    # The table itself is printed, with what its columns measure; each method's bar names its method, and no
+    # nested bar (a job's inversion) writes cursor-up codes into the log.
+    assert "| DDIM + P2P | 5 |" in again.stdout and "attribute success % (higher): share of edits" in again.stdout
+    assert str(out / "table.md") in again.stdout
+    assert "Direct + P2P (2/2)" in again.stderr  # the resumed method's bar (DDIM's jobs were all done)
+    assert "\x1b[A" not in again.stderr and "inversion:" not in again.stderr
     data = json.loads((out / "table.json").read_text())
     assert {m: v["images"] for m, v in data["sections"]["all"].items()} == {"ddim": 5, "direct": 5}
     assert data["columns"] == ["psnr", "mse", "ssim", "success", "seconds"]

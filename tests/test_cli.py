@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -182,6 +183,17 @@ def test_real_image_edit_replays_bit_for_bit(tiny_sd_dir, tmp_path):
     recipe = read_recipe(folder / "edit-1.png")
     assert recipe.image == {"path": str(photo), "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}
     assert (recipe.inversion, recipe.seed) == ({"method": "direct"}, None)  # the default: exact, and the fastest
+    # Not on a terminal, the edit's steps show as tqdm's lines, as the inversion's do; an image at the model's size
+    # gets no resize note.
+    assert "direct inversion: 100%" in result.stderr and "editing: 100%|" in result.stderr
+    assert "note:" not in result.stderr
+    wide = tmp_path / "wide.png"
+    Image.open(photo).resize((64, 32)).save(wide)
+    fitted = run("edit", "--image", wide, "--prompt", "a cat", "--to", "a dog", "--model", tiny_sd_dir, "--steps", "2",
+                 "--out", tmp_path / "out")
+    assert fitted.exit_code == 0, fitted.output
+    assert (f"note: {wide}: the image is 64x32 px: it was resized and centre-cropped to the model's 32x32 px, the "
+            "size of the results") in " ".join(fitted.stderr.split())
     replay = run("replay", folder / "edit-1.png", "--check")
     assert replay.exit_code == 0, replay.output
     seeded = run("edit", "--image", photo, "--prompt", "a cat", "--to", "a dog", "--seed", "3", "--model", tiny_sd_dir)
@@ -249,6 +261,24 @@ def test_syntax_errors_point_at_the_column(tiny_sd_dir, tmp_path):
     assert lines[1:] == ["  a (fluffy:lots) [teddy->toy] bear", "            ^"]
 
 
+def test_messages_show_backslashes_and_keep_the_caret_under_its_column(tmp_path, monkeypatch):
+    """Printed as rich markup, '\\[' lost its backslash: the advice said to write '[' and the caret moved left."""
+    monkeypatch.setattr(cli, "resolve_model", _no_model)
+    monkeypatch.setattr(cli, "load_editor", _no_model)
+    result = run("edit", r"a \[ [[red->green]] circle", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        r"error: column 7: '[' inside '[...]': edits cannot nest; write '\[' for a literal one",
+        r"  a \[ [[red->green]] circle",
+        "        ^",  # under the second '[', after the escaped one
+    ]
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a big [[red->green]] circle", "seed": 1}) + "\n")
+    result = run("batch", manifest, "--out", tmp_path / "batch")
+    assert result.exit_code == 2
+    assert r"column 8: '[' inside '[...]': edits cannot nest; write '\[' for a literal one" in _one_message(result)
+
+
 def test_option_errors_are_usage_errors(tmp_path):
     assert run("edit", "a [cat->dog]", "--steps", "0").exit_code == 2
     assert run("frobnicate").exit_code == 2
@@ -284,6 +314,17 @@ def test_replay_rejects_pngs_without_a_recipe(tmp_path):
     (tmp_path / "text.png").write_text("not a png")
     result = run("replay", tmp_path / "text.png")
     assert result.exit_code == 2 and "cannot read" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["text", "ztxt"])
+def test_replay_of_a_png_with_oversized_metadata_is_one_line_in_our_words(tmp_path, kind):
+    from test_images import METADATA_BOMBS, metadata_bomb_png
+
+    (tmp_path / "meta.png").write_bytes(metadata_bomb_png(kind))
+    result = run("replay", tmp_path / "meta.png")
+    assert result.exit_code == 2
+    _one_error(result, f"it has metadata too large to read safely ({METADATA_BOMBS[kind]})")
+    assert "MAX_TEXT" not in result.stderr
 
 
 def _entry_point(args, env):
@@ -338,6 +379,10 @@ def _one_message(result) -> str:
         ({"edits": [{"prompt": 3}]}, "edit 1: an Edit needs a non-empty prompt"),
         ({"scheduler": {"_class_name": "DDIMScheduler", "num_train_timesteps": 10**12}}, "scheduler 'num_train_timesteps'"),
         ({"inversion": {"method": "ddim", "num_inner_steps": 10**9}}, "the recipe's inversion needs an image"),
+        ({"edits": []}, "edits is empty: an edit recipe holds at least one edit"),
+        ({"edits": [{"prompt": "a dog riding a red bicycle", "blend": {"source_words": "cat", "edit_words": "dog",
+                                                                       "evil": 1}}]},
+         "edit 1: blend has unknown fields 'evil'; the fields are source_words, edit_words"),
     ],
 )
 def test_replay_refuses_crafted_recipes_before_a_model_loads(inline_edit, tmp_path, monkeypatch, changes, message):
@@ -373,7 +418,8 @@ def test_replay_of_a_result_with_nan_is_a_runtime_error(inline_edit, tmp_path, m
 def _one_error(result, message: str) -> None:
     """One `error:` line naming the problem (a syntax error adds the prompt and a caret under its column)."""
     assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
+    # Off a terminal, a run's steps show as tqdm lines ("editing:  50%|..."); the error comes after them.
+    lines = [line for line in result.stderr.splitlines() if line and not re.match(r"[\w ]+: +\d+%\|", line)]
     assert lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert len(lines) == (3 if lines[0].startswith("error: column") else 1), result.stderr
 
@@ -388,6 +434,7 @@ def _one_error(result, message: str) -> None:
         (["edit", "a [->] d"], "column 3: '[->]' changes nothing"),
         (["edit", "a [+] d"], "column 3: '[+...]' adds nothing"),
         (["edit", "a [-] d"], "column 3: '[-...]' removes nothing"),
+        (["edit", "a big [red->] circle"], "column 7: '[red->]' names no new words: to remove words, write [-red]"),
         (["edit", "a [cat->dog]", "--guidance", "nan"], "guidance_scale must be a finite number"),
         (["edit", "a [cat->dog]", "--guidance", "-inf"], "guidance_scale must be a finite number"),
         (["edit", "a [cat->dog]", "--weight", "dog=1e30"], "the weight of 'dog' is 1e+30, outside [-100, 100]"),

@@ -274,3 +274,26 @@ def test_runs_in_one_forward_batch_each_equal_the_run_alone(runs, setting):
         assert rel_err(result.images, alone.images) <= tolerance(), case
         for e in alone.masks:
             assert torch.equal(result.masks[e], alone.masks[e])
+
+
+# -- Masked padding: an edit whose prompt fills the text length ---------------------------------------------------
+
+MASKED = [setting for setting, (family, _) in SETTINGS.items() if family in ("chroma", "pixart")]
+
+
+@pytest.mark.parametrize("setting", MASKED)
+def test_an_edit_that_fills_the_text_length_fused_equals_explicit(runs, setting):
+    # The source is shorter than the edit, so it has padding keys; the edit has none. A word swap's fused rows
+    # run on the source's queries and keys, which must take the source's key mask too.
+    pipe = runs.pipe(setting)
+    source, edit = "a cat eating a burger", p2p.Edit("a cat eating a lasagne", cross_steps=0.5)
+    length = len(pipe.tokenizer(edit.prompt).input_ids)  # its true length, EOS included
+    assert len(pipe.tokenizer(source).input_ids) < length
+    options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1], max_sequence_length=length)
+    fused, explicit = (p2p.Editor(pipe, attention=attention).edit(source, [edit], seed=0, output_type="latent",
+                                                                  **options) for attention in ("fused", "explicit"))
+    effect = rel_err(explicit.images[1], explicit.images[0])  # how far the edit moves its row
+    assert rel_err(fused.images, explicit.images) <= tolerance() and effect > 10 * tolerance()
+    cache = p2p.Editor(pipe).cache_source(source, seed=0, **options)
+    cached = p2p.Editor(pipe).edit(source, [edit], cache=cache, output_type="latent", **options)
+    assert rel_err(cached.images, explicit.images) <= tolerance()

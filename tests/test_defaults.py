@@ -15,7 +15,10 @@ from prompt2prompt.batch import load_manifest
 from prompt2prompt.batch.manifest import ManifestError
 from prompt2prompt.cli import app
 from prompt2prompt.engine import load_editor
-from prompt2prompt.families.defaults import DEFAULTS_FILE, model_defaults, read_defaults_file
+from prompt2prompt.demo import world
+from prompt2prompt.families.defaults import (DEFAULTS_FILE, folder_vocabulary, model_defaults, read_defaults_file,
+                                             vocabulary_notice)
+from prompt2prompt.loading import DEMO_MODELS
 from prompt2prompt.families.unet import UNetFamily
 from prompt2prompt.recipe import read_recipe, recipe_for
 
@@ -125,6 +128,8 @@ def test_a_shape_swap_on_the_demo_model_takes_its_shape_windows(tmp_path):
     ('{"layers": [8]}', "layers must be an object of Editor layer keywords"),
     ('{"layers": {"blend_size": 8}}', "layers has unknown keywords ['blend_size']"),
     ('{"layers": {"self_blocks": "all"}}', "layers.self_blocks must be a number or a list of block numbers"),
+    ('{"vocabulary": ["a red"]}', "vocabulary must be a non-empty list of words"),
+    ('{"vocabulary": []}', "vocabulary must be a non-empty list of words"),
 ])
 def test_a_bad_defaults_file_is_refused_in_one_line(tmp_path, content, message):
     (tmp_path / DEFAULTS_FILE).write_text(content)
@@ -133,6 +138,53 @@ def test_a_bad_defaults_file_is_refused_in_one_line(tmp_path, content, message):
     assert message in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ValueError):
         read_defaults_file(tmp_path / DEFAULTS_FILE)
+
+
+@pytest.mark.parametrize("model", DEMO_MODELS)
+def test_the_demo_models_know_the_words_of_the_world_s_captions(model):
+    """Their prompt2prompt.json lists the vocabulary of the captions they were trained on, as world.py makes them."""
+    assert folder_vocabulary(DEMO_MODELS[model]) == frozenset(world.vocabulary())
+    assert model_defaults(UNetFamily, DEMO_MODELS[model]).vocabulary == frozenset(world.vocabulary())
+
+
+def test_words_outside_a_model_s_vocabulary_are_named_once_each():
+    vocabulary = frozenset(world.vocabulary())
+    assert vocabulary_notice(vocabulary, ["a big red circle", "a big green circle"]) is None
+    assert vocabulary_notice(frozenset(), ["a light green circle"]) is None  # a model that lists none: no notice
+    notice = vocabulary_notice(vocabulary, ["a big red circle", "a big Light green circle", "a light pink circle"])
+    assert notice.startswith("the model was never trained on the words 'light', 'pink', so it may ignore them or "
+                             "draw something else; its words are a, and, at, background, big, black, ")
+    assert notice.endswith(f"white, yellow (the vocabulary in its {DEFAULTS_FILE})")
+    assert "\n" not in notice
+
+
+def test_p2p_edit_names_the_words_the_demo_model_never_saw_and_runs(tmp_path):
+    result = run("edit", CIRCLE.replace("red", "[red->light green]"), "--seed", "1", "--steps", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "warning: the model was never trained on the word 'light', so it may ignore it" in result.stderr
+    known = run("edit", CIRCLE.replace("red", "[red->green]"), "--seed", "1", "--steps", "2", "--out", tmp_path)
+    assert known.exit_code == 0 and "warning:" not in known.stderr
+
+
+def test_p2p_batch_names_the_words_its_jobs_models_never_saw_before_it_runs(tmp_path, monkeypatch):
+    import prompt2prompt.batch
+
+    def no_run(*args, **kwargs):
+        raise RuntimeError("not run in this test")
+
+    monkeypatch.setattr(prompt2prompt.batch, "run_batch", no_run)
+    lines = [{"prompt": "a big [red->light green] circle", "seed": 1}, {"prompt": "a big [red->green] circle", "seed": 1},
+             {"prompt": "a [big->huge] red circle", "seed": 1},
+             {"prompt": "a [cat->dog]", "model": "demo-flow", "seed": 1}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run("batch", manifest, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "not run in this test" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[0].startswith("warning: demo, manifest lines 1, 3: the model was never trained on the words "
+                                  "'light', 'huge', so it may ignore them")
+    assert warnings[1].startswith("warning: demo-flow, manifest line 4: the model was never trained on the words "
+                                  "'cat', 'dog'") and len(warnings) == 2
 
 
 def test_the_demo_grid_edit_red_to_purple_is_clean_at_the_model_s_defaults(tmp_path):

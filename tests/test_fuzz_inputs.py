@@ -6,6 +6,7 @@ types, missing or extra keys, huge numbers, NaN, negative numbers, strings), val
 Validation only: no model loads here.
 """
 
+import dataclasses
 import json
 from datetime import timedelta
 
@@ -14,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prompt2prompt.batch import Job, Manifest, ManifestError, load_manifest, parse_job
-from prompt2prompt.edits import edit_from_dict
+from prompt2prompt.edits import LocalBlend, edit_from_dict
 from prompt2prompt.recipe import EDIT_FIELDS, INVERSION_OPTIONS, Recipe, RecipeError, build_edits, check_edits, check_inversion
 
+BLEND_FIELDS = [option.name for option in dataclasses.fields(LocalBlend)]
 FUZZ = settings(max_examples=200, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow], database=None)
 
 # Values at the edges that random generation rarely hits.
@@ -67,6 +69,15 @@ def test_crafted_edits_give_edits_or_one_recipe_error(edits):
         assert "\n" not in str(error)
         return
     assert [edit_from_dict(spec).prompt for spec in edits]
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=8).filter(lambda name: name not in BLEND_FIELDS), JSON, min_size=1, max_size=3))
+def test_a_blend_s_unknown_fields_are_named_as_every_object_s_are(extra):
+    """Not Python's "LocalBlend.__init__() got an unexpected keyword argument"."""
+    blend = {"source_words": ["cat"], "edit_words": ["dog"], **extra}
+    with pytest.raises(RecipeError, match="^edit 1: blend has unknown fields .*; the fields are source_words, "):
+        check_edits([{"prompt": "a dog", "blend": blend}])
 
 
 @FUZZ

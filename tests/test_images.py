@@ -148,13 +148,43 @@ def test_to_tensor_range_and_psnr():
         psnr(noisy, np.zeros((2, 2, 3), np.uint8))
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG of a few bytes whose header claims `width` x `height` pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+METADATA_BOMBS = {  # kind -> what the error says of it
+    "text": "over 64 MiB of PNG text chunks",
+    "ztxt": "a compressed PNG text chunk or colour profile that unpacks to over 1 MiB",
+}
+
+
+def metadata_bomb_png(kind: str) -> bytes:
+    """An 8x8 PNG whose metadata Pillow refuses to read: "text", 65 MiB of text chunks (its limit is 64 MiB), or
+    "ztxt", a compressed text chunk of a few KiB that unpacks to 2 MiB (its limit is 1 MiB)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    chunk = (png_chunk(b"tEXt", b"Comment\0" + b"x" * (65 << 20)) if kind == "text"
+             else png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b" " * (2 << 20), 9)))
+    return png[:33] + chunk + png[33:]  # after the signature (8 bytes) and the IHDR chunk (25)
+
+
+@pytest.mark.parametrize("kind", METADATA_BOMBS)
+def test_a_png_with_oversized_metadata_is_one_error_in_our_words(tmp_path, kind):
+    """Pillow's own message names its internals ("...>MAX_TEXT_MEMORY", "PngImagePlugin.MAX_TEXT_CHUNK")."""
+    path = tmp_path / "meta.png"
+    path.write_bytes(metadata_bomb_png(kind))
+    with pytest.raises(ValueError) as caught:
+        open_image(path)
+    assert str(caught.value) == (f"'{path}' has metadata too large to read safely ({METADATA_BOMBS[kind]}): save the "
+                                 "picture again without its metadata")
 
 
 @pytest.mark.parametrize("side", [20_000, 10_000])  # over twice Pillow's limit (its error), and over it (a warning)

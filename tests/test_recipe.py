@@ -111,6 +111,10 @@ def test_a_valid_recipe_round_trips():
         ({"scheduler": {"_class_name": "DDIMScheduler", "trained_betas": [0.1] * 20000}},
          "the length of scheduler 'trained_betas'"),
         ({"scheduler": {"_class_name": "DDIMScheduler", "beta_end": float("nan")}}, "scheduler 'beta_end' must be a finite"),
+        ({"edits": []}, "edits is empty: an edit recipe holds at least one edit"),  # not a wrong image_index
+        ({"edits": [], "image_index": 1}, "edits is empty: an edit recipe holds at least one edit"),
+        ({"edits": [{"prompt": "a dog", "blend": {"source_words": ["cat"], "edit_words": ["dog"], "evil": 1}}]},
+         "edit 1: blend has unknown fields 'evil'; the fields are source_words, edit_words, threshold, start"),
         ({"format": True}, "recipe format True is not 1"),
         ({"format": 2, "package_version": "9.0"}, "recipe format 2 is not 1; replay it with the prompt2prompt version that wrote it ('9.0')"),
         ({"extra": 1}, "the recipe has unknown fields ['extra']"),
@@ -138,6 +142,13 @@ def test_missing_fields_are_named():
     data = recipe_data()
     del data["model"], data["seed"]
     with pytest.raises(RecipeError, match=r"lacks the fields \['model', 'seed'\]"):
+        parse(data)
+
+
+def test_a_recipe_without_a_format_says_it_lacks_one():
+    data = recipe_data()
+    del data["format"]
+    with pytest.raises(RecipeError, match=r"^the recipe lacks the field 'format' \(1 in every recipe p2p writes\)"):
         parse(data)
 
 
@@ -286,6 +297,18 @@ def test_a_decompression_bomb_png_is_a_recipe_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64x64 is then far past twice the limit: a "bomb"
     with pytest.raises(RecipeError, match="cannot read"):
         read_recipe(path)
+
+
+@pytest.mark.parametrize("kind", ["text", "ztxt"])
+def test_a_png_with_oversized_metadata_is_a_recipe_error_in_our_words(tmp_path, kind):
+    from test_images import METADATA_BOMBS, metadata_bomb_png
+
+    path = tmp_path / "meta.png"
+    path.write_bytes(metadata_bomb_png(kind))
+    with pytest.raises(RecipeError) as caught:
+        read_recipe(path)
+    assert str(caught.value) == (f"cannot read '{path}' as a PNG: it has metadata too large to read safely "
+                                 f"({METADATA_BOMBS[kind]}), and p2p's recipes take a few KiB")
 
 
 def test_input_files_that_never_end_or_are_huge_are_refused_before_reading(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ from prompt2prompt.syntax import ParsedPrompt, PromptSyntaxError, parse_prompt
         ("a photo of a house on a mountain[+ at winter]", "a photo of a house on a mountain",
          "a photo of a house on a mountain at winter", {}),
         ("a (fluffy:2.5) teddy bear", "a fluffy teddy bear", "a fluffy teddy bear", {1: 2.5}),
-        ("a [fluffy ->]teddy bear", "a fluffy teddy bear", "a teddy bear", {}),
         ("a [- fluffy] teddy bear", "a fluffy teddy bear", "a teddy bear", {}),
         ("a [cat->big dog] riding", "a cat riding", "a big dog riding", {}),
         ("a [cat->(dog:-0.5)] on a (red:2) bike", "a cat on a red bike", "a dog on a red bike", {1: -0.5, 4: 2.0}),
@@ -54,6 +53,10 @@ def test_parses_examples(text, source, edit, weights):
         ("a [+] d", 3, "adds nothing"),
         ("a [+  ] d", 3, "adds nothing"),
         ("a [-] d", 3, "removes nothing"),
+        # A swap whose new words were forgotten is a typo, not a deletion: the error shows how to remove words.
+        ("a big [red->] circle", 7, "'[red->]' names no new words: to remove words, write [-red]; to swap them"),
+        ("a [fluffy ->]teddy bear", 3, "write [-fluffy]"),
+        ("a [\\[x -> ] b", 3, "write [-\\[x]"),  # as typed, escape and all
         ("a (red:1e39) cat", 8, "outside [-100, 100]"),
         ("a (red:-101) cat", 8, "outside [-100, 100]"),
         ("a (red:1e400) cat", 8, "finite"),

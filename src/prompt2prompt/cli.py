@@ -23,8 +23,8 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
 
 import typer  # noqa: E402 (after the environment above)
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 # Only modules that import no torch, at the top: `p2p --help` (and a usage error) answers at once. The engine,
 # the loaders and the recipes (torch, diffusers) are imported inside the commands that run a model.
@@ -102,6 +102,7 @@ OutOption = Annotated[Path, typer.Option(help="Parent folder: each run goes into
 
 WIDE_BLEND = 0.98  # a blend mask covering this share of the image (or more) keeps nothing of the source
 MAX_SHOWN_FAILURES = 20  # failed jobs whose errors `p2p batch` prints; the index has them all
+MAX_SHOWN_LINES = 10  # manifest lines that a warning of `p2p batch` names; it counts the rest
 
 
 class UsageError(ValueError):
@@ -129,11 +130,21 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def _say(label: str, style: str, text: str) -> None:
+    """`label text` on stderr, the label in `style`, the text exactly as given: never read as rich markup, whose
+    escapes would eat a backslash before '[' (prompts and paths hold both) and shift a caret under its column."""
+    console.print(Text.assemble((label, style), " ", text), highlight=False)
+
+
+def _warn(note: str | None) -> None:
+    """`warning: note` (nothing when `note` is None): the run goes ahead."""
+    if note:
+        _say("warning:", "yellow", note)
+
+
 def _print_error(error: Exception | str) -> None:
     """`error: message` on one line; a prompt syntax error keeps its caret under the column, below."""
-    text = str(error) if isinstance(error, PromptSyntaxError) else " ".join(str(error).split())
-    # Escaped: prompts hold brackets that rich would read as markup.
-    console.print(f"[red]error:[/red] {escape(text)}", highlight=False)
+    _say("error:", "red", str(error) if isinstance(error, PromptSyntaxError) else " ".join(str(error).split()))
 
 
 @contextlib.contextmanager
@@ -256,11 +267,16 @@ class _StepBar:
 
 @contextlib.contextmanager
 def _progress(pipe, description: str) -> Iterator[None]:
-    """Show the pipeline's denoising steps as a rich progress bar, on a terminal (elsewhere it leaves a blank line)."""
+    """Show the pipeline's denoising steps as a rich progress bar on a terminal, as tqdm's lines elsewhere (a log,
+    a pipe), as the inversions show theirs."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not console.is_terminal)
 
     def progress_bar(iterable=None, total=None):
+        if not console.is_terminal:
+            from tqdm.auto import tqdm
+
+            return tqdm(iterable, total=total, desc=description)
         if iterable is not None:
             return progress.track(iterable, description=description)
         return _StepBar(progress, description, total)
@@ -448,13 +464,15 @@ def edit(
     More edits: --to 'another prompt' (repeatable). Steps, guidance, windows and
     the blend threshold default to the model's own (the demo model's: 30 steps,
     guidance 5); the command prints those it used. On the demo model (circles,
-    squares, triangles and stars in five colours):
+    squares, triangles and stars in five colours; a word it never saw gets a
+    warning):
       p2p edit "a big [red->purple] circle in the center on a white background"
       p2p edit "a big red [circle->star] in the center on a white background"
     """
     with _user_errors():
         if (prompt is None) == (source_prompt is None):
             raise UsageError("give the source prompt either as the argument or as --prompt, exactly once")
+        from .families.defaults import vocabulary_notice
         from .recipe import file_digest, inversion_available, recipe_for, run_recipe, save_result
 
         _check_numbers(steps, guidance, height, width)
@@ -475,6 +493,13 @@ def edit(
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
             _use_scheduler(editor, scheduler)
+            _warn(vocabulary_notice(editor.defaults.vocabulary, [source, *(spec["prompt"] for spec in specs)]))
+            if image is not None:
+                from .images import fit_note, image_size, load_image
+
+                fitted = fit_note(load_image(image).size, *image_size(editor.pipe, height=height, width=width))
+                if fitted:
+                    _say("note:", "cyan", f"{image}: {fitted}")
             for index, seed in enumerate(run_seeds):  # one model load for every seed; a run folder each
                 used: list[str] = []
                 recipe = recipe_for(
@@ -519,6 +544,7 @@ def attention(
 ) -> None:
     """Per-token cross-attention heatmaps over the generated image, as a grid PNG, in a new folder under --out."""
     with _user_errors():
+        from .families.defaults import vocabulary_notice
         from .recipe import recipe_for, run_recipe
 
         source = parse_prompt(prompt)
@@ -528,6 +554,7 @@ def attention(
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
             _use_scheduler(editor, scheduler)
+            _warn(vocabulary_notice(editor.defaults.vocabulary, [source.source]))
             used = []
             recipe = recipe_for(
                 editor, model_source, used=used, source=source.source, edits=[],
@@ -558,7 +585,7 @@ def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:
 def _say_defaults(used: list[str]) -> None:
     """One line naming the model's defaults a run took (what the user did not set), and where they came from."""
     if used:
-        console.print(f"defaults: {escape('; '.join(used))}", highlight=False)
+        _say("defaults:", "", "; ".join(used))
 
 
 def _run_label(recipe: Recipe) -> str:
@@ -582,7 +609,7 @@ def _report(folder: Path, paths: list[Path], seed: int | None) -> None:
         console.print(f"seed {seed}", highlight=False)
     latest = folder.parent / LATEST
     also = f" (also {latest})" if latest.is_symlink() and os.readlink(latest) == folder.name else ""
-    console.print(f"saved to {escape(str(folder))}{escape(also)}", highlight=False)
+    _say("saved to", "", f"{folder}{also}")
 
 
 @app.command()
@@ -620,7 +647,7 @@ def replay(
     if difference is None:
         console.print(f"identical to {png}, bit for bit", highlight=False)
         return
-    console.print(f"[yellow]differs from {escape(str(png))}[/yellow]: {difference}", highlight=False)
+    _say(f"differs from {png}:", "yellow", difference)
     if check:
         raise typer.Exit(1)
 
@@ -723,17 +750,19 @@ def batch(
 ) -> None:
     """Run a manifest of edits into --out: resumable after any stop, on local workers or a Ray cluster."""
     with _user_errors():
-        from .batch import INDEX, load_manifest, load_score_hook, run_batch
+        from .batch import BROWSE, INDEX, load_manifest, load_score_hook, run_batch
 
         if min_score is not None and not math.isfinite(min_score):  # click parses "nan" and "inf" as floats
             raise UsageError(f"--min-score must be a finite number, not {min_score}")
         jobs = load_manifest(manifest, model=model, skip_invalid=skip_invalid)
         for error in jobs.errors:
-            console.print(f"[yellow]skipped[/yellow] {escape(error)}", highlight=False)
+            _say("skipped", "yellow", error)
+        _warn_unknown_words(jobs.jobs)
         summary = run_batch(jobs, out, workers=workers, ray_address=ray, batch_size=batch_size, device=device,
                             dtype=dtype, score=load_score_hook(score) if score else None, min_score=min_score,
                             allow_pickle=allow_pickle)
     typer.echo(str(out / INDEX))
+    typer.echo(f"browse: {out / BROWSE} (each job's prompt, edits and grid)")
     console.print(f"{summary.done} done, {summary.failed} failed, {summary.skipped} done before; "
                   f"{summary.jobs_per_minute:.1f} jobs/min", highlight=False)
     if summary.failed:
@@ -741,12 +770,32 @@ def batch(
 
         failed = [row for row in read_index(out).values() if row["status"] == "failed"]
         for row in failed[:MAX_SHOWN_FAILURES]:
-            console.print(f"[red]failed[/red] {escape(str(row['id']))} (line {row.get('line')}): "
-                          f"{escape(' '.join(str(row.get('error')).split())[:300])}", highlight=False)
+            error = " ".join(str(row.get("error")).split())[:300]
+            _say("failed", "red", f"{row['id']} (line {row.get('line')}): {error}")
         if len(failed) > MAX_SHOWN_FAILURES:
             console.print(f"... and {len(failed) - MAX_SHOWN_FAILURES} more, in {out / INDEX}", highlight=False)
         console.print("[red]some jobs failed[/red]: run again to retry them", highlight=False)
         raise typer.Exit(1)
+
+
+def _warn_unknown_words(jobs) -> None:
+    """Before a batch runs, one warning a model: the words of its jobs that it never saw, where its folder lists
+    its vocabulary (the demo models; local folders: the workers fetch hub models, not this process)."""
+    from .families.defaults import folder_vocabulary, unknown_words, vocabulary_notice
+    from .loading import DEMO_MODELS
+
+    by_model: dict[str, dict[int, list[str]]] = {}  # model -> manifest line -> its prompts
+    for job in jobs:
+        by_model.setdefault(job.model, {})[job.line] = [job.source, *(edit["prompt"] for edit in job.edits)]
+    for model, prompts in by_model.items():
+        folder = DEMO_MODELS.get(model, Path(model))
+        vocabulary = folder_vocabulary(folder) if folder.is_absolute() else frozenset()
+        lines = [line for line, texts in prompts.items() if unknown_words(vocabulary, texts)]
+        if lines:
+            shown = ", ".join(map(str, lines[:MAX_SHOWN_LINES]))
+            more = f" and {len(lines) - MAX_SHOWN_LINES} more" if len(lines) > MAX_SHOWN_LINES else ""
+            notice = vocabulary_notice(vocabulary, [text for line in lines for text in prompts[line]])
+            _warn(f"{model}, manifest line{'s' if len(lines) > 1 else ''} {shown}{more}: {notice}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: PIE-Bench, and the shapes benchmark in its format.")
@@ -788,7 +837,8 @@ def _bench(data: Path, out: Path, protocol, methods: str, metrics: str, *, types
     result = run_bench(entries, out, methods=chosen, protocol=protocol, metrics=scorer, extra=extra, device=device,
                        dtype=dtype, workers=workers, ray_address=ray)
     table(result, out)
-    typer.echo(str(out / "table.md"))
+    typer.echo((out / "table.md").read_text(encoding="utf-8"))
+    typer.echo(f"written to {out / 'table.md'} (also table.csv, table.json)")
     failed = sum(len(f) for f in result.failed.values())
     if failed:
         console.print(f"[red]{failed} edits failed[/red]: their errors are in each method's results.jsonl; run again "

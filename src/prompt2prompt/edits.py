@@ -15,7 +15,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from .alignment import WordRef, check_words, word_spans
-from .limits import BLEND_START, BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, check_weight
+from .limits import BLEND_START, BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, check_weight, quoted
 from .schedules import CrossSteps, Window, as_window
 
 __all__ = ["MODES", "Edit", "LocalBlend", "Words", "blend_from_dict", "blend_to_dict", "check_edit_words", "edit_from_dict",
@@ -167,6 +167,10 @@ def blend_from_dict(data: Mapping[str, Any]) -> LocalBlend:
     >>> blend_from_dict({"source_words": ["cat"], "edit_words": ["dog"], "start": 0.3}).start
     0.3
     """
+    names = [option.name for option in dataclasses.fields(LocalBlend)]
+    if unknown := sorted(set(data) - set(names), key=str):
+        raise ValueError(f"blend has unknown fields {quoted(', '.join(map(str, unknown)))}; the fields are "
+                         f"{', '.join(names)}")
     options = dict(data)
     return LocalBlend(options.pop("source_words"), options.pop("edit_words"), **options)
 

@@ -10,7 +10,7 @@ from typing import Literal, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .families import family_of
 
@@ -65,6 +65,21 @@ def fit_image(
     if fit == "pad":
         return ImageOps.pad(image, (width, height), method=Image.Resampling.LANCZOS, color=background)
     raise ValueError(f"fit must be 'crop' or 'pad', not {fit!r}")
+
+
+def fit_note(size: tuple[int, int], height: int, width: int, *, fit: Literal["crop", "pad"] = "crop") -> str | None:
+    """What fitting an image of `size` (width, height) to `width` x `height` does, in one line; None: nothing.
+
+    >>> fit_note((256, 192), 64, 64)
+    "the image is 256x192 px: it was resized and centre-cropped to the model's 64x64 px, the size of the results"
+    >>> fit_note((64, 64), 64, 64) is None
+    True
+    """
+    if tuple(size) == (width, height):
+        return None
+    how = "resized" if size[0] * height == size[1] * width else {"crop": "resized and centre-cropped",
+                                                                 "pad": "resized and padded"}[fit]
+    return f"the image is {size[0]}x{size[1]} px: it was {how} to the model's {width}x{height} px, the size of the results"
 
 
 def image_size(pipe, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -147,11 +162,25 @@ def open_image(path: str | PathLike) -> Image.Image:
             f"{Image.MAX_IMAGE_PIXELS} pixels: resize it first"
         ) from None
     except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        if metadata := metadata_too_large(error):
+            raise ValueError(f"'{path}' has {metadata}: save the picture again without its metadata") from None
         raise ValueError(
             f"'{path}' is not an image that can be read ({_one_line(error)}): it is corrupt or in a format Pillow "
             "does not read; use PNG, JPEG, WebP, TIFF or BMP"
         ) from None
     return image
+
+
+def metadata_too_large(error: Exception) -> str | None:
+    """Pillow's refusal of a PNG's oversized metadata, in words (its own message names its internal limits,
+    `MAX_TEXT_MEMORY` and `MAX_TEXT_CHUNK`); None for any other error. Images and recipes are read with it."""
+    text = str(error) if isinstance(error, ValueError) else ""
+    if "MAX_TEXT_MEMORY" in text:
+        return f"metadata too large to read safely (over {PngImagePlugin.MAX_TEXT_MEMORY >> 20} MiB of PNG text chunks)"
+    if "MAX_TEXT_CHUNK" in text:
+        return ("metadata too large to read safely (a compressed PNG text chunk or colour profile that unpacks to "
+                f"over {PngImagePlugin.MAX_TEXT_CHUNK >> 20} MiB)")
+    return None
 
 
 def _one_line(error: Exception) -> str:

@@ -23,12 +23,14 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 
 from .files import write_atomic
 from .edits import edit_from_dict
+from .images import metadata_too_large
 from .families import FAMILIES, MAX_SEQUENCE_LENGTH, family_named, inversion_methods
 from .limits import ALLOW_LARGE, MAX_GUIDANCE, MAX_INNER_STEPS, MAX_STEPS, allow_large, is_finite_number
 from .loading import library_logs, parse_dtype
@@ -40,8 +42,8 @@ __all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "GRID_TILE", "INVERSI
            "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES", "MAX_SIDE", "MAX_STEPS", "MAX_THREADS",
            "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
            "allow_large", "build_edits", "check_edits", "check_finite", "check_guidance", "check_int",
-           "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "inversion_available",
-           "package_version", "read_recipe", "recipe_for", "run_recipe", "save_png", "save_result",
+           "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "grid_labels", "inversion_available",
+           "package_version", "read_recipe", "recipe_for", "run_recipe", "save_grid", "save_png", "save_result",
            "scheduler_config"]
 
 RECIPE_KEY = "prompt2prompt"
@@ -268,7 +270,10 @@ class Recipe:
             raise RecipeError(f"the recipe is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"the recipe is a JSON {type(data).__name__}, not an object")
-        if not _is_int(data.get("format")) or data["format"] != FORMAT:
+        if "format" not in data:
+            raise RecipeError(f"the recipe lacks the field 'format' ({FORMAT} in every recipe p2p writes): it is not "
+                              "a prompt2prompt recipe, or was cut")
+        if not _is_int(data["format"]) or data["format"] != FORMAT:
             raise RecipeError(f"recipe format {_show(data.get('format'))} is not {FORMAT}; replay it with the "
                               f"prompt2prompt version that wrote it ({_show(data.get('package_version', 'unknown'))})")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -352,6 +357,9 @@ class Recipe:
         if self.kind == "attention" and (self.edits or self.record_attention is False):
             raise RecipeError("an attention recipe records attention (record_attention true or a side) and has no "
                               "edits")
+        if self.kind == "edit" and not self.edits:
+            raise RecipeError("edits is empty: an edit recipe holds at least one edit (only an attention recipe, kind "
+                              "'attention', has none)")
         images = 1 if self.kind == "attention" else 1 + len(self.edits)  # and the grid, index None
         if self.image_index is not None and (not _is_int(self.image_index) or not 0 <= self.image_index < images):
             raise RecipeError(f"image_index must be null (the grid) or an index from 0 to {images - 1} of the "
@@ -538,7 +546,8 @@ def _replay_threads(threads: int) -> int:
     return min(threads, cpus)
 
 
-def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: SourceStore | None = None, **edit_kwargs):
+def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: SourceStore | None = None,
+               progress: bool = True, **edit_kwargs):
     """Regenerate a recipe's result with `editor` (its model must be the recipe's), with the recipe's scheduler.
 
     A real input image is inverted first; a relative image path counts from `base_dir`. On the CPU it runs
@@ -547,7 +556,8 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
     `cached_source` runs its edits on a cached source, as it was made (a cached run and a fresh one agree to
     float precision, not always to the last bit). With `sources`, the inversion and the cached source are taken
     from there when another recipe of the same source (everything but the edits) made them, and kept there
-    otherwise: only the edits run. Extra keyword arguments go to `editor.edit`.
+    otherwise: only the edits run. `progress` shows the inversion's progress bar. Extra keyword arguments go to
+    `editor.edit`.
 
     The scheduler and the edits' words are checked before any compute (RecipeError, a ValueError); a result
     with NaN or infinite values raises RuntimeError (see `check_finite`).
@@ -580,7 +590,7 @@ def run_recipe(recipe: Recipe, editor, *, base_dir: str | Path = ".", sources: S
             image = _input_image(recipe, Path(base_dir))
 
             def invert():
-                return editor.invert(image, recipe.source, **settings, **(recipe.inversion or {}))
+                return editor.invert(image, recipe.source, **settings, **(recipe.inversion or {}), progress=progress)
 
             key = ("inversion", recipe.model, recipe.revision, recipe.image["sha256"], recipe.source,
                    json.dumps(recipe.inversion, sort_keys=True), *settings.values(), json.dumps(recipe.scheduler))
@@ -686,8 +696,10 @@ def read_recipe(path: str | Path) -> Recipe:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to twice its limit
             with Image.open(path) as image:
                 text = getattr(image, "text", {}).get(RECIPE_KEY)
-    except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise RecipeError(f"cannot read {str(path)!r} as a PNG: {' '.join(str(error).split())}") from None
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        metadata = metadata_too_large(error)
+        reason = f"it has {metadata}, and p2p's recipes take a few KiB" if metadata else error
+        raise RecipeError(f"cannot read {str(path)!r} as a PNG: {' '.join(str(reason).split())}") from None
     if text is None:
         raise RecipeError(f"{str(path)!r} carries no prompt2prompt recipe; replay a PNG that p2p wrote "
                           "(image editors and some uploads drop PNG text chunks)")
@@ -730,20 +742,40 @@ def edit_label(source: str, spec: dict[str, Any]) -> str:
 
 
 def save_result(images: list[Image.Image], recipe: Recipe, out_dir: str | Path) -> list[Path]:
-    """Write source.png, edit-1.png, ... and grid.png into `out_dir`, each carrying the recipe.
-
-    The grid labels each image with what its edit changes (`edit_label`); small images are enlarged in it, pixel
-    for pixel (nearest neighbour, a whole factor), to at least GRID_TILE px wide.
-    """
-    from prompt2prompt import image_grid
-
+    """Write source.png, edit-1.png, ... and grid.png into `out_dir`, each carrying the recipe (see `save_grid`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = ["source.png"] + [f"edit-{i}.png" for i in range(1, len(images))]
     paths = [save_png(image, out_dir / name, recipe.with_index(i)) for i, (name, image) in enumerate(zip(names, images))]
-    labels = ["source" if recipe.seed is None else f"source (seed {recipe.seed})"]
-    labels += [edit_label(recipe.source, spec) or f"edit {i}" for i, spec in enumerate(recipe.edits, 1)]
+    return [*paths, save_grid(images, recipe, out_dir / "grid.png")]
+
+
+def grid_labels(recipe: Recipe, indices: Sequence[int]) -> list[str]:
+    """The grid's caption of each of a result's images (0: the source row, i: edit i).
+
+    >>> recipe = Recipe(model="demo", family="unet", source="a big red circle", seed=7, num_inference_steps=30,
+    ...                 guidance_scale=5.0, edits=[{"prompt": "a big green circle"}])
+    >>> grid_labels(recipe, [0, 1])
+    ['source (seed 7)', 'red -> green']
+    >>> grid_labels(dataclasses.replace(recipe, seed=None, image={"path": "cat.png", "sha256": "0"}), [0])
+    ['reconstruction']
+    """
+    return [("reconstruction" if recipe.image is not None else "source" if recipe.seed is None
+             else f"source (seed {recipe.seed})") if i == 0
+            else edit_label(recipe.source, recipe.edits[i - 1]) or f"edit {i}" for i in indices]
+
+
+def save_grid(images: list[Image.Image], recipe: Recipe, path: str | Path,
+              indices: Sequence[int] | None = None) -> Path:
+    """Write the labelled grid of a result's images (those at `indices` of the recipe, default all) to `path`.
+
+    The first image is labelled "source (seed N)", or "reconstruction" when it is an inverted real image (the
+    picture after the autoencoder's round trip, not the file); each edit with what it changes (`edit_label`).
+    Small images are enlarged, pixel for pixel (nearest neighbour, a whole factor), to at least GRID_TILE px wide.
+    """
+    from prompt2prompt import image_grid
+
+    labels = grid_labels(recipe, range(len(images)) if indices is None else indices)
     width = images[0].width * math.ceil(GRID_TILE / images[0].width)
     grid = image_grid(images, labels, width=width)
-    paths.append(save_png(grid, out_dir / "grid.png", recipe.with_index(None), size=images[0].size))
-    return paths
+    return save_png(grid, Path(path), recipe.with_index(None), size=images[0].size)

@@ -2,7 +2,7 @@
 
     a [cat->dog] riding a bicycle          replace: source "a cat ...", edit "a dog ..."
     a house on a mountain[+ at winter]     refine: the edit gains " at winter"
-    a [fluffy ->]teddy bear                the edit drops "fluffy " ([- fluffy] says the same)
+    a [- fluffy] teddy bear                the edit drops "fluffy" ([fluffy->] is an error: a forgotten new word)
     a (fluffy:2.5) teddy bear              reweight "fluffy" in the edit by 2.5
 
 A backslash makes the next character literal (``\\[``, ``\\(``, ``\\\\``, ``\\->``). Runs of whitespace collapse to
@@ -127,10 +127,17 @@ class _Parser:
         self.span(self.source, opened, allow_weights=False, arrow=True)
         if not self.text.startswith("->", self.pos):
             raise self.error(self.pos, "expected '->' inside '[...]': write [old->new], [+added] or [-removed]")
+        old = _visible(" ".join(self.text[opened + 1 : self.pos].split()))  # as typed, escapes kept: a fix quotes it
         self.pos += 2
         self.span(self.edit, opened, allow_weights=True, arrow=False)
-        if not ("".join(self.source.chars[source_start:]) + "".join(self.edit.chars[edit_start:])).strip():
+        removed = "".join(self.source.chars[source_start:]).strip()
+        added = "".join(self.edit.chars[edit_start:]).strip()
+        if not (removed or added):
             raise self.error(opened, "'[->]' changes nothing: put the old words before '->' and the new ones after it")
+        if not added:  # a swap whose new words were forgotten would silently delete the old ones
+            old = old if len(old) <= _CONTEXT else "old words"
+            raise self.error(opened, f"'[{old}->]' names no new words: to remove words, write [-{old}]; to swap "
+                                     "them, put the new ones after '->'")
 
     def span(self, out: _Output, opened: int, *, allow_weights: bool, arrow: bool) -> None:
         """Read text into `out` up to the closing ']' (or up to '->' when `arrow`), consuming the ']'."""

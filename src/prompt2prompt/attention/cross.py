@@ -214,6 +214,8 @@ def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, st
         swap = plan.swap[step]
         v_own = torch.where(swap[:, None, None, None], v_mapped, v_own)
         q, k = with_source(q, first, q_s, swap), with_source(k, first, k_s, swap)
+        if mask is not None:  # the source's keys with the source's key mask: its padding gets no probability
+            mask = with_source(mask.expand(q.shape[0], -1, -1, -1), first, mask_s.to(mask.dtype), swap)
     out = F.scaled_dot_product_attention(q, k, torch.cat([v[:first], v_own]), attn_mask=mask)
     if flags.mix:
         n, index = len(flags.mix), plan.mix_index[step]

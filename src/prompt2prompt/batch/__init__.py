@@ -4,8 +4,10 @@ A manifest holds one job per line: a source prompt (or a real image and its capt
 fields of `prompt2prompt.Edit`, and the run's settings. `load_manifest` checks every line before any model
 is loaded; `run_batch` runs the jobs and writes, under its output folder,
 
-- `jobs/<id>/`: `source.png`, `edit-1.png`, ... (each carrying its recipe) and `job.json` (the job's row);
-- `results.jsonl`: one row per job with its status, timings, output paths, or error.
+- `jobs/<id>/`: `source.png`, `edit-1.png`, ... (each carrying its recipe), `grid.png` (labelled as `p2p edit`
+  labels it) and `job.json` (the job's row);
+- `results.jsonl`: one row per job with its prompt, edits, status, timings, output paths, or error;
+- `index.html`: a page to browse the run, each job's prompt, edits and grid (or its error).
 
 A job's folder is assembled in `.staging/` and renamed into `jobs/` in one step, so `jobs/<id>/` exists only
 once all of it is written; the folder, not the index, says that a job is done. A run killed at any moment
@@ -34,11 +36,12 @@ from tqdm.auto import tqdm
 from ..recipe import run_recipe  # noqa: F401 (reached as prompt2prompt.batch.run_recipe, as before the split)
 from .executors import start_executor
 from .manifest import Job, Manifest, ManifestError, ScoreHook, load_manifest, load_score_hook, parse_job, plan_groups
-from .store import INDEX, IndexFile, clear_staging, job_row, locked, publish, read_index, recover, write_index
+from .store import (BROWSE, INDEX, IndexFile, clear_staging, job_row, locked, publish, read_index, recover,
+                    write_browse_page, write_index)
 from .together import edit_together
 from .worker import Outcome, Worker, WorkerConfig
 
-__all__ = ["INDEX", "Job", "Manifest", "ManifestError", "Outcome", "Summary", "Worker", "WorkerConfig", "edit_together",
+__all__ = ["BROWSE", "INDEX", "Job", "Manifest", "ManifestError", "Outcome", "Summary", "Worker", "WorkerConfig", "edit_together",
            "load_manifest", "load_score_hook", "parse_job", "plan_groups", "read_index", "run_batch"]
 
 
@@ -75,6 +78,7 @@ def run_batch(
     score: ScoreHook | None = None,
     min_score: float | None = None,
     progress: bool = True,
+    description: str = "p2p batch",
     allow_pickle: bool = False,
 ) -> Summary:
     """Run every job not yet done in `out`; safe to stop at any moment and to start again.
@@ -92,6 +96,7 @@ def run_batch(
         score: `score(source_image, edited_image, source_prompt, edit_prompt) -> float`, e.g. a CLIP
             directional similarity; recorded per edit in the job's row.
         min_score: edits scoring below it are not written (the job stays done).
+        progress, description: show one progress bar of jobs, so labelled (the jobs' own steps show none).
         allow_pickle: also load pickle (.bin) weights, read with `torch.load(weights_only=True)`; off by default,
             as unpickling can run code (see `loading.load_pipeline`).
 
@@ -118,8 +123,9 @@ def run_batch(
                               min_score=min_score, allow_pickle=allow_pickle)
         counts = {"done": 0, "failed": 0}
         if not todo:
+            write_browse_page(out, index)
             return Summary(0, 0, skipped, time.time() - started, out)
-        bar = tqdm(total=len(job_list), initial=skipped, unit="job", desc="p2p batch", disable=not progress,
+        bar = tqdm(total=len(job_list), initial=skipped, unit="job", desc=description, disable=not progress,
                    dynamic_ncols=True)
         executor = start_executor(config, workers=workers, ray_address=ray_address)
         results = IndexFile(out / INDEX)
@@ -148,6 +154,7 @@ def run_batch(
             bar.close()
             clear_staging(out)
         write_index(out, read_index(out))  # a retried job's earlier rows go
+        write_browse_page(out, read_index(out))
     return Summary(counts["done"], counts["failed"], skipped, time.time() - started, out)
 
 

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import multiprocessing
 import signal
+import sys
 from typing import Any
 
 import torch
@@ -53,6 +54,24 @@ def _kill_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker without its warning about leaked semaphores.
+
+    After a `kill -9` of a run, the tracker (a process of its own) removes the pool's semaphores, as it should,
+    and warns "There appear to be N leaked semaphore objects to clean up at shutdown", which reads like damage
+    though nothing was lost. The tracker takes its warning filters from this process's `-W` options when it
+    starts; a tracker already running keeps its own.
+    """
+    from multiprocessing import resource_tracker
+
+    option = "ignore:resource_tracker:UserWarning"
+    sys.warnoptions.append(option)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(option)
+
+
 def _pool_init(config: WorkerConfig, counter) -> None:
     global _POOL_WORKER
     _kill_with_parent()
@@ -80,6 +99,7 @@ class PoolExecutor:
         self._start()
 
     def _start(self) -> None:
+        _quiet_resource_tracker()
         context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
         self.pool = futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_pool_init,
                                                 initargs=(self.config, context.Value("i", 0)))

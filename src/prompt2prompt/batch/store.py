@@ -1,7 +1,9 @@
 """The output folder of a batch run: its lock, its results index, and the publication of each job's folder.
 
-    jobs/<id>/       source.png, edit-1.png, ... (each carrying its recipe) and job.json (the job's row)
+    jobs/<id>/       source.png, edit-1.png, ... (each carrying its recipe), grid.png (labelled as `p2p edit`
+                     labels it) and job.json (the job's row)
     results.jsonl    one row per job: its status, timings, output paths, or error
+    index.html       a page to browse the run: each job's prompt, edits and grid, or its error
     .staging/        where a job's folder is assembled before its rename into jobs/
     .lock            held by the run writing to the folder
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import html
 import json
 import os
 import shutil
@@ -25,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text_atomic
-from ..recipe import save_png
+from ..recipe import edit_label, save_grid, save_png
 from .manifest import Job
 from .worker import Outcome, describe_error
 
-__all__ = ["INDEX", "JOBS", "LOCK", "STAGING", "IndexFile", "clear_staging", "image_name", "job_row", "locked", "publish",
-           "read_index", "recover", "write_index"]
+__all__ = ["BROWSE", "GRID", "INDEX", "JOBS", "LOCK", "STAGING", "IndexFile", "clear_staging", "image_name", "job_row",
+           "locked", "publish", "read_index", "recover", "write_browse_page", "write_index"]
 
 INDEX = "results.jsonl"
+BROWSE = "index.html"
+GRID = "grid.png"
 JOBS = "jobs"
 STAGING = ".staging"
 LOCK = ".lock"
@@ -135,9 +140,13 @@ def job_row(job: Job, outcome: Outcome | None, error: BaseException | None = Non
     """A job's index row: from its outcome, or, without one, from the error that killed its worker."""
     if outcome is None:
         now = time.time()
-        return {"id": job.id, "line": job.line, "status": "failed", "error": describe_error(error), "started": _now(now),
+        return {"id": job.id, "line": job.line, "source": job.source,
+                "edits": [edit_label(job.source, spec) or spec["prompt"] for spec in job.edits],
+                "status": "failed", "error": describe_error(error), "started": _now(now),
                 "finished": _now(now), "seconds": 0.0, "batch": 0, "worker": None, "paths": []}
-    row = {"id": job.id, "line": job.line, "status": outcome.status, "error": outcome.error,
+    row = {"id": job.id, "line": job.line, "source": job.source,
+           "edits": [edit_label(job.source, spec) or spec["prompt"] for spec in job.edits],
+           "status": outcome.status, "error": outcome.error,
            "started": _now(outcome.started), "finished": _now(outcome.finished),
            "seconds": round(outcome.finished - outcome.started, 4), "batch": outcome.batch, "worker": outcome.worker,
            "paths": [f"{JOBS}/{job.id}/{image_name(i)}" for i in outcome.indices]}
@@ -154,9 +163,38 @@ def publish(out: Path, job: Job, outcome: Outcome, row: dict[str, Any]) -> None:
     staging.mkdir(parents=True)
     for index, image in zip(outcome.indices, outcome.images):
         save_png(image, staging / image_name(index), outcome.recipe.with_index(index))
+    save_grid(outcome.images, outcome.recipe, staging / GRID, outcome.indices)
     (staging / "job.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
     final.parent.mkdir(exist_ok=True)
     os.rename(staging, final)  # a job is published once: done jobs are never run again
+
+
+def write_browse_page(out: Path, index: dict[str, dict[str, Any]]) -> Path:
+    """Write index.html: one table row per job (in manifest order) with its prompt, edits and grid, or its error."""
+    rows = []
+    for row in sorted(index.values(), key=lambda row: (row.get("line") or 0, row["id"])):
+        job_id = html.escape(row["id"])
+        edits = "".join(f"<li>{html.escape(str(edit))}</li>" for edit in row.get("edits") or [])
+        if row["status"] == "done":
+            result = (f'<a href="{JOBS}/{job_id}/"><img src="{JOBS}/{job_id}/{GRID}" alt="grid of {job_id}" '
+                      f'loading="lazy"></a>')
+        else:
+            result = f'<span class="error">{html.escape(str(row.get("error")))}</span>'
+        rows.append(f"<tr><td>{row.get('line')}</td><td><code>{job_id}</code></td>"
+                    f"<td class=\"prompt\">{html.escape(str(row.get('source', '')))}</td><td><ul>{edits}</ul></td>"
+                    f"<td>{row['status']}, {row.get('seconds', 0):.1f} s</td><td>{result}</td></tr>")
+    done = sum(row["status"] == "done" for row in index.values())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>p2p batch: {html.escape(out.name)}</title>
+<style>body{{font-family:sans-serif;margin:1em}} td{{vertical-align:top;padding:4px 8px;border-bottom:1px solid #ddd}}
+img{{max-height:12em;image-rendering:pixelated}} ul{{margin:0;padding-left:1.2em}} li{{white-space:nowrap}}
+.prompt{{min-width:14em;max-width:24em}} .error{{color:#b00}}</style></head>
+<body><h1>p2p batch: {html.escape(out.name)}</h1><p>{done} of {len(index)} jobs done; rows from {INDEX}.</p>
+<table><tr><th>line</th><th>job</th><th>source prompt</th><th>edits</th><th>status</th><th>result</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    return write_text_atomic(out / BROWSE, page)
 
 
 class IndexFile:

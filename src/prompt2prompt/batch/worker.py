@@ -139,7 +139,8 @@ class Worker:
     def _forward(self, editor, recipes: list) -> list[Any]:
         """Per recipe, its images as an (P, H, W, 3) array in [0, 1], or the exception that its job raised."""
         if len(recipes) == 1:
-            return [run_recipe(recipes[0], editor, output_type="np").images]
+            # The batch's bar counts jobs; a bar of each job's inversion under it would garble it (and logs).
+            return [run_recipe(recipes[0], editor, output_type="np", progress=False).images]
         return edit_together(editor, recipes)
 
     def _outcome(self, job: Job, recipe, result, started: float, finished: float, batch: int) -> Outcome:

@@ -48,6 +48,19 @@ HEADERS = {"structure_distance": "Structure x10^3 (lower)", "psnr": "PSNR (highe
            "mse": "MSE x10^4 (lower)", "ssim": "SSIM x10^2 (higher)", "clip_whole": "CLIP whole (higher)",
            "clip_edited": "CLIP edited (higher)", "success": "attribute success % (higher)",
            "seconds": "seconds per image"}
+# What each column measures, under the table: a reader of table.md should not need the docs to read it.
+MEANINGS = {
+    "structure_distance": "DINO self-similarity distance between the source image and the edit, whole images",
+    "psnr": "on the unedited region: both images outside the edit mask (the mask's pixels blacked out)",
+    "lpips": "on the unedited region, as PSNR", "mse": "on the unedited region, as PSNR",
+    "ssim": "on the unedited region, as PSNR",
+    "clip_whole": "CLIP score of the whole edited image against the editing prompt",
+    "clip_edited": "CLIP score of the edit mask's region against the editing prompt",
+    "success": ("share of edits whose image, read by the shapes world's scene parser, shows what the caption "
+                "changed: the new colour, shape or background; a removed object gone; an added object separate, "
+                "of the asked colour and shape, with the first object kept"),
+    "seconds": "wall time of one entry's job: its inversion and its edit",
+}
 
 
 @dataclass
@@ -96,11 +109,12 @@ def run_bench(entries: Sequence[Entry], out: str | Path, *, methods: Sequence[st
                 "entries": len(entries), "resize": None}
     rows: dict[str, dict[str, dict[str, float]]] = {}
     failed: dict[str, dict[str, str]] = {}
-    for method in methods:
+    for number, method in enumerate(methods, 1):
         folder = out / method
         jobs = [parse_job(_job(entry, method, protocol), line=i, base=out, model=protocol.model)
                 for i, entry in enumerate(entries, 1)]
-        run_batch(jobs, folder, workers=workers, ray_address=ray_address, device=device, dtype=dtype, progress=progress)
+        run_batch(jobs, folder, workers=workers, ray_address=ray_address, device=device, dtype=dtype, progress=progress,
+                  description=f"{LABELS.get(method, method)} ({number}/{len(methods)})")
         index = read_index(folder)
         rows[method], failed[method] = {}, {}
         for entry in entries:
@@ -202,6 +216,7 @@ def _markdown(data: dict[str, Any]) -> str:
     if failures:
         lines.append("Failed: " + "; ".join(f"{LABELS.get(m, m)}: {len(f)}" for m, f in failures.items()))
         lines.append("")
+    lines += [f"- {HEADERS[c]}: {MEANINGS[c]}." for c in columns] + [""]
     return "\n".join(lines)
 
 

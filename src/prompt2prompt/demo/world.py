@@ -101,6 +101,17 @@ class Rendered:
     masks: np.ndarray  # (num_objects, 64, 64) bool: the pixels where that object is visible
 
 
+def vocabulary() -> list[str]:
+    """Every word of the world's captions, sorted: all that a model trained on them knows (its prompt2prompt.json
+    lists them, so that a front end can say which words of a prompt the model never saw)."""
+    objects = [Obj(shape, color, size, position) for shape in SHAPES for color in COLORS for size in SIZES
+               for position in (*POSITIONS, None)]
+    scenes = [Scene((objects[0], objects[-1]), background, gradient) for background in BACKGROUNDS
+              for gradient in (False, True)]
+    return sorted({word for text in [*(obj.phrase() for obj in objects), *(s.caption() for s in scenes)]
+                   for word in text.split()})
+
+
 def is_held_out(scene: Scene) -> bool:
     """Whether the scene's caption belongs to the held-out tenth of captions, never used in training.
 

@@ -3,9 +3,10 @@
 They come from three places, in order: the model's own `prompt2prompt.json` (beside its `model_index.json`; the
 demo model ships one), its family (Stable Diffusion's 50 steps and guidance 7.5, Flux's 28 and 3.5, ...), and the
 paper (cross-attention 0.8, self-attention 0.4, blend threshold 0.3). A model file may also name words whose swaps
-need other windows (the demo model's shape words: a shape swap takes only with a short cross-attention window), and
-the layers an `Editor` of it uses when not told (`Editor`'s layer keywords: `blend_res` and `self_replace_max_res` on
-UNet models, `cross_blocks`, `self_blocks` and `record_blocks` on MM-DiT models).
+need other windows (the demo model's shape words: a shape swap takes only with a short cross-attention window), the
+layers an `Editor` of it uses when not told (`Editor`'s layer keywords: `blend_res` and `self_replace_max_res` on
+UNet models, `cross_blocks`, `self_blocks` and `record_blocks` on MM-DiT models), and, for a model trained on a
+closed set of captions (the demo models), its `vocabulary`: the front ends name the words of a prompt outside it.
 
 The front ends (CLI, web app, batch, recipes) fill what the user left out from these and say which they used; the
 Python `Edit` and `LocalBlend` keep the paper's defaults, as the contract states them.
@@ -16,14 +17,15 @@ A `prompt2prompt.json`:
      "blend_threshold": 0.8,
      "word_windows": [{"name": "shape swap", "words": ["circle", "star"], "cross_steps": 0.5, "self_steps": 0.0}],
      "layers": {"blend_res": 8},
-     "example": ["a big red circle in the center", "a big purple circle in the center"]}
+     "example": ["a big red circle in the center", "a big purple circle in the center"],
+     "vocabulary": ["a", "big", "blue", "center", "circle", "in", "purple", "red", "the", ...]}
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,11 @@ from ..limits import BLEND_THRESHOLD, CROSS_STEPS, SELF_STEPS, check_fraction, c
 
 DEFAULTS_FILE = "prompt2prompt.json"
 FIELDS = ("num_inference_steps", "guidance_scale", "cross_steps", "self_steps", "blend_threshold")
-_FILE_FIELDS = (*FIELDS, "word_windows", "layers", "example", "notes")
+_FILE_FIELDS = (*FIELDS, "word_windows", "layers", "example", "vocabulary", "notes")
 LAYER_FIELDS = ("self_replace_max_res", "blend_res", "cross_blocks", "self_blocks", "record_blocks")  # Editor's keywords
 EXAMPLE = ("a cat riding a bicycle", "a dog riding a bicycle")  # a source and an edit, for a form's placeholders
 _WORD = re.compile(r"[\w'-]+")
+MAX_SHOWN_WORDS = 10  # unknown words a notice names; it counts the rest
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ModelDefaults:
     layers: Mapping[str, Any] = field(default_factory=dict)  # Editor layer keyword -> value, for those not given
     origin: Mapping[str, str] = field(default_factory=dict)  # field -> "the model's prompt2prompt.json", ...
     example: tuple[str, str] = EXAMPLE  # a source prompt and an edit the model draws (the web app's placeholders)
+    vocabulary: frozenset[str] = frozenset()  # every word the model was trained on, lowercased; empty: not known
 
     def windows_for(self, source: str, prompt: str) -> tuple[float, float, str | None]:
         """(cross_steps, self_steps, rule) for an edit of `source` into `prompt` that gives no windows; `rule` names
@@ -88,6 +92,40 @@ def _words(text: str) -> set[str]:
     return {word.lower() for word in _WORD.findall(text)}
 
 
+def unknown_words(vocabulary: frozenset[str], prompts: Iterable[str]) -> list[str]:
+    """The words of `prompts` outside a model's `vocabulary`, lowercased, once each, in order (none when the
+    vocabulary is empty: not known).
+
+    >>> unknown_words(frozenset({"a", "red", "circle"}), ["a red circle", "a light red circle"])
+    ['light']
+    """
+    if not vocabulary:
+        return []
+    found = [word for prompt in prompts for word in _WORD.findall(prompt.lower())]
+    return list(dict.fromkeys(word for word in found if word not in vocabulary))
+
+
+def vocabulary_notice(vocabulary: frozenset[str], prompts: Iterable[str]) -> str | None:
+    """One line naming the words of `prompts` that a model of this `vocabulary` never saw; None when it knows them
+    all or lists no vocabulary. The front ends show it as a warning: the run goes ahead."""
+    unknown = unknown_words(vocabulary, prompts)
+    if not unknown:
+        return None
+    many = len(unknown) > 1
+    words = ", ".join(repr(word) for word in unknown[:MAX_SHOWN_WORDS])
+    more = f" and {len(unknown) - MAX_SHOWN_WORDS} more" if len(unknown) > MAX_SHOWN_WORDS else ""
+    return (f"the model was never trained on the word{'s' if many else ''} {words}{more}, so it may ignore "
+            f"{'them' if many else 'it'} or draw something else; its words are {', '.join(sorted(vocabulary))} "
+            f"(the vocabulary in its {DEFAULTS_FILE})")
+
+
+def folder_vocabulary(folder: str | Path) -> frozenset[str]:
+    """The vocabulary that the `prompt2prompt.json` in a model's `folder` lists (empty: it lists none, or has no
+    such file); for a front end that checks prompts before it loads the model."""
+    path = Path(folder) / DEFAULTS_FILE
+    return read_defaults_file(path).get("vocabulary", frozenset()) if path.is_file() else frozenset()
+
+
 def model_defaults(family, folder: str | Path | None) -> ModelDefaults:
     """The defaults of a model of `family` (a `Family` class or instance) whose files are in `folder` (None: none)."""
     values: dict[str, Any] = {"num_inference_steps": family.default_steps, "guidance_scale": family.default_guidance}
@@ -100,9 +138,11 @@ def model_defaults(family, folder: str | Path | None) -> ModelDefaults:
         rules = data.pop("word_windows")
         example = data.pop("example", EXAMPLE)
         layers = data.pop("layers", {})
+        vocabulary = data.pop("vocabulary", frozenset())
         values |= data
         origin |= {name: f"the model's {DEFAULTS_FILE}" for name in data}
-        return ModelDefaults(**values, word_windows=rules, layers=layers, origin=origin, example=example)
+        return ModelDefaults(**values, word_windows=rules, layers=layers, origin=origin, example=example,
+                             vocabulary=vocabulary)
     return ModelDefaults(**values, word_windows=rules, origin=origin)
 
 
@@ -136,6 +176,8 @@ def read_defaults_file(path: Path) -> dict[str, Any]:
                                                                              for p in example)):
                 raise ValueError("example must be [source prompt, edit prompt]")
             out["example"] = tuple(example)
+        if "vocabulary" in data:
+            out["vocabulary"] = _vocabulary(data["vocabulary"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"the model's defaults {where}: {error}") from None
     return out
@@ -154,6 +196,13 @@ def _word_windows(rule: Any, index: int) -> WordWindows:
     return WordWindows(name=name, words=frozenset(w.strip().lower() for w in words),
                        cross_steps=check_fraction(rule["cross_steps"], f"{what}.cross_steps"),
                        self_steps=check_fraction(rule["self_steps"], f"{what}.self_steps"))
+
+
+def _vocabulary(words: Any) -> frozenset[str]:
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and _WORD.fullmatch(w) for w in words):
+        raise ValueError("vocabulary must be a non-empty list of words (letters, digits, ' and -), e.g. [\"a\", "
+                         "\"red\", \"circle\"]")
+    return frozenset(word.lower() for word in words)
 
 
 def _layers(layers: Any) -> dict[str, Any]:
