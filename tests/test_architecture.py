@@ -13,7 +13,18 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
 
-FAMILY_NAMES = {"unet", "sd3", "flux", "mmdit"}  # as recipes record them, and the old "mmdit" branch
+from prompt2prompt.families import FAMILIES
+
+FAMILY_NAMES = {family.name for family in FAMILIES} | {"mmdit"}  # as recipes record them, and the old "mmdit" branch
+# Keyword and tensor names of the pipelines' text inputs: only a family knows which of them its pipeline takes.
+TENSOR_NAMES = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+                "add_text_embeds", "add_time_ids", "text_embeds", "time_ids", "prompt_attention_mask",
+                "negative_prompt_attention_mask", "encoder_attention_mask", "txt_ids", "img_ids"}
+# The documented layers (docs/development.md, "Package layout"), top first: a module imports its own layer and the
+# layers above it only. The package's root re-exports the public API lazily, for the front ends.
+LAYERS = (("limits",), ("alignment", "schedules"), ("edits",), ("attention",), ("families",),
+          ("images", "visualize", "files", "loading"), ("inversion",), ("engine",), ("recipe", "syntax"),
+          ("", "cli", "webapp", "batch", "bench", "demo"))
 # Attributes that tell one kind of pipeline from another (a UNet, a transformer, SDXL's and SD3's extra encoders).
 MODEL_ATTRIBUTES = {"unet", "transformer", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}
 # Objects that are diffusers' by this package's naming: a private attribute of one is a diffusers private name.
@@ -139,13 +150,31 @@ def kind_checks(root: Path) -> list[str]:
                 found.append((*where, f"{node.func.id} of {node.args[1].value}"))
             if isinstance(node, ast.Attribute) and node.attr in MODEL_ATTRIBUTES:
                 found.append((*where, f"reads .{node.attr}"))
+            if isinstance(node, ast.Constant) and node.value in TENSOR_NAMES:
+                found.append((*where, f"names the pipeline input {node.value!r}"))
             if isinstance(node, ast.Compare):
-                for operand in [node.left, *node.comparators]:
+                operands = [node.left, *node.comparators]
+                operands += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts]
+                for operand in operands:  # `name == "flux"`, `name in ("pixart", "chroma")`
                     if isinstance(operand, ast.Constant) and operand.value in FAMILY_NAMES:
                         found.append((*where, f"compares with {operand.value!r}"))
                     if isinstance(operand, ast.Attribute) and operand.attr == "__name__" and _is_model_type(operand.value):
                         found.append((*where, "compares a model's class name"))
     return [f"{rel}:{line}: {what}" for rel, line, what in sorted(set(found))]
+
+
+def layer_violations(root: Path) -> list[str]:
+    """"a -> b" for every import of a lower layer's module (or of a module in no layer), by `LAYERS`."""
+    def layer(module: str) -> int | None:
+        top = module.split(".")[1] if "." in module else ""
+        return next((i for i, names in enumerate(LAYERS) if top in names), None)
+
+    found = []
+    for module, targets in sorted(import_graph(root).items()):
+        for target in sorted(targets):
+            if layer(module) is None or layer(target) is None or layer(target) > layer(module):
+                found.append(f"{module} -> {target}")
+    return found
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -172,6 +201,18 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path)
     assert find_cycle(import_graph(pkg)) is None
 
 
+def test_each_module_imports_only_its_own_layer_and_the_layers_above():
+    assert len(import_graph(PACKAGE)) > 30
+    assert layer_violations(PACKAGE) == []
+
+
+def test_the_layer_check_finds_an_import_of_a_lower_layer_and_an_unplaced_module(tmp_path):
+    pkg = _write(tmp_path, {"__init__.py": "", "limits.py": "def f():\n    from .engine import editor\n",
+                            "engine/__init__.py": "", "engine/editor.py": "from ..limits import f\n",
+                            "extras.py": "from . import limits\n"})
+    assert layer_violations(pkg) == ["pkg.extras -> pkg.limits", "pkg.limits -> pkg.engine.editor"]
+
+
 def test_nothing_outside_families_asks_which_model_it_has():
     assert kind_checks(PACKAGE) == []
 
@@ -188,7 +229,9 @@ def test_the_kind_check_finds_each_kind_of_question(tmp_path):
                      "        return pipe.unet\n"
                      "    if type(pipe).__name__ == 'FluxPipeline':\n"
                      "        return pipe._execution_device\n"
-                     "    from diffusers.models.transformers.transformer_flux import _get_qkv_projections\n"),
+                     "    from diffusers.models.transformers.transformer_flux import _get_qkv_projections\n"
+                     "    if family.name in ('pixart', 'chroma'):\n"
+                     "        return {'add_text_embeds': pipe.unet}\n"),
     })
     found = kind_checks(pkg)
     assert found == [
@@ -200,4 +243,8 @@ def test_the_kind_check_finds_each_kind_of_question(tmp_path):
         "front.py:6: compares a model's class name",
         "front.py:7: diffusers private name _execution_device",
         "front.py:8: diffusers private import",
+        "front.py:9: compares with 'chroma'",
+        "front.py:9: compares with 'pixart'",
+        "front.py:10: names the pipeline input 'add_text_embeds'",
+        "front.py:10: reads .unet",
     ]

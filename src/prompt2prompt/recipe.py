@@ -773,7 +773,7 @@ def save_grid(images: list[Image.Image], recipe: Recipe, path: str | Path,
     picture after the autoencoder's round trip, not the file); each edit with what it changes (`edit_label`).
     Small images are enlarged, pixel for pixel (nearest neighbour, a whole factor), to at least GRID_TILE px wide.
     """
-    from prompt2prompt import image_grid
+    from .visualize import image_grid
 
     labels = grid_labels(recipe, range(len(images)) if indices is None else indices)
     width = images[0].width * math.ceil(GRID_TILE / images[0].width)

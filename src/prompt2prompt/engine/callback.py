@@ -18,13 +18,6 @@ if TYPE_CHECKING:
     from .editor import PreparedRun
 
 
-def swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, rows: int) -> torch.Tensor:
-    """Replace the unconditional half of [uncond..., cond...] embeddings (`rows` each) with the inversion's."""
-    if embeds.shape[0] != 2 * rows:  # no classifier-free guidance: there is no unconditional half
-        return embeds
-    return torch.cat([uncond.to(embeds).expand(rows, *embeds.shape[1:]), embeds[rows:]])
-
-
 class StepCallback:
     """The step-end callback of one run, in the shape of diffusers' `PipelineCallback`.
 
@@ -61,12 +54,8 @@ class StepCallback:
             state.step = step_index(k + 1, order, n)
             if cache is not None:
                 state.source = cache.evaluation(k + 1, run.latents.device)
-            inversion = run.inversion
-            if inversion is not None and inversion.uncond_embeddings is not None:
-                rows = len(run.prompts) - (cache is not None)
-                outputs["prompt_embeds"] = swap_uncond(kwargs["prompt_embeds"], inversion.uncond_embeddings[state.step], rows)
-                if inversion.uncond_pooled is not None and "add_text_embeds" in kwargs:
-                    outputs["add_text_embeds"] = swap_uncond(kwargs["add_text_embeds"], inversion.uncond_pooled[state.step], rows)
+            rows = len(run.prompts) - (cache is not None)
+            outputs |= self.family.step_text_inputs(kwargs, run.inversion, state.step, rows)
         if self.user_callback is not None:
             outputs.update(self.user_callback(pipe, k, t, {**kwargs, **outputs}) or {})
         return outputs

@@ -34,8 +34,7 @@ from .callback import StepCallback
 ATTENTION = ("fused", "explicit")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Arguments the editor sets itself; passing them through would silently fight the edit.
-_RESERVED = {
-    "prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+_RESERVED = {  # and the family's text inputs (`Family.text_inputs`)
     "num_images_per_prompt", "callback_on_step_end_tensor_inputs", "return_dict", "latents", "height", "width",
     "num_inference_steps", "guidance_scale", "output_type",
 }
@@ -251,7 +250,7 @@ class Editor:
         Runs in one batch must share steps, guidance, size and pipeline keywords, and have no inversion and no
         cache. Returns an EditResult, or one per run.
         """
-        _check_reserved(pipeline_kwargs)
+        _check_reserved(pipeline_kwargs, self.family)
         _check_output_type(output_type)
         self.family.check_call_kwargs(dict(pipeline_kwargs), None)
         if isinstance(run_or_runs, PreparedRun):
@@ -302,7 +301,7 @@ class Editor:
         for e in edits:
             if not isinstance(e, Edit):
                 raise TypeError(f"edits must be Edit objects or prompt strings, not {e!r}")
-        _check_reserved(pipeline_kwargs)
+        _check_reserved(pipeline_kwargs, self.family)
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
         check_seed(seed)
@@ -549,8 +548,8 @@ class _Group:
     tensor_inputs: list[str]
 
 
-def _check_reserved(pipeline_kwargs: Mapping[str, Any]) -> None:
-    reserved = sorted(_RESERVED & set(pipeline_kwargs))
+def _check_reserved(pipeline_kwargs: Mapping[str, Any], family: Family) -> None:
+    reserved = sorted((_RESERVED | set(family.text_inputs)) & set(pipeline_kwargs))
     if reserved:
         raise ValueError(f"{reserved} are set by the editor and cannot be passed through")
 

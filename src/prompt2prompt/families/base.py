@@ -215,6 +215,15 @@ class Family:
         """The step callback's tensor inputs a run needs."""
         return ["latents"]
 
+    # The pipeline's text inputs: the editor builds every call's text itself, so a caller may not pass them.
+    text_inputs: ClassVar[tuple[str, ...]] = ("prompt", "prompt_embeds", "negative_prompt_embeds",
+                                              "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def step_text_inputs(self, inputs: dict[str, Any], inversion, step: int, rows: int) -> dict[str, Any]:
+        """The step callback's text inputs for `step`, where an inversion replaces the unconditional text at every
+        step (null-text's embeddings); `inputs` are the callback's, `rows` the prompts of each half. None here."""
+        return {}
+
     def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
         """Refuse pipeline keywords an edit cannot honour, or that the pipeline does not take (diffusers' pipelines
         swallow unknown keywords silently); subclasses may set those an inversion fixes."""

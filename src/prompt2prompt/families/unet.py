@@ -162,6 +162,15 @@ class UNetFamily(Family):
             names.append("add_text_embeds")
         return names
 
+    def step_text_inputs(self, inputs: dict[str, Any], inversion, step: int, rows: int) -> dict[str, Any]:
+        """Null-text inversion's unconditional embedding of `step` (and SDXL's pooled one) in the unconditional half."""
+        if inversion is None or inversion.uncond_embeddings is None:
+            return {}
+        out = {"prompt_embeds": swap_uncond(inputs["prompt_embeds"], inversion.uncond_embeddings[step], rows)}
+        if inversion.uncond_pooled is not None and "add_text_embeds" in inputs:
+            out["add_text_embeds"] = swap_uncond(inputs["add_text_embeds"], inversion.uncond_pooled[step], rows)
+        return out
+
     def inversion_scheduler(self):
         """An inversion is exact for the DDIM step it was made with."""
         from diffusers import DDIMScheduler
@@ -240,3 +249,10 @@ def _size_for(res, what: str, sizes, allowed: set[int], default) -> tuple[int, i
         with_cross = [max(sizes[i]) for i in sorted(allowed)]
         raise ValueError(f"{what}: the model has no cross-attention at side {max(size)}; it has it at {with_cross}")
     return size
+
+
+def swap_uncond(embeds: torch.Tensor, uncond: torch.Tensor, rows: int) -> torch.Tensor:
+    """Replace the unconditional half of [uncond..., cond...] embeddings (`rows` each) with the inversion's."""
+    if embeds.shape[0] != 2 * rows:  # no classifier-free guidance: there is no unconditional half
+        return embeds
+    return torch.cat([uncond.to(embeds).expand(rows, *embeds.shape[1:]), embeds[rows:]])
