@@ -1,10 +1,16 @@
 """The web app, driven through Debian's chromium with Playwright (never a downloaded browser)."""
 
+import base64
+import doctest
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -135,14 +141,24 @@ def test_edit_rows_are_added_and_removed(page):
     page.wait_for_selector("#edit-2 textarea", state="hidden")
 
 
-def test_engine_errors_are_shown_not_raised(page):
+def test_engine_errors_replace_the_status_line_and_keep_the_last_result(page):
+    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
     page.fill("#source textarea", "a cat")
     page.fill("#edit-1 textarea", "a dog")
     page.get_by_label("Reweight words").first.fill("unicorn")
     page.keyboard.press("Enter")
     page.click("#run")
-    page.wait_for_selector(".toast-body:has-text(\"the word 'unicorn' is not in the prompt 'a dog'\")", timeout=60_000)
+    page.wait_for_selector("#status .error:has-text(\"the word 'unicorn' is not in the prompt 'a dog'\")",
+                           timeout=60_000)
     assert "Saved to" not in page.inner_text("#status")
+    _assert_the_last_result_stays(page)
+
+
+def _assert_the_last_result_stays(page) -> None:
+    """The last run's images and downloads are still shown, with no "Error" over them and no toast."""
+    assert page.locator("#gallery img").count() == 2 and page.locator("#downloads a[download]").count() == 3
+    assert page.locator(".toast-body").count() == 0
+    assert "Error" not in page.inner_text("#gallery") + page.inner_text("#downloads")
 
 
 def test_real_image_upload_is_inverted_and_recorded(page, server, tmp_path):
@@ -214,7 +230,8 @@ def test_a_forged_request_cannot_make_the_app_read_a_server_path(server):
                 *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
         joined = httpx.post(f"{app.local_url}gradio_api/queue/join",
                             json={"data": data, "fn_index": run["id"], "session_hash": session})
-        assert joined.status_code == 200
+        if joined.status_code != 200:  # refused before it joins the queue
+            return False
         with httpx.stream("GET", f"{app.local_url}gradio_api/queue/data?session_hash={session}", timeout=120) as events:
             return next(json.loads(line[5:]) for line in events.iter_lines() if "process_completed" in line)["success"]
 
@@ -255,7 +272,8 @@ def test_a_file_that_is_no_image_gets_the_apps_message_not_a_bare_error(page, tm
     notes.write_text("not an image")
     page.click("text=Real image")
     page.set_input_files("input[type=file]", str(notes))
-    page.wait_for_selector(".toast-body:has-text('the upload is not an image that can be read')", timeout=60_000)
+    page.wait_for_selector("#status .error:has-text('the upload is not an image that can be read')", timeout=60_000)
+    assert page.locator(".toast-body").count() == 0
 
 
 def test_a_diverged_run_is_an_error_and_leaves_no_folder(page, server, monkeypatch):
@@ -269,8 +287,21 @@ def test_a_diverged_run_is_an_error_and_leaves_no_folder(page, server, monkeypat
     page.fill("#source textarea", "a cat")
     page.fill("#edit-1 textarea", "a dog")
     page.click("#run")
-    page.wait_for_selector(".toast-body:has-text('the result has NaN/inf values')", timeout=60_000)
+    page.wait_for_selector("#status .error:has-text('the result has NaN/inf values')", timeout=60_000)
     assert set(out.iterdir()) == before
+
+
+def test_an_upload_error_stays_in_the_status_line_until_a_good_upload(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    app = webapp.build_app(["demo"], out_dir=tmp_path / "out")
+    show = next(fn for fn in app.fns.values() if fn.name == "show_upload")
+    notes, photo = tmp_path / "notes.png", tmp_path / "photo.png"
+    notes.write_text("not an image")
+    Image.new("RGB", (64, 64)).save(photo)
+    preview, said = show.fn(str(notes), "Seed 1. Saved to `run`.")
+    assert preview is None and said.startswith('<div class="error">the upload is not an image that can be read')
+    assert show.fn(str(photo), said) == (str(photo), "")  # the error goes
+    assert show.fn(str(photo), "Seed 1. Saved to `run`.") == (str(photo), gr.skip())  # the last run's line stays
 
 
 def test_a_decompression_bomb_upload_is_refused_before_decoding(tmp_path):
@@ -368,27 +399,56 @@ def test_the_gallery_shows_whole_images_and_the_heatmaps_their_tokens(page):
     _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
     _assert_whole(page, "#gallery img")
     page.get_by_role("tab", name="Attention").click()
-    page.wait_for_selector("#heatmaps img")
-    labels = page.locator("#heatmaps .caption-label").all_inner_texts()
-    assert labels == "a cat riding a bicycle a dog riding a bicycle".split()
-    _assert_whole(page, "#heatmaps img")
+    page.wait_for_selector("#heatmaps-1 img")
+    assert "least" in page.inner_text("#heat-scale") and page.locator("#heat-scale img").is_visible()
+    for i, (label, words) in enumerate([("source: a cat riding a bicycle", "a cat riding a bicycle"),
+                                        ("edit 1: cat -> dog", "a dog riding a bicycle")]):
+        assert page.get_by_test_id("block-label").get_by_text(label, exact=True).count() == 1
+        assert page.locator(f"#heatmaps-{i} .caption-label").all_inner_texts() == words.split()
+        _assert_whole(page, f"#heatmaps-{i} img")
+    assert not page.locator("#heatmaps-2").is_visible()
 
 
-def test_heatmap_captions_are_their_tokens(tiny_sd_dir, tmp_path):
+def test_heatmaps_are_one_gallery_per_prompt_each_word_once(tiny_sd_dir, tmp_path):
     editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
     row = ["a (fluffy:2) dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
-    _, _, heatmaps, _, _ = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
-                                       "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
-    assert [label for _, label in heatmaps] == ["a", "cat", "a", "fluffy", "dog"]
+    gallery, _, heatmaps, _, _ = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
+                                             "null-text", 1, *row,
+                                             *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    assert [(label, [word for _, word in maps]) for label, maps in heatmaps] == [
+        ("source: a cat", ["a", "cat"]), ("edit 1: cat -> fluffy dog, reweight fluffy x2", ["a", "fluffy", "dog"])]
+    with Image.open(gallery[0][0]) as source:
+        # The word is the tile's caption only: the map is its image's size, with no word written beneath it.
+        assert all(heat.size == source.size for _, maps in heatmaps for heat, _ in maps)
+
+
+def test_the_heat_scale_is_drawn_in_the_heatmaps_own_colours():
+    html = webapp._heat_scale()
+    assert "least" in html and "most" in html
+    data = html.split("base64,")[1].split('"')[0]
+    with Image.open(io.BytesIO(base64.b64decode(data))) as ramp:
+        ramp = np.asarray(ramp.convert("RGB"))
+    assert ramp[0, 0].tolist() == [0, 0, 0] and ramp[0, -1].tolist() == [255, 255, 0]  # black to yellow
+    assert ramp[0, ramp.shape[1] // 2].tolist()[1:] == [0, 0] and ramp[0, ramp.shape[1] // 2, 0] > 200  # red between
 
 
 def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, capfd):
-    page.fill("#source textarea", "a [cat->dog riding")
+    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
+    source = "a big red circle in the center on a white background"
+    page.fill("#source textarea", source)
+    page.fill("#edit-1 textarea", "a big [red->green circle in the center on a white background")
     page.click("#run")
-    pre = page.wait_for_selector(".toast-body pre", timeout=60_000)
-    assert "the source prompt: column 3: '[' is never closed" in page.inner_text(".toast-body")
-    prompt_line, caret_line = pre.inner_text().splitlines()
-    assert prompt_line.strip() == "a [cat->dog riding" and caret_line.strip() == "^"
+    pre = page.wait_for_selector("#status pre", timeout=60_000)
+    message = "edit 1: column 7: '[' is never closed: add ']' after the edited words"
+    assert page.inner_text("#status .error") == message and "Saved to" not in page.inner_text("#status")
+    # The field at fault says so too, and the last run's result stays as it was.
+    assert page.locator(f"text={message}").count() == 2
+    _assert_the_last_result_stays(page)
+    # The prompt is cut into lines that fit the status column, the caret beneath the piece that holds the '['.
+    prompt_line, caret_line, rest = pre.inner_text().splitlines()
+    assert prompt_line == "a big [red->green circle in the center on a" and rest == "white background"
+    assert caret_line.strip() == "^"
+    assert pre.evaluate("pre => pre.scrollWidth <= pre.clientWidth")  # nothing cut off at its right edge
     x_of = """(pre, [line, column]) => {
         const node = pre.firstChild, lines = node.textContent.split("\\n"), range = document.createRange();
         const at = lines.slice(0, line).reduce((n, text) => n + text.length + 1, 0) + column;
@@ -399,14 +459,59 @@ def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, ca
     caret = pre.evaluate(x_of, [1, caret_line.index("^")])
     assert caret == pytest.approx(bracket, abs=0.5)  # the caret stands under the '[' (a monospace font)
     assert "mono" in pre.evaluate("pre => getComputedStyle(pre).fontFamily")
-    (record,) = [r for r in caplog.records if r.name == "prompt2prompt.webapp"]
-    assert "column 3" in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
+    page.wait_for_timeout(6_000)  # longer than a toast stays: the message does not go away
+    assert page.inner_text("#status .error") == message and page.locator(".toast-body").count() == 0
+    (record,) = [r for r in caplog.records if r.name == "prompt2prompt.webapp" and "refused" in r.getMessage()]
+    assert "column 7" in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_failed_run_replaces_the_status_line_and_leaves_the_other_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    app = webapp.build_app(["demo"], out_dir=tmp_path)
+    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
+    form = [component.value for component in run.inputs]
+    form[8] = "a big [red->green circle in the center on a white background"
+    *others, status = run.fn(*form)
+    assert others == [gr.skip()] * (len(run.outputs) - 1)  # the last result stays, with no "Error" over it
+    assert status.startswith("<div class=\"error\">edit 1: column 7: '[' is never closed")
+    assert "<pre>a big [red->green circle in the center on a\n      ^\nwhite background</pre>" in status
+
+
+def test_a_run_that_cannot_succeed_is_refused_before_it_joins_the_queue(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
+    app = webapp.build_app(["demo"], out_dir=tmp_path)
+    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
+    form = [component.value for component in run.inputs]
+    assert all(check["is_valid"] for check in run.validator(*form))
+    form[1] = "a [red circle"
+    checks = run.validator(*form)
+    assert [i for i, check in enumerate(checks) if not check["is_valid"]] == [1]  # the source prompt's box
+    assert checks[1]["message"] == "the source prompt: column 3: '[' is never closed: add ']' after the edited words"
+    shown = next(fn for fn in app.fns.values() if fn.name == "show_check")  # the status line says it at once
+    assert shown.fn(*form).startswith('<div class="error">the source prompt: column 3') and shown.queue is False
+
+
+def test_error_prompts_are_cut_to_the_status_column_with_the_caret_under_its_column():
+    from prompt2prompt.syntax import PromptSyntaxError
+
+    prompt = "a photo of a " * 6 + "[cat->dog sitting on a mat in a sunlit room by the window"
+    lines = str(PromptSyntaxError(prompt, prompt.index("[") + 1, "'[' is never closed")).splitlines()[1:]
+    shown = webapp._wrapped(textwrap.dedent("\n".join(lines)), width=30).splitlines()
+    assert all(len(line) <= 30 for line in shown)
+    (caret,) = [i for i, line in enumerate(shown) if line.strip() == "^"]
+    assert shown[caret - 1][shown[caret].index("^")] == "["
+    assert " ".join(line for line in shown if line.strip() != "^").split() == lines[0].split()
+
+
+def test_the_apps_docstring_examples_run():
+    failures, attempted = doctest.testmod(webapp)
+    assert attempted > 0 and failures == 0
 
 
 def test_user_errors_are_logged_in_one_line_and_bugs_with_their_traceback(caplog):
     shown = webapp._shown(ValueError("the word 'x' is not in the prompt\n  a cat\n  ^"))
-    assert shown.message == "the word 'x' is not in the prompt<pre>  a cat\n  ^</pre>"
+    assert (shown.message, shown.detail) == ("the word 'x' is not in the prompt", "  a cat\n  ^")
     webapp._shown(KeyError("x"))
     user, bug = caplog.records
     assert user.getMessage() == "refused: the word 'x' is not in the prompt" and user.exc_info is None
@@ -434,6 +539,14 @@ def _form(app, source: str = "a cat", seed: int = 7) -> list:
     return [model, source, seed, 2, 7.5, None, "null-text", 1, *row, *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
 
 
+def _join(app, data: list, session: str) -> httpx.Response:
+    """A Run request joining Gradio's queue: 200 if it joined, else the reply that refused it."""
+    config = httpx.get(f"{app.local_url}config").json()
+    (run,) = [d for d in config["dependencies"] if d.get("api_name") == "run_edit"]
+    return httpx.post(f"{app.local_url}gradio_api/queue/join",
+                      json={"data": data, "fn_index": run["id"], "session_hash": session})
+
+
 @pytest.mark.parametrize("field, value, message", [
     (2, "abc", "the request's 'Seed (-1: random)' is not what the form sends"),
     (3, "abc", "the request's 'Steps' is not what the form sends"),
@@ -449,10 +562,39 @@ def test_a_forged_api_request_gets_the_apps_one_line_message(server, field, valu
         del data[field]
     else:
         data[field] = value
-    done = _queue_call(app, data, f"forged-{field}-{value}")
-    error = done["output"]["error"]
-    assert done["success"] is False and error is not None and error.startswith(message)
+    refused = _join(app, data, f"forged-{field}-{value}")
+    error = refused.json()["detail"]
+    assert refused.status_code == 400 and error.startswith(message)
     assert "\n" not in error and str(out) not in error and "gradio" not in error.lower()
+
+
+def test_a_request_refused_without_the_model_does_not_wait_for_the_queue(server, monkeypatch):
+    """While an edit runs, a malformed request and one with a syntax error are refused at once, with the message."""
+    app, _ = server
+    started, release = threading.Event(), threading.Event()
+    real_run_recipe = webapp.run_recipe
+
+    def slow_run_recipe(*args, **kwargs):  # the server runs in this process
+        started.set()
+        release.wait(60)
+        return real_run_recipe(*args, **kwargs)
+
+    monkeypatch.setattr(webapp, "run_recipe", slow_run_recipe)
+    editing = threading.Thread(target=_queue_call, args=(app, _form(app), "editing"))
+    editing.start()
+    try:
+        assert started.wait(60)
+        malformed, syntax = _form(app), _form(app, source="a [cat")
+        malformed[3] = "abc"
+        for data, status, message in ((malformed, 400, "the request's 'Steps' is not what the form sends"),
+                                      (syntax, 422, "the source prompt: column 3: '[' is never closed")):
+            begun = time.perf_counter()
+            refused = _join(app, data, f"refused-{status}")
+            assert refused.status_code == status and message in refused.text
+            assert time.perf_counter() - begun < 5 and not release.is_set()  # the edit is still running
+    finally:
+        release.set()
+        editing.join(120)
 
 
 def test_a_text_file_named_png_gets_a_message_without_a_server_path(tmp_path):
@@ -460,7 +602,8 @@ def test_a_text_file_named_png_gets_a_message_without_a_server_path(tmp_path):
     notes.write_text("not an image")
     with pytest.raises(gr.Error) as refused:
         webapp._check_upload(str(notes), 2**20)
-    assert refused.value.message.startswith("the upload is not an image that can be read")
+    assert refused.value.message.startswith("the upload is not an image that can be read (cannot identify image "
+                                            "file): it is corrupt")
     assert str(tmp_path) not in refused.value.message and "notes" not in refused.value.message
     with pytest.raises(gr.Error, match="the upload is no longer on the server; upload the image again"):
         webapp._check_upload(str(tmp_path / "gone.png"), 2**20)
@@ -489,17 +632,29 @@ def test_a_run_is_written_aside_and_moved_into_the_output_folder_whole(tiny_sd_d
 def test_leftovers_of_a_crash_are_removed_at_start_and_whole_runs_kept(tiny_sd_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     whole, empty, partial = (out / f"20260101-12000{i}-{i}-abcdef" for i in range(3))
-    for folder, names in ((whole, ["source.png", "edit-1.png", "grid.png", ".grid.png.k2j4.tmp.png"]), (empty, []),
-                          (partial, ["input.png", "source.png"]), (out / ".staging" / "20260101-120003-3-abcdef",
-                                                                   ["source.png"]),
-                          (out / "my-own-folder", []), (out, [".edit-1.png.x8f2.tmp.png", "notes.txt", ".hidden"])):
+    users = ["notes.txt", ".hidden", ".my.config.tmp", ".my.settings.tmp", ".notes.txt.k2j4x8f2.tmp.txt"]
+    for folder, names in ((whole, ["source.png", "edit-1.png", "grid.png", ".grid.png.k2j4x8f2.tmp.png"]),
+                          (empty, []), (partial, ["input.png", "source.png"]),
+                          (out / ".staging" / "20260101-120003-3-abcdef", ["source.png"]), (out / "my-own-folder", []),
+                          (out, users)):
         folder.mkdir(parents=True, exist_ok=True)
         for name in names:
             (folder / name).write_bytes(b"png")
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # build_app sets it; restored
     webapp.build_app([str(tiny_sd_dir)], out_dir=out)
-    assert sorted(path.name for path in out.iterdir()) == sorted([whole.name, "my-own-folder", "notes.txt", ".hidden"])
+    assert sorted(path.name for path in out.iterdir()) == sorted([whole.name, "my-own-folder", *users])
     assert sorted(path.name for path in whole.iterdir()) == ["edit-1.png", "grid.png", "source.png"]
+
+
+def test_the_cleanup_matches_the_temporary_names_save_result_makes(tmp_path):
+    from prompt2prompt.files import write_atomic
+
+    made = []
+    for name in ("source.png", "edit-12.png", "grid.png"):
+        write_atomic(tmp_path / name, lambda temporary: made.append(Path(temporary).name))
+    assert len(made) == 3 and all(webapp._TEMPORARY.fullmatch(name) for name in made)
+    for user in (".my.config.tmp", ".grid.png.tmp.png", ".grid.png.k2j4x8f2.tmp", ".notes.png.k2j4x8f2.tmp.png"):
+        assert not webapp._TEMPORARY.fullmatch(user)
 
 
 def test_the_queue_size_comes_from_p2p_serve(tiny_sd_dir, tmp_path, server, monkeypatch):
@@ -546,6 +701,31 @@ def test_the_cache_bound_keeps_an_upload_in_use_and_gradios_other_files(tmp_path
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([upload.name, other.name])
 
 
+def test_the_cache_bound_prunes_the_empty_files_gradios_upload_component_leaves(tmp_path, monkeypatch):
+    """gr.File hands an upload to a function after making an empty temporary file in its cache, which it never
+    removes: one a request. The cache bound removes them with the old runs' files."""
+    from gradio.data_classes import FileData
+
+    upload = tmp_path / ("c" * 64) / "photo.png"
+    upload.parent.mkdir()
+    upload.write_bytes(b"png")
+    component = gr.File(file_count="single", type="filepath")
+    monkeypatch.setattr(component, "GRADIO_CACHE", str(tmp_path))
+    assert component.preprocess(FileData(path=str(upload))) == str(upload)
+    (stray,) = [path for path in tmp_path.iterdir() if path.is_file()]
+    assert stray.stat().st_size == 0
+    (tmp_path / "tmp_user.txt").write_bytes(b"")  # not a name tempfile makes
+    os.utime(stray, (0, 0))
+    os.utime(tmp_path / "tmp_user.txt", (0, 0))
+    cache = webapp._CacheBound(tmp_path, runs=1)
+    cache.run_started(str(upload))
+    fresh = tmp_path / "tmpfresh123"  # an upload being written: newer than the runs the cache keeps
+    fresh.write_bytes(b"")
+    cache.run_started(str(upload))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([upload.parent.name, "tmp_user.txt",
+                                                                       fresh.name])
+
+
 def test_the_form_starts_at_the_models_defaults_and_follows_the_picked_model(tiny_sd_dir, tmp_path, monkeypatch):
     from prompt2prompt.engine import load_editor
 
@@ -560,18 +740,24 @@ def test_the_form_starts_at_the_models_defaults_and_follows_the_picked_model(tin
     assert row[10].label == "Blend threshold"
     follow = next(fn for fn in app.fns.values() if fn.name == "model_defaults")
     assert follow.outputs[:2] == [steps, guidance] and follow.outputs[3:6] == [row[2], row[3], row[10]]
-    picked_steps, picked_guidance, _, *per_row = follow.fn("demo")
+    picked_steps, picked_guidance, _, *per_row, status = follow.fn("demo")
     assert (picked_steps, picked_guidance) == (demo.num_inference_steps, demo.guidance_scale)
     assert per_row == [demo.cross_steps, demo.self_steps, demo.blend_threshold] * webapp.MAX_EDITS
+    assert follow.outputs[-1].elem_id == "status" and status == gr.skip()
 
 
-def test_the_placeholders_are_an_edit_the_default_model_draws(tmp_path, monkeypatch):
+def test_the_form_starts_filled_with_an_edit_the_default_model_draws(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
-    app = webapp.build_app(["demo"], out_dir=tmp_path)
+    app = webapp.build_app(["demo"], out_dir=tmp_path / "out")
     run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
     source, first_edit = run.inputs[1], run.inputs[8]
-    assert source.placeholder == "a big red circle in the center on a white background"
-    assert first_edit.placeholder == "a big purple circle in the center on a white background"
+    assert source.value == "a big red circle in the center on a white background"
+    assert first_edit.value == "a big purple circle in the center on a white background"
+    assert source.placeholder is None and first_edit.placeholder is None  # no grey text that looks filled in
+    assert "big" in [choice for choice, _ in run.inputs[8 + 6].choices]  # the word pickers offer its words
+    # The first Run, with the form as it starts, draws the edit.
+    gallery, _, *_, status = run.fn(*[component.value for component in run.inputs])
+    assert "Saved to" in status and len(gallery["value"]) == 2
 
 
 def test_a_run_takes_the_models_defaults_for_sliders_left_at_them_and_says_so(tmp_path):
@@ -599,3 +785,21 @@ def test_gallery_captions_name_the_edited_words(tmp_path):
     gallery, *_ = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale, None, "direct", 1,
                               *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
     assert [caption for _, caption in gallery] == [f"source: {source}", "edit 1: red -> green"]
+
+
+def test_an_upload_is_edited_as_a_reconstruction_and_the_status_says_how_it_was_fitted_and_which_words_are_unknown(
+        tmp_path):
+    editors = webapp._Editors(["demo"], "cpu", "auto")
+    defaults = editors.get("demo")[0].defaults
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.full((64, 128, 3), 240, np.uint8)).save(photo)  # 128x64: the demo model edits 64x64
+    source = "a big red circle in the center on a white background"
+    row = [source.replace("red", "light green"), "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, [], [],
+           [], [], defaults.blend_threshold]
+    gallery, *_, status = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale,
+                                      str(photo), "direct", 1, *row,
+                                      *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    assert [caption for _, caption in gallery] == [f"reconstruction: {source}", "edit 1: red -> light green"]
+    assert ("Note: the image is 128x64 px: it was resized and centre-cropped to the model's 64x64 px, the size of "
+            "the results.") in status
+    assert "Warning: the model was never trained on the word 'light'" in status

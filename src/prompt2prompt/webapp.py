@@ -11,15 +11,19 @@ the uploads under the output folder, but gradio's other temporary folders where 
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
+import dataclasses
 import functools
+import io
 import logging
 import math
 import os
 import re
 import secrets
 import shutil
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -30,11 +34,13 @@ from PIL import Image
 
 from .edits import MODES
 from .engine import SourceStore, load_editor
-from .images import open_image
+from .families.defaults import vocabulary_notice
+from .images import fit_note, image_size, load_image, open_image
 from .loading import ModelSource, check_device, parse_dtype
 from .recipe import (MAX_STEPS, check_guidance, check_int, edit_label, file_digest, inversion_available, recipe_for,
                      run_recipe, save_result)
 from .syntax import PromptSyntaxError, parse_prompt
+from .visualize import CAPTION_HEIGHT, heatmap
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -42,68 +48,127 @@ if TYPE_CHECKING:
 __all__ = ["build_app", "launch"]
 
 MAX_EDITS = 4
-# Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words, blend edit
-# words, exclude source words, exclude edit words, blend threshold.
+MAX_PROMPTS = MAX_EDITS + 2  # the source, an edit from its inline markup and the rows': a heatmap gallery each
+# The Run button's inputs, in this order: model, source, seed, steps, guidance, image, inversion method, edit count,
+# then the rows. Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words,
+# blend edit words, exclude source words, exclude edit words, blend threshold.
+_SOURCE, _SEED, _STEPS, _GUIDANCE, _IMAGE, _METHOD, _COUNT, _ROWS = range(1, 9)
 ROW_FIELDS = 11
 QUEUE_SIZE = 64  # requests waiting at most (Gradio's queue max_size); one more is told the queue is full
 CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see _CacheBound)
 STAGING = ".staging"  # under the output folder: runs being written, renamed into place when whole
 # A run folder's name, as _run_folder makes it: only such folders are ever cleaned up (never the user's own).
 _RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")
-_TEMPORARY = re.compile(r"[.].+[.]tmp([.][^.]+)?")  # write_atomic's temporary files (".edit-1.png.x8f2.tmp.png")
+# The temporary files of save_result's PNGs (".edit-1.png.k2j4x8f2.tmp.png"): write_atomic names them as
+# tempfile.mkstemp does, with the PNG's name before and ".tmp.png" after mkstemp's 8 random characters.
+_TEMPORARY = re.compile(r"[.](source|grid|edit-[1-9][0-9]*)[.]png[.][a-z0-9_]{8}[.]tmp[.]png")
+ERROR_COLUMNS = 48  # an error's prompt is cut into lines this long at most: the status column's width, in monospace
 # Small images (the demo model's 64 px) are drawn larger than they are: pixelated, so their pixels stay sharp.
 SMALL_IMAGE = 256
 # Gradio lays a thumbnail's caption over the bottom of its image, and the gallery's label over the first one's
 # top: here the caption sits beneath the image, which takes the rest of the square cell, whole, and the cells
 # start below the label. The gallery is as tall as its one row (Gradio's "auto" height is 450 to 550 px).
+# The status line shows an error in the error colour, its prompt and caret in monospace (cut to fit, `_wrapped`).
 CSS = """
 .pixelated img { image-rendering: pixelated; }
-:is(#gallery, #heatmaps) .grid-container { padding-top: var(--size-6); }
+:is(#gallery, .heatmaps) .grid-container { padding-top: var(--size-6); }
 #gallery .grid-wrap { min-height: 0; max-height: none; }
-#heatmaps .grid-wrap { min-height: 0; }
-:is(#gallery, #heatmaps) .thumbnail-item { display: flex; flex-direction: column; }
-:is(#gallery, #heatmaps) .thumbnail-item img { flex: 1 1 0; min-height: 0; }
-:is(#gallery, #heatmaps) .thumbnail-item .caption-label {
+.heatmaps .grid-wrap { min-height: 0; }
+:is(#gallery, .heatmaps) .thumbnail-item { display: flex; flex-direction: column; }
+:is(#gallery, .heatmaps) .thumbnail-item img { flex: 1 1 0; min-height: 0; }
+:is(#gallery, .heatmaps) .thumbnail-item .caption-label {
     position: static; flex: none; max-width: none; border: none; border-radius: 0; }
+#heat-scale img { display: inline-block; width: 160px; height: 0.9em; vertical-align: middle; }
+#status .error { color: var(--error-text-color); font-weight: var(--weight-semibold); }
+#status pre { overflow-x: auto; }
 """
+
+_STATUS_ERROR = '<div class="error">'  # how the status line starts when it shows an error
 
 log = logging.getLogger(__name__)
 
 
-def _error(message: str, detail: str | None = None) -> Exception:
-    """The error a user sees in the app, as a toast: a `gradio.Error` with `message` on one line and `detail`
-    (a prompt with a caret under a column) beneath it in monospace.
+def _error(message: str, detail: str | None = None, *, field: int | None = None) -> Exception:
+    """A user's error: `message` in one line, `detail` (a prompt with a caret under a column) beneath it, and the
+    request's `field` at fault (its position in the Run button's inputs), if one is.
 
-    Gradio renders the toast's text as HTML, so the user's words in it are escaped (only & and <, which are all
-    that text needs: an API client reads the message nearly as written). Gradio prints no traceback for it:
-    `_shown` logs each error once.
+    The app shows it in the status line (`_status_error`) and leaves the other outputs as they were. Raised to
+    Gradio (a request refused before any function runs), it is a `gradio.Error` whose message is `message`,
+    escaped: Gradio renders a toast's text as HTML, so the user's words are escaped (only & and <, which are all
+    that text needs: an API client reads the message nearly as written).
     """
+    return _error_class()(message, detail, field)
+
+
+@functools.cache
+def _error_class() -> type[Exception]:
     import gradio as gr  # imported by build_app already, with its folders set
 
-    shown = _html_text(message)
-    if detail:
-        shown += f"<pre>{_html_text(detail)}</pre>"
-    error = gr.Error(shown, print_exception=False)
-    error.line = message  # the log's one line
-    return error
+    class UserError(gr.Error):
+        def __init__(self, message: str, detail: str | None, field: int | None):
+            super().__init__(_html_text(message), print_exception=False)  # Gradio prints no traceback for it
+            self.line, self.detail, self.field = message, detail, field
+
+        def __str__(self) -> str:  # gradio.Error's is its message's repr; a refused request's reply carries str()
+            return self.message
+
+    return UserError
 
 
-def _shown(error: Exception) -> Exception:
-    """`error` as a `gradio.Error`, whose message the user sees (Gradio shows others as a bare "Error"), and
-    logged: a user's error in one line, anything else (a bug) with its traceback."""
-    import gradio as gr
-
-    if isinstance(error, gr.Error):
+def _shown(error: Exception, *, quiet: bool = False) -> Exception:
+    """`error` as the app's `_error`, and logged unless `quiet` (where another function logs the same error): a
+    user's error in one line, anything else (a bug) with its traceback."""
+    if isinstance(error, _error_class()):
         shown = error
     elif isinstance(error, (ValueError, OSError, RuntimeError)):  # the engine's checks, files, models, NaN results
         lines = str(error).splitlines() or [type(error).__name__]
         shown = _error(lines[0], "\n".join(lines[1:]) or None)
     else:
         shown = _error(f"{type(error).__name__}: {_one_line(str(error))}")
-        log.error("failed: %s", shown.line, exc_info=error)
+        if not quiet:
+            log.error("failed: %s", shown.line, exc_info=error)
         return shown
-    log.warning("refused: %s", getattr(shown, "line", None) or _one_line(shown.message))
+    if not quiet:
+        log.warning("refused: %s", shown.line)
     return shown
+
+
+def _status_error(error: Exception, *, quiet: bool = False) -> str:
+    """The status line that shows `error` (`_shown(error, quiet=quiet)`): its message, and its detail in monospace
+    with each prompt cut into lines that fit the status column, the caret kept under its column (`_wrapped`)."""
+    shown = _shown(error, quiet=quiet)
+    text = f"{_STATUS_ERROR}{_html_text(shown.line)}</div>"
+    if shown.detail:
+        text += f"<pre>{_html_text(_wrapped(textwrap.dedent(shown.detail)))}</pre>"
+    return text
+
+
+def _wrapped(detail: str, width: int = ERROR_COLUMNS) -> str:
+    r"""`detail` with each line longer than `width` cut at spaces, and each caret line ("  ^") beneath the piece of
+    the line above it that holds the caret's column.
+
+    >>> print(_wrapped("  a big [red circle\n        ^", width=8))
+      a big
+    [red
+    ^
+    circle
+    """
+    lines, shown = detail.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == "^":  # placed with the line above
+            continue
+        below = lines[i + 1] if i + 1 < len(lines) else ""
+        column = below.index("^") if below.strip() == "^" else -1
+        starts = [0]
+        while len(line) - starts[-1] > width:
+            space = line.rfind(" ", starts[-1] + 1, starts[-1] + width + 1)
+            starts.append(space + 1 if space > starts[-1] else starts[-1] + width)
+        ends = [*starts[1:], len(line)]
+        for start, end in zip(starts, ends):
+            shown.append(line[start:end].rstrip(" "))
+            if column >= 0 and (start <= column < end or end == len(line) and column >= end):
+                shown.append(" " * (column - start) + "^")
+    return "\n".join(shown)
 
 
 def _one_line(text: str) -> str:
@@ -156,18 +221,34 @@ def _heatmap_labels(result, prompt_index: int) -> list[str]:
     return list(result.tokens[prompt_index][1:-1])  # without the start and end tokens, as the heatmaps
 
 
+def _heat_scale() -> str:
+    """The Attention tab's colour scale, drawn by `heatmap` itself from the least attention to the most."""
+    import torch
+
+    buffer = io.BytesIO()
+    heatmap(torch.linspace(0, 1, 256)[None]).save(buffer, format="PNG")  # a (1, 256) map: a 256 x 1 px ramp
+    ramp = f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="">'
+    return (f"<p>Where each word's cross-attention falls: least {ramp} most, in that map's own range (every map "
+            "spans the whole scale), laid at half strength over its image.</p>")
+
+
 def _image_classes(path: str | Path) -> list[str]:
     """The gallery's CSS classes for images like the one at `path`: "pixelated" for small ones."""
     with Image.open(path) as image:
         return ["pixelated"] if max(image.size) < SMALL_IMAGE else []
 
 
-def _parse(text: str, what: str):
+def _parse(text: str, what: str, field: int):
     try:
         return parse_prompt(text)
     except PromptSyntaxError as error:  # its message's last lines: the prompt and a caret under the column
         first, *rest = str(error).splitlines()
-        raise _error(f"{what}: {first}", "\n".join(rest)) from None
+        raise _error(f"{what}: {first}", "\n".join(rest), field=field) from None
+
+
+def _row_field(index: int) -> int:
+    """The position of edit row `index`'s prompt (1-based) among the Run button's inputs."""
+    return _ROWS + (index - 1) * ROW_FIELDS
 
 
 def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
@@ -176,16 +257,18 @@ def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
         threshold = values
     if not (prompt or "").strip():
         return None
+    field = _row_field(index)
     if cross is None or self_steps is None or (weight_words and weight is None):  # only a forged request
-        raise _error(f"edit {index}: the cross and self windows and the weight must be numbers")
-    parsed = _parse(prompt, f"edit {index}")
+        raise _error(f"edit {index}: the cross and self windows and the weight must be numbers", field=field)
+    parsed = _parse(prompt, f"edit {index}", field)
     if parsed.edit is not None and parsed.edit != parsed.source:
         raise _error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
-                     "markup; put that in the source prompt")
+                     "markup; put that in the source prompt", field=field)
     blend = None
     if blend_source or blend_edit or excl_source or excl_edit:
         if not blend_source or not blend_edit:
-            raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'")
+            raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'",
+                         field=field + 6)  # the row's source words
         blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
                  "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or []),
                  "threshold": None if threshold is None else float(threshold)}
@@ -215,16 +298,18 @@ def _check_upload(path: str, max_bytes: int) -> str:
     try:
         size = os.path.getsize(path)
     except OSError:  # gone from Gradio's cache (see _CacheBound), or never there
-        raise _error("the upload is no longer on the server; upload the image again") from None
+        raise _error("the upload is no longer on the server; upload the image again", field=_IMAGE) from None
     if size > max_bytes:
-        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB")
+        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB", field=_IMAGE)
     try:
         open_image(path).close()
     except OSError:
-        raise _error("the upload is no longer on the server; upload the image again") from None
-    except ValueError as error:  # its message starts with the quoted path, and Pillow's reason may hold it too
+        raise _error("the upload is no longer on the server; upload the image again", field=_IMAGE) from None
+    except ValueError as error:  # its message starts with the quoted path, and Pillow's reason may name it too
         message = str(error).replace(f"'{path}'", "the upload", 1)
-        raise _error(message.replace(f"'{path}'", "it").replace(path, "it")) from None
+        # Pillow's reason ("cannot identify image file '/path'") reads as well without the path.
+        message = message.replace(f" '{path}'", "").replace(path, "the upload")
+        raise _error(message, field=_IMAGE) from None
     return path
 
 
@@ -235,21 +320,75 @@ _ROW_TYPES = ((str,), (str,), (int, float), (int, float), (list,), (int, float),
 
 def _check_form(model, source, image, method, count, rows) -> None:
     """Refuse a forged request whose fields are not what the form's components send, with a message."""
-    fields = [("model", model, (str,)), ("source prompt", source, (str,)), ("image", image, (str,)),
-              ("inversion method", method, (str,)), ("edit count", count, (int, float))]
-    fields += [(f"edit {i // ROW_FIELDS + 1} field {i % ROW_FIELDS + 1}", value, _ROW_TYPES[i % ROW_FIELDS])
+    fields = [(0, "model", model, (str,)), (_SOURCE, "source prompt", source, (str,)), (_IMAGE, "image", image, (str,)),
+              (_METHOD, "inversion method", method, (str,)), (_COUNT, "edit count", count, (int, float))]
+    fields += [(_ROWS + i, f"edit {i // ROW_FIELDS + 1} field {i % ROW_FIELDS + 1}", value, _ROW_TYPES[i % ROW_FIELDS])
                for i, value in enumerate(rows)]
-    for name, value, types in fields:
+    for field, name, value, types in fields:
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise _error(f"the {name} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}")
+            raise _error(f"the {name} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}",
+                         field=field)
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise _error(f"the {name} must be a list of words")
+            raise _error(f"the {name} must be a list of words", field=field)
     if count is None:
-        raise _error("the request holds no edit count")
+        raise _error("the request holds no edit count", field=_COUNT)
     if isinstance(count, float) and not (math.isfinite(count) and count.is_integer()) or count > MAX_EDITS:
-        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}")
+        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}", field=_COUNT)
     if len(rows) < ROW_FIELDS * int(count):
-        raise _error("the request holds fewer edit rows than its count")
+        raise _error("the request holds fewer edit rows than its count", field=_COUNT)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A Run request, checked as far as it can be without the model (`_check_request`)."""
+
+    model: str
+    source: str  # without its inline markup
+    specs: list[dict[str, Any]]  # the recipe's edits: inline markup's first, then the rows'
+    steps: int
+    guidance: float
+    seed: int | float | None  # as sent: None or below 0 for a random one
+    image: str | None
+    method: str
+
+
+def _check_request(max_bytes: int, model: str, source: str, seed: float | None, steps: float, guidance: float,
+                   image: str | None, method: str, count: int, *rows: Any) -> _Request:
+    """The Run button's inputs (their order: `_SOURCE`, ...), checked without the model: the types, the prompts'
+    syntax, the numbers and the upload. Raises `_error` naming the field at fault."""
+    _check_form(model, source, image, method, count, rows)
+    if not (source or "").strip():
+        raise _error("type a source prompt first", field=_SOURCE)
+    parsed = _parse(source, "the source prompt", _SOURCE)  # inline markup ("a [cat->dog]") makes the first edit
+    specs = []
+    if parsed.edit is not None:
+        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": None, "self_steps": None,  # the model's
+                      "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
+    specs += [spec for i in range(int(count))
+              if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
+    if not specs:
+        raise _error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'",
+                     field=_row_field(1))
+    try:
+        steps, guidance = int(steps), float(guidance)
+    except (TypeError, ValueError, OverflowError):  # only a forged request sends these: the sliders give numbers
+        raise _error(f"steps and guidance must be numbers, not {steps!r} and {guidance!r}", field=_STEPS) from None
+    try:
+        check_int(steps, "steps", 1, MAX_STEPS)
+    except ValueError as error:
+        raise _error(str(error), field=_STEPS) from None
+    try:
+        check_guidance(guidance)
+    except ValueError as error:
+        raise _error(str(error), field=_GUIDANCE) from None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed)
+                             or seed >= 2**63):  # only a forged request: the seed box gives numbers
+        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}", field=_SEED)
+    if image:
+        if not inversion_available():
+            raise _error("real-image editing needs inversion, which this install lacks", field=_IMAGE)
+        _check_upload(image, max_bytes)
+    return _Request(model, parsed.source, specs, steps, guidance, seed, image or None, method)
 
 
 def _run_folder(out_dir: Path, seed: int | None) -> Path:
@@ -269,17 +408,16 @@ def _publish(staging: Path, out_dir: Path) -> Path:
 
 
 def _clean_leftovers(out_dir: Path) -> list[Path]:
-    """Remove what a crash left in `out_dir`: the staging folder, temporary files, and run folders that are empty
-    or lack their grid.png (save_result writes it last; runs made before staging existed were written in place).
+    """Remove what a crash left in `out_dir`: the staging folder, run folders that are empty or lack their grid.png
+    (save_result writes it last; runs made before staging existed were written in place), and the temporary files
+    of save_result's PNGs in the others.
 
     Only the names the app makes are touched, never the user's other files. Returns what was removed.
     """
     staging = out_dir / STAGING
     removed = sorted(staging.iterdir()) if staging.is_dir() and not staging.is_symlink() else []
     for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
-        if _TEMPORARY.fullmatch(entry.name):
-            removed.append(entry)
-        elif _RUN_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if _RUN_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
             if not (entry / "grid.png").is_file():
                 removed.append(entry)
             else:
@@ -303,10 +441,12 @@ class _CacheBound:
     runs, so each run adds a few dozen files for good. Here, each run's start removes the cache entries (Gradio's
     hash-named folders) that no file was written to or used since the start of the run `runs` runs back: old
     results and old uploads. The upload of the run starting is marked as used first, so that a user editing one
-    photo again and again keeps it.
+    photo again and again keeps it. Gradio's stray temporary files go by the same rule: its upload component makes
+    an empty one each time it hands a request's upload to a function, and never removes it.
     """
 
     _ENTRY = re.compile(r"[0-9a-f]{32,}")  # Gradio's cache entries: a folder named by a hash of the content
+    _STRAY = re.compile(r"tmp[a-z0-9_]{8}")  # tempfile.NamedTemporaryFile's names (its "tmp" and 8 random characters)
 
     def __init__(self, folder: Path, runs: int = CACHE_RUNS):
         self.folder = folder
@@ -326,6 +466,10 @@ class _CacheBound:
         for entry in self.folder.iterdir() if self.folder.is_dir() else []:
             if self._ENTRY.fullmatch(entry.name) and entry.is_dir() and _newest(entry) < older_than:
                 shutil.rmtree(entry, ignore_errors=True)
+            elif self._STRAY.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                with contextlib.suppress(OSError):  # an upload being written has a newer time: it stays
+                    if entry.stat().st_mtime < older_than:
+                        entry.unlink()
 
 
 def _newest(folder: Path) -> float:
@@ -335,42 +479,20 @@ def _newest(folder: Path) -> float:
     return max(times)
 
 
-def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: str, seed: float | None,
-         steps: float, guidance: float, image: str | None, method: str, count: int, *rows: Any):
-    """The Run button: edit, save the PNGs, and fill the gallery, the heatmaps and the downloads."""
+def _run(editors: _Editors, out_dir: Path, max_bytes: int, *form: Any):
+    """The Run button, given its inputs (`form`, checked by `_check_request`): edit, save the PNGs, and fill the
+    gallery, the downloads, the heatmaps (per prompt: its caption and its words' maps) and the status line."""
     import prompt2prompt as p2p
 
-    _check_form(model, source, image, method, count, rows)
-
-    if not (source or "").strip():
-        raise _error("type a source prompt first")
-    parsed = _parse(source, "the source prompt")  # inline markup ("a [cat->dog]") makes the first edit
-    specs = []
-    if parsed.edit is not None:
-        specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": None, "self_steps": None,  # the model's
-                      "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
-    specs += [spec for i in range(int(count))
-              if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
-    if not specs:
-        raise _error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'")
-    try:
-        steps, guidance = int(steps), float(guidance)
-    except (TypeError, ValueError, OverflowError):  # only a forged request sends these: the sliders give numbers
-        raise _error(f"steps and guidance must be numbers, not {steps!r} and {guidance!r}") from None
-    check_int(steps, "steps", 1, MAX_STEPS)
-    check_guidance(guidance)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed)
-                             or seed >= 2**63):  # only a forged request: the seed box gives numbers
-        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}")
+    request = _check_request(max_bytes, *form)
+    image, specs, steps, guidance = request.image, request.specs, request.steps, request.guidance
     real: dict[str, Any] = {}
+    seed = request.seed
     if image:
-        if not inversion_available():
-            raise _error("real-image editing needs inversion, which this install lacks")
-        _check_upload(image, max_bytes)
         seed = None
     elif seed is None or seed < 0:
         seed = secrets.randbelow(2**31)
-    editor, model_source = editors.get(model)
+    editor, model_source = editors.get(request.model)
     seed = None if seed is None else int(seed)
     # Sliders left at the model's defaults take the defaults, as options left out do on the command line.
     defaults, used = editor.defaults, []
@@ -383,9 +505,9 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
             suffix = Path(image).suffix.lower()  # the user's file name: only a plain extension is kept
             copy = folder / f"input{suffix if re.fullmatch(r'[.][a-z0-9]{1,5}', suffix) else '.img'}"
             shutil.copyfile(image, copy)
-            real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": method})
+            real = dict(image={"path": copy.name, "sha256": file_digest(copy)}, inversion={"method": request.method})
         recipe = recipe_for(
-            editor, model_source, used=used, source=parsed.source, edits=specs, seed=seed, num_inference_steps=steps,
+            editor, model_source, used=used, source=request.source, edits=specs, seed=seed, num_inference_steps=steps,
             guidance_scale=guidance, record_attention=True, cached_source=True, **real,
         )
         hits, started = editors.sources.hits, time.perf_counter()
@@ -401,15 +523,23 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, model: str, source: s
             (out_dir / STAGING).rmdir()
     paths = [folder / path.relative_to(staging) for path in paths]
     # What each edit changes ("red -> green"), so that a caption cut short never hides the edited word.
-    captions = ["source: " + recipe.source] + [f"edit {i}: {edit_label(recipe.source, spec) or spec['prompt']}"
-                                               for i, spec in enumerate(specs, 1)]
+    first = "reconstruction: " if recipe.image is not None else "source: "  # an inverted picture, through the VAE
+    captions = [first + recipe.source] + [f"edit {i}: {edit_label(recipe.source, spec) or spec['prompt']}"
+                                          for i, spec in enumerate(specs, 1)]
     gallery = [(str(path), text) for path, text in zip(paths, captions)]  # the grid (last path) is download-only
-    heatmaps = [(heat, label) for i in range(len(result.prompts))
-                for heat, label in zip(p2p.attention_heatmaps(result, prompt_index=i), _heatmap_labels(result, i),
-                                       strict=True)]
+    # attention_heatmaps writes each word on a strip beneath its map; the gallery's caption says it instead, once.
+    heatmaps = [(text, [(heat.crop((0, 0, heat.width, heat.height - CAPTION_HEIGHT)), label)
+                        for heat, label in zip(p2p.attention_heatmaps(result, prompt_index=i),
+                                               _heatmap_labels(result, i), strict=True)])
+                for i, text in enumerate(captions)]
     status = (f"Seed {recipe.seed}. " if recipe.seed is not None else "") + f"Saved to `{folder.name}`. {timing}."
     if used:  # e.g. "30 steps, guidance 5 (the model's prompt2prompt.json); edit 1: cross 0.5, self 0 (...)"
         status += f" Defaults: {'; '.join(used)}."
+    if image:
+        fitted = fit_note(load_image(image).size, *image_size(editor.pipe))
+        status += f" Note: {fitted}." if fitted else ""
+    unknown = vocabulary_notice(defaults.vocabulary, [recipe.source, *(spec["prompt"] for spec in recipe.edits)])
+    status += f" Warning: {unknown}." if unknown else ""
     return gallery, [str(path) for path in paths], heatmaps, recipe.seed, status
 
 
@@ -440,17 +570,19 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
     can_invert = inversion_available()
     cache = _CacheBound(out_dir / ".gradio", CACHE_RUNS)
 
+    example_source, example_edit = defaults.example  # the default model's own example: the first Run works
+
     with _blocks_class()(title="prompt2prompt", analytics_enabled=False) as app:
         gr.Markdown("## Prompt-to-Prompt\nEdit an image by editing its prompt.")
         with gr.Row():
             with gr.Column(scale=3):
-                source = gr.Textbox(label="Source prompt", placeholder=defaults.example[0], elem_id="source")
+                source = gr.Textbox(example_source, label="Source prompt", elem_id="source")
                 rows: list[gr.components.Component] = []
                 groups = []
                 for i in range(MAX_EDITS):
+                    text = example_edit if i == 0 else ""
                     with gr.Group(visible=i == 0) as group:
-                        prompt = gr.Textbox(label=f"Edit {i + 1}", placeholder=defaults.example[1] if i == 0 else "",
-                                            elem_id=f"edit-{i + 1}")
+                        prompt = gr.Textbox(text, label=f"Edit {i + 1}", elem_id=f"edit-{i + 1}")
                         with gr.Row():
                             mode = gr.Radio(list(MODES), value="auto", label="Mode")
                             cross = gr.Slider(0, 1, value=defaults.cross_steps, step=0.05,
@@ -458,20 +590,20 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                             self_steps = gr.Slider(0, 1, value=defaults.self_steps, step=0.05,
                                                    label="Self-attention steps", elem_id=f"self-{i + 1}")
                         with gr.Row():
-                            weight_words = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                            weight_words = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
                                                        label="Reweight words")
                             weight = gr.Slider(-2, 5, value=1.0, step=0.1, label="Weight")
                         with gr.Row():
-                            blend_source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
-                                                       label="Local blend: source words")
-                            blend_edit = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                            blend_source = gr.Dropdown(_words(example_source), multiselect=True,
+                                                       allow_custom_value=True, label="Local blend: source words")
+                            blend_edit = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
                                                      label="Local blend: edit words")
                             threshold = gr.Slider(0, 1, value=defaults.blend_threshold, step=0.05,
                                                   label="Blend threshold", elem_id=f"threshold-{i + 1}")
                         with gr.Row():
-                            exclude_source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
-                                                         label="Exclude: source words")
-                            exclude_edit = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                            exclude_source = gr.Dropdown(_words(example_source), multiselect=True,
+                                                         allow_custom_value=True, label="Exclude: source words")
+                            exclude_edit = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
                                                        label="Exclude: edit words")
                     prompt.change(lambda text: [gr.update(choices=_words(text))] * 3, prompt,
                                   [weight_words, blend_edit, exclude_edit], queue=False)
@@ -500,6 +632,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                     method = gr.Dropdown(list(first.inversion_methods), value=_default_method(first), label="Inversion",
                                          interactive=can_invert)
                 run = gr.Button("Run", variant="primary", elem_id="run")
+                # The last run's outcome, or the last error: it stays until the next one replaces it.
                 status = gr.Markdown(elem_id="status")
         with gr.Tabs():
             with gr.Tab("Images"):
@@ -509,8 +642,10 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 files = gr.File(label="Download: PNGs carrying their recipe (p2p replay FILE)", file_count="multiple",
                                 interactive=False, elem_id="downloads")
             with gr.Tab("Attention"):
-                heatmaps = gr.Gallery(label="Per-token cross-attention", columns=8, fit_columns=False, height="auto",
-                                      object_fit="contain", elem_id="heatmaps")
+                gr.HTML(_heat_scale(), elem_id="heat-scale")
+                # One gallery per prompt, shown as a run fills it: the source's words, then each edit's.
+                heatmaps = [gr.Gallery(columns=8, fit_columns=False, height="auto", object_fit="contain", visible=False,
+                                       elem_id=f"heatmaps-{i}", elem_classes=["heatmaps"]) for i in range(MAX_PROMPTS)]
 
         count = gr.State(1)
         last_seed = gr.State(None)
@@ -525,43 +660,76 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
         remove.click(lambda n: resize(max(n - 1, 1)), count, [count, *groups], queue=False)
         reuse.click(lambda s: -1 if s is None else s, last_seed, seed, queue=False)
 
-        def show_upload(path: str | None):
+        def show_upload(path: str | None, said: str | None):
+            """The preview of a good upload, which clears a status line that shows an error (`said`), or the status
+            line that says what is wrong with it."""
+            if path is None:
+                return None, gr.skip()
             try:
-                return None if path is None else _check_upload(path, max_bytes)
+                return _check_upload(path, max_bytes), "" if (said or "").startswith(_STATUS_ERROR) else gr.skip()
             except Exception as error:
-                raise _shown(error) from None
+                return None, _status_error(error)
 
-        image.change(show_upload, image, preview, concurrency_limit=None)  # queued: its errors show as toasts
+        image.change(show_upload, [image, status], [preview, status], concurrency_limit=None)
 
         def model_defaults(name: str):
             """The picked model's own defaults (`editor.defaults`: its prompt2prompt.json, else its family's) for
-            steps, guidance, every row's windows and blend threshold, and its inversion methods."""
+            steps, guidance, every row's windows and blend threshold, and its inversion methods; or, if it fails
+            to load, the status line that says why (and the form as it was)."""
             try:
                 editor = editors.get(name)[0]
             except Exception as error:
-                raise _shown(error) from None
+                return *[gr.skip()] * (3 + 3 * MAX_EDITS), _status_error(error)
             picked, family = editor.defaults, editor.family
             per_row = [picked.cross_steps, picked.self_steps, picked.blend_threshold] * MAX_EDITS
             return (picked.num_inference_steps, picked.guidance_scale,
-                    gr.update(choices=list(family.inversion_methods), value=_default_method(family)), *per_row)
+                    gr.update(choices=list(family.inversion_methods), value=_default_method(family)), *per_row,
+                    gr.skip())
 
         row_defaults = [rows[i * ROW_FIELDS + field] for i in range(MAX_EDITS) for field in (2, 3, 10)]
-        model.change(model_defaults, model, [steps, guidance, method, *row_defaults], concurrency_limit=1,
+        model.change(model_defaults, model, [steps, guidance, method, *row_defaults, status], concurrency_limit=1,
                      concurrency_id="edit")
 
-        # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
-        def run_edit(*args, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            try:
-                cache.run_started(args[5] if isinstance(args[5], str) else None)  # args[5]: the upload
-                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, *args)
-            except Exception as error:
-                raise _shown(error) from None
-            classes = _image_classes(shown[0][0])
-            return (gr.update(value=shown, elem_classes=classes), files, gr.update(value=heat, elem_classes=classes),
-                    used_seed, said)
+        form = [model, source, seed, steps, guidance, image, method, count, *rows]  # _check_request's order
 
-        run.click(run_edit, [model, source, seed, steps, guidance, image, method, count, *rows],
-                  [gallery, files, heatmaps, last_seed, status], concurrency_limit=1, concurrency_id="edit")
+        def check_form(*form_values):
+            """Refuse a Run that cannot succeed before it joins the queue (Gradio's validator): the field at fault
+            gets the message. A request whose values no form sends is refused before this runs (`_blocks_class`)."""
+            try:
+                _check_request(max_bytes, *form_values)
+            except Exception as error:
+                shown = _shown(error)
+                field = _SOURCE if shown.field is None else shown.field
+                return [gr.validate(i != field, shown.line if i == field else "") for i in range(len(form_values))]
+            return [gr.validate(True, "")] * len(form_values)
+
+        def show_check(*form_values):
+            """The status line at once, beside the queued run: what is wrong with the form (which check_form logs),
+            or nothing yet."""
+            try:
+                _check_request(max_bytes, *form_values)
+            except Exception as error:
+                return _status_error(error, quiet=True)
+            return ""
+
+        # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
+        def run_edit(*form_values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+            """The run's images, downloads, heatmaps, seed and status line; or, if it fails, the status line that
+            says why, and the rest as it was."""
+            try:
+                cache.run_started(form_values[_IMAGE] if isinstance(form_values[_IMAGE], str) else None)
+                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, *form_values)
+            except Exception as error:
+                return *[gr.skip()] * (3 + MAX_PROMPTS), _status_error(error)
+            classes = _image_classes(shown[0][0])
+            heat_galleries = [gr.update(value=maps, label=label, visible=True, elem_classes=["heatmaps", *classes])
+                              for label, maps in heat]
+            heat_galleries += [gr.update(value=None, visible=False)] * (MAX_PROMPTS - len(heat))
+            return (gr.update(value=shown, elem_classes=classes), files, *heat_galleries, used_seed, said)
+
+        run.click(show_check, form, status, queue=False)
+        run.click(run_edit, form, [gallery, files, *heatmaps, last_seed, status], validator=check_form,
+                  concurrency_limit=1, concurrency_id="edit")
     app.queue(default_concurrency_limit=1, max_size=queue_size)
     return app
 
