@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 from .files import write_atomic
 from .edits import edit_from_dict
 from .images import metadata_too_large
-from .families import FAMILIES, MAX_SEQUENCE_LENGTH, family_named, inversion_methods
+from .families import FAMILIES, family_named, inversion_methods
 from .limits import ALLOW_LARGE, MAX_GUIDANCE, MAX_INNER_STEPS, MAX_STEPS, allow_large, is_finite_number
 from .loading import library_logs, parse_dtype
 
@@ -323,11 +323,12 @@ class Recipe:
         names = [family.name for family in FAMILIES]
         if self.family not in names:
             raise RecipeError(f"family must be one of {', '.join(names)}, not {_show(self.family)}")
-        if not family_named(self.family).takes_max_sequence_length:
+        family = family_named(self.family)
+        if not family.takes_max_sequence_length:
             if self.max_sequence_length is not None:
                 raise RecipeError(f"max_sequence_length is a T5 length: a {self.family} recipe has none (null)")
         else:
-            check_int(self.max_sequence_length, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH)
+            check_int(self.max_sequence_length, "max_sequence_length", 1, family.max_text_length)
         _check_text(self.package_version, "package_version")
 
     def _check_image(self) -> None:

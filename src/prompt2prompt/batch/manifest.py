@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..families import MAX_SEQUENCE_LENGTH
+from ..families import MAX_TEXT_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
 from ..loading import DEMO_MODELS
 from ..edits import check_edit_words, edit_from_dict
@@ -200,7 +200,7 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
         guidance = check_guidance(guidance)
     length = data.get("max_sequence_length")
     if length is not None:
-        check_int(length, "max_sequence_length", 1, MAX_SEQUENCE_LENGTH)
+        check_int(length, "max_sequence_length", 1, MAX_TEXT_LENGTH)
     negative = data.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string, not {negative!r}")

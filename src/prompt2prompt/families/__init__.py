@@ -15,17 +15,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import MAX_SEQUENCE_LENGTH, Family
+from .base import Family
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .pixart import PixArtFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
-__all__ = ["FAMILIES", "MAX_SEQUENCE_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
+__all__ = ["FAMILIES", "MAX_TEXT_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
            "listed", "pipeline_class_for", "single_file_class", "supported_models"]
 
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily)
+# The longest `max_sequence_length` any family takes: the bound before the model is known (a manifest's line); a
+# run checks its own family's `max_text_length`.
+MAX_TEXT_LENGTH = max(family.max_text_length or 0 for family in FAMILIES)
 
 
 def family_of(pipe) -> Family:

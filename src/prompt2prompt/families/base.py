@@ -23,14 +23,11 @@ from . import compat
 from .defaults import ModelDefaults, model_defaults
 
 
-MAX_SEQUENCE_LENGTH = 512  # T5 positions: the most the T5 pipelines (SD3, Flux, Chroma, PixArt-Σ) take
-
-
-def t5_length(pipeline_kwargs: Mapping[str, Any], default: int) -> int:
-    """A run's T5 length: its `max_sequence_length`, else the family's default; at most `MAX_SEQUENCE_LENGTH`."""
+def t5_length(pipeline_kwargs: Mapping[str, Any], default: int, bound: int) -> int:
+    """A run's T5 length: its `max_sequence_length`, else the family's default; at most the family's `bound`."""
     length = check_positive_int(pipeline_kwargs.get("max_sequence_length", default), "max_sequence_length")
-    if length > MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"max_sequence_length must be at most {MAX_SEQUENCE_LENGTH}, not {length}")
+    if length > bound:
+        raise ValueError(f"max_sequence_length must be at most {bound}, not {length}")
     return length
 
 
@@ -61,6 +58,7 @@ class Family:
     takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
     sampler: ClassVar[str]  # the inversion loops it runs on: "ddim" or "flow" (see `prompt2prompt.inversion`)
     takes_max_sequence_length: ClassVar[bool] = False  # whether its text has a T5 length to choose
+    max_text_length: ClassVar[int | None] = None  # the longest `max_sequence_length` its pipeline takes
     map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
     layer_options: ClassVar[tuple[str, ...]] = ()  # the Editor keywords that choose its layers
     layer_hint: ClassVar[str] = ""  # how it chooses layers, for a message

@@ -35,6 +35,7 @@ class MMDiTFamily(Family):
     inversion_methods = ("direct", "euler")
     sampler = "flow"
     takes_max_sequence_length = True
+    max_text_length = 512  # T5's positions
     map_unit = "word"  # a word has tokens in every text part (SD3: CLIP and T5): one map per word
     layer_options = ("cross_blocks", "self_blocks", "record_blocks")
     layer_hint = "MM-DiT models choose blocks"
@@ -63,7 +64,7 @@ class MMDiTFamily(Family):
     # -- Text ----------------------------------------------------------------------------------------------------
 
     def max_sequence_length(self, pipeline_kwargs: Mapping[str, Any]) -> int:
-        return t5_length(pipeline_kwargs, self.default_max_sequence_length)
+        return t5_length(pipeline_kwargs, self.default_max_sequence_length, self.max_text_length)
 
     def _t5(self, tokenizer, prompt: str, length: int) -> Tokenized:
         return tokenize(tokenizer, prompt, length, what="(EOS included; raise max_sequence_length up to 512)")

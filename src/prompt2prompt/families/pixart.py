@@ -41,6 +41,7 @@ class PixArtFamily(Family):
     no_inversion = "PixArt-Σ samples with DPM-Solver on a noise prediction, and this project's inversions are DDIM's (for UNets) and the flow's"
     sampler = "none"
     takes_max_sequence_length = True
+    max_text_length = 512  # T5's positions
     map_unit = "word"  # T5 has no BOS and splits words into pieces: one map per word, as on SD3 and Flux
     layer_options = ("self_blocks",)
     layer_hint = "PixArt-Σ chooses blocks (all at one resolution)"
@@ -58,7 +59,7 @@ class PixArtFamily(Family):
     # -- Text ----------------------------------------------------------------------------------------------------
 
     def max_sequence_length(self, pipeline_kwargs: Mapping[str, Any]) -> int:
-        return t5_length(pipeline_kwargs, self.default_max_sequence_length)
+        return t5_length(pipeline_kwargs, self.default_max_sequence_length, self.max_text_length)
 
     def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
         """The T5 text as the pipeline reads it (lowercased, stripped); its padding after EOS is masked."""
