@@ -233,7 +233,8 @@ class Editor:
             latents = cache.latents
         elif inversion is not None:
             latents = inversion.latents
-        latents = _initial_latents(latents, seed, generator, (1, channels, *latent_size), 1 + len(edits), device, dtype)
+        latents = _initial_latents(latents, seed, generator, (1, channels, *latent_size), 1 + len(edits), device,
+                                   family.latents_dtype)
         if inversion is not None:
             inversion = inversion.to(device, dtype)  # once, not at every step
         return PreparedRun(

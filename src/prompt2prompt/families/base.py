@@ -174,6 +174,32 @@ class Family:
     def unpack(self, latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         return latents
 
+    @property
+    def latents_dtype(self) -> torch.dtype:
+        """The dtype of the initial latents a run draws (the denoiser's; a pipeline that draws float32 says so)."""
+        return self.model.dtype
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latent (1, C, h, w) of an image (1, 3, H, W) in [-1, 1], as its pipeline decodes it.
+
+        The VAE's posterior mean (an `AutoencoderTiny`'s latent itself), normalised by `vae_latents`, in the
+        denoiser's dtype. A VAE that overflows in float16 (`force_upcast`, SDXL's) encodes in float32, as the
+        pipeline decodes.
+        """
+        vae = self.pipe.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            with torch.no_grad():
+                encoded = vae.encode(pixels.to(device=self.execution_device(), dtype=vae.dtype))
+                mean = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        finally:
+            if upcast:
+                vae.to(dtype)
+        return self.vae_latents(mean).to(self.model.dtype)
+
     def vae_latents(self, mean: torch.Tensor) -> torch.Tensor:
         """The denoiser's latent of a VAE posterior mean, normalised as the pipeline decodes it."""
         config = self.pipe.vae.config

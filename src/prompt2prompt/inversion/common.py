@@ -12,29 +12,9 @@ from ..images import to_tensor
 
 
 def encode_image(pipe, image) -> torch.Tensor:
-    """The VAE latent (1, C, h, w) of an RGB PIL image, normalised as the pipeline decodes it, in its denoiser's dtype.
-
-    The family normalises the VAE's posterior mean (an `AutoencoderTiny`'s latent) as its pipeline decodes (SD:
-    `latents * scaling_factor`, SDXL first undoing `latents_mean`/`latents_std` where its VAE has them; SD3 and Flux
-    also `- shift_factor`).
-    """
-    family = family_of(pipe)
-    vae = pipe.vae
-    dtype = vae.dtype
-    # SDXL's VAE overflows in fp16: encode in fp32 as the pipeline decodes
-    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        with torch.no_grad():
-            pixels = to_tensor(image).to(device=family.execution_device(), dtype=vae.dtype)
-            encoded = vae.encode(pixels)
-            # AutoencoderKL gives a posterior, whose mean is the latent; AutoencoderTiny gives the latent itself.
-            mean = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
-    finally:
-        if upcast:
-            vae.to(dtype)
-    return family.vae_latents(mean).to(family.model.dtype)
+    """The latent (1, C, h, w) of an RGB PIL image, normalised as the pipeline decodes it, in its denoiser's dtype
+    (`Family.encode_pixels`)."""
+    return family_of(pipe).encode_pixels(to_tensor(image))
 
 
 def refuse_options(family: Family, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:

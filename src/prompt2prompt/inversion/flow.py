@@ -167,10 +167,11 @@ def direct_corrections(family: MMDiTFamily, scheduler: FlowMatchEulerDiscreteSch
 
     try:
         with compat.progress_bar_off(pipe), family.plain_attention():
-            pipe(prompt=[inversion.prompt], latents=family.pack(inversion.latents), height=inversion.height,
-                 width=inversion.width, num_inference_steps=n, guidance_scale=inversion.guidance_scale,
-                 max_sequence_length=inversion.max_sequence_length, output_type="latent",
-                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+            pipe(**family.pipeline_call(dict(
+                prompt=[inversion.prompt], latents=family.pack(inversion.latents), height=inversion.height,
+                width=inversion.width, num_inference_steps=n, guidance_scale=inversion.guidance_scale,
+                max_sequence_length=inversion.max_sequence_length, output_type="latent",
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])))
     finally:
         bar.close()
     return torch.stack(corrections)
