@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import Attention
 from prompt2prompt.alignment import tokenize
 from prompt2prompt.attention.plan import build_plan
 from prompt2prompt.edits import Edit, LocalBlend
-from prompt2prompt.attention.cross import P2PAttnProcessor
+from prompt2prompt.attention.cross import Layer, P2PAttnProcessor
 from prompt2prompt.attention.state import LayerPlan, RunState
 
 SOURCE = "a cat riding a bicycle"
@@ -26,8 +26,8 @@ EDITS = [  # every kind of step: swap, mix, refine, reweight, self-replacement, 
 ]
 STEPS = 4
 DEVICE, DTYPE = torch.device("meta"), torch.float16
-CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
-SELF = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+CROSS = Layer("down_blocks.0.attn2", is_cross=True, place="down")
+SELF = Layer("up_blocks.1.attn1", is_cross=False, place="up")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from conftest import TORCH_DEVICE, TORCH_DTYPE, tolerance
 from prompt2prompt.alignment import tokenize
 from prompt2prompt.attention.plan import build_plan
 from prompt2prompt.edits import Edit
-from prompt2prompt.attention.cross import P2PAttnProcessor
+from prompt2prompt.attention.cross import Layer, P2PAttnProcessor
 from prompt2prompt.attention.state import LayerPlan, RunState
 
 SOURCE = "a cat riding a bicycle"
@@ -71,7 +71,7 @@ def test_cross_attention_matches_the_contract(plan, step, cfg):
     probs = ((q @ k.transpose(-1, -2)) * 8**-0.5).softmax(-1)
     expected = contract_cross(probs, plan, step, src) @ v
     for explicit in (True, False):
-        proc = P2PAttnProcessor(make_state(plan, 16, explicit, step), "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor")
+        proc = P2PAttnProcessor(make_state(plan, 16, explicit, step), Layer("down_blocks.0.attn2", is_cross=True, place="down"))
         got = proc.attend(*on_device(q, k, v), None)
         assert_close(got, expected)
     if cfg:  # the unconditional half and the source row are plain attention
@@ -90,9 +90,9 @@ def test_self_attention_replacement(plan, step):
         if plan.self_active[step, e]:
             probs[src + 1 + e] = probs[src]
     expected = probs @ v
-    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    layer = Layer("up_blocks.1.attn1", is_cross=False, place="up")
     for explicit in (True, False):
-        got = P2PAttnProcessor(make_state(plan, 16, explicit, step), name).attend(*on_device(q, k, v), None)
+        got = P2PAttnProcessor(make_state(plan, 16, explicit, step), layer).attend(*on_device(q, k, v), None)
         assert_close(got, expected)
 
 
@@ -100,5 +100,5 @@ def test_self_attention_untouched_above_the_resolution(plan):
     q, k, v = on_device(torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8), torch.randn(10, 2, 64, 8))
     state = make_state(plan, 64, False, 0)
     state.layers = LayerPlan(sizes=state.layers.sizes, self_max_side=4, blend_size=None)  # the layer's side is 8
-    got = P2PAttnProcessor(state, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor").attend(q, k, v, None)
+    got = P2PAttnProcessor(state, Layer("down_blocks.0.attn1", is_cross=False, place="down")).attend(q, k, v, None)
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -9,7 +9,8 @@ fused path where they are recorded (cross-attention at the recorded resolutions)
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +19,23 @@ from .plan import EditPlan
 from .state import RunState
 
 
-def _place(name: str) -> str:
-    return "down" if name.startswith("down") else "mid" if name.startswith("mid") else "up"
+@dataclass(frozen=True)
+class Layer:
+    """What an attention layer is, as the model's family tells it (never guessed from its name here)."""
 
-
-def _block(name: str) -> int | None:
-    """A DiT layer's block number ("transformer_blocks.3.attn1.processor" -> 3); None in a UNet."""
-    found = re.match(r"transformer_blocks\.(\d+)\.", name)
-    return int(found[1]) if found else None
+    name: str  # diffusers' processor name: the key of the model's processors and of a cache's recorded source
+    is_cross: bool  # text-conditioned cross-attention; else self-attention
+    place: str  # "down", "mid" or "up" in a UNet; "block" in a DiT of one resolution (local blending skips "mid")
+    block: int | None = None  # a DiT layer's block number, as they run; None in a UNet
 
 
 class P2PAttnProcessor:
     """A diffusers attention processor that edits one layer's attention by the run's plan."""
 
-    def __init__(self, state: RunState, name: str):
+    def __init__(self, state: RunState, layer: Layer):
         self.state = state
-        self.name = name
-        self.is_cross = ".attn2." in name or name.endswith("attn2.processor")
-        self.place = _place(name)
-        self.block = _block(name)
+        self.name = layer.name
+        self.is_cross, self.place, self.block = layer.is_cross, layer.place, layer.block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         # Same pre- and post-processing as diffusers' AttnProcessor2_0; only the attention core differs.
@@ -261,8 +260,9 @@ def attend_by_run(attends: list, counts: list[int], q: torch.Tensor, k: torch.Te
     return torch.cat([part for half in outs for part in half])
 
 
-def cross_processors(names, states, counts) -> dict:
-    """A `P2PAttnProcessor` for every layer name, for one run's state; several runs' in one forward batch, grouped."""
+def cross_processors(layers: Sequence[Layer], states, counts) -> dict:
+    """A `P2PAttnProcessor` for every layer, for one run's state; several runs' in one forward batch, grouped."""
     if len(states) == 1:
-        return {name: P2PAttnProcessor(states[0], name) for name in names}
-    return {name: GroupAttnProcessor([P2PAttnProcessor(s, name) for s in states], list(counts)) for name in names}
+        return {layer.name: P2PAttnProcessor(states[0], layer) for layer in layers}
+    return {layer.name: GroupAttnProcessor([P2PAttnProcessor(s, layer) for s in states], list(counts))
+            for layer in layers}

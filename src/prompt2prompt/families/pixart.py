@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..alignment import Tokenized, tokenize
-from ..attention.cross import cross_processors
+from ..attention.cross import Layer, cross_processors
 from ..attention.state import LayerPlan, RunState
 from .base import Family, check_blocks, t5_length
 
@@ -119,7 +119,10 @@ class PixArtFamily(Family):
                          self_blocks=blocks)
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
-        return cross_processors(self.model.attn_processors, states, counts)
+        # PixArtTransformer2DModel's processors: "transformer_blocks.<block>.attn1|attn2.processor"
+        layers = [Layer(name, is_cross=".attn2." in name, place="block", block=int(name.split(".")[1]))
+                  for name in self.model.attn_processors]
+        return cross_processors(layers, states, counts)
 
     # -- The pipeline call ---------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..alignment import Tokenized, tokenize
-from ..attention.cross import cross_processors
+from ..attention.cross import Layer, cross_processors
 from ..attention.state import LayerPlan, RunState
 from . import compat
 from .base import Family
@@ -151,7 +151,9 @@ class UNetFamily(Family):
                          blend_size=blend_size, record_sizes=record_sizes, explicit=explicit)
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
-        return cross_processors(self.model.attn_processors, states, counts)
+        # diffusers' UNets name each processor by its place ("down_blocks.1.attentions.0...attn2.processor")
+        layers = [Layer(name, is_cross=".attn2." in name, place=name.split("_", 1)[0]) for name in self.model.attn_processors]
+        return cross_processors(layers, states, counts)
 
     # -- The pipeline call ---------------------------------------------------------------------------------------
 
