@@ -163,6 +163,22 @@ def kind_checks(root: Path) -> list[str]:
     return [f"{rel}:{line}: {what}" for rel, line, what in sorted(set(found))]
 
 
+def family_imports(root: Path) -> list[str]:
+    """"a -> b" for every import of one family's own module (`families/<name>.py`) from outside `families/`: a
+    caller asks the family it has (`family_of`), never one family's types by name."""
+    shared = {"__init__", "base", "compat", "defaults"}  # the seam, not one family
+    package = root.name
+    found = []
+    for module, targets in sorted(import_graph(root).items()):
+        if module.startswith(f"{package}.families"):
+            continue
+        for target in sorted(targets):
+            parts = target.split(".")
+            if parts[1:2] == ["families"] and len(parts) > 2 and parts[2] not in shared:
+                found.append(f"{module} -> {target}")
+    return found
+
+
 def layer_violations(root: Path) -> list[str]:
     """"a -> b" for every import of a lower layer's module (or of a module in no layer), by `LAYERS`."""
     def layer(module: str) -> int | None:
@@ -211,6 +227,19 @@ def test_the_layer_check_finds_an_import_of_a_lower_layer_and_an_unplaced_module
                             "engine/__init__.py": "", "engine/editor.py": "from ..limits import f\n",
                             "extras.py": "from . import limits\n"})
     assert layer_violations(pkg) == ["pkg.extras -> pkg.limits", "pkg.limits -> pkg.engine.editor"]
+
+
+def test_no_module_outside_families_imports_one_family():
+    assert family_imports(PACKAGE) == []
+
+
+def test_the_family_import_check_finds_a_runtime_import_and_leaves_type_checking_ones(tmp_path):
+    pkg = _write(tmp_path, {"__init__.py": "", "families/__init__.py": "", "families/base.py": "",
+                            "families/unet.py": "from .base import *\n",
+                            "inversion.py": ("from typing import TYPE_CHECKING\nfrom .families import base\n"
+                                             "if TYPE_CHECKING:\n    from .families.unet import UNetText\n"
+                                             "def f():\n    from .families.unet import UNetText\n")})
+    assert family_imports(pkg) == ["pkg.inversion -> pkg.families.unet"]
 
 
 def test_nothing_outside_families_asks_which_model_it_has():

@@ -210,6 +210,10 @@ class UNetFamily(Family):
         time_ids = compat.sdxl_time_ids(pipe, (height, width), embeds.dtype, projection).to(device)
         return UNetText(embeds, pooled, time_ids), UNetText(negative, negative_pooled, time_ids)
 
+    def batch_text(self, *texts: UNetText) -> UNetText:
+        """Several conditionings as one batch, in the order given (a guided step's [uncond, cond])."""
+        return UNetText.cat(*texts)
+
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, text: UNetText, *, scheduler) -> torch.Tensor:
         """The UNet's prediction, called as the pipeline calls it."""
         added = None if text.pooled is None else {"text_embeds": text.pooled, "time_ids": text.time_ids}

@@ -30,10 +30,8 @@ from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, is
 from .common import encode_image, refuse_options
 from .files import Inversion
 
-from ..families.unet import UNetText
-
 if TYPE_CHECKING:
-    from ..families.unet import UNetFamily
+    from ..families.unet import UNetFamily, UNetText
 
 
 def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
@@ -187,7 +185,7 @@ def _direct_corrections(family: UNetFamily, scheduler: DDIMScheduler, trajectory
     n = len(scheduler.timesteps)
     latent = trajectory[n]
     corrections = []
-    both = UNetText.cat(uncond, cond)
+    both = family.batch_text(uncond, cond)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="direct inversion", disable=not progress)):
         if guidance_scale > 1:
             out_uncond, out_cond = family.denoise(latent.expand(2, -1, -1, -1), t, both, scheduler=scheduler).chunk(2)
