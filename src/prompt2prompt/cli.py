@@ -748,7 +748,8 @@ def batch(
     dtype: DtypeOption = "auto",
     allow_pickle: AllowPickleOption = False,
 ) -> None:
-    """Run a manifest of edits into --out: resumable after any stop, on local workers or a Ray cluster."""
+    """Run a manifest of edits into --out (jobs/<id>/ with each job's PNGs and labelled grid, results.jsonl, and
+    index.html to browse them): resumable after any stop, on local workers or a Ray cluster."""
     with _user_errors():
         from .batch import BROWSE, INDEX, load_manifest, load_score_hook, run_batch
 
@@ -897,7 +898,8 @@ def bench_shapes(
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
 ) -> None:
-    """The shapes benchmark: rendered scenes no model drew, exact masks, the PIE harness on a demo model."""
+    """The shapes benchmark: rendered scenes no model drew, exact masks, the PIE harness on a demo model; prints the
+    table (also in --out's table.md) with what each column measures."""
     with _user_errors():
         from .bench.attributes import attribute_success
         from .bench.pie import Protocol
