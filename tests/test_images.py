@@ -206,3 +206,16 @@ def test_sizes_beyond_4x_the_models_pixels_are_refused():
         check_pixels(8192, 8192, 512)
     with pytest.raises(ValueError, match="height=nan"):
         image_size(_Pipe, height=float("nan"))  # no nearest size to suggest, and no crash looking for one
+
+
+def test_a_caption_far_too_long_for_its_tile_is_cut_at_once():
+    """A recipe can carry a huge label (100,000 reweighted words): cutting it one character at a time took minutes."""
+    import time
+
+    from prompt2prompt.visualize import caption
+
+    started = time.perf_counter()
+    tile = caption(Image.new("RGB", (64, 64), "white"), "reweight " + "green, " * 100_000 + "x1", width=256)
+    assert time.perf_counter() - started < 2 and tile.size == (256, 256 + 18)
+    strip = np.asarray(tile.convert("L"))[256:]
+    assert strip.min() < 128 and (strip[:, -2:] == 255).all()  # text written, and it stops inside the tile

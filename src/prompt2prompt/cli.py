@@ -493,13 +493,12 @@ def edit(
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
             _use_scheduler(editor, scheduler)
-            _warn(vocabulary_notice(editor.defaults.vocabulary, [source, *(spec["prompt"] for spec in specs)]))
+            unknown = vocabulary_notice(editor.defaults.vocabulary, [source, *(spec["prompt"] for spec in specs)])
+            fitted = None
             if image is not None:
                 from .images import fit_note, image_size, load_image
 
                 fitted = fit_note(load_image(image).size, *image_size(editor.pipe, height=height, width=width))
-                if fitted:
-                    _say("note:", "cyan", f"{image}: {fitted}")
             for index, seed in enumerate(run_seeds):  # one model load for every seed; a run folder each
                 used: list[str] = []
                 recipe = recipe_for(
@@ -513,6 +512,9 @@ def edit(
                 _report(folder, paths, recipe.seed)
                 if index == 0:  # after the run: a failed one prints its error alone
                     _say_defaults(used)
+                    if fitted:
+                        _say("note:", "cyan", f"{image}: {fitted}")
+                    _warn(unknown)
                 _warn_wide_blends(result.masks)
 
 
@@ -554,7 +556,6 @@ def attention(
         with _output_folder(out):
             editor, model_source = _load_editor(model, device, dtype, allow_pickle=allow_pickle)
             _use_scheduler(editor, scheduler)
-            _warn(vocabulary_notice(editor.defaults.vocabulary, [source.source]))
             used = []
             recipe = recipe_for(
                 editor, model_source, used=used, source=source.source, edits=[],
@@ -566,7 +567,8 @@ def attention(
                 result = run_recipe(recipe, editor)
             folder, paths = _publish(out, recipe, save_attention, result)
             _report(folder, paths, recipe.seed)
-            _say_defaults(used)
+            _say_defaults(used)  # after the run, as the warning: a failed run prints its error alone
+            _warn(vocabulary_notice(editor.defaults.vocabulary, [source.source]))
 
 
 def save_attention(result, recipe: Recipe, out_dir: Path) -> list[Path]:

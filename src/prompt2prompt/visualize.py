@@ -24,6 +24,8 @@ def caption(image: Image.Image, text: str, width: int | None = None) -> Image.Im
     out.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(out)
     font = _font()
+    if len(text) > image.width:  # no character is narrower than a pixel: cut first, so the loop below stays short
+        text = text[: image.width - 1] + "…"
     while text and draw.textlength(text, font=font) > image.width - 4:
         text = text[:-2] + "…" if len(text) > 2 else ""
     draw.text((2, image.height + 2), text, fill="black", font=font)
