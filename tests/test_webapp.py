@@ -652,9 +652,9 @@ def test_the_cleanup_matches_the_temporary_names_save_result_makes(tmp_path):
     made = []
     for name in ("source.png", "edit-12.png", "grid.png"):
         write_atomic(tmp_path / name, lambda temporary: made.append(Path(temporary).name))
-    assert len(made) == 3 and all(webapp._TEMPORARY.fullmatch(name) for name in made)
+    assert len(made) == 3 and all(webapp._is_leftover(name) for name in made)
     for user in (".my.config.tmp", ".grid.png.tmp.png", ".grid.png.k2j4x8f2.tmp", ".notes.png.k2j4x8f2.tmp.png"):
-        assert not webapp._TEMPORARY.fullmatch(user)
+        assert not webapp._is_leftover(user)
 
 
 def test_the_queue_size_comes_from_p2p_serve(tiny_sd_dir, tmp_path, server, monkeypatch):

@@ -22,12 +22,14 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LATEST", "run_slug", "write_atomic", "write_folder_atomic", "write_text_atomic"]
+__all__ = ["LATEST", "run_slug", "temporary_target", "write_atomic", "write_folder_atomic", "write_text_atomic"]
 
 LATEST = "latest"  # the link, beside the numbered run folders, to the newest of them
 _NUMBERED = re.compile(r"(\d{4,})-")  # a run folder's number, at the start of its name
 _SLUG_CHARS = 32  # a slug's length at most: enough for the prompt's first words, short enough to type
 _TRIES = 1000  # names tried before giving up (only a folder filling up concurrently takes more than one)
+# write_atomic's temporary files: mkstemp's name for ".<target>.", 8 random characters, ".tmp<target's suffix>"
+_TEMPORARY = re.compile(r"[.](.+)[.][a-z0-9_]{8}[.]tmp(.*)")
 
 _UMASK_LOCK = threading.Lock()
 
@@ -67,6 +69,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_target(name: str) -> str | None:
+    """The file that a `write_atomic` temporary file named `name` was to become; None for any other name (a
+    cleanup that matches only these names never touches a user's own files).
+
+    >>> temporary_target(".grid.png.k2j4x8f2.tmp.png")
+    'grid.png'
+    >>> temporary_target(".my.config.tmp") is None
+    True
+    """
+    found = _TEMPORARY.fullmatch(name)
+    return found[1] if found and found[2] == Path(found[1]).suffix else None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:

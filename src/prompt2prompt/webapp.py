@@ -35,6 +35,7 @@ from PIL import Image
 from .edits import MODES
 from .engine import SourceStore, load_editor
 from .families.defaults import vocabulary_notice
+from .files import temporary_target
 from .images import fit_note, image_size, load_image, open_image
 from .loading import ModelSource, check_device, parse_dtype
 from .recipe import (MAX_STEPS, check_guidance, check_int, edit_label, file_digest, inversion_available, recipe_for,
@@ -59,9 +60,7 @@ CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see 
 STAGING = ".staging"  # under the output folder: runs being written, renamed into place when whole
 # A run folder's name, as _run_folder makes it: only such folders are ever cleaned up (never the user's own).
 _RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")
-# The temporary files of save_result's PNGs (".edit-1.png.k2j4x8f2.tmp.png"): write_atomic names them as
-# tempfile.mkstemp does, with the PNG's name before and ".tmp.png" after mkstemp's 8 random characters.
-_TEMPORARY = re.compile(r"[.](source|grid|edit-[1-9][0-9]*)[.]png[.][a-z0-9_]{8}[.]tmp[.]png")
+_RESULT_PNG = re.compile(r"(source|grid|edit-[1-9][0-9]*)[.]png")  # the PNGs save_result writes
 ERROR_COLUMNS = 48  # an error's prompt is cut into lines this long at most: the status column's width, in monospace
 # Small images (the demo model's 64 px) are drawn larger than they are: pixelated, so their pixels stay sharp.
 SMALL_IMAGE = 256
@@ -407,6 +406,12 @@ def _publish(staging: Path, out_dir: Path) -> Path:
     return folder
 
 
+def _is_leftover(name: str) -> bool:
+    """Whether `name` is the temporary file of one of save_result's PNGs (".edit-1.png.k2j4x8f2.tmp.png"), left by
+    a write that never finished."""
+    return bool(_RESULT_PNG.fullmatch(temporary_target(name) or ""))
+
+
 def _clean_leftovers(out_dir: Path) -> list[Path]:
     """Remove what a crash left in `out_dir`: the staging folder, run folders that are empty or lack their grid.png
     (save_result writes it last; runs made before staging existed were written in place), and the temporary files
@@ -421,7 +426,7 @@ def _clean_leftovers(out_dir: Path) -> list[Path]:
             if not (entry / "grid.png").is_file():
                 removed.append(entry)
             else:
-                removed += [file for file in entry.iterdir() if _TEMPORARY.fullmatch(file.name)]
+                removed += [file for file in entry.iterdir() if _is_leftover(file.name)]
     for path in removed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

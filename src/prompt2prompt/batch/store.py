@@ -138,15 +138,14 @@ def write_index(out: Path, index: dict[str, dict[str, Any]]) -> None:
 
 def job_row(job: Job, outcome: Outcome | None, error: BaseException | None = None) -> dict[str, Any]:
     """A job's index row: from its outcome, or, without one, from the error that killed its worker."""
+    # what the job is, for a reader of the index (and the browse page): its prompt and what each edit changes
+    about = {"id": job.id, "line": job.line, "source": job.source,
+             "edits": [edit_label(job.source, spec) or spec["prompt"] for spec in job.edits]}
     if outcome is None:
         now = time.time()
-        return {"id": job.id, "line": job.line, "source": job.source,
-                "edits": [edit_label(job.source, spec) or spec["prompt"] for spec in job.edits],
-                "status": "failed", "error": describe_error(error), "started": _now(now),
+        return {**about, "status": "failed", "error": describe_error(error), "started": _now(now),
                 "finished": _now(now), "seconds": 0.0, "batch": 0, "worker": None, "paths": []}
-    row = {"id": job.id, "line": job.line, "source": job.source,
-           "edits": [edit_label(job.source, spec) or spec["prompt"] for spec in job.edits],
-           "status": outcome.status, "error": outcome.error,
+    row = {**about, "status": outcome.status, "error": outcome.error,
            "started": _now(outcome.started), "finished": _now(outcome.finished),
            "seconds": round(outcome.finished - outcome.started, 4), "batch": outcome.batch, "worker": outcome.worker,
            "paths": [f"{JOBS}/{job.id}/{image_name(i)}" for i in outcome.indices]}
