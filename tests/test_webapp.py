@@ -441,7 +441,9 @@ def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, ca
     pre = page.wait_for_selector("#status pre", timeout=60_000)
     message = "edit 1: column 7: '[' is never closed: add ']' after the edited words"
     assert page.inner_text("#status .error") == message and "Saved to" not in page.inner_text("#status")
-    # The field at fault says so too, and the last run's result stays as it was.
+    # The field at fault says so too (the validator's reply, which may come a moment after the status line's), and
+    # the last run's result stays as it was.
+    page.locator(f"text={message}").nth(1).wait_for(timeout=10_000)
     assert page.locator(f"text={message}").count() == 2
     _assert_the_last_result_stays(page)
     # The prompt is cut into lines that fit the status column, the caret beneath the piece that holds the '['.
