@@ -126,6 +126,8 @@ class P2PAttnProcessor:
         state = self.state
         if state.cached:
             q_s, k_s = state.source[self.name]
+            if self.is_cross and k_s.shape[2] < k.shape[2]:  # a shorter cached text: zero keys on its masked padding
+                k_s = F.pad(k_s, (0, 0, 0, k.shape[2] - k_s.shape[2]))
             if mask is not None and state.plan.key_mask is not None:  # masked padding: the source's own length
                 return q_s, k_s, state.plan.key_mask[:1, None, None, :].to(mask.dtype)
             return q_s, k_s, None if mask is None else mask[first : first + 1]

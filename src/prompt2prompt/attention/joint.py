@@ -111,7 +111,10 @@ def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunSt
     record = layers.records(block)
     if plan.num_edits == 0 and not record or not (cross_on or replaced or record):
         return _sdpa(q, k, v, mask)
-    source = state.source[name] if state.cached else None  # (image queries, keys) of the source, (1, heads, ., d)
+    source = None
+    if state.cached:  # (image queries, keys) of the source, (1, heads, ., d); its keys at this run's text length
+        qi_s, k_s = state.source[name]
+        source = qi_s, layers.fit_keys(k_s, q.shape[2])
     if layers.explicit:
         return _explicit(q, k, v, state, text, image, first, cross_on, replaced, record, source, mask, mask_s)
     return _fused(q, k, v, state, text, image, first, cross_on, replaced, record, source, mask, mask_s)

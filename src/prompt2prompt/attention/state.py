@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,6 +32,10 @@ class LayerPlan:
         if self.self_blocks is not None:
             return block in self.self_blocks
         return max(size) <= self.self_max_side
+
+    def with_text_length(self, length: int) -> "LayerPlan":
+        """These layer choices for a run whose text is `length` long (a UNet's layers do not depend on it)."""
+        return self
 
     def cache_settings(self) -> dict:
         """What a cached source must share with the runs that use it."""
@@ -77,6 +81,16 @@ class RunState:
             self.record_counts[size] = self.record_counts.get(size, 0) + 1
 
 
+def pad_text(maps: torch.Tensor, length: int) -> torch.Tensor:
+    """Text maps (.., L) of a cached source whose text was shorter, at this run's text `length`: zero on the
+    positions it did not have (masked padding, which no row attends).
+
+    >>> pad_text(torch.ones(1, 2), 4)
+    tensor([[1., 1., 0., 0.]])
+    """
+    return torch.nn.functional.pad(maps, (0, length - maps.shape[-1]))
+
+
 def _accumulate(total: torch.Tensor | None, maps: torch.Tensor, first: int, rows: int) -> torch.Tensor:
     if total is None:
         total = maps.new_zeros(rows, *maps.shape[1:])
@@ -108,8 +122,25 @@ class JointLayerPlan:
     def records(self, block: int) -> bool:
         return block in self.record_blocks and (self.blend_size is not None or bool(self.record_sizes))
 
+    def with_text_length(self, length: int) -> "JointLayerPlan":
+        """These block choices for a run whose text is `length` long."""
+        return replace(self, text_length=length)
+
+    def fit_keys(self, k: torch.Tensor, length: int) -> torch.Tensor:
+        """Joint keys (.., S, d) of a cached source whose text was shorter, at a joint `length`: zero keys fill its
+        text up to this run's. They sit on the source's masked padding (its key mask is -inf from its true length
+        on), so they get no probability: the source attends exactly as it did."""
+        missing = length - k.shape[-2]
+        if missing <= 0:
+            return k
+        source_text = self.text_length - missing  # the source's text length, when it was cached
+        zeros = k.new_zeros(*k.shape[:-2], missing, k.shape[-1])
+        if self.text_first:  # [text, image] -> [text, zeros, image]
+            return torch.cat([k[..., :source_text, :], zeros, k[..., source_text:, :]], -2)
+        return torch.cat([k, zeros], -2)  # [image, text] -> [image, text, zeros]
+
     def cache_settings(self) -> dict:
-        """What a cached source must share with the runs that use it."""
+        """What a cached source must share with the runs that use it (not its text length: a run's text spans its
+        longest prompt, the source's padding is masked, and `fit_keys` fills it)."""
         return dict(cross_blocks=sorted(self.cross_blocks), self_blocks=sorted(self.self_blocks),
-                    record_blocks=sorted(self.record_blocks), blend_size=self.blend_size, text_length=self.text_length,
-                    explicit=self.explicit)
+                    record_blocks=sorted(self.record_blocks), blend_size=self.blend_size, explicit=self.explicit)

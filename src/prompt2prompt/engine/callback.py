@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..attention.blend import apply_blend
-from ..attention.state import RunState
+from ..attention.state import RunState, pad_text
 from ..families import Family
 from ..schedules import step_index
 from .cache import CacheRecorder
@@ -43,7 +43,8 @@ class StepCallback:
         i = step_index(k, order, n)
         outputs: dict[str, torch.Tensor] = {}
         if cache is not None and cache.blend_maps is not None and state.blend_sum is not None:
-            source = cache.blend_maps[k].to(state.blend_sum)  # the source's maps summed up to this evaluation
+            # the source's maps summed up to this evaluation, at this run's text length
+            source = pad_text(cache.blend_maps[k].to(state.blend_sum), state.blend_sum.shape[-1])
             state.blend_sum = torch.cat([source[None], state.blend_sum[1:]])
         if self.recorder is not None:
             self.recorder.end_evaluation(state.blend_sum)

@@ -22,7 +22,7 @@ import torch
 from ..alignment import Tokenized, word_token_positions
 from ..attention.blend import BlendSpec
 from ..attention.plan import EditPlan, build_plan
-from ..attention.state import LayerPlan, RunState
+from ..attention.state import LayerPlan, RunState, pad_text
 from ..edits import Edit
 from ..families import Family, family_of
 from ..families.defaults import DEFAULTS_FILE
@@ -51,7 +51,8 @@ class PreparedRun:
     """
 
     prompts: tuple[str, ...]  # the source first, then the edits
-    tokens: tuple[Tokenized, ...]
+    tokens: tuple[Tokenized, ...]  # every prompt's, at the run's one text length
+    edits: tuple[Edit, ...]
     num_inference_steps: int
     guidance_scale: float
     height: int
@@ -68,6 +69,11 @@ class PreparedRun:
     @property
     def latent_size(self) -> tuple[int, int]:
         return tuple(self.latents.shape[-2:])
+
+    @property
+    def text_length(self) -> int:
+        """The length of the text every row of the run attends to (its pipeline call's)."""
+        return self.tokens[0].length
 
 
 @dataclass
@@ -214,9 +220,8 @@ class Editor:
             num_inference_steps, guidance_scale, height, width, negative_prompt, latents, seed, generator, inversion, cache)
         if negative_prompt is not None:
             family.check_text_length(negative_prompt, "the negative prompt", pipeline_kwargs)
-        # 3. Tokens, mappers and windows
-        source = family.tokenize(prompt, pipeline_kwargs)
-        targets = [family.tokenize(e.prompt, pipeline_kwargs) for e in edits]
+        # 3. Tokens at the run's one text length, mappers and windows
+        source, *targets = family.tokenize_run([prompt, *(e.prompt for e in edits)], pipeline_kwargs)
         plan = build_plan(source, edits, targets, num_inference_steps)
         # 4. Layers: which edit, self-replace, blend and record
         channels, *latent_size = family.latent_shape(height, width)
@@ -238,7 +243,7 @@ class Editor:
         if inversion is not None:
             inversion = inversion.to(device, dtype)  # once, not at every step
         return PreparedRun(
-            prompts=(prompt, *(e.prompt for e in edits)), tokens=(source, *targets),
+            prompts=(prompt, *(e.prompt for e in edits)), tokens=(source, *targets), edits=tuple(edits),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
             negative_prompt=negative_prompt, plan=plan.to(device, dtype), layers=layers, blends=blends, latents=latents,
             inversion=inversion, cache=cache, pipeline_kwargs=dict(pipeline_kwargs),
@@ -413,12 +418,8 @@ class Editor:
             **{**run.pipeline_kwargs, **pipeline_kwargs},
         )
         inversion = run.inversion
-        if inversion is not None and inversion.uncond_embeddings is not None:
-            call_kwargs.update(family.inversion_call_kwargs(prompts, inversion, family.execution_device()))
-        else:
-            call_kwargs["prompt"] = prompts
-            if group.negative is not None:
-                call_kwargs["negative_prompt"] = group.negative
+        call_kwargs.update(family.call_text(prompts, group.negative, run.text_length, inversion,
+                                            family.execution_device()))
         scheduler = family.inversion_scheduler() if inversion is not None else None
         return self._with_processors(family.processors(states, group.counts), scheduler, call_kwargs, states)
 
@@ -468,6 +469,10 @@ class Editor:
             shared = (r.num_inference_steps, r.guidance_scale, r.height, r.width, r.pipeline_kwargs)
             if shared != (first.num_inference_steps, first.guidance_scale, first.height, first.width, first.pipeline_kwargs):
                 raise ValueError("runs in one forward batch must share steps, guidance, size and pipeline keywords")
+        # One call has one text length: a run whose prompts are shorter is planned again at the longest run's.
+        length = max(r.text_length for r in runs)
+        runs = [self._at_text_length(r, length) for r in runs]
+        first = runs[0]
         states = [RunState(plan=r.plan, layers=r.layers) for r in runs]
         callbacks = [StepCallback(r, s, self.family) for r, s in zip(runs, states)]
         counts = [len(r.prompts) for r in runs]
@@ -488,6 +493,15 @@ class Editor:
         images = self._call(first, states, on_step_end, output_type, pipeline_kwargs, group)
         return [self._result(r, s, cb, images[a:b]) for r, s, cb, (a, b) in zip(runs, states, callbacks, bounds)]
 
+    def _at_text_length(self, run: PreparedRun, length: int) -> PreparedRun:
+        """`run` with its text padded to `length` (masked padding): its tokens, plan and layers at that length."""
+        if run.text_length == length:
+            return run
+        tokens = self.family.tokenize_run(run.prompts, run.pipeline_kwargs, length)
+        plan = build_plan(tokens[0], run.edits, tokens[1:], run.num_inference_steps)
+        return replace(run, tokens=tuple(tokens), plan=plan.to(self.family.execution_device(), self.family.model.dtype),
+                       layers=run.layers.with_text_length(length))
+
     def _result(self, run: PreparedRun, state: RunState, callback: StepCallback, images) -> EditResult:
         attention = None
         if run.layers.record_sizes:
@@ -497,7 +511,8 @@ class Editor:
                     continue
                 maps = state.records.get(size)
                 if run.cache is not None:
-                    source = (run.cache.records[size] / run.cache.record_counts[size]).cpu()  # (1, h, w, 77)
+                    source = (run.cache.records[size] / run.cache.record_counts[size]).cpu()  # (1, h, w, L_source)
+                    source = pad_text(source, run.text_length)
                     edits = maps[1:] / state.record_counts[size] if maps is not None else source[:0]
                     attention[max(size)] = torch.cat([source, edits.cpu()])
                 else:

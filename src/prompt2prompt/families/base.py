@@ -114,6 +114,21 @@ class Family:
         """The prompt's words and their positions in the text the model attends to."""
         raise NotImplementedError
 
+    def tokenize_run(self, prompts: Sequence[str], pipeline_kwargs: Mapping[str, Any],
+                     length: int | None = None) -> list[Tokenized]:
+        """Every prompt of one run (the source first) at the run's one text length: the attention's text length is
+        one per pipeline call, so every prompt's tokens, the plan's mappers and its key mask span it.
+
+        `length` asks for a longer text than the prompts need (a group of runs in one call). Here every prompt is
+        tokenized at the family's fixed length; a family that pads each call to its longest prompt (its padding
+        masked) pads them all to the longest, or to `length`.
+        """
+        tokens = [self.tokenize(prompt, pipeline_kwargs) for prompt in prompts]
+        if length is not None and length != tokens[0].length:
+            raise ValueError(f"{type(self.pipe).__name__}'s text is {tokens[0].length} positions long at these "
+                             f"settings, not {length}")
+        return tokens
+
     def tokenizers(self) -> list:
         """Every tokenizer the pipeline runs a prompt through (a negative prompt must fit each)."""
         raise NotImplementedError
@@ -269,6 +284,16 @@ class Family:
     def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
         """Whether this call evaluates the model twice a step, the conditional pass first, then the negative."""
         return False
+
+    def call_text(self, prompts: list[str], negative: list[str] | None, length: int, inversion, device) -> dict[str, Any]:
+        """The text keywords of one pipeline call whose rows are `prompts`, at the run's one text `length`.
+
+        Here the prompts themselves (the pipeline encodes them at the family's fixed length), or, for an inversion
+        that replaces the unconditional text at every step, the family's `inversion_call_kwargs`.
+        """
+        if inversion is not None and inversion.uncond_embeddings is not None:
+            return self.inversion_call_kwargs(prompts, inversion, device)
+        return {"prompt": prompts} if negative is None else {"prompt": prompts, "negative_prompt": negative}
 
     def check_inversion(self, inversion) -> None:
         """Refuse an inversion made for another family."""
