@@ -68,3 +68,15 @@ def test_without_a_mask_the_padding_rules_are_unchanged(t5):
     mapper, index, alpha = text_mappers(source, edit, "refine")
     assert index[4:].tolist() == [min(3 + (j - 4), L - 1) for j in range(4, L)] and alpha[4:].eq(1).all()
     assert mapper[index[5], 5] == 1
+
+
+def test_a_drop_that_cuts_into_the_prompt_is_refused_and_unpadded_text_is_its_own_length(t5):
+    # drop=4 takes "▁a ▁image ▁:" and the prompt's own "▁a": the prompt would lose its first word
+    with pytest.raises(ValueError, match="drops the first 4 tokens of its template, which take part of the prompt"):
+        tokenize_templated(t5, "a cat riding a bicycle", TEMPLATE, drop=4, max_length=L)
+    with pytest.raises(ValueError, match="drops the first 40 tokens"):  # more tokens than the whole text has
+        tokenize_templated(t5, "a cat", TEMPLATE, drop=40)
+    t = tokenize_templated(t5, "a cat riding a bicycle", TEMPLATE, drop=3, max_length=L, padded=False)
+    # kept: ▁a ▁cat ▁riding ▁a ▁bi cycle ▁do n e: the prompt starts at the first kept position here
+    assert t.word_tokens == [[0], [1], [2], [3], [4, 5]]
+    assert (t.true_length, t.length) == (9, 9)

@@ -124,13 +124,16 @@ def tokenize(tokenizer, prompt: str, max_length: int = MAX_TOKENS, *, what: str 
 
 
 def tokenize_templated(tokenizer, prompt: str, template: str, drop: int, max_length: int | None = None, *,
-                       what: str = "") -> Tokenized:
+                       what: str = "", padded: bool = True) -> Tokenized:
     """A prompt read through a chat template (`template.format(prompt)`), of which the pipeline keeps the tokens
     from `drop` on (Qwen-Image's `prompt_template_encode_start_idx`), and masks the padding after them.
 
     Positions count from the first kept token; a word's tokens are found by character offsets inside the templated
-    string; the template's kept tokens (its suffix) belong to no word, like EOS. `true_length` is the number of kept
-    tokens, and `length` the padded length the run uses (`max_length`, or the true length when None).
+    string, never by assuming the prompt starts at the first kept position: the template's kept tokens (its suffix,
+    and its prefix's tail where the prefix takes more than `drop` tokens) belong to no word, like EOS. A prompt
+    whose characters fall in the dropped tokens (a prefix of fewer than `drop` tokens) is refused. `true_length` is
+    the number of kept tokens; `length` the padded length the run uses: `max_length` (also the bound), or the
+    true length when None or when not `padded` (`max_length` then only bounds it).
 
     >>> t = tokenize_templated(tok, "a red cat", "<s>user: {}</s>", drop=2)  # doctest: +SKIP
     """
@@ -141,6 +144,11 @@ def tokenize_templated(tokenizer, prompt: str, template: str, drop: int, max_len
     start = template.index("{}")
     text = template[:start] + prompt + template[start + 2:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+    dropped = list(enc["offset_mapping"])[:drop]
+    if len(dropped) < drop or any(b > start for a, b in dropped if b > a):
+        raise ValueError(f"the model's text encoder drops the first {drop} tokens of its template, which take part "
+                         f"of the prompt {quoted(prompt)} with them (this tokenizer reads the template's opening in "
+                         "fewer tokens); the prompt cannot be read whole")
     ids, offsets = list(enc["input_ids"])[drop:], list(enc["offset_mapping"])[drop:]
     if max_length is not None and len(ids) > max_length:
         detail = f" {what}" if what else ""
@@ -154,7 +162,7 @@ def tokenize_templated(tokenizer, prompt: str, template: str, drop: int, max_len
             if b > a and ws <= a and b <= we:
                 word_tokens[w].append(pos)
                 break
-    length = len(ids) if max_length is None else max_length
+    length = len(ids) if max_length is None or not padded else max_length
     return Tokenized(prompt, words, ids, word_tokens, length=length, true_length=len(ids))
 
 
