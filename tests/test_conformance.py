@@ -13,10 +13,11 @@ import functools
 
 import pytest
 import torch
-from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 from mmdit_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                              tiny_sd35_pipeline)
 from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from qwen_pipelines import tiny_qwenimage_pipeline
 
 import prompt2prompt as p2p
 from prompt2prompt.families.chroma import masked_processors
@@ -72,6 +73,7 @@ BUILDERS = {
     # Seed 10: on the 8x8 patch grid, the random maps of seeds 0-9 are too flat for both blend cases to leave part
     # of the image in and part out (their masks cover all or nothing of it); seed 10's are not.
     "pixart": functools.partial(tiny_pixart_pipeline, seed=10),
+    "qwenimage": tiny_qwenimage_pipeline,
 }
 CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
 # Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
@@ -87,22 +89,31 @@ SETTINGS = {
     "chroma-cfg": ("chroma", dict(guidance_scale=3.0)), "chroma-no-cfg": ("chroma", NO_CFG),
     # PixArt-Σ: a cross-attention DiT; masked T5 padding; self-replacement by block
     "pixart-cfg": ("pixart", dict(guidance_scale=4.5)), "pixart-no-cfg": ("pixart", NO_CFG),
+    # Qwen-Image: templated text, each run padded to its longest prompt and masked (the source's true length
+    # differs from most edits'); guidance is true CFG, a second, negative pass
+    "qwenimage-cfg": ("qwenimage", dict(guidance_scale=4.0)), "qwenimage-no-cfg": ("qwenimage", NO_CFG),
 }
 
 
 def is_transformer(pipe) -> bool:
-    return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline))
+    return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline,
+                             QwenImagePipeline))
+
+
+def has_t5_length(pipe) -> bool:
+    """Whether the pipeline pads its text to `max_sequence_length` (Qwen-Image pads each call to its longest prompt)."""
+    return is_transformer(pipe) and not isinstance(pipe, QwenImagePipeline)
 
 
 def packs(pipe) -> bool:
     """Whether the pipeline packs its latents 2x2 into tokens, as Flux does."""
-    return isinstance(pipe, (FluxPipeline, ChromaPipeline))
+    return isinstance(pipe, (FluxPipeline, ChromaPipeline, QwenImagePipeline))
 
 
 def run(pipe, edits, attention="fused", editor_kwargs=None, **kwargs):
     """`SOURCE` edited by `edits` at the tests' size and steps, from seed 0, as latents."""
     options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
-    if is_transformer(pipe):
+    if has_t5_length(pipe):
         options["max_sequence_length"] = T5_LENGTH
     options.update(kwargs)
     return p2p.Editor(pipe, attention=attention, **(editor_kwargs or {})).edit(SOURCE, edits, **options)
@@ -121,15 +132,19 @@ def plain(pipe, prompt, **kwargs):
     Without `guidance_scale` the pipeline's default applies; it is the editor's, except SDXL's (5.0, not 7.5).
     """
     options = dict(num_inference_steps=STEPS, output_type="latent", **SIZE)
-    if is_transformer(pipe):
+    if has_t5_length(pipe):
         options["max_sequence_length"] = T5_LENGTH
     options.update(kwargs)
     model = pipe.transformer if is_transformer(pipe) else pipe.unet
     scale = pipe.vae_scale_factor
-    shape = (1, pipe.vae.config.latent_channels, options["height"] // scale, options["width"] // scale)
+    channels = model.config.in_channels // 4 if packs(pipe) else pipe.vae.config.latent_channels
+    shape = (1, channels, options["height"] // scale, options["width"] // scale)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
     if packs(pipe):
         latents = FluxPipeline._pack_latents(latents, *shape)
+    if isinstance(pipe, QwenImagePipeline):  # guidance is true CFG, turned on by a negative prompt (qwenimage.py)
+        guidance = options.pop("guidance_scale", 4.0)
+        options.update(true_cfg_scale=guidance, negative_prompt=" " if guidance > 1 else None)
     if isinstance(pipe, PixArtSigmaPipeline):  # the prompt as the edits read it, the size as asked (pixart.py)
         options.update(clean_caption=False, use_resolution_binning=False)
     if isinstance(pipe, ChromaPipeline):  # its padding mask applied as a mask, as the model means it (chroma.py)
@@ -233,7 +248,7 @@ def test_outside_the_blend_mask_the_edit_keeps_the_source(runs, setting, case):
 
 def _options(setting: str) -> dict:
     pipe_options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1])
-    if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev", "chroma", "pixart"):
+    if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev", "chroma", "pixart"):  # not Qwen-Image's: no T5
         pipe_options["max_sequence_length"] = T5_LENGTH
     return pipe_options
 

@@ -5,6 +5,8 @@
 - `flux.FluxFamily`: Flux.1 (MM-DiT double- and single-stream blocks, RoPE; text = T5 tokens; packed latents).
 - `chroma.ChromaFamily`: Chroma (Flux's blocks; T5 alone, its padding masked; true classifier-free guidance).
 - `pixart.PixArtFamily`: PixArt-Σ (a cross-attention DiT at one resolution; T5 text, its padding masked).
+- `qwenimage.QwenImageFamily`: Qwen-Image (double-stream joint attention; templated Qwen2.5-VL text, each call
+  padded to its longest prompt and masked; true classifier-free guidance).
 
 `family_of(pipe)` picks one. Outside this package nothing looks at a model's class or kind: callers ask the
 family (`base.Family` lists the questions). A new family is one new file here, added to `FAMILIES`.
@@ -19,13 +21,14 @@ from .base import Family
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .pixart import PixArtFamily
+from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
 __all__ = ["FAMILIES", "MAX_TEXT_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
            "listed", "pipeline_class_for", "single_file_class", "supported_models"]
 
-FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily)
+FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily, QwenImageFamily)
 # The longest `max_sequence_length` any family takes: the bound before the model is known (a manifest's line); a
 # run checks its own family's `max_text_length`.
 MAX_TEXT_LENGTH = max(family.max_text_length or 0 for family in FAMILIES)
