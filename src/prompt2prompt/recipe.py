@@ -390,7 +390,10 @@ def _scheduler_for(pipe, recipe: Recipe):
         # the configuration is untrusted, so any failure of diffusers on it is the recipe's. Its warnings (keys
         # this diffusers does not know, which it ignores) are not printed: a recipe from another version has some.
         with library_logs():
-            compatible[name].from_config(recipe.scheduler).set_timesteps(recipe.num_inference_steps)
+            trial = compatible[name].from_config(recipe.scheduler)
+            # A resolution-shifted flow schedule takes its shift from the pipeline's call: any one will do here.
+            shift = {"mu": 1.0} if trial.config.get("use_dynamic_shifting") else {}
+            trial.set_timesteps(recipe.num_inference_steps, **shift)
             return compatible[name].from_config(recipe.scheduler)
     except Exception as error:  # noqa: BLE001
         raise RecipeError(f"the recipe's {name} configuration does not work: {type(error).__name__}: "
