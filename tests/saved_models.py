@@ -68,3 +68,14 @@ def tiny_pixart_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-pixart"
     tiny_pixart_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_dir(tmp_path_factory) -> Path:
+    """A saved tiny Qwen-Image pipeline. Loaded again, it drops the pipeline's own 34 template tokens, fewer than this
+    tokenizer's template prefix takes: its kept text starts inside the template."""
+    from qwen_pipelines import tiny_qwenimage_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-qwenimage"
+    tiny_qwenimage_pipeline().save_pretrained(folder)
+    return folder

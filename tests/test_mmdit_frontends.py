@@ -1,4 +1,4 @@
-"""SD3, Flux, Chroma and PixArt-Σ through the batch runner and the web app (the browser tests cover its page)."""
+"""SD3, Flux, Chroma, PixArt-Σ and Qwen-Image through the batch runner and the web app (the browser tests cover its page)."""
 
 import json
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import DTYPE_NAME, TORCH_DEVICE
 from PIL import Image
-from saved_models import tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
+from saved_models import (tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_qwenimage_dir,  # noqa: F401 (fixtures)
+                          tiny_sd3_dir)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe
@@ -104,8 +105,9 @@ def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch)
         assert np.array_equal(pixels(png), np.asarray(run_recipe(read_recipe(png), editor).images[1]))
 
 
-@pytest.mark.parametrize("model, family, guidance", [("tiny_chroma_dir", "chroma", 3.0), ("tiny_pixart_dir", "pixart", 4.5)])
-def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_path, model, family, guidance):
+@pytest.mark.parametrize("model, family, guidance, maps", [("tiny_chroma_dir", "chroma", 3.0, 5), ("tiny_pixart_dir", "pixart", 4.5, 5),
+                                                         ("tiny_qwenimage_dir", "qwenimage", 4.0, 5)])
+def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_path, model, family, guidance, maps):
     from prompt2prompt import webapp
 
     folder = str(request.getfixturevalue(model))
@@ -117,9 +119,10 @@ def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_p
         editors, tmp_path / "web", 10 * 2**20, folder, "a [cat->dog] riding a bicycle", 5, 2, guidance, None, None, 0,
         *rows)
     assert seed == 5 and len(gallery) == 2 and read_recipe(paths[1]).family == family
-    assert [len(maps) for _, maps in heatmaps] == [5, 5]  # a gallery per prompt, a map per word (T5 splits words)
+    assert [len(shown) for _, shown in heatmaps] == [maps, maps]  # a gallery per prompt, a map per word
+    text = {} if family == "qwenimage" else {"max_sequence_length": 16}  # Qwen-Image pads to the longest prompt
     lines = [{"model": folder, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"], "seed": i,
-              "num_inference_steps": 2, "height": 32, "width": 32, "max_sequence_length": 16} for i in range(2)]
+              "num_inference_steps": 2, "height": 32, "width": 32, **text} for i in range(2)]
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = run_batch(load_manifest(manifest_path), tmp_path / "out", workers=0, batch_size=2, progress=False,
