@@ -106,7 +106,7 @@ class QwenImageFamily(MMDiTFamily):
     processor_class = QwenJointProcessor
     other_prompts = ()
     text_inputs: ClassVar[tuple[str, ...]] = ("prompt", "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds",
-                                              "negative_prompt_embeds_mask", "true_cfg_scale")
+                                              "negative_prompt_embeds_mask")
 
     @classmethod
     def detect(cls, pipe) -> bool:
