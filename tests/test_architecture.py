@@ -2,8 +2,9 @@
 and every diffusers private name is used in `families/compat.py` alone.
 
 Each rule is a small checker over a source tree's ASTs (imports inside functions included; `if TYPE_CHECKING:`
-imports, which never run, left out); each has a control
-that runs it on a tree built to break it, so that a checker that can no longer fail is noticed.
+imports, which never run, left out of the import order but not of the family seam: a caller that names one family's
+types in an annotation still knows which model it has); each has a control that runs it on a tree built to break it,
+so that a checker that can no longer fail is noticed.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def modules(root: Path) -> dict[str, Path]:
     return out
 
 
-def import_graph(root: Path) -> dict[str, set[str]]:
-    """Module -> the package's modules it imports, at module level or inside functions."""
+def import_graph(root: Path, *, type_checking: bool = False) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at module level or inside functions (and under
+    `if TYPE_CHECKING:` with `type_checking`)."""
     found = modules(root)
     graph: dict[str, set[str]] = {name: set() for name in found}
     for name, path in found.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree) if type_checking else _runtime_nodes(tree):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -164,12 +167,13 @@ def kind_checks(root: Path) -> list[str]:
 
 
 def family_imports(root: Path) -> list[str]:
-    """"a -> b" for every import of one family's own module (`families/<name>.py`) from outside `families/`: a
-    caller asks the family it has (`family_of`), never one family's types by name."""
+    """"a -> b" for every import of one family's own module (`families/<name>.py`) from outside `families/`, type
+    annotations' included: a caller asks the family it has (`family_of`, `Family`, `Denoiser`), never one family's
+    types by name."""
     shared = {"__init__", "base", "compat", "defaults"}  # the seam, not one family
     package = root.name
     found = []
-    for module, targets in sorted(import_graph(root).items()):
+    for module, targets in sorted(import_graph(root, type_checking=True).items()):
         if module.startswith(f"{package}.families"):
             continue
         for target in sorted(targets):
@@ -233,13 +237,14 @@ def test_no_module_outside_families_imports_one_family():
     assert family_imports(PACKAGE) == []
 
 
-def test_the_family_import_check_finds_a_runtime_import_and_leaves_type_checking_ones(tmp_path):
+def test_the_family_import_check_finds_a_runtime_import_and_a_type_checking_one(tmp_path):
     pkg = _write(tmp_path, {"__init__.py": "", "families/__init__.py": "", "families/base.py": "",
-                            "families/unet.py": "from .base import *\n",
-                            "inversion.py": ("from typing import TYPE_CHECKING\nfrom .families import base\n"
-                                             "if TYPE_CHECKING:\n    from .families.unet import UNetText\n"
-                                             "def f():\n    from .families.unet import UNetText\n")})
-    assert family_imports(pkg) == ["pkg.inversion -> pkg.families.unet"]
+                            "families/unet.py": "from .base import *\n", "families/mmdit.py": "from . import unet\n",
+                            "engine.py": "from .families import base\ndef f():\n    from .families.unet import UNetText\n",
+                            "inversion.py": ("from typing import TYPE_CHECKING\nfrom .families.base import Family\n"
+                                             "if TYPE_CHECKING:\n    from .families.mmdit import FlowText\n")})
+    assert family_imports(pkg) == ["pkg.engine -> pkg.families.unet", "pkg.inversion -> pkg.families.mmdit"]
+    assert import_graph(pkg)["pkg.inversion"] == {"pkg.families.base"}  # the import order leaves it out
 
 
 def test_nothing_outside_families_asks_which_model_it_has():

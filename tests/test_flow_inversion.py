@@ -13,7 +13,6 @@ from mmdit_pipelines import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_p
 import prompt2prompt as p2p
 from prompt2prompt.families import family_of
 from prompt2prompt.inversion import flow as flow_inversion
-from prompt2prompt.inversion.flow import flow_scheduler
 from prompt2prompt.images import fit_image, load_image, to_tensor
 from prompt2prompt.inversion import Inversion, invert
 
@@ -101,7 +100,7 @@ def test_scheduler_sigmas_are_the_pipelines_own(pipes, config, name, monkeypatch
 
     pipe(SOURCE, num_inference_steps=3, height=32, width=48, max_sequence_length=T5_LENGTH, output_type="latent",
          callback_on_step_end=record)
-    ours = flow_scheduler(family_of(pipe), 3, 32, 48, device=pipe.device)
+    ours = family_of(pipe).inversion_schedule(3, 32, 48, device=pipe.device)
     assert torch.equal(ours.sigmas, seen[0])
     assert pipe.scheduler is not ours
 

@@ -1,4 +1,5 @@
-"""Inversion of real images: the four methods on tiny random SD, SD-v and SDXL pipelines, and save/load."""
+"""Inversion of real images: the four methods on tiny random SD, SD-v and SDXL pipelines, and save/load; the
+denoiser every family gives both kinds of loop."""
 
 import json
 
@@ -8,9 +9,11 @@ from PIL import Image
 import torch
 from diffusers import DDIMScheduler
 from conftest import TORCH_DEVICE, TORCH_DTYPE, on_device, tolerance
+from mmdit_pipelines import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 from pipelines import tiny_sd_pipeline
 
 from prompt2prompt import Edit, Editor, LocalBlend
+from prompt2prompt.families import family_of
 from prompt2prompt.images import prepare_image, to_tensor
 from prompt2prompt.inversion import Inversion, invert
 from prompt2prompt.inversion.ddim import inverse_step, step_coefficients
@@ -319,3 +322,31 @@ def test_null_text_optimises_in_float32_for_a_float16_pipeline(image, monkeypatc
     assert seen == [torch.float32, torch.float32]  # one fp32 embedding per step
     assert inv.uncond_embeddings.dtype == torch.float16 and inv.latents.dtype == torch.float16
     assert torch.isfinite(inv.uncond_embeddings).all() and torch.isfinite(inv.trajectory).all()
+
+
+@pytest.fixture(scope="module")
+def flow_pipes():
+    return {"sd3": on_device(tiny_sd3_pipeline()), "flux": on_device(tiny_flux_pipeline()),
+            "flux-dev": on_device(tiny_flux_pipeline(guidance_embeds=True)),
+            "chroma": on_device(tiny_chroma_pipeline())}
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux", "flux-dev", "chroma"])
+def test_every_family_gives_both_loops_one_denoiser(request, flow_pipes, name):
+    pipe = flow_pipes[name] if name in flow_pipes else request.getfixturevalue(name)
+    family = family_of(pipe)
+    scheduler = family.inversion_schedule(STEPS, 32, 32, device=pipe.device)
+    length = family.max_sequence_length({"max_sequence_length": 16} if family.takes_max_sequence_length else {})
+    denoiser = family.denoiser(scheduler, height=32, width=32, max_sequence_length=length, device=pipe.device)
+    cond, uncond = denoiser.encode(PROMPT), denoiser.negative()
+    shape = (1, *family.latent_shape(32, 32))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(pipe.device, family.model.dtype)
+    t = scheduler.timesteps[1]
+    with torch.no_grad():
+        rows = torch.cat([denoiser(x, t, uncond), denoiser(x, t, cond)])
+        guided = denoiser(x.expand(2, -1, -1, -1), t, denoiser.batch(uncond, cond))  # a guided step's one call
+        same = denoiser(x, t, cond.with_embeds(cond.embeds))
+    assert rows.shape == (2, *shape[1:]) and rows.dtype == family.model.dtype
+    torch.testing.assert_close(guided, rows, rtol=tolerance(1e-4), atol=tolerance(1e-5))
+    assert torch.equal(same, rows[1:])
+    assert (rows[1] - rows[0]).abs().max() > 1e-4  # the text conditions the output

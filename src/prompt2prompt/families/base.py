@@ -41,6 +41,51 @@ def check_blocks(blocks: Any, count: int, what: str) -> frozenset[int]:
     return frozenset(blocks)
 
 
+class Conditioning:
+    """A prompt's conditioning as a `Denoiser` encodes it, whatever the model's text is (a dataclass per family).
+
+    The inversion loops only hand it back to the denoiser, but for its text tokens' embeddings: null-text inversion
+    optimises the unconditional one (`with_embeds`), negative-prompt inversion records the prompt's.
+    """
+
+    embeds: torch.Tensor  # (B, T, D): the text tokens' embeddings
+    pooled: torch.Tensor | None  # (B, D2): a pooled embedding beside them, where the model takes one
+
+    def with_embeds(self, embeds: torch.Tensor) -> Conditioning:
+        """The same conditioning with other token embeddings."""
+        raise NotImplementedError
+
+
+class Denoiser:
+    """A family's model as the inversion loops evaluate it: one signature for every family, as k-diffusion's
+    `CompVisDenoiser` gives every model one. `Family.denoiser(scheduler, ...)` makes one for the scheduler the loops
+    step with (`Family.inversion_schedule`); the loops never ask which model it is.
+
+        cond, uncond = d.encode(prompt), d.negative()
+        out = d(x, t, d.batch(uncond, cond))  # a guided step's two rows in one call
+    """
+
+    def encode(self, prompt: str) -> Conditioning:
+        """The conditioning of one prompt (one row), as the pipeline encodes it."""
+        raise NotImplementedError
+
+    def negative(self) -> Conditioning:
+        """The unconditional conditioning of classifier-free guidance, as the pipeline makes it without a negative
+        prompt (the empty prompt's; SDXL's zeros where its pipeline zeroes it)."""
+        raise NotImplementedError
+
+    def batch(self, *conds: Conditioning) -> Conditioning:
+        """Several conditionings as one batch, in the order given (a guided step's [uncond, cond])."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, guidance: float = 1.0) -> torch.Tensor:
+        """The model's output at latents `x` (B, C, h, w) and timestep `t` of the scheduler, with one row of `cond`
+        per row of `x`: what the scheduler's step takes (a UNet's prediction of its `prediction_type`, its input
+        scaled by the scheduler; a flow's velocity), in the model's dtype. `guidance` is the embedded guidance of a
+        guidance-distilled model (Flux-dev's); other models have none to take it by."""
+        raise NotImplementedError
+
+
 class Family:
     """The base of every family; the defaults here are those of a plain text-to-image pipeline.
 
@@ -56,7 +101,6 @@ class Family:
     default_guidance: ClassVar[float] = 7.5
     inversion_methods: ClassVar[tuple[str, ...]] = ()  # the first is the default
     takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
-    sampler: ClassVar[str]  # the inversion loops it runs on: "ddim" or "flow" (see `prompt2prompt.inversion`)
     takes_max_sequence_length: ClassVar[bool] = False  # whether its text has a T5 length to choose
     max_text_length: ClassVar[int | None] = None  # the longest `max_sequence_length` its pipeline takes
     map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
@@ -309,3 +353,21 @@ class Family:
     def inversion_call_kwargs(self, prompts: list[str], inversion, device) -> dict[str, torch.Tensor]:
         """Explicit embeddings for an inversion that replaces the unconditional one at every step."""
         raise ValueError(f"{type(self.pipe).__name__} takes no inverted unconditional embeddings")
+
+    # -- Inversion: the steps its loops reverse, and the model they evaluate -------------------------------------
+
+    def inversion_schedule(self, num_inference_steps: int, height: int, width: int, *, device=None):
+        """A copy of the scheduler an edit of an inversion runs on (`inversion_scheduler()`, else the pipeline's own),
+        its timesteps set as the pipeline's `__call__` sets them for `num_inference_steps` at this size: the steps an
+        inversion's loops reverse (its class picks the loops: `prompt2prompt.inversion`). `pipe.scheduler` is left
+        as it is. Here the plain `set_timesteps(num_inference_steps)` of SD's pipelines."""
+        edit = self.inversion_scheduler()
+        edit = self.pipe.scheduler if edit is None else edit
+        scheduler = type(edit).from_config(edit.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler
+
+    def denoiser(self, scheduler, *, height: int, width: int, max_sequence_length: int, device) -> Denoiser:
+        """The model as an inversion's loops evaluate it while stepping with `scheduler` (`inversion_schedule`), for
+        an image of `height` x `width` and a text of `max_sequence_length` positions (`max_sequence_length(...)`)."""
+        raise NotImplementedError

@@ -4,7 +4,7 @@ by number for edits and recording, flow-matching Euler sampling."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -14,18 +14,27 @@ from ..attention.cross import attend_by_run
 from ..attention.joint import JointAttend
 from ..attention.state import JointLayerPlan, RunState
 from ..limits import check_finite
-from .base import Family, check_blocks, t5_length
-
+from .base import Conditioning, Denoiser, Family, check_blocks, t5_length
 
 
 @dataclass
-class FlowText:
-    """The source prompt's conditioning, as the pipeline's `encode_prompt` makes it (one row, no guidance)."""
+class FlowText(Conditioning):
+    """One or more prompts' conditioning, as the pipeline's `encode_prompt` makes it (no guidance)."""
 
-    embeds: torch.Tensor  # (1, T, D): SD3's joint CLIP + T5 text, or Flux's T5 text
-    pooled: torch.Tensor  # (1, D2)
-    text_ids: torch.Tensor | None = None  # Flux's text positions for RoPE: (T, 3)
-    mask: torch.Tensor | None = None  # a padding mask the pipeline passes with it (Chroma's): (1, T), 1 = attended
+    embeds: torch.Tensor  # (B, T, D): SD3's joint CLIP + T5 text, or Flux's T5 text
+    pooled: torch.Tensor  # (B, D2)
+    text_ids: torch.Tensor | None = None  # Flux's text positions for RoPE, the same for every row: (T, 3)
+    mask: torch.Tensor | None = None  # a padding mask the pipeline passes with it (Chroma's): (B, T), 1 = attended
+
+    def with_embeds(self, embeds: torch.Tensor) -> FlowText:
+        return replace(self, embeds=embeds)
+
+    @staticmethod
+    def cat(*texts: FlowText) -> FlowText:
+        masks = [text.mask for text in texts]
+        return replace(texts[0], embeds=torch.cat([text.embeds for text in texts]),
+                       pooled=torch.cat([text.pooled for text in texts]),
+                       mask=None if masks[0] is None else torch.cat(masks))
 
 
 class MMDiTFamily(Family):
@@ -33,7 +42,6 @@ class MMDiTFamily(Family):
 
     default_steps = 28
     inversion_methods = ("direct", "euler")
-    sampler = "flow"
     takes_max_sequence_length = True
     max_text_length = 512  # T5's positions
     map_unit = "word"  # a word has tokens in every text part (SD3: CLIP and T5): one map per word
@@ -176,20 +184,56 @@ class MMDiTFamily(Family):
                 raise ValueError(f"{key} would give a text encoder another prompt than the one the edits align; "
                                  "leave it unset")
 
-    # -- Inversion: the flow loops' text, model call and schedule ------------------------------------------------
+    # -- Inversion: the flow loops' schedule and model -----------------------------------------------------------
+
+    def inversion_schedule(self, num_inference_steps: int, height: int, width: int, *, device=None):
+        """A copy of the pipeline's scheduler with the sigmas (and shift) its `__call__` sets at this size."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        _, h, w = self.latent_shape(height, width)
+        patch = self.patch_size()
+        image_seq_len = (h // patch) * (w // patch)  # image tokens, as each pipeline counts them
+        sigmas, mu = self.flow_sigmas(num_inference_steps, image_seq_len, scheduler.config)
+        if sigmas is None:
+            scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        return scheduler
+
+    def denoiser(self, scheduler, *, height: int, width: int, max_sequence_length: int, device) -> FlowDenoiser:
+        return FlowDenoiser(self, max_sequence_length, device)
 
     def encode_text(self, prompt: str, *, max_sequence_length: int, device) -> FlowText:
         """The prompt's conditional embeddings from the pipeline's own `encode_prompt` (no negative branch)."""
         raise NotImplementedError
 
     def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: FlowText, *, guidance: float = 1.0) -> torch.Tensor:
-        """The transformer's velocity at unpacked `latents` (1, C, h, w) and `timestep` (0..1000), called as the
+        """The transformer's velocity at unpacked `latents` (B, C, h, w) and `timestep` (0..1000), called as the
         pipeline calls it; returned unpacked, in the model's dtype."""
         raise NotImplementedError
 
     def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config) -> tuple[Any, float | None]:
         """The (sigmas, mu) the pipeline's `__call__` sets on its scheduler (None: the scheduler's own)."""
         raise NotImplementedError
+
+
+class FlowDenoiser(Denoiser):
+    """An MM-DiT as the flow loops evaluate it: its velocity at the scheduler's timestep (sigma x 1000), by the
+    family's `encode_text` and `denoise`, with the text at the run's T5 length."""
+
+    def __init__(self, family: MMDiTFamily, max_sequence_length: int, device):
+        self.family, self.max_sequence_length, self.device = family, max_sequence_length, device
+
+    def encode(self, prompt: str) -> FlowText:
+        return self.family.encode_text(prompt, max_sequence_length=self.max_sequence_length, device=self.device)
+
+    def negative(self) -> FlowText:
+        return self.encode("")  # the empty prompt: SD3's and Chroma's unconditional text without a negative prompt
+
+    def batch(self, *conds: FlowText) -> FlowText:
+        return FlowText.cat(*conds)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: FlowText, *, guidance: float = 1.0) -> torch.Tensor:
+        return self.family.denoise(x, t, cond, guidance=guidance)
 
 
 class _Grouped:

@@ -39,7 +39,6 @@ class PixArtFamily(Family):
     default_max_sequence_length = 300
     inversion_methods = ()
     no_inversion = "PixArt-Σ samples with DPM-Solver on a noise prediction, and this project's inversions are DDIM's (for UNets) and the flow's"
-    sampler = "none"
     takes_max_sequence_length = True
     max_text_length = 512  # T5's positions
     map_unit = "word"  # T5 has no BOS and splits words into pieces: one map per word, as on SD3 and Flux

@@ -14,7 +14,7 @@ from ..alignment import Tokenized, tokenize
 from ..attention.cross import Layer, cross_processors
 from ..attention.state import LayerPlan, RunState
 from . import compat
-from .base import Family
+from .base import Conditioning, Denoiser, Family
 
 # Inverted images' latents are kept to multiples of 8: every SD-family UNet (at most three 2x downsamplings)
 # accepts them, and the default blend resolution (latent side / 4) stays an integer.
@@ -22,7 +22,7 @@ LATENT_MULTIPLE = 8
 
 
 @dataclass
-class UNetText:
+class UNetText(Conditioning):
     """One or more prompts' UNet conditioning: embeddings, and SDXL's pooled embeddings and time ids."""
 
     embeds: torch.Tensor  # (B, T, D)
@@ -48,7 +48,6 @@ class UNetFamily(Family):
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     components = ("unet", "text_encoder")
     inversion_methods = ("direct", "null-text", "negative-prompt", "ddim")  # direct: exact, and 9x faster than null-text
-    sampler = "ddim"
     takes_uncond_embeddings = True
     layer_options = ("self_replace_max_res", "blend_res")
     layer_hint = "UNet models choose layers by side"
@@ -193,31 +192,47 @@ class UNetFamily(Family):
         out["negative_prompt_embeds"] = inversion.uncond_embeddings[0].to(cond).expand(num_prompts, -1, -1)
         return out
 
-    # -- Inversion: the DDIM loops' text and model call ----------------------------------------------------------
+    # -- Inversion: the DDIM loops' model ------------------------------------------------------------------------
 
-    def encode_text(self, prompt: str, *, height: int, width: int, device) -> tuple[UNetText, UNetText]:
-        """The prompt's conditioning and the pipeline's ordinary unconditional one (an empty negative prompt)."""
-        pipe = self.pipe
+    def denoiser(self, scheduler, *, height: int, width: int, max_sequence_length: int, device) -> UNetDenoiser:
+        return UNetDenoiser(self, scheduler, (height, width), device)
+
+
+class UNetDenoiser(Denoiser):
+    """A UNet as the DDIM loops evaluate it: its prediction, called as the pipeline calls it (the input scaled by the
+    scheduler; SDXL's pooled text and time ids for an image of `size`, no crop)."""
+
+    def __init__(self, family: UNetFamily, scheduler, size: tuple[int, int], device):
+        self.pipe, self.model, self.is_xl = family.pipe, family.model, family.is_xl
+        self.scheduler, self.size, self.device = scheduler, size, device
+
+    def encode(self, prompt: str) -> UNetText:
+        return self._text(prompt, negative=False)
+
+    def negative(self) -> UNetText:
+        return self._text("", negative=True)  # no negative prompt: the pipeline's own unconditional branch
+
+    def _text(self, prompt: str, *, negative: bool) -> UNetText:
+        """The prompt's conditioning, or the unconditional one that the pipeline encodes beside it."""
+        pipe, device = self.pipe, self.device
         with torch.no_grad():
             if not self.is_xl:
-                embeds, negative = pipe.encode_prompt(prompt, device, 1, True)
-                return UNetText(embeds), UNetText(negative)
-            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+                embeds, uncond = pipe.encode_prompt(prompt, device, 1, negative)
+                return UNetText(uncond if negative else embeds)
+            embeds, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=negative)
         encoder_2 = getattr(pipe, "text_encoder_2", None)
         projection = encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
         # the pipeline's defaults: original and target size = the image size, no crop
-        time_ids = compat.sdxl_time_ids(pipe, (height, width), embeds.dtype, projection).to(device)
-        return UNetText(embeds, pooled, time_ids), UNetText(negative, negative_pooled, time_ids)
+        time_ids = compat.sdxl_time_ids(pipe, self.size, embeds.dtype, projection).to(device)
+        return UNetText(uncond, uncond_pooled, time_ids) if negative else UNetText(embeds, pooled, time_ids)
 
-    def batch_text(self, *texts: UNetText) -> UNetText:
-        """Several conditionings as one batch, in the order given (a guided step's [uncond, cond])."""
-        return UNetText.cat(*texts)
+    def batch(self, *conds: UNetText) -> UNetText:
+        return UNetText.cat(*conds)
 
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, text: UNetText, *, scheduler) -> torch.Tensor:
-        """The UNet's prediction, called as the pipeline calls it."""
-        added = None if text.pooled is None else {"text_embeds": text.pooled, "time_ids": text.time_ids}
-        return self.model(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=text.embeds,
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: UNetText, *, guidance: float = 1.0) -> torch.Tensor:
+        added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return self.model(self.scheduler.scale_model_input(x, t), t, encoder_hidden_states=cond.embeds,
                           added_cond_kwargs=added, return_dict=False)[0]
 
 

@@ -1,10 +1,12 @@
 """Real images: invert an image into an edit's starting point, for every family.
 
-`invert` asks the pipeline's family which inversion methods it has and which sampler it runs on, and runs that
-sampler's loops, which ask the family to encode the text and evaluate the model:
+`invert` asks the pipeline's family which inversion methods it has, and runs the loops that reverse the step of the
+scheduler its edits run on (samplers are separate from models, as in k-diffusion); the loops evaluate the model
+through the family's `Denoiser`, one signature for every model:
 - `ddim`: DDIM, null-text (Mokady et al., 2022), negative-prompt (Miyake et al., 2023) and direct (Ju et al.,
-  2024) inversion on the DDIM step (UNet pipelines: SD 1.x, 2.x, XL);
-- `flow`: inverse Euler and direct inversion on the pipeline's own flow-matching Euler step (SD3/3.5, Flux.1).
+  2024) inversion on the DDIM step (`DDIMScheduler`: UNet pipelines, SD 1.x, 2.x, XL);
+- `flow`: inverse Euler and direct inversion on the pipeline's own flow-matching Euler step
+  (`FlowMatchEulerDiscreteScheduler`: SD3/3.5, Flux.1, Chroma).
 An `Inversion` (`files`) holds the result and saves to and loads from a pair of files.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..families import FAMILIES, family_of, listed
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from ..families import FAMILIES, Family, family_of, listed
 from ..images import ImageInput
 from . import ddim, flow
 from .common import encode_image
@@ -74,9 +78,21 @@ def invert(
         raise ValueError(f"unknown inversion method {method!r} for {name}; use one of {methods}")
     options = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
                    max_sequence_length=max_sequence_length, inversion_guidance=inversion_guidance)
-    return _LOOPS[family.sampler](family, image, prompt, method=method, num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, height=height, width=width, fit=fit,
-                                  progress=progress, **options)
+    return _loops(family)(family, image, prompt, method=method, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, height=height, width=width, fit=fit, progress=progress,
+                          **options)
 
 
-_LOOPS = {"ddim": ddim.invert_ddim, "flow": flow.invert_flow}
+# The loops that reverse each scheduler's step.
+_LOOPS = ((DDIMScheduler, ddim.invert_ddim), (FlowMatchEulerDiscreteScheduler, flow.invert_flow))
+
+
+def _loops(family: Family):
+    """The inversion loops for the scheduler an edit of an inversion runs on (the family's, else the pipeline's)."""
+    scheduler = family.inversion_scheduler()
+    scheduler = family.pipe.scheduler if scheduler is None else scheduler
+    for kind, loops in _LOOPS:
+        if isinstance(scheduler, kind):
+            return loops
+    raise ValueError(f"inversion reverses DDIMScheduler's DDIM step or FlowMatchEulerDiscreteScheduler's Euler step; "
+                     f"this pipeline's scheduler is {type(scheduler).__name__}: load the model's own scheduler")

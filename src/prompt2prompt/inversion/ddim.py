@@ -9,8 +9,8 @@
 
 Every step here is the diffusers `DDIMScheduler` step the edit uses (`DDIMScheduler.from_config` of the
 pipeline's scheduler), so epsilon-, v- and sample-prediction models, zero-terminal-SNR betas, every timestep
-spacing and `set_alpha_to_one`/`steps_offset` follow from the scheduler's own configuration. The family encodes
-the text and evaluates the model (`family.encode_text`, `family.denoise`): no loop here asks which model it has.
+spacing and `set_alpha_to_one`/`steps_offset` follow from the scheduler's own configuration. The family gives the
+scheduler and the model (`family.inversion_schedule`, `family.denoiser`): no loop here asks which model it has.
 """
 
 from __future__ import annotations
@@ -18,23 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from ..families.base import Conditioning, Denoiser, Family
 from ..images import ImageInput, prepare_image
 from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, is_finite_number, lift_hint
 from .common import encode_image, refuse_options
 from .files import Inversion
 
-if TYPE_CHECKING:
-    from ..families.unet import UNetFamily, UNetText
 
-
-def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
+def invert_ddim(family: Family, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
                 guidance_scale: float | None, height: int | None, width: int | None, fit: str, num_inner_steps: int,
                 early_stop_epsilon: float, progress: bool, **flow_options) -> Inversion:
     """Invert `image` under `prompt` with a DDIM-family `method` (see `prompt2prompt.inversion.invert`)."""
@@ -59,17 +56,19 @@ def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: s
     image = prepare_image(pipe, image, height=height, width=width, fit=fit)
     width, height = image.size
     device = family.execution_device()
-    scheduler = ddim_scheduler(pipe, num_inference_steps, device=device)
-    cond, uncond = family.encode_text(prompt, height=height, width=width, device=device)
+    scheduler = family.inversion_schedule(num_inference_steps, height, width, device=device)
+    length = family.max_sequence_length({})  # a UNet's 77 CLIP positions
+    denoiser = family.denoiser(scheduler, height=height, width=width, max_sequence_length=length, device=device)
+    cond, uncond = denoiser.encode(prompt), denoiser.negative()
     with torch.no_grad():
-        trajectory = _ddim_trajectory(family, scheduler, encode_image(pipe, image), cond, progress=progress)
+        trajectory = _ddim_trajectory(denoiser, scheduler, encode_image(pipe, image), cond, progress=progress)
     inversion = Inversion(
         latents=trajectory[-1], trajectory=trajectory, num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale), prompt=prompt, method=method, height=height, width=width,
     )
     if method == "null-text":
         inversion.uncond_embeddings = _null_text_embeddings(
-            family, scheduler, trajectory, cond, uncond, guidance_scale,
+            family.model, denoiser, scheduler, trajectory, cond, uncond, guidance_scale,
             num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, progress=progress,
         )
     elif method == "negative-prompt":
@@ -78,16 +77,9 @@ def invert_ddim(family: UNetFamily, image: ImageInput, prompt: str, *, method: s
             inversion.uncond_pooled = cond.pooled.expand(num_inference_steps, *cond.pooled.shape)
     elif method == "direct":
         with torch.no_grad():
-            inversion.corrections = _direct_corrections(family, scheduler, trajectory, cond, uncond, guidance_scale,
+            inversion.corrections = _direct_corrections(denoiser, scheduler, trajectory, cond, uncond, guidance_scale,
                                                        progress=progress)
     return inversion
-
-
-def ddim_scheduler(pipe, num_inference_steps: int, *, device: torch.device | str | None = None) -> DDIMScheduler:
-    """The DDIM scheduler an edit with an inversion runs on: the pipeline's configuration, `num_inference_steps` set."""
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler
 
 
 def step_coefficients(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
@@ -124,44 +116,46 @@ def inverse_step(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep:
     return (sample - b * model_output) / a
 
 
-def _ddim_trajectory(family: UNetFamily, scheduler: DDIMScheduler, latents: torch.Tensor, cond: UNetText, *,
-                    progress: bool = True) -> torch.Tensor:
+def _ddim_trajectory(denoiser: Denoiser, scheduler: DDIMScheduler, latents: torch.Tensor, cond: Conditioning, *,
+                     progress: bool = True) -> torch.Tensor:
     """DDIM inversion with guidance 1: the pivots x_0 (= `latents`) .. x_T, shape (N + 1, 1, C, h, w)."""
     pivots = [latents]
     for t in tqdm(scheduler.timesteps.flip(0), desc="DDIM inversion", disable=not progress):
         # the model is evaluated at the latent below t, the usual DDIM-inversion approximation
-        out = family.denoise(pivots[-1], t, cond, scheduler=scheduler)
+        out = denoiser(pivots[-1], t, cond)
         pivots.append(inverse_step(scheduler, out, t, pivots[-1]))
     return torch.stack(pivots)
 
 
 def _null_text_embeddings(
-    family: UNetFamily, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: UNetText, uncond: UNetText, guidance_scale: float, *,
-    num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, progress: bool = True,
+    model: torch.nn.Module, denoiser: Denoiser, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: Conditioning,
+    uncond: Conditioning, guidance_scale: float, *, num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Null-text inversion: per step, the unconditional embedding whose guided step lands on the next pivot.
 
     Adam on an fp32 copy of the embedding, lr `1e-2 * (1 - i/100)` (held at its step-99 value beyond), at most
     `num_inner_steps` updates, stopping as soon as the loss is below `early_stop_epsilon + i * 2e-5`; the
-    embedding carries over from step to step. Returns (N, 1, T, D) in the UNet's dtype.
+    embedding carries over from step to step; `model`'s weights are frozen meanwhile. Returns (N, 1, T, D) in the
+    text's dtype.
     """
     n = len(scheduler.timesteps)
     latent = trajectory[n]
     embedding = uncond.embeds.detach().float()
     embeddings = []
     bar = tqdm(total=n * num_inner_steps, desc="null-text inversion", disable=not progress)
-    with _frozen(family.model):
+    with _frozen(model):
         for i, t in enumerate(scheduler.timesteps):
             target = trajectory[n - 1 - i].float()
             with torch.no_grad():
-                out_cond = family.denoise(latent, t, cond, scheduler=scheduler)  # independent of the embedding: once per step
+                out_cond = denoiser(latent, t, cond)  # independent of the embedding: once per step
             embedding = embedding.clone().requires_grad_(True)
             optimizer = torch.optim.Adam([embedding], lr=1e-2 * (1 - min(i, 99) / 100))
             for j in range(num_inner_steps + 1):
                 last = j == num_inner_steps
                 with torch.set_grad_enabled(not last):
                     null = uncond.with_embeds(embedding.to(cond.embeds.dtype))
-                    out_uncond = family.denoise(latent, t, null, scheduler=scheduler)
+                    out_uncond = denoiser(latent, t, null)
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)
                     landed = scheduler.step(out, t, latent).prev_sample
                     loss = F.mse_loss(landed.float(), target)
@@ -179,19 +173,19 @@ def _null_text_embeddings(
     return torch.stack(embeddings)
 
 
-def _direct_corrections(family: UNetFamily, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: UNetText, uncond: UNetText,
-                       guidance_scale: float, *, progress: bool = True) -> torch.Tensor:
+def _direct_corrections(denoiser: Denoiser, scheduler: DDIMScheduler, trajectory: torch.Tensor, cond: Conditioning,
+                        uncond: Conditioning, guidance_scale: float, *, progress: bool = True) -> torch.Tensor:
     """Direct inversion: per step, what to add to the source row's guided step to land on the next pivot."""
     n = len(scheduler.timesteps)
     latent = trajectory[n]
     corrections = []
-    both = family.batch_text(uncond, cond)
+    both = denoiser.batch(uncond, cond)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="direct inversion", disable=not progress)):
         if guidance_scale > 1:
-            out_uncond, out_cond = family.denoise(latent.expand(2, -1, -1, -1), t, both, scheduler=scheduler).chunk(2)
+            out_uncond, out_cond = denoiser(latent.expand(2, -1, -1, -1), t, both).chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         else:
-            out = family.denoise(latent, t, cond, scheduler=scheduler)
+            out = denoiser(latent, t, cond)
         landed = scheduler.step(out, t, latent).prev_sample
         corrections.append(trajectory[n - 1 - i] - landed)
         latent = landed + corrections[-1]  # what the edit computes, to the last bit

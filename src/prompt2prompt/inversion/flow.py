@@ -9,29 +9,25 @@
 The schedule is the pipeline's own: `FlowMatchEulerDiscreteScheduler` with the sigmas its `__call__` sets at this
 size (SD3: shifted, `mu` only with dynamic shifting; Flux: `linspace(1, 1/N, N)` shifted by the image's `mu`).
 The corrections come from the pipeline's own denoising loop, so they hold for exactly the call the edit makes.
-The family encodes the text, evaluates the model and sets the sigmas (`family.encode_text`, `family.denoise`,
-`family.flow_sigmas`): no loop here asks which model it has.
+The family gives the schedule and the model (`family.inversion_schedule`, `family.denoiser`): no loop here asks
+which model it has.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from ..families import compat
+from ..families.base import Conditioning, Denoiser, Family
 from ..images import ImageInput, fit_image, image_size, load_image
 from ..limits import check_finite, check_steps
 from .common import encode_image, refuse_options
 from .files import Inversion
 
-if TYPE_CHECKING:
-    from ..families.mmdit import FlowText, MMDiTFamily
 
-
-def invert_flow(family: MMDiTFamily, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
+def invert_flow(family: Family, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
                 guidance_scale: float | None, height: int | None, width: int | None, fit: str,
                 max_sequence_length: int | None, inversion_guidance: float, progress: bool, **ddim_options) -> Inversion:
     """Invert `image` under `prompt` on a flow-matching pipeline (see `prompt2prompt.inversion.invert`).
@@ -62,13 +58,14 @@ def invert_flow(family: MMDiTFamily, image: ImageInput, prompt: str, *, method: 
     # 2. The image's latent, the schedule and the source prompt
     fitted = fit_image(load_image(image), height, width, fit=fit)
     device = family.execution_device()
-    scheduler = flow_scheduler(family, num_inference_steps, height, width, device=device)
-    text = family.encode_text(prompt, max_sequence_length=length, device=device)
+    scheduler = family.inversion_schedule(num_inference_steps, height, width, device=device)
+    denoiser = family.denoiser(scheduler, height=height, width=width, max_sequence_length=length, device=device)
+    cond = denoiser.encode(prompt)
     with torch.no_grad():
         latents = encode_image(pipe, fitted)  # (1, C, h, w)
 
         # 3. The pivots, then what keeps the source row on them
-        trajectory = inverse_euler_trajectory(family, scheduler, latents, text, inversion_guidance=inversion_guidance,
+        trajectory = inverse_euler_trajectory(denoiser, scheduler, latents, cond, inversion_guidance=inversion_guidance,
                                               progress=progress)
     inversion = Inversion(
         latents=trajectory[-1], trajectory=trajectory, num_inference_steps=num_inference_steps,
@@ -80,34 +77,12 @@ def invert_flow(family: MMDiTFamily, image: ImageInput, prompt: str, *, method: 
     return inversion
 
 
-def check_flow_scheduler(scheduler) -> None:
-    """Refuse a scheduler whose step is not the deterministic flow-matching Euler step this inversion reverses."""
-    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        raise ValueError(f"flow inversion reverses FlowMatchEulerDiscreteScheduler's Euler step; this pipeline's "
-                         f"scheduler is {type(scheduler).__name__}: load the model's own flow-matching Euler scheduler")
+def check_flow_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+    """Refuse a flow-matching Euler scheduler whose step is not the deterministic one this inversion reverses."""
     config = scheduler.config
     if config.get("stochastic_sampling") or config.get("invert_sigmas"):
         raise ValueError("flow inversion needs the deterministic Euler step from sigma 1 down to 0; this scheduler has "
                          "stochastic_sampling or invert_sigmas set: load it without them")
-
-
-def flow_scheduler(family: MMDiTFamily, num_inference_steps: int, height: int, width: int, *,
-                   device: torch.device | str | None = None) -> FlowMatchEulerDiscreteScheduler:
-    """A copy of the pipeline's scheduler with the sigmas its `__call__` sets for `num_inference_steps` at this size.
-
-    `pipe.scheduler` itself is left as it is.
-    """
-    pipe = family.pipe
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    _, h, w = family.latent_shape(height, width)
-    patch = family.patch_size()
-    image_seq_len = (h // patch) * (w // patch)  # image tokens, as each pipeline counts them
-    sigmas, mu = family.flow_sigmas(num_inference_steps, image_seq_len, scheduler.config)
-    if sigmas is None:
-        scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
-    else:
-        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-    return scheduler
 
 
 def inverse_euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -122,8 +97,9 @@ def inverse_euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: flo
     return latents + (sigma_next - sigma) * velocity
 
 
-def inverse_euler_trajectory(family: MMDiTFamily, scheduler: FlowMatchEulerDiscreteScheduler, latents: torch.Tensor, text: FlowText,
-                             *, inversion_guidance: float = 1.0, progress: bool = True) -> torch.Tensor:
+def inverse_euler_trajectory(denoiser: Denoiser, scheduler: FlowMatchEulerDiscreteScheduler, latents: torch.Tensor,
+                             cond: Conditioning, *, inversion_guidance: float = 1.0,
+                             progress: bool = True) -> torch.Tensor:
     """Inverse Euler with the source prompt and no guidance: the pivots x_0 (= `latents`) .. x_T, (N + 1, 1, C, h, w).
 
     Pivot k sits at sigma `scheduler.sigmas[N - k]` (the forward loop's latent before step N - k); the latents are
@@ -136,13 +112,13 @@ def inverse_euler_trajectory(family: MMDiTFamily, scheduler: FlowMatchEulerDiscr
     x = latents.float()
     pivots = [latents]
     for i in tqdm(range(n - 1, -1, -1), desc="inverse Euler", disable=not progress):
-        v = family.denoise(x, times[i + 1], text, guidance=inversion_guidance)
+        v = denoiser(x, times[i + 1], cond, guidance=inversion_guidance)
         x = inverse_euler_step(x, v.float(), sigmas[i + 1], sigmas[i])
         pivots.append(x.to(latents.dtype))
     return torch.stack(pivots)
 
 
-def direct_corrections(family: MMDiTFamily, scheduler: FlowMatchEulerDiscreteScheduler, inversion: Inversion, *,
+def direct_corrections(family: Family, scheduler: FlowMatchEulerDiscreteScheduler, inversion: Inversion, *,
                        progress: bool = True) -> torch.Tensor:
     """Direct inversion: per step, what the source row's guided step needs to land on the next pivot (N, 1, C, h, w).
 
