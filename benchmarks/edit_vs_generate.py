@@ -8,7 +8,9 @@ SDXL base's architecture (random weights, 1024 px by default: build it on a GPU)
 `--arch flux`, `--arch chroma` and `--arch pixart` are SD3-medium's, Flux.1-dev's, Chroma1-HD's and PixArt-Σ's
 transformers at their real widths with `--depth` blocks
 (Flux: that many double- and single-stream blocks), tiny text encoders of the real output widths, and a T5
-length of `--max-sequence-length` (128 on the CPU by default; the pipelines' own are 256 and 512).
+length of `--max-sequence-length` (128 on the CPU by default; the pipelines' own are 256 and 512). `--arch
+qwenimage` is Qwen-Image's transformer at its real width (24 heads of 128, text width 3584) with `--depth` blocks
+and a one-layer text encoder of the real width; its text is each call's longest prompt, as the pipeline pads it.
 `--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
@@ -89,7 +91,7 @@ class PeakMemory:
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-MMDIT = ("sd3", "flux", "chroma", "pixart")  # the transformer architectures (their benchmark pipelines at the real widths)
+MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage")  # the transformers (benchmark pipelines at the real widths)
 
 
 def build_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -99,6 +101,11 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     import pipelines
 
+    if args.arch == "qwenimage":
+        import qwen_pipelines
+
+        pipe = qwen_pipelines.tiny_qwenimage_pipeline() if args.tiny else qwen_pipelines.qwenimage_benchmark_pipeline(args.depth)
+        return pipe.to(device=device, dtype=dtype)
     if args.arch in MMDIT:
         import mmdit_pipelines
 
@@ -154,8 +161,10 @@ def main() -> None:
 
         masked_processors(pipe)
     plain_kwargs = dict(getattr(family, "fixed_call", {}))  # PixArt-Σ: the text and size as an edit has them
+    # the pipeline's own keywords for the editor's settings (Qwen-Image: guidance is true_cfg_scale, with a negative)
+    plain_call = family.pipeline_call({"prompt": [SOURCE, EDIT], "latents": plain_latents, **common, **plain_kwargs})
     runs = {
-        "plain": lambda: pipe([SOURCE, EDIT], latents=plain_latents, **common, **plain_kwargs),
+        "plain": lambda: pipe(**plain_call),
         "fused": lambda: p2p.Editor(pipe).edit(SOURCE, edit, latents=latents, **common),
         "explicit": lambda: p2p.Editor(pipe, attention="explicit").edit(SOURCE, edit, latents=latents, **common),
     }
@@ -196,8 +205,9 @@ def main() -> None:
     arch = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3": f"SD3-medium ({args.depth} blocks)",
             "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)",
             "chroma": f"Chroma1-HD ({args.depth}+{args.depth} blocks)",
-            "pixart": f"PixArt-Σ ({args.depth} blocks)"}[args.arch] + " architecture"
-    if family.takes_max_sequence_length:
+            "pixart": f"PixArt-Σ ({args.depth} blocks)",
+            "qwenimage": f"Qwen-Image ({args.depth} blocks)"}[args.arch] + " architecture"
+    if family.takes_max_sequence_length and args.arch != "qwenimage":  # Qwen-Image's is a bound, not a padding
         arch += f", T5 length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
     title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "
