@@ -1,4 +1,5 @@
-"""Inversion of real images on tiny random SD3, SD3.5 and Flux pipelines: inverse Euler, direct inversion, save/load."""
+"""Inversion of real images on tiny random SD3, SD3.5, Flux, Chroma and Qwen-Image pipelines: inverse Euler, direct
+inversion, save/load."""
 
 import doctest
 import json
@@ -9,6 +10,7 @@ import torch
 from conftest import on_device, rel_err, tolerance
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from mmdit_pipelines import tiny_chroma_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd35_pipeline
+from qwen_pipelines import tiny_qwenimage_pipeline
 
 import prompt2prompt as p2p
 from prompt2prompt.families import family_of
@@ -33,10 +35,10 @@ def image():
 def pipes():
     return {"sd3": on_device(tiny_sd3_pipeline()), "sd35": on_device(tiny_sd35_pipeline()),
             "flux": on_device(tiny_flux_pipeline()), "flux-dev": on_device(tiny_flux_pipeline(guidance_embeds=True)),
-            "chroma": on_device(tiny_chroma_pipeline())}
+            "chroma": on_device(tiny_chroma_pipeline()), "qwenimage": on_device(tiny_qwenimage_pipeline())}
 
 
-@pytest.fixture(params=["sd3", "sd35", "flux", "flux-dev", "chroma"])
+@pytest.fixture(params=["sd3", "sd35", "flux", "flux-dev", "chroma", "qwenimage"])
 def pipe(request, pipes):
     return pipes[request.param]
 

@@ -119,3 +119,17 @@ def test_the_key_mask_masks_text_padding_and_no_image_token():
     assert mask.shape == (2, 1, 1, 5)
     assert mask[0, 0, 0].tolist() == [0, 0, float("-inf"), 0, 0] and mask[1].abs().max() == 0
     assert key_mask(None, 2, torch.float32) is None
+
+
+def test_an_image_s_latent_is_its_one_frame_vae_mean_as_the_pipeline_decodes_it(pipe):
+    family = p2p.Editor(pipe).family
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(pipe.device) * 2 - 1
+    latents = family.encode_pixels(pixels)
+    assert latents.shape == (1, *family.latent_shape(32, 32))
+    vae = pipe.vae
+    with torch.no_grad():
+        mean = vae.encode(pixels[:, :, None]).latent_dist.mean  # (1, C, 1, h, w): a one-frame video
+    # QwenImagePipeline decodes z / (1 / std) + mean: that must give the VAE's own posterior mean back
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+    shift = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    torch.testing.assert_close(latents[:, :, None] / (1.0 / std) + shift, mean, rtol=1e-5, atol=1e-6)

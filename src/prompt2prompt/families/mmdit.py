@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..alignment import Tokenized, tokenize
 from ..attention.cross import attend_by_run
@@ -31,9 +32,13 @@ class FlowText(Conditioning):
 
     @staticmethod
     def cat(*texts: FlowText) -> FlowText:
+        """One batch of several conditionings; a masked text padded (and masked) to the longest (Qwen-Image's)."""
         masks = [text.mask for text in texts]
-        return replace(texts[0], embeds=torch.cat([text.embeds for text in texts]),
-                       pooled=torch.cat([text.pooled for text in texts]),
+        length = max(text.embeds.shape[1] for text in texts)
+        if masks[0] is not None:
+            masks = [F.pad(mask, (0, length - mask.shape[1])) for mask in masks]
+        embeds = [F.pad(text.embeds, (0, 0, 0, length - text.embeds.shape[1])) for text in texts]
+        return replace(texts[0], embeds=torch.cat(embeds), pooled=torch.cat([text.pooled for text in texts]),
                        mask=None if masks[0] is None else torch.cat(masks))
 
 

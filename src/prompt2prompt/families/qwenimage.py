@@ -12,6 +12,7 @@ What differs from the other MM-DiTs, each met by a rule of the contract, not by 
 - Guidance is true classifier-free guidance: a separate negative pass after the conditional one, with the
   pipeline's norm rescaling; the editor's `guidance_scale` is the pipeline's `true_cfg_scale` (`pipeline_call`).
 - The VAE has a frame axis (B, C, 1, h, w) and normalises its latents per channel.
+- Real images: the flow inversions (direct, inverse Euler) on the pipeline's own shifted sigmas.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..alignment import Tokenized, tokenize_templated
 from ..attention.joint import JointAttend
 from ..limits import check_positive_int
-from .mmdit import MMDiTFamily
+from .mmdit import FlowText, MMDiTFamily, shift_mu
 
 # The pipeline's own bound on the text it keeps (`QwenImagePipeline.check_inputs`).
 QWEN_MAX_TEXT = 1024
@@ -100,8 +102,6 @@ class QwenImageFamily(MMDiTFamily):
     default_guidance = 4.0
     default_max_sequence_length = 512  # the pipeline's `max_sequence_length`: a bound, not a padded length
     max_text_length = QWEN_MAX_TEXT
-    inversion_methods = ()
-    no_inversion = "its flow inversion is not wired yet"
     text_first = True
     processor_class = QwenJointProcessor
     other_prompts = ()
@@ -247,3 +247,29 @@ class QwenImageFamily(MMDiTFamily):
     def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
         # Guidance runs the transformer twice a step: the conditional pass first, then the negative.
         return call_kwargs.get("guidance_scale", self.default_guidance) > 1
+
+    # -- Inversion: the flow loops' text, model call and schedule ------------------------------------------------
+
+    def encode_text(self, prompt: str, *, max_sequence_length: int, device) -> FlowText:
+        with torch.no_grad():
+            embeds, mask = self.pipe.encode_prompt(prompt, device=device, max_sequence_length=max_sequence_length)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        return FlowText(embeds, embeds.new_zeros(embeds.shape[0], 0), mask=mask)
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: FlowText, *, guidance: float = 1.0) -> torch.Tensor:
+        model = self.model
+        x = self.pack(latents.to(model.dtype))
+        h, w = latents.shape[-2:]
+        t = timestep.to(latents.device).expand(x.shape[0]).to(model.dtype)
+        embedded = None
+        if model.config.guidance_embeds:  # a guidance-distilled Qwen-Image takes its guidance as an input
+            embedded = torch.full([x.shape[0]], guidance, device=x.device, dtype=torch.float32)
+        with self.plain_attention():
+            out = model(hidden_states=x, timestep=t / 1000, guidance=embedded, encoder_hidden_states=text.embeds,
+                        encoder_hidden_states_mask=text.mask, img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0],
+                        return_dict=False)[0]
+        return self.unpack(out, (h, w))
+
+    def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config):
+        # QwenImagePipeline: linspace(1, 1/N, N), shifted by the image's size (1.15 its fallback max_shift)
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), shift_mu(image_seq_len, config, max_shift=1.15)
