@@ -87,11 +87,17 @@ class P2PAttnProcessor:
         """Edited attention output (B, heads, Q, d); the source and unconditional rows are left as they are.
 
         Every branch is decided from host-side values (the plan's step flags, shapes), so a layer call never
-        waits for the device.
+        waits for the device. The rules read the conditional rows last; a batch that holds them first is turned
+        around for them and back (`RunState.in_conditional_last`).
         """
+        rows, last = q.shape[0], self.state.in_conditional_last
+        out = self._attend(last(q, rows), last(k, rows), last(v, rows), last(mask, rows))
+        return last(out, rows)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         state, plan, layers = self.state, self.state.plan, self.state.layers
         size = layers.sizes.get(q.shape[2])
-        per_half = plan.num_edits if state.cached else plan.num_prompts
+        per_half = state.rows_per_half
         if size is None or q.shape[0] not in (per_half, 2 * per_half):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         first = q.shape[0] - plan.num_edits  # the conditional half comes last: [uncond..., source, edits...]

@@ -96,7 +96,7 @@ def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunSt
     key mask (B, 1, 1, S), if it masks padding; the conditional rows use the plan's (`row_masks`).
     """
     plan, layers = state.plan, state.layers
-    per_half = plan.num_edits if state.cached else plan.num_prompts
+    per_half = state.rows_per_half
     if state.unconditional_pass or q.shape[0] not in (per_half, 2 * per_half):
         return _sdpa(q, k, v, mask)
     text, image = layers.slices(q.shape[2])
@@ -233,7 +233,7 @@ def image_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunSt
                  name: str = "") -> torch.Tensor:
     """SD3.5's image-only attention (attn2): the UNet's self-attention rule in the self-replacement blocks."""
     plan, layers = state.plan, state.layers
-    per_half = plan.num_edits if state.cached else plan.num_prompts
+    per_half = state.rows_per_half
     if state.unconditional_pass or q.shape[0] not in (per_half, 2 * per_half):
         return _plain(q, k, v, layers.explicit)
     first = q.shape[0] - plan.num_edits
@@ -264,9 +264,12 @@ class JointAttend:
         self.state, self.block, self.name, self.kind = state, block, name, kind
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask`: an additive key mask (B, 1, 1, S) that a family built from its pipeline's padding mask."""
+        """`mask`: an additive key mask (B, 1, 1, S) that a family built from its pipeline's padding mask. The rules
+        read the conditional rows last; a batch that holds them first is turned around and back."""
+        rows, last = q.shape[0], self.state.in_conditional_last
+        q, k, v, mask = last(q, rows), last(k, rows), last(v, rows), last(mask, rows)
         if self.kind == "image":
             if mask is not None:
                 raise ValueError("Prompt-to-Prompt on image-only attention does not take an attention mask")
-            return image_attend(q, k, v, self.state, self.block, self.name)
-        return joint_attend(q, k, v, self.state, self.block, self.name, mask)
+            return last(image_attend(q, k, v, self.state, self.block, self.name), rows)
+        return last(joint_attend(q, k, v, self.state, self.block, self.name, mask), rows)

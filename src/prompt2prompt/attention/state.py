@@ -64,6 +64,21 @@ class RunState:
     records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
     unconditional_pass: bool = False  # Flux's separate negative pass of true CFG: every row as in plain generation
+    # Where a guided batch holds its conditional rows, as the model's family says: last ([uncond..., cond...], SD's,
+    # SD3's, Flux's) or first ([cond..., uncond...]). A separate negative pass holds them alone.
+    conditional_first: bool = False
+
+    def in_conditional_last(self, x: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        """A batch (or its key mask) of `rows` rows with its conditional half last, where the family puts it first:
+        the edit rules read the conditional rows at the end of the batch. Applied twice, it gives the batch back."""
+        if not self.conditional_first or x is None or x.shape[0] != rows or rows != 2 * self.rows_per_half:
+            return x
+        return torch.cat([x[rows // 2 :], x[: rows // 2]])
+
+    @property
+    def rows_per_half(self) -> int:
+        """The rows of one guidance half: every prompt's, or the edits' alone when the source is cached."""
+        return self.plan.num_edits if self.cached else self.plan.num_prompts
 
     def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
         """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.

@@ -283,7 +283,7 @@ class Editor:
             raise ValueError(f"{type(self.pipe.scheduler).__name__} (or eta > 0) draws noise at every step, so a "
                              "source cannot be cached for it; use a deterministic scheduler such as DDIM or Euler")
         recorder = CacheRecorder(device)
-        state = RunState(plan=run.plan, layers=run.layers, recorder=recorder)
+        state = self._state(run, recorder=recorder)
         callback = StepCallback(run, state, self.family, recorder=recorder)
         image = self._call(run, [state], callback, "pt", {})
         return recorder.finish(
@@ -385,7 +385,7 @@ class Editor:
 
     def _run_one(self, run: PreparedRun, output_type: str, user_callback, pipeline_kwargs) -> EditResult:
         cache = run.cache
-        state = RunState(plan=run.plan, layers=run.layers, cached=cache is not None)
+        state = self._state(run, cached=cache is not None)
         callback = StepCallback(run, state, self.family, user_callback=user_callback)
         if cache is None:
             images = self._call(run, [state], callback, output_type, pipeline_kwargs)
@@ -473,7 +473,7 @@ class Editor:
         length = max(r.text_length for r in runs)
         runs = [self._at_text_length(r, length) for r in runs]
         first = runs[0]
-        states = [RunState(plan=r.plan, layers=r.layers) for r in runs]
+        states = [self._state(r) for r in runs]
         callbacks = [StepCallback(r, s, self.family) for r, s in zip(runs, states)]
         counts = [len(r.prompts) for r in runs]
         bounds = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(runs))]
@@ -492,6 +492,10 @@ class Editor:
                        ["latents"])
         images = self._call(first, states, on_step_end, output_type, pipeline_kwargs, group)
         return [self._result(r, s, cb, images[a:b]) for r, s, cb, (a, b) in zip(runs, states, callbacks, bounds)]
+
+    def _state(self, run: PreparedRun, **values) -> RunState:
+        """A fresh running state of `run`, with where the family's guided batches hold their conditional rows."""
+        return RunState(plan=run.plan, layers=run.layers, conditional_first=self.family.conditional_first, **values)
 
     def _at_text_length(self, run: PreparedRun, length: int) -> PreparedRun:
         """`run` with its text padded to `length` (masked padding): its tokens, plan and layers at that length."""

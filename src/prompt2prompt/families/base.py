@@ -103,6 +103,9 @@ class Family:
     takes_uncond_embeddings: ClassVar[bool] = False  # null-text and negative-prompt inversions' embeddings
     takes_max_sequence_length: ClassVar[bool] = False  # whether its text has a T5 length to choose
     max_text_length: ClassVar[int | None] = None  # the longest `max_sequence_length` its pipeline takes
+    # Whether a guided batch holds its conditional rows first ([cond..., uncond...]); diffusers' pipelines mostly put
+    # them last. A family whose guidance is a separate pass (`split_passes`) holds them alone.
+    conditional_first: ClassVar[bool] = False
     map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
     layer_options: ClassVar[tuple[str, ...]] = ()  # the Editor keywords that choose its layers
     layer_hint: ClassVar[str] = ""  # how it chooses layers, for a message
