@@ -15,6 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
 
 from prompt2prompt.families import FAMILIES
+from prompt2prompt.families.protocols import DescribedFamily, EditingFamily, InvertingFamily, SizedFamily, members
 
 FAMILY_NAMES = {family.name for family in FAMILIES} | {"mmdit"}  # as recipes record them, and the old "mmdit" branch
 # Keyword and tensor names of the pipelines' text inputs: only a family knows which of them its pipeline takes.
@@ -30,6 +31,9 @@ LAYERS = (("limits",), ("alignment", "schedules"), ("edits",), ("attention",), (
 MODEL_ATTRIBUTES = {"unet", "transformer", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}
 # Objects that are diffusers' by this package's naming: a private attribute of one is a diffusers private name.
 DIFFUSERS_OBJECTS = {"pipe", "pipeline", "scheduler", "unet", "transformer", "vae", "model", "attn"}
+# Each consumer of a family (a module, or a package's modules) and the protocol it is held to.
+CONSUMERS = {"engine": EditingFamily, "inversion": InvertingFamily, "images": SizedFamily, "loading": DescribedFamily,
+             "recipe": DescribedFamily, "cli": DescribedFamily, "webapp": DescribedFamily}
 # The demo model's trainer builds its own UNet: it makes a model of one kind, it does not ask a pipeline's kind.
 EXEMPT = {"demo/train.py"}
 
@@ -170,7 +174,7 @@ def family_imports(root: Path) -> list[str]:
     """"a -> b" for every import of one family's own module (`families/<name>.py`) from outside `families/`, type
     annotations' included: a caller asks the family it has (`family_of`, `Family`, `Denoiser`), never one family's
     types by name."""
-    shared = {"__init__", "base", "compat", "defaults"}  # the seam, not one family
+    shared = {"__init__", "base", "compat", "defaults", "protocols"}  # the seam, not one family
     package = root.name
     found = []
     for module, targets in sorted(import_graph(root, type_checking=True).items()):
@@ -282,3 +286,36 @@ def test_the_kind_check_finds_each_kind_of_question(tmp_path):
         "front.py:10: names the pipeline input 'add_text_embeds'",
         "front.py:10: reads .unet",
     ]
+
+
+def protocol_violations(root: Path, consumers: dict[str, type]) -> list[str]:
+    """`module: family.attr` for every member a consumer reads of a family (a name `family`, or `x.family`) that its
+    protocol does not declare."""
+    found = modules(root)
+    out = []
+    for consumer, protocol in consumers.items():
+        allowed = members(protocol)
+        prefix = f"{root.name}.{consumer}"
+        for name, path in found.items():
+            if name != prefix and not name.startswith(prefix + "."):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Attribute):
+                    continue
+                owner = node.value
+                is_family = (isinstance(owner, ast.Name) and owner.id == "family") or (
+                    isinstance(owner, ast.Attribute) and owner.attr == "family")
+                if is_family and node.attr not in allowed:
+                    out.append(f"{name}: family.{node.attr} is not in {protocol.__name__}")
+    return sorted(set(out))
+
+
+def test_each_consumer_asks_a_family_only_what_its_protocol_declares():
+    assert protocol_violations(PACKAGE, CONSUMERS) == []
+
+
+def test_the_protocol_check_finds_a_member_outside_the_protocol(tmp_path):
+    root = _write(tmp_path, {"engine/__init__.py": "", "engine/run.py": "def f(self):\n    return self.family.tokenizers()\n",
+                             "images.py": "def g(family):\n    return family.default_size(), family.denoiser\n"})
+    assert protocol_violations(root, {"engine": EditingFamily, "images": SizedFamily}) == [
+        "pkg.engine.run: family.tokenizers is not in EditingFamily", "pkg.images: family.denoiser is not in SizedFamily"]

@@ -10,7 +10,7 @@ import torch
 
 from ..attention.blend import apply_blend
 from ..attention.state import RunState, pad_text
-from ..families import Family
+from ..families.protocols import EditingFamily
 from ..schedules import step_index
 from .cache import CacheRecorder
 
@@ -27,7 +27,7 @@ class StepCallback:
     next step, serves a cached source's next evaluation, and feeds a cache recorder. A user callback runs last.
     """
 
-    def __init__(self, run: PreparedRun, state: RunState, family: Family, *, recorder: CacheRecorder | None = None,
+    def __init__(self, run: PreparedRun, state: RunState, family: EditingFamily, *, recorder: CacheRecorder | None = None,
                  user_callback: Callable | None = None):
         self.run, self.state, self.recorder, self.user_callback = run, state, recorder, user_callback
         self.family = family  # packs and unpacks the pipeline's latents (Flux's are 2x2 patches in tokens)

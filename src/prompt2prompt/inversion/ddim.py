@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from ..families.base import Conditioning, Denoiser, Family
+from ..families.base import Conditioning, Denoiser
+from ..families.protocols import InvertingFamily
 from ..images import ImageInput, prepare_image
 from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, is_finite_number, lift_hint
 from .common import encode_image, refuse_options
 from .files import Inversion
 
 
-def invert_ddim(family: Family, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
+def invert_ddim(family: InvertingFamily, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
                 guidance_scale: float | None, height: int | None, width: int | None, fit: str, num_inner_steps: int,
                 early_stop_epsilon: float, progress: bool, **flow_options) -> Inversion:
     """Invert `image` under `prompt` with a DDIM-family `method` (see `prompt2prompt.inversion.invert`)."""

@@ -20,14 +20,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from ..families import compat
-from ..families.base import Conditioning, Denoiser, Family
+from ..families.base import Conditioning, Denoiser
+from ..families.protocols import InvertingFamily
 from ..images import ImageInput, fit_image, image_size, load_image
 from ..limits import check_finite, check_steps
 from .common import encode_image, refuse_options
 from .files import Inversion
 
 
-def invert_flow(family: Family, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
+def invert_flow(family: InvertingFamily, image: ImageInput, prompt: str, *, method: str, num_inference_steps: int | None,
                 guidance_scale: float | None, height: int | None, width: int | None, fit: str,
                 max_sequence_length: int | None, inversion_guidance: float, progress: bool, **ddim_options) -> Inversion:
     """Invert `image` under `prompt` on a flow-matching pipeline (see `prompt2prompt.inversion.invert`).
@@ -118,7 +119,7 @@ def inverse_euler_trajectory(denoiser: Denoiser, scheduler: FlowMatchEulerDiscre
     return torch.stack(pivots)
 
 
-def direct_corrections(family: Family, scheduler: FlowMatchEulerDiscreteScheduler, inversion: Inversion, *,
+def direct_corrections(family: InvertingFamily, scheduler: FlowMatchEulerDiscreteScheduler, inversion: Inversion, *,
                        progress: bool = True) -> torch.Tensor:
     """Direct inversion: per step, what the source row's guided step needs to land on the next pivot (N, 1, C, h, w).
 
