@@ -104,8 +104,10 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
     if args.arch == "qwenimage":
         import qwen_pipelines
 
-        pipe = qwen_pipelines.tiny_qwenimage_pipeline() if args.tiny else qwen_pipelines.qwenimage_benchmark_pipeline(args.depth)
-        return pipe.to(device=device, dtype=dtype)
+        if args.tiny:
+            return qwen_pipelines.tiny_qwenimage_pipeline().to(device=device, dtype=dtype)
+        # built on the device, its transformer in `dtype`: 60 blocks in float32 would not fit an H100
+        return qwen_pipelines.qwenimage_benchmark_pipeline(args.depth, device=device, dtype=dtype)
     if args.arch in MMDIT:
         import mmdit_pipelines
 

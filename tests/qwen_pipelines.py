@@ -15,6 +15,7 @@ set the drop to the prefix's count (`template_prefix_tokens`). Each prompt keeps
 zero-padded to its longest, with a mask the pipeline replaces by None when every row has the same length.
 """
 
+import contextlib
 import functools
 import inspect
 import re
@@ -27,6 +28,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 from mmdit_pipelines import _WORDS
+from pipelines import _cast, _on
 from tokenizers import (
     Regex,
     Tokenizer,
@@ -160,20 +162,40 @@ def tiny_qwenimage_pipeline(seed: int = 0, *, drop: int | None = None) -> QwenIm
     return _pipeline(transformer, _vae(4, [1, 2], seed=seed), text_encoder, tokenizer, drop)
 
 
-def qwenimage_benchmark_pipeline(depth: int = 1, seed: int = 0) -> QwenImagePipeline:
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """New floating-point tensors in `dtype` (None: as they are) while the block runs."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def qwenimage_benchmark_pipeline(depth: int = 1, seed: int = 0, *, device=None, dtype=None) -> QwenImagePipeline:
     """For benchmarks: Qwen-Image's transformer at its real width with `depth` of its 60 blocks.
 
     Each block: 24 heads x 128 (3072 wide), 2x2 patches of 16 latent channels (64 packed), rope axes (16, 56, 56),
     text width 3584; about 340M parameters (1.36 GB in float32) a block. The text encoder has Qwen2.5-VL-7B's width
     (3584, 28 heads and 4 key/value heads of 128) but one layer with a feed-forward of 256; the VAE is small but has
     the real factor 8 and 16 latent channels, so a 1024 px image has the real 64x64 grid of image tokens.
+
+    With `device` the modules are built there, and with `dtype` the transformer is built in it (the rest is cast):
+    all 60 blocks take 82 GB in float32, more than an H100 holds, and 41 GB in bfloat16.
     """
     tokenizer = qwen_tokenizer()
-    text_encoder = _text_encoder(len(tokenizer), 3584, layers=1, heads=28, kv_heads=4, intermediate=256,
-                                 mrope_section=[16, 24, 24], seed=seed + 1)
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=depth, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
-    ).eval()
-    return _pipeline(transformer, _vae(16, [1, 2, 4, 4], base_dim=4, seed=seed), text_encoder, tokenizer, None)
+    with _on(device):
+        text_encoder = _text_encoder(len(tokenizer), 3584, layers=1, heads=28, kv_heads=4, intermediate=256,
+                                     mrope_section=[16, 24, 24], seed=seed + 1)
+        torch.manual_seed(seed)
+        with _default_dtype(dtype):
+            transformer = QwenImageTransformer2DModel(
+                patch_size=2, in_channels=64, out_channels=16, num_layers=depth, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+            ).eval()
+        vae = _vae(16, [1, 2, 4, 4], base_dim=4, seed=seed)
+    return _cast(_pipeline(transformer, vae, text_encoder, tokenizer, None), device, dtype)
