@@ -83,8 +83,9 @@ GuidanceOption = Annotated[float | None, typer.Option(
                        "SD3; Flux: its embedded guidance, 3.5]; <= 1 turns classifier-free guidance off.",
     show_default=False)]
 SequenceOption = Annotated[int | None, typer.Option(
-    "--max-sequence-length", min=1, max=512, help="Models with T5 text: its length [default: the model's: 256 for SD3, "
-                                                  "512 for Flux and Chroma, 300 for PixArt-Σ].",
+    "--max-sequence-length", min=1, help="Models with T5 text: its length [default: the model's: 256 for SD3, 512 "
+                                         "for Flux and Chroma, 300 for PixArt-Σ]; Qwen-Image: the most tokens a "
+                                         "prompt may take [512]. At most the model's own bound.",
     show_default=False)]
 SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
                                                 help="Seed of the initial latent [default: random, recorded].")]
@@ -176,9 +177,13 @@ def _output_folder(out: Path) -> Iterator[None]:
 
 def _sequence_length(editor, length: int | None) -> int | None:
     """--max-sequence-length, refused on a model without T5 text rather than ignored."""
-    if length is not None and not editor.family.takes_max_sequence_length:
-        raise UsageError("--max-sequence-length is a T5 length: SD3, Flux, Chroma and PixArt-Σ have one, this model has "
-                         "not")
+    family = editor.family
+    if length is not None and not family.takes_max_sequence_length:
+        raise UsageError(f"--max-sequence-length is a T5 length (Qwen-Image's bound on a prompt's tokens): "
+                         f"{family.title} models have none")
+    if length is not None and family.max_text_length is not None and length > family.max_text_length:
+        raise UsageError(f"--max-sequence-length must be at most {family.max_text_length} on {family.title} models, "
+                         f"not {length}")
     return length
 
 

@@ -36,6 +36,7 @@ class DescribedFamily(Protocol):
     """What the front ends show and record: names, defaults and the options a family takes."""
 
     name: ClassVar[str]
+    title: ClassVar[str]
     components: ClassVar[tuple[str, ...]]
     inversion_methods: ClassVar[tuple[str, ...]]
     takes_max_sequence_length: ClassVar[bool]
