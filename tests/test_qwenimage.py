@@ -133,3 +133,14 @@ def test_an_image_s_latent_is_its_one_frame_vae_mean_as_the_pipeline_decodes_it(
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
     shift = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
     torch.testing.assert_close(latents[:, :, None] / (1.0 / std) + shift, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_is_refused_before_it_renders_nan(pipe):
+    # Qwen-Image's scheduler stretches its sigmas to shift_terminal: at one step that is 0 / 0
+    assert pipe.scheduler.config.shift_terminal
+    with pytest.raises(ValueError, match="shift_terminal=0.02, which one step cannot"):
+        p2p.Editor(pipe).prepare(SOURCE, [], seed=0, height=32, width=32, num_inference_steps=1)
+    with pytest.raises(ValueError, match="which one step cannot"):
+        p2p.invert(pipe, torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), SOURCE, num_inference_steps=1,
+                   progress=False)
+    assert p2p.Editor(pipe).prepare(SOURCE, [], seed=0, height=32, width=32, num_inference_steps=2)

@@ -94,8 +94,12 @@ def check_fraction(value: Any, what: str) -> float:
     return float(value)
 
 
-def check_steps(num_inference_steps: Any) -> int:
-    """A step count: a positive integer, at most `MAX_STEPS` unless P2P_ALLOW_LARGE is set (else a ValueError).
+def check_steps(num_inference_steps: Any, scheduler: Any = None) -> int:
+    """A step count: a positive integer, at most `MAX_STEPS` unless P2P_ALLOW_LARGE is set, and one that `scheduler`
+    (where given) can take (else a ValueError).
+
+    A flow schedule stretched to a terminal sigma (`shift_terminal`: Qwen-Image's) divides zero by zero at one step
+    and renders NaN, so it needs two.
 
     >>> check_steps(50)
     50
@@ -103,6 +107,10 @@ def check_steps(num_inference_steps: Any) -> int:
     check_positive_int(num_inference_steps, "num_inference_steps")
     if num_inference_steps > MAX_STEPS and not allow_large():
         raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, not {num_inference_steps} ({lift_hint()})")
+    terminal = getattr(scheduler, "config", {}).get("shift_terminal") if scheduler is not None else None
+    if num_inference_steps == 1 and terminal:
+        raise ValueError(f"this model's {type(scheduler).__name__} stretches its sigmas to shift_terminal={terminal}, "
+                         "which one step cannot (it renders NaN); use num_inference_steps of 2 or more")
     return num_inference_steps
 
 

@@ -343,7 +343,7 @@ class Editor:
             steps, guidance, height, width = _inversion_settings(inversion, steps, guidance, height, width,
                                                                  negative_prompt, latents, seed, generator, cache)
         family, defaults = self.family, self.defaults
-        steps = check_steps(defaults.num_inference_steps if steps is None else steps)
+        steps = check_steps(defaults.num_inference_steps if steps is None else steps, self.pipe.scheduler)
         guidance = check_guidance(defaults.guidance_scale if guidance is None else guidance)
         default = family.default_size()
         height = default if height is None else height

@@ -42,7 +42,7 @@ def invert_ddim(family: InvertingFamily, image: ImageInput, prompt: str, *, meth
     num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     family.tokenize(prompt, {})  # a caption over 77 tokens is refused here, not after the inversion
-    check_steps(num_inference_steps)
+    check_steps(num_inference_steps, pipe.scheduler)
     check_finite(guidance_scale, "guidance_scale")
     if method == "null-text" and guidance_scale <= 1:
         raise ValueError(f"null-text inversion optimises the unconditional branch of classifier-free guidance, "

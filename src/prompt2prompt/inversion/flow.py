@@ -47,7 +47,7 @@ def invert_flow(family: InvertingFamily, image: ImageInput, prompt: str, *, meth
     defaults = family.defaults()  # the model's own, else its family's
     num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-    check_steps(num_inference_steps)
+    check_steps(num_inference_steps, pipe.scheduler)
     check_finite(guidance_scale, "guidance_scale")
     check_finite(inversion_guidance, "inversion_guidance")
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
