@@ -294,10 +294,10 @@ def _checkpoint_class(path: Path) -> str:
         raise ModelLoadError(f"cannot read {str(path)!r} as a safetensors file: {error}") from None
     name = families.single_file_class(keys)
     if name is None:
-        raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion or Flux checkpoint (it has no "
-                             "'model.diffusion_model.*', 'joint_blocks.*' or 'double_blocks.*' weights); pass an "
-                             "original SD 1.x/2.x/XL/3/3.5, Flux.1 or Chroma .safetensors file (PixArt-Σ loads from "
-                             "a diffusers folder or a hub id)")
+        single, others = families.single_file_models()
+        folder_only = f" ({others} load from a diffusers folder or a hub id)" if others else ""
+        raise ModelLoadError(f"{str(path)!r} is not a Stable Diffusion or Flux checkpoint: no model family "
+                             f"recognises its weights; pass an original {single} .safetensors file{folder_only}")
     return name
 
 

@@ -26,7 +26,7 @@ from .sd3 import SD3Family
 from .unet import UNetFamily
 
 __all__ = ["FAMILIES", "MAX_TEXT_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
-           "listed", "pipeline_class_for", "single_file_class", "supported_models"]
+           "listed", "pipeline_class_for", "single_file_class", "single_file_models", "supported_models"]
 
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily, QwenImageFamily)
 # The longest `max_sequence_length` any family takes: the bound before the model is known (a manifest's line); a
@@ -55,6 +55,14 @@ def family_named(name: str) -> type[Family]:
 def inversion_methods() -> tuple[str, ...]:
     """Every family's inversion methods, each once."""
     return tuple(dict.fromkeys(method for family in FAMILIES for method in family.inversion_methods))
+
+
+def single_file_models() -> tuple[str, str]:
+    """(the models that load from one original checkpoint, those that load from a folder or hub id only), for a
+    message."""
+    single = [family.title for family in FAMILIES if family.loads_single_file]
+    others = [family.title for family in FAMILIES if not family.loads_single_file]
+    return listed(single), listed(others) if others else ""
 
 
 def supported_models() -> str:

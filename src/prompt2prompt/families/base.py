@@ -96,6 +96,7 @@ class Family:
     title: ClassVar[str]  # the models, as a message names them
     pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipeline classes it drives
     components: ClassVar[tuple[str, ...]]  # the model_index.json entries a folder of it must have
+    loads_single_file: ClassVar[bool] = False  # whether diffusers loads its pipeline from one original checkpoint
 
     default_steps: ClassVar[int] = 50
     default_guidance: ClassVar[float] = 7.5

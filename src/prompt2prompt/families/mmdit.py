@@ -65,6 +65,8 @@ class MMDiTFamily(Family):
     transformer_prefix: ClassVar[str]
     single_file_blocks: ClassVar[str]  # the weight-name prefix of its blocks in an original single-file checkpoint
 
+    loads_single_file = True
+
     @classmethod
     def single_file_class(cls, names: Sequence[str]) -> str | None:
         stripped = (name.removeprefix("model.diffusion_model.") for name in names)

@@ -113,6 +113,8 @@ class QwenImageFamily(MMDiTFamily):
         # Qwen-Image's edit and control pipelines share its transformer but take images: only the text-to-image one
         return type(pipe).__name__ in cls.pipeline_classes
 
+    loads_single_file = False
+
     @classmethod
     def single_file_class(cls, names) -> str | None:
         return None

@@ -62,6 +62,8 @@ class UNetFamily(Family):
             return super().pipeline_class_for(index)
         return "StableDiffusionXLPipeline" if index.get("text_encoder_2") else "StableDiffusionPipeline"
 
+    loads_single_file = True
+
     @classmethod
     def single_file_class(cls, names: Sequence[str]) -> str | None:
         if not any(key.startswith("model.diffusion_model.") for key in names):
