@@ -389,7 +389,9 @@ def _scheduler_for(pipe, recipe: Recipe):
         # A trial set_timesteps, on a scheduler of its own, so that a bad configuration fails here and not mid-run;
         # the configuration is untrusted, so any failure of diffusers on it is the recipe's. Its warnings (keys
         # this diffusers does not know, which it ignores) are not printed: a recipe from another version has some.
-        with library_logs():
+        # (numpy's warnings too: a step count the run then refuses with its own message, Qwen-Image's one step)
+        with library_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             trial = compatible[name].from_config(recipe.scheduler)
             # A resolution-shifted flow schedule takes its shift from the pipeline's call: any one will do here.
             shift = {"mu": 1.0} if trial.config.get("use_dynamic_shifting") else {}
