@@ -144,3 +144,16 @@ def test_one_step_is_refused_before_it_renders_nan(pipe):
         p2p.invert(pipe, torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), SOURCE, num_inference_steps=1,
                    progress=False)
     assert p2p.Editor(pipe).prepare(SOURCE, [], seed=0, height=32, width=32, num_inference_steps=2)
+
+
+def test_whitespace_tokens_belong_to_no_word_and_must_pair_up(pipe):
+    editor = p2p.Editor(pipe)
+    t = editor.tokenize("a  cat")  # byte-level BPE keeps the second space as a token of its own: Ġ
+    assert editor.family.token_texts(t)[:3] == ["a", "", "cat"] and t.word_tokens == [[0], [2]]
+    for source, edit, where in [("a cat riding", "a  dog riding", "after 'a'"),  # in front of the changed word
+                                ("a  cat riding", "a cat running", "after 'a'")]:  # among unchanged words
+        with pytest.raises(ValueError, match=f"do not line up {where}: one has a token of no word there"):
+            editor.prepare(source, [edit], seed=0, height=32, width=32)
+    # with the same whitespace on both sides they pair up, and the swap maps cat to dog across it
+    run = editor.prepare("a  cat riding", ["a  dog riding"], seed=0, height=32, width=32)
+    assert run.plan.mapper[0, 2, 2] == 1 and run.plan.mapper[0, 1, 1] == 1

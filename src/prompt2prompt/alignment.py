@@ -246,10 +246,13 @@ def replacement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX
     src_spans = [source.word_tokens[w] for w in changed]
     edit_spans = [edit.word_tokens[w] for w in changed]
     mapper = torch.zeros(max_length, max_length)
+    src_owner, edit_owner = _owners(source, max_length), _owners(edit, max_length)
     i = j = cur = 0
     while i < max_length and j < max_length:
         if cur < len(changed) and src_spans[cur][0] == i:
             s, e = src_spans[cur], edit_spans[cur]
+            if e[0] != j:
+                _unpaired(source, edit, src_owner, i)
             if len(s) == len(e):
                 mapper[s, e] = 1.0
             else:
@@ -259,12 +262,33 @@ def replacement_mapper(source: Tokenized, edit: Tokenized, max_length: int = MAX
             i += len(s)
             j += len(e)
         else:
+            if (src_owner[i] < 0) != (edit_owner[j] < 0):  # a token of no word (whitespace) against a word's
+                _unpaired(source, edit, src_owner, i)
             mapper[i, j] = 1.0
             i += 1
             j += 1
     empty = mapper.sum(0) == 0
     mapper[empty.nonzero().flatten(), empty.nonzero().flatten()] = 1.0
     return mapper
+
+
+def _owners(t: Tokenized, length: int) -> list[int]:
+    """The word of each position of `t` (-1: a token of no word: BOS, EOS, padding, a template's, whitespace)."""
+    owner = [-1] * length
+    for w, positions in enumerate(t.word_tokens):
+        for p in positions:
+            if p < length:
+                owner[p] = w
+    return owner
+
+
+def _unpaired(source: Tokenized, edit: Tokenized, src_owner: list[int], i: int) -> None:
+    """Refuse a word swap whose tokens of no word do not pair up (a double space in one prompt), naming the place."""
+    before = [w for w in src_owner[:i] if w >= 0]
+    where = f"after {source.words[before[-1]]!r}" if before else "before the first word"
+    raise ValueError(f"the source {quoted(source.prompt)} and the edit {quoted(edit.prompt)} do not line up {where}: "
+                     "one has a token of no word there (extra whitespace?) that the other has not; write both "
+                     "with single spaces between words")
 
 
 def needleman_wunsch(x: Sequence[int], y: Sequence[int]) -> list[int]:
