@@ -53,7 +53,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from mmdit_pipelines import _WORDS
 from pipelines import _cast, _on
-from qwen_pipelines import _SPLIT, _default_dtype, qwen_tokenizer
+from qwen_pipelines import _SPLIT, QWEN3_CHAT_TEMPLATE, _default_dtype, qwen_tokenizer
 from tokenizers import (
     Regex,
     Tokenizer,
@@ -100,19 +100,6 @@ _MISTRAL_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-# Qwen3's template for what the klein pipeline sends: messages in ChatML, then the assistant's turn with an empty
-# thought when `enable_thinking=False` (Qwen3's non-thinking mode).
-_QWEN3_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
 
 
 @functools.lru_cache(maxsize=1)
@@ -152,7 +139,7 @@ def qwen3_tokenizer() -> Qwen2TokenizerFast:
     Qwen3's own tokenizer) and the template: padding on the right with `<|endoftext|>`."""
     tokenizer = qwen_tokenizer()  # a new wrapper around a copy of the trained backend
     tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = _QWEN3_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
 

@@ -55,6 +55,20 @@ _TEMPLATE = (
     " relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 
+# Qwen3's chat template, reduced to what a text-to-image pipeline renders (Z-Image, FLUX.2 klein): messages, the
+# assistant's header, and the empty thinking block Qwen3 adds only when `enable_thinking` is False.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
 
 @functools.lru_cache(maxsize=1)
 def _bpe() -> Tokenizer:

@@ -28,22 +28,9 @@ from diffusers import (
 )
 from mmdit_pipelines import _FLUX_VAE, _vae
 from pipelines import _cast, _on
-from qwen_pipelines import _default_dtype, qwen_tokenizer
+from qwen_pipelines import QWEN3_CHAT_TEMPLATE, _default_dtype, qwen_tokenizer
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
-# Qwen3's chat template, reduced to what a text-to-image pipeline renders: messages, the assistant's header, and the
-# empty thinking block Qwen3 adds only when `enable_thinking` is False.
-_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
 
 # Z-Image-Turbo's published transformer config (transformer/config.json); diffusers' class default for axes_lens is
 # (1024, 512, 512), the published one (1536, 512, 512).
@@ -58,7 +45,7 @@ def zimage_tokenizer() -> Qwen2TokenizerFast:
     """`qwen_tokenizer` with Qwen3's `<think>` / `</think>` (added, not special) and the chat template above."""
     tokenizer = qwen_tokenizer()
     tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
 
