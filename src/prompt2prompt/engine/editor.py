@@ -218,6 +218,9 @@ class Editor:
         # 2. Resolve the settings: the cache's, the inversion's, or the model's defaults
         num_inference_steps, guidance_scale, height, width = self._resolve_settings(
             num_inference_steps, guidance_scale, height, width, negative_prompt, latents, seed, generator, inversion, cache)
+        if negative_prompt is not None and not family.takes_negative_prompt:
+            raise ValueError(f"{family.title} pipelines take no negative prompt (their negative pass is their own); "
+                             "leave negative_prompt unset")
         if negative_prompt is not None:
             family.check_text_length(negative_prompt, "the negative prompt", pipeline_kwargs)
         # 3. Tokens at the run's one text length, mappers and windows
@@ -391,7 +394,7 @@ class Editor:
             images = self._call(run, [state], callback, output_type, pipeline_kwargs)
         else:
             if output_type == "latent":  # in the pipeline's own form (Flux: packed)
-                source = self.family.pack(cache.step_latents[-1].to(run.latents))
+                source = self.family.output_latents(cache.step_latents[-1].to(run.latents))
             else:
                 source = _source_image(cache.image, output_type, self.pipe)
             if len(run.prompts) == 1:  # nothing to run: the source alone
@@ -413,7 +416,7 @@ class Editor:
         prompts = group.prompts
         call_kwargs: dict[str, Any] = dict(
             height=run.height, width=run.width, num_inference_steps=run.num_inference_steps,
-            guidance_scale=run.guidance_scale, latents=family.pack(group.latents), output_type=output_type,
+            guidance_scale=run.guidance_scale, latents=family.call_latents(group.latents), output_type=output_type,
             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=group.tensor_inputs,
             **{**run.pipeline_kwargs, **pipeline_kwargs},
         )

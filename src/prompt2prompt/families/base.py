@@ -107,6 +107,7 @@ class Family:
     # Whether a guided batch holds its conditional rows first ([cond..., uncond...]); diffusers' pipelines mostly put
     # them last. A family whose guidance is a separate pass (`split_passes`) holds them alone.
     conditional_first: ClassVar[bool] = False
+    takes_negative_prompt: ClassVar[bool] = True  # whether its pipeline takes a negative prompt (FLUX.2 klein: none)
     map_unit: ClassVar[str] = "token"  # recorded maps are drawn per "token", or per "word" (a word spans text parts)
     layer_options: ClassVar[tuple[str, ...]] = ()  # the Editor keywords that choose its layers
     layer_hint: ClassVar[str] = ""  # how it chooses layers, for a message
@@ -236,6 +237,16 @@ class Family:
 
     def unpack(self, latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         return latents
+
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's `latents=` of (B, C, h, w) initial latents: its step form (`pack`), unless it packs them
+        itself (FLUX.2's take them unpacked)."""
+        return self.pack(latents)
+
+    def output_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) final latents in the form the pipeline returns for `output_type="latent"` (its step form,
+        unless it returns them otherwise: FLUX.2 klein's VAE latents), for a cached source's row."""
+        return self.pack(latents)
 
     @property
     def latents_dtype(self) -> torch.dtype:

@@ -145,7 +145,7 @@ def direct_corrections(family: InvertingFamily, scheduler: FlowMatchEulerDiscret
     try:
         with compat.progress_bar_off(pipe), family.plain_attention():
             pipe(**family.pipeline_call(dict(
-                prompt=[inversion.prompt], latents=family.pack(inversion.latents), height=inversion.height,
+                prompt=[inversion.prompt], latents=family.call_latents(inversion.latents), height=inversion.height,
                 width=inversion.width, num_inference_steps=n, guidance_scale=inversion.guidance_scale,
                 max_sequence_length=inversion.max_sequence_length, output_type="latent",
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])))
