@@ -13,7 +13,9 @@ import functools
 
 import pytest
 import torch
-from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+from diffusers import (ChromaPipeline, Flux2KleinPipeline, FluxPipeline, PixArtSigmaPipeline, QwenImagePipeline,
+                       StableDiffusion3Pipeline)
+from flux2_pipelines import tiny_flux2_klein_pipeline
 from mmdit_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                              tiny_sd35_pipeline)
 from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -74,6 +76,7 @@ BUILDERS = {
     # of the image in and part out (their masks cover all or nothing of it); seed 10's are not.
     "pixart": functools.partial(tiny_pixart_pipeline, seed=10),
     "qwenimage": tiny_qwenimage_pipeline,
+    "flux2-klein": tiny_flux2_klein_pipeline,
 }
 CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
 # Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
@@ -92,12 +95,17 @@ SETTINGS = {
     # Qwen-Image: templated text, each run padded to its longest prompt and masked (the source's true length
     # differs from most edits'); guidance is true CFG, a second, negative pass
     "qwenimage-cfg": ("qwenimage", dict(guidance_scale=4.0)), "qwenimage-no-cfg": ("qwenimage", NO_CFG),
+    # FLUX.2 klein (base): templated Qwen3 text padded to its length, the padding attended; CFG is a second pass on
+    # the empty prompt; the pipeline takes patchified latents and returns the VAE's own
+    "flux2-klein-cfg": ("flux2-klein", dict(guidance_scale=4.0)), "flux2-klein-no-cfg": ("flux2-klein", NO_CFG),
 }
+# The text lengths of the runs: T5's, or a templated text's (FLUX.2 klein's template takes 16 tokens of its own).
+TEXT_LENGTH = {"flux2-klein": 32}
 
 
 def is_transformer(pipe) -> bool:
     return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline,
-                             QwenImagePipeline))
+                             QwenImagePipeline, Flux2KleinPipeline))
 
 
 def has_t5_length(pipe) -> bool:
@@ -110,11 +118,24 @@ def packs(pipe) -> bool:
     return isinstance(pipe, (FluxPipeline, ChromaPipeline, QwenImagePipeline))
 
 
+def text_length(pipe) -> int:
+    return TEXT_LENGTH["flux2-klein"] if isinstance(pipe, Flux2KleinPipeline) else T5_LENGTH
+
+
+def patchified(pipe, latents):
+    """FLUX.2 klein's output latents (the VAE's) in the run's form: patchified 2x2, batch-norm normalised."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    bn = pipe.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return (x - bn.running_mean.view(1, -1, 1, 1).to(x)) / std.to(x)
+
+
 def run(pipe, edits, attention="fused", editor_kwargs=None, **kwargs):
     """`SOURCE` edited by `edits` at the tests' size and steps, from seed 0, as latents."""
     options = dict(num_inference_steps=STEPS, seed=0, output_type="latent", **SIZE)
     if has_t5_length(pipe):
-        options["max_sequence_length"] = T5_LENGTH
+        options["max_sequence_length"] = text_length(pipe)
     options.update(kwargs)
     return p2p.Editor(pipe, attention=attention, **(editor_kwargs or {})).edit(SOURCE, edits, **options)
 
@@ -123,6 +144,8 @@ def latents_of(pipe, images, height=SIZE["height"], width=SIZE["width"]):
     """(P, C, h, w) latents of an output_type="latent" result (Flux returns its 2x2 patches packed as tokens)."""
     if packs(pipe):
         return FluxPipeline._unpack_latents(images, height, width, pipe.vae_scale_factor)
+    if isinstance(pipe, Flux2KleinPipeline):
+        return patchified(pipe, images)
     return images
 
 
@@ -133,11 +156,12 @@ def plain(pipe, prompt, **kwargs):
     """
     options = dict(num_inference_steps=STEPS, output_type="latent", **SIZE)
     if has_t5_length(pipe):
-        options["max_sequence_length"] = T5_LENGTH
+        options["max_sequence_length"] = text_length(pipe)
     options.update(kwargs)
     model = pipe.transformer if is_transformer(pipe) else pipe.unet
-    scale = pipe.vae_scale_factor
-    channels = model.config.in_channels // 4 if packs(pipe) else pipe.vae.config.latent_channels
+    scale = pipe.vae_scale_factor * (2 if isinstance(pipe, Flux2KleinPipeline) else 1)  # klein's: patchified 2x2
+    channels = model.config.in_channels // 4 if packs(pipe) else model.config.in_channels if isinstance(
+        pipe, Flux2KleinPipeline) else pipe.vae.config.latent_channels
     shape = (1, channels, options["height"] // scale, options["width"] // scale)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
     if packs(pipe):
@@ -155,7 +179,7 @@ def plain(pipe, prompt, **kwargs):
         finally:
             pipe.transformer.set_attn_processor(saved)
     else:
-        images = pipe(prompt, latents=latents, **options).images
+        images = pipe(prompt=prompt, latents=latents, **options).images
     return latents_of(pipe, images, options["height"], options["width"])[0]
 
 
@@ -250,6 +274,8 @@ def _options(setting: str) -> dict:
     pipe_options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1])
     if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev", "chroma", "pixart"):  # not Qwen-Image's: no T5
         pipe_options["max_sequence_length"] = T5_LENGTH
+    pipe_options.update({"max_sequence_length": length for family, length in TEXT_LENGTH.items()
+                         if SETTINGS[setting][0] == family})
     return pipe_options
 
 

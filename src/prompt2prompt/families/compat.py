@@ -48,6 +48,18 @@ def flux_qkv_projections(attn, hidden_states: torch.Tensor, encoder_hidden_state
     return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
 
 
+def flux2_qkv_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """FLUX.2's image and text query, key and value projections (`transformer_flux2._get_qkv_projections`)."""
+    from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+    return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+
+
+def flux2_latent_ids(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.2's RoPE positions (B, h * w, 4) of (B, C, h, w) patchified latents (`_prepare_latent_ids`)."""
+    return pipe._prepare_latent_ids(latents)
+
+
 @contextmanager
 def progress_bar_off(pipe) -> Iterator[None]:
     """The pipeline's own progress bar off for one call, its settings restored after (`_progress_bar_config`)."""

@@ -1,0 +1,249 @@
+"""FLUX.2 klein (`Flux2KleinPipeline`): FLUX.2's transformer (double-stream blocks, then single-stream blocks over one
+joint sequence, text first; 4-axis RoPE), a Qwen3 text encoder read through its chat template, the hidden states of
+three layers side by side per token.
+
+What the contract asks here (docs/semantics.md, "Newer families"):
+- The text is the whole templated prompt, nothing dropped: `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>
+  assistant\\n<think>\\n\\n</think>\\n\\n`, padded to `max_sequence_length` (512) with no mask: every padding token
+  is attended text of no word, as T5's padding on Flux.1. Word positions come from character offsets in the
+  templated string (`alignment.tokenize_templated`, nothing dropped).
+- Guidance: on the base models, true classifier-free guidance, a separate pass on the empty prompt after the
+  conditional one (the pipeline takes no negative prompt); the distilled models have none.
+- Latents: the pipeline takes its initial latents patchified and unpacked, (B, 4C, H/16, W/16), packs them into
+  tokens itself, and returns `output_type="latent"` as the VAE's own latents (batch-norm undone, unpatchified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..alignment import Tokenized, tokenize_templated
+from ..attention.joint import JointAttend
+from . import compat
+from .mmdit import FlowText, MMDiTFamily
+
+_SENTINEL = "\x00"  # stands for the prompt while the chat template is rendered
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:  # (B, S, heads * d) -> (B, S, heads, d)
+    return x.unflatten(-1, (-1, head_dim))
+
+
+class Flux2JointProcessor:
+    """`Flux2AttnProcessor`'s computation (QK norms, RoPE over [text, image]) with the run's edits applied by
+    `attend`."""
+
+    def __init__(self, attend: JointAttend):
+        self.attend = attend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query, key, value, c_query, c_key, c_value = compat.flux2_qkv_projections(attn, hidden_states,
+                                                                                  encoder_hidden_states)
+        query, key = attn.norm_q(_heads(query, attn.head_dim)), attn.norm_k(_heads(key, attn.head_dim))
+        value = _heads(value, attn.head_dim)
+        if attn.added_kv_proj_dim is not None:
+            c_query = attn.norm_added_q(_heads(c_query, attn.head_dim))
+            c_key = attn.norm_added_k(_heads(c_key, attn.head_dim))
+            c_value = _heads(c_value, attn.head_dim)
+            query, key, value = torch.cat([c_query, query], 1), torch.cat([c_key, key], 1), torch.cat([c_value, value], 1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        text_len = encoder_hidden_states.shape[1]
+        context, out = out[:, :text_len], out[:, text_len:]
+        return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(context)
+
+
+class Flux2SingleProcessor:
+    """`Flux2ParallelSelfAttnProcessor`'s computation (one projection for QKV and the MLP, run in parallel) with the
+    run's edits applied by `attend`; the sequence is [text, image], the text's length the run's."""
+
+    def __init__(self, attend: JointAttend):
+        self.attend = attend
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+        query, key, value = (_heads(x, attn.head_dim) for x in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class Flux2KleinFamily(MMDiTFamily):
+    """FLUX.2 klein: double- then single-stream blocks, text first; templated Qwen3 text padded to its length (the
+    padding attended); true CFG on the base models."""
+
+    name = "flux2-klein"
+    title = "FLUX.2 klein"
+    pipeline_classes = ("Flux2KleinPipeline",)
+    components = ("transformer", "text_encoder")
+    transformer_prefix = "Flux2Transformer"
+    single_file_blocks = ""
+    loads_single_file = False  # diffusers loads FLUX.2's transformer from one file, not its pipeline
+    default_steps = 50  # Flux2KleinPipeline's defaults (a distilled klein is meant for 4 steps: its card says)
+    default_guidance = 4.0
+    default_max_sequence_length = 512
+    max_text_length = 512
+    text_first = True
+    takes_negative_prompt = False  # its negative pass is the empty prompt's, always
+    other_prompts = ()
+    text_inputs: ClassVar[tuple[str, ...]] = ("prompt", "prompt_embeds", "negative_prompt_embeds")
+
+    @classmethod
+    def detect(cls, pipe) -> bool:
+        # the FLUX.2 pipelines that take reference images (kv, inpaint) share the transformer: the text-to-image one
+        return type(pipe).__name__ in cls.pipeline_classes
+
+    @classmethod
+    def single_file_class(cls, names: Sequence[str]) -> str | None:
+        return None
+
+    def processors(self, states, counts):
+        processors = super().processors(states, counts)
+        for name, (_, kind) in self.blocks().items():
+            if kind == "single":  # the parallel single-stream block has its own projections
+                processors[name] = Flux2SingleProcessor(processors[name].attend)
+        return processors
+
+    processor_class = Flux2JointProcessor
+
+    # -- Text ----------------------------------------------------------------------------------------------------
+
+    def _template(self) -> str:
+        """The chat template around a prompt, as the pipeline renders it, with "{}" where the prompt goes."""
+        text = self.pipe.tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                                       add_generation_prompt=True, enable_thinking=False)
+        return text.replace(_SENTINEL, "{}")
+
+    def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
+        """The templated prompt's tokens from the template's first on, padded to `max_sequence_length`; the padding
+        is attended (the pipeline passes no mask): it belongs to no word."""
+        length = self.max_sequence_length(pipeline_kwargs)
+        t = tokenize_templated(self.pipe.tokenizer, prompt, self._template(), 0, length,
+                               what="(its chat template included; raise max_sequence_length up to 512)")
+        return replace(t, true_length=None)
+
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer]
+
+    def part_tokenizers(self) -> list:
+        return [self.pipe.tokenizer]
+
+    def token_texts(self, tokenized: Tokenized) -> list[str]:
+        texts = [self.pipe.tokenizer.decode([i]).strip() for i in tokenized.ids]
+        return texts + [""] * (tokenized.length - len(texts))
+
+    # -- Sizes and latents ---------------------------------------------------------------------------------------
+
+    def patch_size(self) -> int:
+        return 1  # the latents are patchified 2x2 already: one token per latent pixel
+
+    def multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    def size_unit(self) -> str:
+        return f"a 2x2 patch of a {self.pipe.vae_scale_factor}x VAE"
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        scale = self.pipe.vae_scale_factor * 2
+        return self.model.config.in_channels, height // scale, width // scale
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h * w, C), row-major, as `Flux2KleinPipeline._pack_latents`."""
+        b, c, h, w = latents.shape
+        return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+    def unpack(self, latents: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        b, _, c = latents.shape
+        return latents.permute(0, 2, 1).reshape(b, c, *latent_size)
+
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents  # the pipeline packs them itself
+
+    def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def output_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's own latents (B, C / 4, 2h, 2w), as the pipeline returns them: batch-norm undone, unpatchified."""
+        mean, std = self._bn(latents)
+        x = latents * std + mean
+        b, c, h, w = x.shape
+        return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior mode, patchified 2x2 and normalised by its batch-norm statistics, as the pipeline
+        encodes a reference image: (1, 4C, H/16, W/16)."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            mean = vae.encode(pixels.to(device=self.execution_device(), dtype=vae.dtype)).latent_dist.mode()
+        b, c, h, w = mean.shape
+        x = mean.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        bn_mean, bn_std = self._bn(x)
+        return ((x - bn_mean) / bn_std).to(self.model.dtype)
+
+    # -- Blocks --------------------------------------------------------------------------------------------------
+
+    def block_names(self) -> list[tuple[str, str]]:
+        names = list(self.model.attn_processors)
+        double = [n for n in names if n.startswith("transformer_blocks.")]
+        single = [n for n in names if n.startswith("single_transformer_blocks.")]
+        return [(n, "joint") for n in double] + [(n, "single") for n in single]
+
+    def default_self_blocks(self) -> frozenset[int]:
+        # Our choice (no study names FLUX.2's structural blocks yet), as on SD3 and Qwen-Image: every block.
+        return frozenset(range(self.num_blocks()))
+
+    # -- The pipeline call ---------------------------------------------------------------------------------------
+
+    def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
+        # A base klein's guidance runs the transformer twice a step: the conditional pass, then the empty prompt's.
+        guidance = call_kwargs.get("guidance_scale", self.default_guidance)
+        return guidance > 1 and not self.pipe.config.get("is_distilled", False)
+
+    # -- Inversion: the flow loops' text, model call and schedule ------------------------------------------------
+
+    def encode_text(self, prompt: str, *, max_sequence_length: int, device) -> FlowText:
+        with torch.no_grad():
+            embeds, text_ids = self.pipe.encode_prompt(prompt=prompt, device=device,
+                                                       max_sequence_length=max_sequence_length)
+        return FlowText(embeds, embeds.new_zeros(embeds.shape[0], 0), text_ids)
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: FlowText, *, guidance: float = 1.0) -> torch.Tensor:
+        model = self.model
+        x = self.pack(latents.to(model.dtype))
+        t = timestep.to(latents.device).expand(x.shape[0]).to(model.dtype)
+        image_ids = compat.flux2_latent_ids(self.pipe, latents).to(latents.device)
+        text_ids = text.text_ids.expand(x.shape[0], -1, -1) if text.text_ids.shape[0] == 1 else text.text_ids
+        with self.plain_attention():
+            out = model(hidden_states=x, timestep=t / 1000, guidance=None, encoder_hidden_states=text.embeds,
+                        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        return self.unpack(out[:, : x.shape[1]], tuple(latents.shape[-2:]))
+
+    def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config):
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        return sigmas, compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_inference_steps)
