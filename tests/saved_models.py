@@ -79,3 +79,13 @@ def tiny_qwenimage_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-qwenimage"
     tiny_qwenimage_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_dir(tmp_path_factory) -> Path:
+    """A saved tiny FLUX.2 klein pipeline (base: true CFG on the empty prompt)."""
+    from flux2_pipelines import tiny_flux2_klein_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-flux2-klein"
+    tiny_flux2_klein_pipeline().save_pretrained(folder)
+    return folder
