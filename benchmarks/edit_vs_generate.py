@@ -11,6 +11,8 @@ transformers at their real widths with `--depth` blocks
 length of `--max-sequence-length` (128 on the CPU by default; the pipelines' own are 256 and 512). `--arch
 qwenimage` is Qwen-Image's transformer at its real width (24 heads of 128, text width 3584) with `--depth` blocks
 and a one-layer text encoder of the real width; its text is each call's longest prompt, as the pipeline pads it.
+`--arch flux2-klein` is FLUX.2 klein 4B's transformer (24 heads of 128, text width 7680) with `--depth` double- and
+`--single-depth` single-stream blocks, and a minimal Qwen3 of the real width; its text is `--max-sequence-length`.
 `--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
@@ -91,7 +93,7 @@ class PeakMemory:
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage")  # the transformers (benchmark pipelines at the real widths)
+MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein")  # the transformers (benchmark pipelines at the real widths)
 
 
 def build_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -101,6 +103,13 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     import pipelines
 
+    if args.arch == "flux2-klein":
+        import flux2_pipelines
+
+        if args.tiny:
+            return flux2_pipelines.tiny_flux2_klein_pipeline().to(device=device, dtype=dtype)
+        return flux2_pipelines.flux2_benchmark_pipeline("klein", args.depth, single_depth=args.single_depth,
+                                                        device=device, dtype=dtype)
     if args.arch == "qwenimage":
         import qwen_pipelines
 
@@ -152,7 +161,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     family = p2p.Editor(pipe).family
     latents = torch.randn(1, *family.latent_shape(args.size, args.size), generator=torch.Generator().manual_seed(0))
-    plain_latents = family.pack(latents.expand(2, -1, -1, -1).to(device, dtype))
+    plain_latents = family.call_latents(latents.expand(2, -1, -1, -1).to(device, dtype))
     guidance = family.default_guidance
     common = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=args.size, width=args.size, output_type="latent")
     if family.takes_max_sequence_length:
@@ -208,9 +217,11 @@ def main() -> None:
             "flux": f"Flux.1-dev ({args.depth}+{args.depth} blocks)",
             "chroma": f"Chroma1-HD ({args.depth}+{args.depth} blocks)",
             "pixart": f"PixArt-Σ ({args.depth} blocks)",
-            "qwenimage": f"Qwen-Image ({args.depth} blocks)"}[args.arch] + " architecture"
+            "qwenimage": f"Qwen-Image ({args.depth} blocks)",
+            "flux2-klein": f"FLUX.2 klein 4B ({args.depth}+{args.single_depth or args.depth} blocks)"}[args.arch]
+    arch += " architecture"
     if family.takes_max_sequence_length and args.arch != "qwenimage":  # Qwen-Image's is a bound, not a padding
-        arch += f", T5 length {args.max_sequence_length}"
+        arch += f", text length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
     title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "
              f"torch threads {torch.get_num_threads()}")
