@@ -14,13 +14,13 @@
 # `bash scripts/gpu_check.sh`, timeout_s 560.
 #
 # Steps, in priority order, each under `timeout`, all inside a budget (P2P_GPU_BUDGET seconds, 500 by
-# default; a step that would start with under 20 s left, 60 s for step 9, is skipped and reported so):
+# default; a step that would start with under 20 s left, 60 s for steps 9 and 10, is skipped and reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
 #   3. pytest on CUDA in float16: tests/test_{processor,editor,conformance,blend,inversion,cache,batch,device_guard}.py,
 #      those that exist, without the Ray test and with the conformance suite's UNet families only (SD, SDXL,
 #      v-prediction SD: -k "not local_ray and not (test_conformance and (sd3 or flux or chroma or pixart or
-#      qwenimage))"; P2P_GPU_PYTEST_K replaces the expression)
+#      qwenimage or flux2))"; P2P_GPU_PYTEST_K replaces the expression)
 #   4. benchmarks/edit_vs_generate.py: SD 1.5 architecture, random weights, 512 px, 50 steps, fp16
 #   5. benchmarks/inversion.py: null-text, negative-prompt and direct inversion, 512 px, 50 steps, fp16
 #   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
@@ -30,8 +30,12 @@
 #      and Chroma1-HD's (19 + 38 blocks) and PixArt-Σ's (28 blocks; 20 steps) transformers, random weights, 1024 px, 28 steps, bf16, plain vs fused (2 rounds)
 #   9. benchmarks/edit_vs_generate.py --arch qwenimage: Qwen-Image's transformer at full depth (60 blocks, 41 GB in
 #      bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, guidance 4.0 (two passes a step), bf16,
-#      plain vs fused (2 rounds); the lowest priority: it starts only with 60 s of the budget left
-#  10. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
+#      plain vs fused (2 rounds); it starts only with 60 s of the budget left
+#  10. benchmarks/edit_vs_generate.py --arch flux2-klein: FLUX.2 klein 4B's transformer at full depth (5 + 20 blocks,
+#      3.9 B parameters, 8 GB in bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, text length 512,
+#      guidance 4.0 (the base model: two passes a step), bf16, plain vs fused (2 rounds); the lowest priority: it
+#      starts only with 60 s of the budget left
+#  11. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
 # Everything lands in outputs/gpu/ (log, junit-*.xml, bench-*.json, report.*); when $OUT is set, report.md,
 # report.json, the junit files and the log are copied there too. One failed step does not stop the others;
@@ -238,7 +242,7 @@ main() {
     quick_k="test_blend_mask_is_the_union or test_self_attention_untouched or test_edit_changes_the_output"
     quick_k+=" or (test_shapes_and_contents and direct) or test_job_ids_are_stable"
     # the conformance suite's UNet families, as tests/test_editor.py had them before the suite took them over
-    local unet_only="not (test_conformance and (sd3 or flux or chroma or pixart or qwenimage))"
+    local unet_only="not (test_conformance and (sd3 or flux or chroma or pixart or qwenimage or flux2))"
     if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-$quick_k}; else k=${P2P_GPU_PYTEST_K:-not local_ray and $unet_only}; fi
     # shellcheck disable=SC2086
     step "tests-$DTYPE" "$( ((QUICK)) && echo 240 || echo 110)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE="$DTYPE" \
@@ -280,6 +284,8 @@ main() {
             --max-sequence-length 16 --json "$RUN/bench-pixart.json"
         STEP_MIN=60 step bench-qwenimage 120 "${mmdit[@]}" --arch qwenimage --tiny --steps 2 --threads 1 \
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-qwenimage.json"
+        STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --tiny --steps 2 --threads 1 \
+            --dtype "$BENCH_DTYPE" --json "$RUN/bench-flux2-klein.json"
     else
         step bench-sd3 70 "${mmdit[@]}" --arch sd3 --depth 24 --size 1024 --steps 28 --max-sequence-length 256 \
             --dtype bfloat16 --json "$RUN/bench-sd3.json"
@@ -293,6 +299,10 @@ main() {
         # Image's scheduler stretches its sigmas to a terminal value, and a single sigma makes that 0 / 0 (NaN).
         STEP_MIN=60 step bench-qwenimage 120 "${mmdit[@]}" --arch qwenimage --depth 60 --size 1024 --steps 4 \
             --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-qwenimage.json"
+        # FLUX.2 klein 4B's 5 double- and 20 single-stream blocks, built as the base model: guidance 4.0 runs a second
+        # pass on the empty prompt every step (the distilled model's 4 steps, at the base model's cost)
+        STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --depth 5 --single-depth 20 --size 1024 \
+            --steps 4 --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux2-klein.json"
     fi
 }
 
