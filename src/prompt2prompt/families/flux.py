@@ -27,13 +27,15 @@ class FluxJointProcessor:
     first L tokens are the text, L coming from the run's plan.
     """
 
+    projections = staticmethod(compat.flux_qkv_projections)  # the model's own query, key and value projections
+
     def __init__(self, attend: JointAttend):
         self.attend = attend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
-        query, key, value, c_query, c_key, c_value = compat.flux_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value, c_query, c_key, c_value = self.projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, heads, d)
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))

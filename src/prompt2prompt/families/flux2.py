@@ -25,6 +25,7 @@ import torch
 from ..alignment import Tokenized, tokenize_templated
 from ..attention.joint import JointAttend
 from . import compat
+from .flux import FluxJointProcessor
 from .mmdit import FlowText, MMDiTFamily
 
 _SENTINEL = "\x00"  # stands for the prompt while the chat template is rendered
@@ -34,35 +35,11 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:  # (B, S, heads * d)
     return x.unflatten(-1, (-1, head_dim))
 
 
-class Flux2JointProcessor:
-    """`Flux2AttnProcessor`'s computation (QK norms, RoPE over [text, image]) with the run's edits applied by
-    `attend`."""
+class Flux2JointProcessor(FluxJointProcessor):
+    """`Flux2AttnProcessor`'s computation, which is Flux.1's (QK norms, RoPE over [text, image]) on FLUX.2's
+    projections, with the run's edits applied by `attend`."""
 
-    def __init__(self, attend: JointAttend):
-        self.attend = attend
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        query, key, value, c_query, c_key, c_value = compat.flux2_qkv_projections(attn, hidden_states,
-                                                                                  encoder_hidden_states)
-        query, key = attn.norm_q(_heads(query, attn.head_dim)), attn.norm_k(_heads(key, attn.head_dim))
-        value = _heads(value, attn.head_dim)
-        if attn.added_kv_proj_dim is not None:
-            c_query = attn.norm_added_q(_heads(c_query, attn.head_dim))
-            c_key = attn.norm_added_k(_heads(c_key, attn.head_dim))
-            c_value = _heads(c_value, attn.head_dim)
-            query, key, value = torch.cat([c_query, query], 1), torch.cat([c_key, key], 1), torch.cat([c_value, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](out))
-        text_len = encoder_hidden_states.shape[1]
-        context, out = out[:, :text_len], out[:, text_len:]
-        return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(context)
+    projections = staticmethod(compat.flux2_qkv_projections)
 
 
 class Flux2SingleProcessor:
