@@ -20,6 +20,15 @@ from .mmdit import FlowText, MMDiTFamily, shift_mu
 FLUX_VITAL_BLOCKS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
 
 
+def double_then_single(model) -> list[tuple[str, str]]:
+    """(processor name, kind) of a Flux-style transformer's layers as they run: its double-stream blocks' ("joint"),
+    then its single-stream blocks' ("single"); Flux.1's and FLUX.2's name them alike."""
+    names = list(model.attn_processors)
+    double = [n for n in names if n.startswith("transformer_blocks.")]
+    single = [n for n in names if n.startswith("single_transformer_blocks.")]
+    return [(n, "joint") for n in double] + [(n, "single") for n in single]
+
+
 class FluxJointProcessor:
     """Flux.1's attention (`FluxAttnProcessor`'s computation, RoPE included) with the run's edits applied by `attend`.
 
@@ -90,10 +99,7 @@ class FluxFamily(MMDiTFamily):
         return self.model.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
 
     def block_names(self) -> list[tuple[str, str]]:
-        names = list(self.model.attn_processors)
-        double = [n for n in names if n.startswith("transformer_blocks.")]
-        single = [n for n in names if n.startswith("single_transformer_blocks.")]
-        return [(n, "joint") for n in double] + [(n, "single") for n in single]
+        return double_then_single(self.model)
 
     def default_self_blocks(self) -> frozenset[int]:
         count = self.num_blocks()

@@ -25,7 +25,7 @@ import torch
 from ..alignment import Tokenized, tokenize_templated
 from ..attention.joint import JointAttend
 from . import compat
-from .flux import FluxJointProcessor
+from .flux import FluxJointProcessor, double_then_single
 from .mmdit import FlowText, MMDiTFamily
 
 _SENTINEL = "\x00"  # stands for the prompt while the chat template is rendered
@@ -184,10 +184,7 @@ class Flux2KleinFamily(MMDiTFamily):
     # -- Blocks --------------------------------------------------------------------------------------------------
 
     def block_names(self) -> list[tuple[str, str]]:
-        names = list(self.model.attn_processors)
-        double = [n for n in names if n.startswith("transformer_blocks.")]
-        single = [n for n in names if n.startswith("single_transformer_blocks.")]
-        return [(n, "joint") for n in double] + [(n, "single") for n in single]
+        return double_then_single(self.model)
 
     def default_self_blocks(self) -> frozenset[int]:
         # Our choice (no study names FLUX.2's structural blocks yet), as on SD3 and Qwen-Image: every block.
