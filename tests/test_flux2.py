@@ -45,6 +45,8 @@ def test_a_prompt_longer_than_its_text_and_a_negative_prompt_are_refused(pipe):
     editor = p2p.Editor(pipe)
     with pytest.raises(ValueError, match="is 25 tokens long in its template, more than the model's 16"):
         editor.prepare(SOURCE, [], seed=0, height=32, width=32, max_sequence_length=16)
+    with pytest.raises(ValueError, match="reference images"):
+        editor.prepare(SOURCE, [], seed=0, height=32, width=32, max_sequence_length=32, image=[np.zeros((32, 32, 3))])
     with pytest.raises(ValueError, match="FLUX.2 klein pipelines take no negative prompt"):
         editor.prepare(SOURCE, [], seed=0, height=32, width=32, max_sequence_length=32, negative_prompt="blurry")
 

@@ -192,6 +192,11 @@ class Flux2KleinFamily(MMDiTFamily):
 
     # -- The pipeline call ---------------------------------------------------------------------------------------
 
+    def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
+        if pipeline_kwargs.get("image") is not None:
+            raise ValueError("image (FLUX.2's reference images) adds image tokens the edits do not know; leave it unset")
+        super().check_call_kwargs(pipeline_kwargs, inversion)
+
     def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
         # A base klein's guidance runs the transformer twice a step: the conditional pass, then the empty prompt's.
         guidance = call_kwargs.get("guidance_scale", self.default_guidance)
