@@ -144,12 +144,13 @@ def tokenize_templated(tokenizer, prompt: str, template: str, drop: int, max_len
     start = template.index("{}")
     text = template[:start] + prompt + template[start + 2:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
-    dropped = list(enc["offset_mapping"])[:drop]
+    all_offsets = list(enc["offset_mapping"])
+    dropped = all_offsets[:drop]
     if len(dropped) < drop or any(b > start for a, b in dropped if b > a):
         raise ValueError(f"the model's text encoder drops the first {drop} tokens of its template, which take part "
                          f"of the prompt {quoted(prompt)} with them (this tokenizer reads the template's opening in "
                          "fewer tokens); the prompt cannot be read whole")
-    ids, offsets = list(enc["input_ids"])[drop:], list(enc["offset_mapping"])[drop:]
+    ids, offsets = list(enc["input_ids"])[drop:], all_offsets[drop:]
     if max_length is not None and len(ids) > max_length:
         detail = f" {what}" if what else ""
         raise ValueError(f"the prompt {quoted(prompt)} is {len(ids)} tokens long in its template, more than the "

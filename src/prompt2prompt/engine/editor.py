@@ -218,10 +218,10 @@ class Editor:
         # 2. Resolve the settings: the cache's, the inversion's, or the model's defaults
         num_inference_steps, guidance_scale, height, width = self._resolve_settings(
             num_inference_steps, guidance_scale, height, width, negative_prompt, latents, seed, generator, inversion, cache)
-        if negative_prompt is not None and not family.takes_negative_prompt:
-            raise ValueError(f"{family.title} pipelines take no negative prompt (their negative pass is their own); "
-                             "leave negative_prompt unset")
         if negative_prompt is not None:
+            if not family.takes_negative_prompt:
+                raise ValueError(f"{family.title} pipelines take no negative prompt (their negative pass is their "
+                                 "own); leave negative_prompt unset")
             family.check_text_length(negative_prompt, "the negative prompt", pipeline_kwargs)
         # 3. Tokens at the run's one text length, mappers and windows
         source, *targets = family.tokenize_run([prompt, *(e.prompt for e in edits)], pipeline_kwargs)

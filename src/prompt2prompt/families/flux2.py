@@ -15,7 +15,7 @@ What the contract asks here (docs/semantics.md, "Newer families"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ from ..alignment import Tokenized, tokenize_templated
 from ..attention.joint import JointAttend
 from . import compat
 from .flux import FluxJointProcessor, double_then_single
-from .mmdit import FlowText, MMDiTFamily
+from .mmdit import FlowText, MMDiTFamily, decoded_texts
 
 _SENTINEL = "\x00"  # stands for the prompt while the chat template is rendered
 
@@ -75,7 +75,6 @@ class Flux2KleinFamily(MMDiTFamily):
     pipeline_classes = ("Flux2KleinPipeline",)
     components = ("transformer", "text_encoder")
     transformer_prefix = "Flux2Transformer"
-    single_file_blocks = ""
     loads_single_file = False  # diffusers loads FLUX.2's transformer from one file, not its pipeline
     default_steps = 50  # Flux2KleinPipeline's defaults (a distilled klein is meant for 4 steps: its card says)
     default_guidance = 4.0
@@ -90,10 +89,6 @@ class Flux2KleinFamily(MMDiTFamily):
     def detect(cls, pipe) -> bool:
         # the FLUX.2 pipelines that take reference images (kv, inpaint) share the transformer: the text-to-image one
         return type(pipe).__name__ in cls.pipeline_classes
-
-    @classmethod
-    def single_file_class(cls, names: Sequence[str]) -> str | None:
-        return None
 
     def processors(self, states, counts):
         processors = super().processors(states, counts)
@@ -120,15 +115,8 @@ class Flux2KleinFamily(MMDiTFamily):
                                what="(its chat template included; raise max_sequence_length up to 512)")
         return replace(t, true_length=None)
 
-    def tokenizers(self) -> list:
-        return [self.pipe.tokenizer]
-
-    def part_tokenizers(self) -> list:
-        return [self.pipe.tokenizer]
-
     def token_texts(self, tokenized: Tokenized) -> list[str]:
-        texts = [self.pipe.tokenizer.decode([i]).strip() for i in tokenized.ids]
-        return texts + [""] * (tokenized.length - len(texts))
+        return decoded_texts(self.pipe.tokenizer, tokenized)
 
     # -- Sizes and latents ---------------------------------------------------------------------------------------
 

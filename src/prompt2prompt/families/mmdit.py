@@ -63,12 +63,13 @@ class MMDiTFamily(Family):
         return type(transformer).__name__.startswith(cls.transformer_prefix)
 
     transformer_prefix: ClassVar[str]
-    single_file_blocks: ClassVar[str]  # the weight-name prefix of its blocks in an original single-file checkpoint
-
-    loads_single_file = True
+    single_file_blocks: ClassVar[str] = ""  # the weight-name prefix of its blocks in an original single-file checkpoint
+    loads_single_file = True  # a family whose pipeline diffusers cannot load from one file says False
 
     @classmethod
     def single_file_class(cls, names: Sequence[str]) -> str | None:
+        if not cls.loads_single_file or not cls.single_file_blocks:
+            return None
         stripped = (name.removeprefix("model.diffusion_model.") for name in names)
         return cls.pipeline_classes[0] if any(name.startswith(cls.single_file_blocks) for name in stripped) else None
 
@@ -84,9 +85,12 @@ class MMDiTFamily(Family):
     def _t5(self, tokenizer, prompt: str, length: int) -> Tokenized:
         return tokenize(tokenizer, prompt, length, what="(EOS included; raise max_sequence_length up to 512)")
 
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer]  # one text encoder (SD3 and Flux have more)
+
     def part_tokenizers(self) -> list:
-        """The tokenizer of each part of the joint text."""
-        raise NotImplementedError
+        """The tokenizer of each part of the joint text (one part, by default)."""
+        return [self.pipe.tokenizer]
 
     def token_texts(self, tokenized: Tokenized) -> list[str]:
         """One text per position of the joint text: each part's tokens, then "" for its padding."""
@@ -221,6 +225,13 @@ class MMDiTFamily(Family):
     def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config) -> tuple[Any, float | None]:
         """The (sigmas, mu) the pipeline's `__call__` sets on its scheduler (None: the scheduler's own)."""
         raise NotImplementedError
+
+
+def decoded_texts(tokenizer, tokenized: Tokenized) -> list[str]:
+    """One readable text per position of a one-part text whose tokenizer marks spaces in its pieces (byte-level
+    BPE's "Ġ"): each token decoded, then "" for the padding."""
+    texts = [tokenizer.decode([i]).strip() for i in tokenized.ids]
+    return texts + [""] * (tokenized.length - len(texts))
 
 
 class FlowDenoiser(Denoiser):

@@ -27,7 +27,7 @@ import torch
 from ..alignment import Tokenized, tokenize_templated
 from ..attention.joint import JointAttend
 from ..limits import check_positive_int
-from .mmdit import FlowText, MMDiTFamily, shift_mu
+from .mmdit import FlowText, MMDiTFamily, decoded_texts, shift_mu
 
 # The pipeline's own bound on the text it keeps (`QwenImagePipeline.check_inputs`).
 QWEN_MAX_TEXT = 1024
@@ -97,7 +97,7 @@ class QwenImageFamily(MMDiTFamily):
     pipeline_classes = ("QwenImagePipeline",)
     components = ("transformer", "text_encoder")
     transformer_prefix = "QwenImageTransformer"
-    single_file_blocks = ""  # diffusers loads no single-file QwenImagePipeline (only its transformer)
+    loads_single_file = False  # diffusers loads no single-file QwenImagePipeline (only its transformer)
     default_steps = 50  # QwenImagePipeline's defaults: 50 steps, true_cfg_scale 4.0
     default_guidance = 4.0
     default_max_sequence_length = 512  # the pipeline's `max_sequence_length`: a bound, not a padded length
@@ -112,12 +112,6 @@ class QwenImageFamily(MMDiTFamily):
     def detect(cls, pipe) -> bool:
         # Qwen-Image's edit and control pipelines share its transformer but take images: only the text-to-image one
         return type(pipe).__name__ in cls.pipeline_classes
-
-    loads_single_file = False
-
-    @classmethod
-    def single_file_class(cls, names) -> str | None:
-        return None
 
     # -- Text ----------------------------------------------------------------------------------------------------
 
@@ -147,12 +141,6 @@ class QwenImageFamily(MMDiTFamily):
             raise ValueError(f"max_sequence_length must be at most {self.max_text_length}, not {length}")
         return length
 
-    def tokenizers(self) -> list:
-        return [self.pipe.tokenizer]
-
-    def part_tokenizers(self) -> list:
-        return [self.pipe.tokenizer]
-
     def check_text_length(self, prompt: str, what: str, pipeline_kwargs: Mapping[str, Any]) -> None:
         """A negative prompt is read through the template as a prompt is, and bounded alike."""
         template, drop = self._template()
@@ -164,9 +152,7 @@ class QwenImageFamily(MMDiTFamily):
 
     def token_texts(self, tokenized: Tokenized) -> list[str]:
         """Each kept token's text (template tokens included), then "" for the padding."""
-        tokenizer = self.pipe.tokenizer
-        texts = [tokenizer.decode([i]).strip() for i in tokenized.ids]
-        return texts + [""] * (tokenized.length - len(texts))
+        return decoded_texts(self.pipe.tokenizer, tokenized)
 
     # -- Sizes and latents ---------------------------------------------------------------------------------------
 

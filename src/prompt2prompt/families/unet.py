@@ -49,6 +49,7 @@ class UNetFamily(Family):
     components = ("unet", "text_encoder")
     inversion_methods = ("direct", "null-text", "negative-prompt", "ddim")  # direct: exact, and 9x faster than null-text
     takes_uncond_embeddings = True
+    loads_single_file = True
     layer_options = ("self_replace_max_res", "blend_res")
     layer_hint = "UNet models choose layers by side"
 
@@ -61,8 +62,6 @@ class UNetFamily(Family):
         if not index.get("unet"):
             return super().pipeline_class_for(index)
         return "StableDiffusionXLPipeline" if index.get("text_encoder_2") else "StableDiffusionPipeline"
-
-    loads_single_file = True
 
     @classmethod
     def single_file_class(cls, names: Sequence[str]) -> str | None:
