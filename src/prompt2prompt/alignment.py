@@ -11,7 +11,7 @@ the block-diagonal mappers, each part mapped by its own tokenizer's sequence.
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,9 @@ class Tokenized:
     # Masked padding: positions >= true_length are padding the pipeline masks (no row gives them probability);
     # None: the padding, if any, is attended like any token (CLIP, SD3's and Flux's T5).
     true_length: int | None = None
+    # Attended padding before the text (a tokenizer that pads on the left, FLUX.2 dev's): positions 0..lead-1 are
+    # padding of no word, and the text (`ids`) fills positions lead..length-1; `word_tokens` are absolute positions.
+    lead: int = 0
 
     @property
     def blocks(self) -> tuple["TextPart", ...]:
@@ -367,16 +370,28 @@ def text_mappers(source: Tokenized, edit: Tokenized, mode: str) -> tuple[torch.T
     alpha = torch.ones(length)
     for s_part, e_part in zip(source.blocks, edit.blocks):
         o, n = s_part.offset, s_part.tokenized.length
+        # A left-padded text is mapped as the rules are stated, from its first token with its padding after it, then
+        # put back in place: the text maps by the walk or the alignment, and padding to padding at the same position.
+        s_lead, e_lead = s_part.tokenized.lead, e_part.tokenized.lead
+        s_text, e_text = _text_first(s_part.tokenized), _text_first(e_part.tokenized)
         if mode == "replace":
-            mapper[o : o + n, o : o + n] = replacement_mapper(s_part.tokenized, e_part.tokenized, n)
+            m = replacement_mapper(s_text, e_text, n)
+            mapper[o : o + n, o : o + n] = m.roll((s_lead, e_lead), dims=(0, 1))
         else:
-            m, a = refinement_mapper(s_part.tokenized, e_part.tokenized, n)
-            index[o : o + n], alpha[o : o + n] = m + o, a
+            m, a = refinement_mapper(s_text, e_text, n)
+            index[o : o + n], alpha[o : o + n] = ((m + s_lead) % n).roll(e_lead) + o, a.roll(e_lead)
     if mode != "replace":
         mapper = torch.nn.functional.one_hot(index, length).T.float()
     if any(part.tokenized.true_length is not None for t in (source, edit) for part in t.blocks):
         mapper, alpha = masked_padding(mapper, alpha, source, edit)
     return mapper, index, alpha
+
+
+def _text_first(t: Tokenized) -> Tokenized:
+    """`t` with its text from position 0 and its leading padding after it (itself when it has none)."""
+    if not t.lead:
+        return t
+    return replace(t, word_tokens=[[p - t.lead for p in positions] for positions in t.word_tokens], lead=0)
 
 
 def masked_padding(mapper: torch.Tensor, alpha: torch.Tensor, source: Tokenized, edit: Tokenized):
