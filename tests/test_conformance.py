@@ -1,8 +1,9 @@
 """One table of edit cases, run over every model family: the contract's invariants on tiny random pipelines.
 
 Families: SD 1.x, SDXL, SD with v-prediction and zero terminal SNR, SD3, SD3.5, Flux.1, Flux.1-dev (embedded
-guidance), Chroma (masked T5 padding: each prompt's true length differs from its edits') and PixArt-Σ (a
-cross-attention DiT, masked T5 padding), each with and without classifier-free guidance where it has it. For every (setting, case):
+guidance), Chroma (masked T5 padding: each prompt's true length differs from its edits'), PixArt-Σ (a
+cross-attention DiT, masked T5 padding), Qwen-Image, FLUX.2 klein and FLUX.2 dev (templated text; dev's padded on
+the left, so a prompt's tokens move with its length), each with and without classifier-free guidance where it has it. For every (setting, case):
 fused == explicit, and the source row is plain generation. For every setting: no-op edits are plain generation,
 each edit in a batch is that edit alone, and outside the local-blend mask the edit keeps the source's latents.
 
@@ -13,15 +14,16 @@ import functools
 
 import pytest
 import torch
-from diffusers import (ChromaPipeline, Flux2KleinPipeline, FluxPipeline, PixArtSigmaPipeline, QwenImagePipeline,
-                       StableDiffusion3Pipeline)
-from flux2_pipelines import tiny_flux2_klein_pipeline
+from diffusers import (ChromaPipeline, Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, PixArtSigmaPipeline,
+                       QwenImagePipeline, StableDiffusion3Pipeline)
+from flux2_pipelines import tiny_flux2_klein_pipeline, tiny_flux2_pipeline
 from mmdit_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                              tiny_sd35_pipeline)
 from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from qwen_pipelines import tiny_qwenimage_pipeline
 
 import prompt2prompt as p2p
+from prompt2prompt.families import family_of
 from prompt2prompt.families.chroma import masked_processors
 from conftest import on_device, rel_err, tolerance
 
@@ -77,6 +79,7 @@ BUILDERS = {
     "pixart": functools.partial(tiny_pixart_pipeline, seed=10),
     "qwenimage": tiny_qwenimage_pipeline,
     "flux2-klein": tiny_flux2_klein_pipeline,
+    "flux2-dev": tiny_flux2_pipeline,
 }
 CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
 # Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
@@ -98,14 +101,19 @@ SETTINGS = {
     # FLUX.2 klein (base): templated Qwen3 text padded to its length, the padding attended; CFG is a second pass on
     # the empty prompt; the pipeline takes patchified latents and returns the VAE's own
     "flux2-klein-cfg": ("flux2-klein", dict(guidance_scale=4.0)), "flux2-klein-no-cfg": ("flux2-klein", NO_CFG),
+    # FLUX.2 dev: the system message and the prompt in Mistral's template, padded on the LEFT (the source's tokens sit
+    # at other positions than a longer edit's); embedded guidance, one pass; the pipeline returns packed tokens
+    "flux2-dev": ("flux2-dev", dict(guidance_scale=4.0)),
 }
-# The text lengths of the runs: T5's, or a templated text's (FLUX.2 klein's template takes 16 tokens of its own).
-TEXT_LENGTH = {"flux2-klein": 32}
+# The text lengths of the runs: T5's, or a templated text's (FLUX.2 klein's template takes 16 tokens of its own,
+# dev's 33 with its system message).
+TEXT_LENGTH = {"flux2-klein": 32, "flux2-dev": 48}
+FLUX2 = (Flux2KleinPipeline, Flux2Pipeline)  # pipelines that take their latents patchified 2x2 and pack them
 
 
 def is_transformer(pipe) -> bool:
     return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline,
-                             QwenImagePipeline, Flux2KleinPipeline))
+                             QwenImagePipeline, *FLUX2))
 
 
 def has_t5_length(pipe) -> bool:
@@ -119,7 +127,7 @@ def packs(pipe) -> bool:
 
 
 def text_length(pipe) -> int:
-    return TEXT_LENGTH["flux2-klein"] if isinstance(pipe, Flux2KleinPipeline) else T5_LENGTH
+    return TEXT_LENGTH.get(family_of(pipe).name, T5_LENGTH)
 
 
 def patchified(pipe, latents):
@@ -146,6 +154,10 @@ def latents_of(pipe, images, height=SIZE["height"], width=SIZE["width"]):
         return FluxPipeline._unpack_latents(images, height, width, pipe.vae_scale_factor)
     if isinstance(pipe, Flux2KleinPipeline):
         return patchified(pipe, images)
+    if isinstance(pipe, Flux2Pipeline):  # its step form: (B, h * w, C) tokens of the patchified grid
+        b, _, c = images.shape
+        scale = pipe.vae_scale_factor * 2
+        return images.permute(0, 2, 1).reshape(b, c, height // scale, width // scale)
     return images
 
 
@@ -159,9 +171,9 @@ def plain(pipe, prompt, **kwargs):
         options["max_sequence_length"] = text_length(pipe)
     options.update(kwargs)
     model = pipe.transformer if is_transformer(pipe) else pipe.unet
-    scale = pipe.vae_scale_factor * (2 if isinstance(pipe, Flux2KleinPipeline) else 1)  # klein's: patchified 2x2
+    scale = pipe.vae_scale_factor * (2 if isinstance(pipe, FLUX2) else 1)  # FLUX.2's: patchified 2x2
     channels = model.config.in_channels // 4 if packs(pipe) else model.config.in_channels if isinstance(
-        pipe, Flux2KleinPipeline) else pipe.vae.config.latent_channels
+        pipe, FLUX2) else pipe.vae.config.latent_channels
     shape = (1, channels, options["height"] // scale, options["width"] // scale)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
     if packs(pipe):

@@ -5,8 +5,9 @@
 - `flux.FluxFamily`: Flux.1 (MM-DiT double- and single-stream blocks, RoPE; text = T5 tokens; packed latents).
 - `chroma.ChromaFamily`: Chroma (Flux's blocks; T5 alone, its padding masked; true classifier-free guidance).
 - `pixart.PixArtFamily`: PixArt-Σ (a cross-attention DiT at one resolution; T5 text, its padding masked).
-- `flux2.Flux2KleinFamily`: FLUX.2 klein (FLUX.2's double- and single-stream blocks; templated Qwen3 text padded
-  to its length, the padding attended; true CFG on the base models).
+- `flux2.Flux2DevFamily`, `flux2.Flux2KleinFamily`: FLUX.2 dev and klein (FLUX.2's double- and single-stream
+  blocks; templated text padded to its length, the padding attended: dev's Mistral text on the left with its system
+  message, embedded guidance; klein's Qwen3 text on the right, true CFG on the base models).
 - `qwenimage.QwenImageFamily`: Qwen-Image (double-stream joint attention; templated Qwen2.5-VL text, each call
   padded to its longest prompt and masked; true classifier-free guidance).
 
@@ -22,7 +23,7 @@ from typing import Any
 from .base import Family
 from .chroma import ChromaFamily
 from .flux import FluxFamily
-from .flux2 import Flux2KleinFamily
+from .flux2 import Flux2DevFamily, Flux2KleinFamily
 from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
@@ -32,7 +33,7 @@ __all__ = ["FAMILIES", "MAX_TEXT_LENGTH", "Family", "family_named", "family_of",
            "listed", "pipeline_class_for", "single_file_class", "single_file_models", "supported_models"]
 
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily, QwenImageFamily,
-                                      Flux2KleinFamily)
+                                      Flux2KleinFamily, Flux2DevFamily)
 # The longest `max_sequence_length` any family takes: the bound before the model is known (a manifest's line); a
 # run checks its own family's `max_text_length`.
 MAX_TEXT_LENGTH = max(family.max_text_length or 0 for family in FAMILIES)

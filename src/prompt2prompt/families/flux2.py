@@ -1,16 +1,23 @@
-"""FLUX.2 klein (`Flux2KleinPipeline`): FLUX.2's transformer (double-stream blocks, then single-stream blocks over one
-joint sequence, text first; 4-axis RoPE), a Qwen3 text encoder read through its chat template, the hidden states of
-three layers side by side per token.
+"""FLUX.2 (`Flux2Pipeline`, dev; `Flux2KleinPipeline`, klein): FLUX.2's transformer (double-stream blocks, then
+single-stream blocks over one joint sequence, text first; 4-axis RoPE), a language model read through its chat
+template, the hidden states of three of its layers side by side per token.
 
 What the contract asks here (docs/semantics.md, "Newer families"):
-- The text is the whole templated prompt, nothing dropped: `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>
-  assistant\\n<think>\\n\\n</think>\\n\\n`, padded to `max_sequence_length` (512) with no mask: every padding token
-  is attended text of no word, as T5's padding on Flux.1. Word positions come from character offsets in the
-  templated string (`alignment.tokenize_templated`, nothing dropped).
-- Guidance: on the base models, true classifier-free guidance, a separate pass on the empty prompt after the
-  conditional one (the pipeline takes no negative prompt); the distilled models have none.
-- Latents: the pipeline takes its initial latents patchified and unpacked, (B, 4C, H/16, W/16), packs them into
-  tokens itself, and returns `output_type="latent"` as the VAE's own latents (batch-norm undone, unpatchified).
+- The text is the whole templated prompt, nothing dropped, padded to `max_sequence_length` (512) with no mask: every
+  padding token is attended text of no word, as T5's padding on Flux.1. Word positions come from character offsets
+  in the templated string (`alignment.tokenize_templated`, nothing dropped).
+  - klein: Qwen3, `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`,
+    padded on the right.
+  - dev: Mistral-Small-3.1, `<s>[SYSTEM_PROMPT]{the pipeline's system message}[/SYSTEM_PROMPT][INST]{prompt}[/INST]`,
+    padded on the LEFT (its processor's side): the text ends at the last position, and a prompt's tokens sit at
+    positions that depend on its length. The mappers are built from each text's first token, as the rules are
+    stated, then put back in place (`Tokenized.lead`): padding maps to padding at the same position.
+- Guidance: klein base models run true classifier-free guidance, a separate pass on the empty prompt after the
+  conditional one (the pipeline takes no negative prompt); distilled klein has none; dev embeds it in the model
+  (every row conditional, one pass).
+- Latents: both pipelines take their initial latents patchified and unpacked, (B, 4C, H/16, W/16), and pack them into
+  tokens themselves. `output_type="latent"` returns dev's packed tokens, and klein's VAE latents (batch-norm undone,
+  unpatchified).
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import numpy as np
 import torch
 
 from ..alignment import Tokenized, tokenize_templated
+from ..limits import quoted
 from ..attention.joint import JointAttend
 from . import compat
 from .flux import FluxJointProcessor, double_then_single
 from .mmdit import FlowText, MMDiTFamily, decoded_texts
 
 _SENTINEL = "\x00"  # stands for the prompt while the chat template is rendered
+_IMAGE_TOKEN = "[IMG]"  # FLUX.2 dev's pipeline deletes it from prompts (its processor counts image tokens)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:  # (B, S, heads * d) -> (B, S, heads, d)
@@ -66,17 +75,15 @@ class Flux2SingleProcessor:
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class Flux2KleinFamily(MMDiTFamily):
-    """FLUX.2 klein: double- then single-stream blocks, text first; templated Qwen3 text padded to its length (the
-    padding attended); true CFG on the base models."""
+class Flux2Family(MMDiTFamily):
+    """What FLUX.2 dev and klein share: the transformer, its latents and blocks, a templated text padded to its length
+    (the padding attended). Each model's own file of answers is a subclass below."""
 
-    name = "flux2-klein"
-    title = "FLUX.2 klein"
-    pipeline_classes = ("Flux2KleinPipeline",)
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
     components = ("transformer", "text_encoder")
     transformer_prefix = "Flux2Transformer"
     loads_single_file = False  # diffusers loads FLUX.2's transformer from one file, not its pipeline
-    default_steps = 50  # Flux2KleinPipeline's defaults (a distilled klein is meant for 4 steps: its card says)
+    default_steps = 50  # the pipelines' defaults
     default_guidance = 4.0
     default_max_sequence_length = 512
     max_text_length = 512
@@ -103,20 +110,26 @@ class Flux2KleinFamily(MMDiTFamily):
 
     def _template(self) -> str:
         """The chat template around a prompt, as the pipeline renders it, with "{}" where the prompt goes."""
-        text = self.pipe.tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                                       add_generation_prompt=True, enable_thinking=False)
-        return text.replace(_SENTINEL, "{}")
+        raise NotImplementedError
+
+    def _tokenizer(self):
+        return self.pipe.tokenizer
+
+    def tokenizers(self) -> list:
+        return [self._tokenizer()]
+
+    part_tokenizers = tokenizers
 
     def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
         """The templated prompt's tokens from the template's first on, padded to `max_sequence_length`; the padding
         is attended (the pipeline passes no mask): it belongs to no word."""
         length = self.max_sequence_length(pipeline_kwargs)
-        t = tokenize_templated(self.pipe.tokenizer, prompt, self._template(), 0, length,
+        t = tokenize_templated(self._tokenizer(), prompt, self._template(), 0, length,
                                what="(its chat template included; raise max_sequence_length up to 512)")
         return replace(t, true_length=None)
 
     def token_texts(self, tokenized: Tokenized) -> list[str]:
-        return decoded_texts(self.pipe.tokenizer, tokenized)
+        return decoded_texts(self._tokenizer(), tokenized)
 
     # -- Sizes and latents ---------------------------------------------------------------------------------------
 
@@ -151,13 +164,6 @@ class Flux2KleinFamily(MMDiTFamily):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
         return mean, std
 
-    def output_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The VAE's own latents (B, C / 4, 2h, 2w), as the pipeline returns them: batch-norm undone, unpatchified."""
-        mean, std = self._bn(latents)
-        x = latents * std + mean
-        b, c, h, w = x.shape
-        return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
-
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE's posterior mode, patchified 2x2 and normalised by its batch-norm statistics, as the pipeline
         encodes a reference image: (1, 4C, H/16, W/16)."""
@@ -185,11 +191,6 @@ class Flux2KleinFamily(MMDiTFamily):
             raise ValueError("image (FLUX.2's reference images) adds image tokens the edits do not know; leave it unset")
         super().check_call_kwargs(pipeline_kwargs, inversion)
 
-    def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
-        # A base klein's guidance runs the transformer twice a step: the conditional pass, then the empty prompt's.
-        guidance = call_kwargs.get("guidance_scale", self.default_guidance)
-        return guidance > 1 and not self.pipe.config.get("is_distilled", False)
-
     # -- Inversion: the flow loops' text, model call and schedule ------------------------------------------------
 
     def encode_text(self, prompt: str, *, max_sequence_length: int, device) -> FlowText:
@@ -205,12 +206,84 @@ class Flux2KleinFamily(MMDiTFamily):
         image_ids = compat.flux2_latent_ids(self.pipe, latents).to(latents.device)
         text_ids = text.text_ids.expand(x.shape[0], -1, -1) if text.text_ids.shape[0] == 1 else text.text_ids
         with self.plain_attention():
-            out = model(hidden_states=x, timestep=t / 1000, guidance=None, encoder_hidden_states=text.embeds,
-                        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+            out = model(hidden_states=x, timestep=t / 1000, guidance=self._embedded(guidance, x),
+                        encoder_hidden_states=text.embeds, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
         return self.unpack(out[:, : x.shape[1]], tuple(latents.shape[-2:]))
 
+    def _embedded(self, guidance: float, x: torch.Tensor) -> torch.Tensor | None:
+        """dev's embedded guidance, one value per row; klein has none."""
+        if not self.model.config.guidance_embeds:
+            return None
+        return torch.full([x.shape[0]], guidance, device=x.device, dtype=torch.float32)
+
     def flow_sigmas(self, num_inference_steps: int, image_seq_len: int, config):
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu  # klein's is the same function
 
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         return sigmas, compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_inference_steps)
+
+
+class Flux2KleinFamily(Flux2Family):
+    """FLUX.2 klein: templated Qwen3 text padded on the right; true CFG (a pass on the empty prompt) on the base
+    models, none on the distilled ones."""
+
+    name = "flux2-klein"
+    title = "FLUX.2 klein"
+    pipeline_classes = ("Flux2KleinPipeline",)
+    # default_steps 50 and guidance 4.0: the pipeline's (a distilled klein is meant for 4 steps: its card says)
+
+    def _template(self) -> str:
+        text = self.pipe.tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                                       add_generation_prompt=True, enable_thinking=False)
+        return text.replace(_SENTINEL, "{}")
+
+    def output_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's own latents (B, C / 4, 2h, 2w), as the pipeline returns them: batch-norm undone, unpatchified."""
+        mean, std = self._bn(latents)
+        x = latents * std + mean
+        b, c, h, w = x.shape
+        return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+    def split_passes(self, call_kwargs: Mapping[str, Any]) -> bool:
+        # A base klein's guidance runs the transformer twice a step: the conditional pass, then the empty prompt's.
+        guidance = call_kwargs.get("guidance_scale", self.default_guidance)
+        return guidance > 1 and not self.pipe.config.get("is_distilled", False)
+
+
+class Flux2DevFamily(Flux2Family):
+    """FLUX.2 dev: the pipeline's system message and the prompt in Mistral's template, padded on the left; embedded
+    guidance (one pass, every row conditional); `output_type="latent"` gives the packed tokens."""
+
+    name = "flux2-dev"
+    title = "FLUX.2 dev"
+    pipeline_classes = ("Flux2Pipeline",)
+    # default_steps 50 and guidance 4.0: Flux2Pipeline's
+
+    def _tokenizer(self):
+        return getattr(self.pipe.tokenizer, "tokenizer", self.pipe.tokenizer)  # the real pipeline's is a processor
+
+    def _template(self) -> str:
+        system = {"role": "system", "content": [{"type": "text", "text": self.pipe.system_message}]}
+        user = {"role": "user", "content": [{"type": "text", "text": _SENTINEL}]}
+        text = self.pipe.tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=False)
+        return text.replace(_SENTINEL, "{}")
+
+    def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
+        """The templated prompt (the system message kept), padded on the left to `max_sequence_length`: the text
+        ends at the last position; the padding before it is attended text of no word."""
+        if isinstance(prompt, str) and _IMAGE_TOKEN in prompt:
+            raise ValueError(f"the prompt {quoted(prompt)} holds {_IMAGE_TOKEN}, which FLUX.2 dev's pipeline deletes "
+                             "from prompts; leave it out")
+        t = super().tokenize(prompt, pipeline_kwargs)
+        lead = t.length - len(t.ids)
+        return replace(t, lead=lead, word_tokens=[[p + lead for p in positions] for positions in t.word_tokens])
+
+    def token_texts(self, tokenized: Tokenized) -> list[str]:
+        texts = super().token_texts(tokenized)
+        return [""] * tokenized.lead + texts[: tokenized.length - tokenized.lead]
+
+    def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
+        if pipeline_kwargs.get("caption_upsample_temperature"):
+            raise ValueError("caption_upsample_temperature rewrites the prompt with the language model, so the edits' "
+                             "words are no longer the model's; leave it unset")
+        super().check_call_kwargs(pipeline_kwargs, inversion)
