@@ -5,7 +5,6 @@ The contract states its mapper rules on a text that starts at position 0 with it
 text is mapped in that form, then put back in place (docs/semantics.md, "Padding that the model attends to is text").
 """
 
-import pytest
 import torch
 
 from prompt2prompt.alignment import Tokenized, text_mappers, word_token_positions
