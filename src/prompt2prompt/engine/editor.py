@@ -424,12 +424,13 @@ class Editor:
         call_kwargs.update(family.call_text(prompts, group.negative, run.text_length, inversion,
                                             family.execution_device()))
         scheduler = family.inversion_scheduler() if inversion is not None else None
-        return self._with_processors(family.processors(states, group.counts), scheduler, call_kwargs, states)
+        return self._with_processors(family.processors(states, group.counts), scheduler, call_kwargs, states,
+                                     group.counts)
 
-    def _with_processors(self, processors: dict, scheduler, call_kwargs: dict, states: Sequence[RunState]):
+    def _with_processors(self, processors: dict, scheduler, call_kwargs: dict, states: Sequence[RunState],
+                         counts: Sequence[int]):
         """Call the pipeline with `processors` (and `scheduler`, if given) installed; restore both in `finally`."""
         pipe, model = self.pipe, self.family.model
-        saved = model.attn_processors
         saved_scheduler = pipe.scheduler
         hook = None
         if self.family.split_passes(call_kwargs):
@@ -444,25 +445,28 @@ class Editor:
         try:
             if scheduler is not None:
                 pipe.scheduler = scheduler
-            model.set_attn_processor(processors)
+            with self.family.installed(processors, states, counts):
+                images = self._pipeline_call(call_kwargs)
             wanted = call_kwargs["output_type"]
-            # PIL images cannot hold NaN (diffusers casts it to black): take floats, check, then convert as it does.
-            try:
-                call = self.family.pipeline_call({**call_kwargs, "output_type": "np" if wanted == "pil" else wanted})
-                images = pipe(**call).images
-            except (ValueError, TypeError, RuntimeError, OSError):  # the pipeline's own checks, out of memory, ...
-                raise
-            except Exception as error:  # diffusers failing on a pass-through keyword (clip_skip, LoRA scale, ...)
-                message = " ".join(str(error).split())[:300]
-                raise RuntimeError(f"the {type(pipe).__name__} call failed: {type(error).__name__}: {message}; "
-                                   "check the keywords passed through to it") from error
             _check_finite_output(images)
             return pipe.image_processor.numpy_to_pil(images) if wanted == "pil" else images
         finally:
             if hook is not None:
                 hook.remove()
-            model.set_attn_processor(saved)
             pipe.scheduler = saved_scheduler
+
+    def _pipeline_call(self, call_kwargs: dict):
+        """The pipeline's images for `call_kwargs`; floats where PIL images are wanted: PIL cannot hold NaN (diffusers
+        casts it to black), so the caller checks the floats, then converts them as diffusers does."""
+        pipe, wanted = self.pipe, call_kwargs["output_type"]
+        try:
+            return pipe(**self.family.pipeline_call({**call_kwargs, "output_type": "np" if wanted == "pil" else wanted})).images
+        except (ValueError, TypeError, RuntimeError, OSError):  # the pipeline's own checks, out of memory, ...
+            raise
+        except Exception as error:  # diffusers failing on a pass-through keyword (clip_skip, LoRA scale, ...)
+            message = " ".join(str(error).split())[:300]
+            raise RuntimeError(f"the {type(pipe).__name__} call failed: {type(error).__name__}: {message}; "
+                               "check the keywords passed through to it") from error
 
     def _run_group(self, runs: list[PreparedRun], output_type: str, pipeline_kwargs) -> list[EditResult]:
         first = runs[0]

@@ -299,6 +299,19 @@ class Family:
         raise NotImplementedError
 
     @contextlib.contextmanager
+    def installed(self, processors: dict[str, Any], states: Sequence[RunState], counts: Sequence[int]) -> Iterator[None]:
+        """The model with `processors` (those of `processors(states, counts)`) in place for one pipeline call, and its
+        own back after it, however the call ends. A model that sets them another way, or must change something else
+        for the call (Z-Image: its image positions), says so here."""
+        model = self.model
+        saved = model.attn_processors
+        model.set_attn_processor(processors)
+        try:
+            yield
+        finally:
+            model.set_attn_processor(saved)
+
+    @contextlib.contextmanager
     def plain_attention(self) -> Iterator[None]:
         """The model's attention as the edits compute it when nothing is edited, for the calls outside an edit run
         (an inversion's); the pipeline's own processors, unless a family's differ from them (Chroma's mask)."""
