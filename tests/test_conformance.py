@@ -3,7 +3,8 @@
 Families: SD 1.x, SDXL, SD with v-prediction and zero terminal SNR, SD3, SD3.5, Flux.1, Flux.1-dev (embedded
 guidance), Chroma (masked T5 padding: each prompt's true length differs from its edits'), PixArt-Σ (a
 cross-attention DiT, masked T5 padding), Qwen-Image, FLUX.2 klein and FLUX.2 dev (templated text; dev's padded on
-the left, so a prompt's tokens move with its length), each with and without classifier-free guidance where it has it. For every (setting, case):
+the left, so a prompt's tokens move with its length) and Z-Image (image first, refiners, captions padded to 32 with an
+attended token, conditional rows first), each with and without classifier-free guidance where it has it. For every (setting, case):
 fused == explicit, and the source row is plain generation. For every setting: no-op edits are plain generation,
 each edit in a batch is that edit alone, and outside the local-blend mask the edit keeps the source's latents.
 
@@ -15,12 +16,13 @@ import functools
 import pytest
 import torch
 from diffusers import (ChromaPipeline, Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, PixArtSigmaPipeline,
-                       QwenImagePipeline, StableDiffusion3Pipeline)
+                       QwenImagePipeline, StableDiffusion3Pipeline, ZImagePipeline)
 from flux2_pipelines import tiny_flux2_klein_pipeline, tiny_flux2_pipeline
 from mmdit_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
                              tiny_sd35_pipeline)
 from pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from qwen_pipelines import tiny_qwenimage_pipeline
+from zimage_pipelines import tiny_zimage_pipeline
 
 import prompt2prompt as p2p
 from prompt2prompt.families import family_of
@@ -80,6 +82,7 @@ BUILDERS = {
     "qwenimage": tiny_qwenimage_pipeline,
     "flux2-klein": tiny_flux2_klein_pipeline,
     "flux2-dev": tiny_flux2_pipeline,
+    "zimage": tiny_zimage_pipeline,
 }
 CFG, NO_CFG = dict(guidance_scale=7.5), dict(guidance_scale=1.0)  # guidance 1 turns CFG off on SD and SD3
 # Each setting: a family and its pipeline arguments. Flux.1 (schnell-like) has no guidance; Flux-dev embeds it.
@@ -104,16 +107,18 @@ SETTINGS = {
     # FLUX.2 dev: the system message and the prompt in Mistral's template, padded on the LEFT (the source's tokens sit
     # at other positions than a longer edit's); embedded guidance, one pass; the pipeline returns packed tokens
     "flux2-dev": ("flux2-dev", dict(guidance_scale=4.0)),
+    # Z-Image: CFG is on at any guidance > 0 (1.0 still doubles the batch), its rows [cond..., uncond...]
+    "zimage-cfg": ("zimage", dict(guidance_scale=5.0)), "zimage-no-cfg": ("zimage", dict(guidance_scale=0.0)),
 }
 # The text lengths of the runs: T5's, or a templated text's (FLUX.2 klein's template takes 16 tokens of its own,
 # dev's 33 with its system message).
-TEXT_LENGTH = {"flux2-klein": 32, "flux2-dev": 48}
+TEXT_LENGTH = {"flux2-klein": 32, "flux2-dev": 48, "zimage": 64}  # Z-Image's: the text encoder's (captions are unpadded)
 FLUX2 = (Flux2KleinPipeline, Flux2Pipeline)  # pipelines that take their latents patchified 2x2 and pack them
 
 
 def is_transformer(pipe) -> bool:
     return isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, PixArtSigmaPipeline,
-                             QwenImagePipeline, *FLUX2))
+                             QwenImagePipeline, ZImagePipeline, *FLUX2))
 
 
 def has_t5_length(pipe) -> bool:
@@ -175,7 +180,8 @@ def plain(pipe, prompt, **kwargs):
     channels = model.config.in_channels // 4 if packs(pipe) else model.config.in_channels if isinstance(
         pipe, FLUX2) else pipe.vae.config.latent_channels
     shape = (1, channels, options["height"] // scale, options["width"] // scale)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=model.dtype).to(pipe.device)
+    dtype = torch.float32 if isinstance(pipe, ZImagePipeline) else model.dtype  # Z-Image draws float32 latents
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(pipe.device)
     if packs(pipe):
         latents = FluxPipeline._pack_latents(latents, *shape)
     if isinstance(pipe, QwenImagePipeline):  # guidance is true CFG, turned on by a negative prompt (qwenimage.py)

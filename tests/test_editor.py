@@ -116,7 +116,7 @@ def test_bad_input_gets_a_clear_error(sd_pipe, edits, kwargs, message):
         (lambda: p2p.Edit(""), "non-empty"),
         (lambda: p2p.LocalBlend("cat", "dog", threshold=2), "threshold"),
         (lambda: p2p.LocalBlend("cat", 3.5), "edit_words"),
-        (lambda: p2p.Editor(object()), "Editor needs a Stable Diffusion 1.x, 2.x and XL, .*, Chroma, PixArt-Σ, Qwen-Image, FLUX.2 klein or FLUX.2 dev pipeline"),
+        (lambda: p2p.Editor(object()), "Editor needs a Stable Diffusion 1.x, 2.x and XL, .*, Chroma, PixArt-Σ, Qwen-Image, FLUX.2 klein, FLUX.2 dev or Z-Image pipeline"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(make, message):

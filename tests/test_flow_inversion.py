@@ -143,9 +143,9 @@ def test_bad_arguments_get_clear_errors(pipes, sd_pipe, image, monkeypatch):
             invert(sd3, image, SOURCE, method=method, **OPTIONS)
     with pytest.raises(ValueError, match="unknown inversion method 'pnp' for StableDiffusion3Pipeline"):
         invert(sd3, image, SOURCE, method="pnp", **OPTIONS)
-    with pytest.raises(ValueError, match=r"'euler' inversion is for Stable Diffusion 3 and 3.5, Flux.1, .*Qwen-Image, FLUX.2 klein and FLUX.2 dev pipelines, not StableDiffusionPipeline"):
+    with pytest.raises(ValueError, match=r"'euler' inversion is for Stable Diffusion 3 and 3.5, Flux.1, .*Qwen-Image, FLUX.2 klein, FLUX.2 dev and Z-Image pipelines, not StableDiffusionPipeline"):
         invert(sd_pipe, image, SOURCE, method="euler")
-    with pytest.raises(ValueError, match="max_sequence_length applies to Stable Diffusion 3 and 3.5, Flux.1, .*Qwen-Image, FLUX.2 klein and FLUX.2 dev pipelines"):
+    with pytest.raises(ValueError, match="max_sequence_length applies to Stable Diffusion 3 and 3.5, Flux.1, .*Qwen-Image, FLUX.2 klein, FLUX.2 dev and Z-Image pipelines"):
         invert(sd_pipe, image, SOURCE, method="ddim", max_sequence_length=16)
     with pytest.raises(ValueError, match="height=42 is not a size this model accepts.*multiple of 4 px"):
         invert(sd3, image, SOURCE, **{**OPTIONS, "height": 42})

@@ -12,6 +12,8 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 from qwen_pipelines import qwen_tokenizer
 from zimage_pipelines import (
     ZIMAGE_TURBO,
+    image_positions_after,
+    wrapped_patchify,
     caption_length,
     chat_prompt,
     padded_length,
@@ -49,20 +51,6 @@ def _transformer_calls(pipe):
 
 
 @contextlib.contextmanager
-def _wrapped_patchify(transformer, wrap):
-    """`transformer.patchify_and_embed` replaced by `wrap(original)` on the instance, then as it was."""
-    before = transformer.__dict__.get("patchify_and_embed")
-    transformer.patchify_and_embed = wrap(transformer.patchify_and_embed)
-    try:
-        yield
-    finally:
-        if before is None:
-            del transformer.patchify_and_embed
-        else:
-            transformer.patchify_and_embed = before
-
-
-@contextlib.contextmanager
 def _patchified(pipe):
     """Each call's `patchify_and_embed` result: (images, captions, sizes, image pos ids, caption pos ids, pad masks)."""
     results = []
@@ -73,7 +61,7 @@ def _patchified(pipe):
             return results[-1]
         return spy
 
-    with _wrapped_patchify(pipe.transformer, wrap):
+    with wrapped_patchify(pipe.transformer, wrap):
         yield results
 
 
@@ -302,26 +290,9 @@ def test_processors_are_per_module_and_must_name_freqs_cis():
     assert not np.allclose(_generate(pipe), plain, atol=1e-3)  # no RoPE at all
 
 
-def _image_positions_after(transformer, padded: int):
-    """Every row's image tokens at axis-0 position `padded + 1`, as after a caption padded to `padded`; the image's
-    own pad tokens stay at (0, 0, 0). One wrapped method: the engine's way to one image position per run."""
-
-    def wrap(original):
-        def patchify(*args, **kwargs):
-            images, captions, sizes, image_pos, caption_pos, image_pads, caption_pads = original(*args, **kwargs)
-            moved = []
-            for pos, pads, caption in zip(image_pos, image_pads, captions):
-                shift = torch.tensor([padded - len(caption), 0, 0], dtype=pos.dtype)
-                moved.append(torch.where(pads[:, None], pos, pos + shift))
-            return images, captions, sizes, moved, caption_pos, image_pads, caption_pads
-        return patchify
-
-    return _wrapped_patchify(transformer, wrap)
-
-
 def test_a_run_can_give_every_row_the_image_positions_of_its_longest_caption(pipe):
     pair = _generate(pipe, ["a red cat", LONG])
-    with _image_positions_after(pipe.transformer, 64), _patchified(pipe) as results:
+    with image_positions_after(pipe.transformer, 64), _patchified(pipe) as results:
         moved = _generate(pipe, ["a red cat", LONG])
         alone = _generate(pipe, "a red cat")
     assert [p[:, 0].unique().tolist() for p in results[0][3]] == [[65]] * 2  # plainly 33 and 65

@@ -20,6 +20,8 @@ RoPE positions (3 axes): caption token k at (1 + k, 0, 0), its pads continuing; 
 (padded caption length + 1, h, w), so a caption padded to 64 instead of 32 moves every image token.
 """
 
+import contextlib
+
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -138,3 +140,34 @@ def zimage_benchmark_pipeline(depth: int = 1, seed: int = 0, *, device=None, dty
             transformer = _transformer(seed, **dict(ZIMAGE_TURBO, n_layers=depth))
         vae = _vae(16, (8, 8, 16, 16), seed=seed, **_FLUX_VAE)
     return _cast(_pipeline(transformer, vae, text_encoder, tokenizer), device, dtype)
+
+
+@contextlib.contextmanager
+def wrapped_patchify(transformer, wrap):
+    """`transformer.patchify_and_embed` replaced by `wrap(original)` on the instance, then as it was."""
+    before = transformer.__dict__.get("patchify_and_embed")
+    transformer.patchify_and_embed = wrap(transformer.patchify_and_embed)
+    try:
+        yield
+    finally:
+        if before is None:
+            del transformer.patchify_and_embed
+        else:
+            transformer.patchify_and_embed = before
+
+
+def image_positions_after(transformer, padded: int):
+    """Every row's image tokens at axis-0 position `padded + 1`, as after a caption padded to `padded`; the image's
+    own pad tokens stay at (0, 0, 0). One wrapped method: the engine's way to one image position per run."""
+
+    def wrap(original):
+        def patchify(*args, **kwargs):
+            images, captions, sizes, image_pos, caption_pos, image_pads, caption_pads = original(*args, **kwargs)
+            moved = []
+            for pos, pads, caption in zip(image_pos, image_pads, captions):
+                shift = torch.tensor([padded - len(caption), 0, 0], dtype=pos.dtype)
+                moved.append(torch.where(pads[:, None], pos, pos + shift))
+            return images, captions, sizes, moved, caption_pos, image_pads, caption_pads
+        return patchify
+
+    return wrapped_patchify(transformer, wrap)

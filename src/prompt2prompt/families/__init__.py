@@ -8,6 +8,9 @@
 - `flux2.Flux2DevFamily`, `flux2.Flux2KleinFamily`: FLUX.2 dev and klein (FLUX.2's double- and single-stream
   blocks; templated text padded to its length, the padding attended: dev's Mistral text on the left with its system
   message, embedded guidance; klein's Qwen3 text on the right, true CFG on the base models).
+- `zimage.ZImageFamily`: Z-Image (image-first single-stream blocks after an image-only and a text-only refiner;
+  templated Qwen3 text, each caption padded to 32 with an attended learned token; CFG in one batch, conditional
+  rows first).
 - `qwenimage.QwenImageFamily`: Qwen-Image (double-stream joint attention; templated Qwen2.5-VL text, each call
   padded to its longest prompt and masked; true classifier-free guidance).
 
@@ -28,12 +31,13 @@ from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .zimage import ZImageFamily
 
 __all__ = ["FAMILIES", "MAX_TEXT_LENGTH", "Family", "family_named", "family_of", "inversion_methods",
            "listed", "pipeline_class_for", "single_file_class", "single_file_models", "supported_models"]
 
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SD3Family, FluxFamily, ChromaFamily, PixArtFamily, QwenImageFamily,
-                                      Flux2KleinFamily, Flux2DevFamily)
+                                      Flux2KleinFamily, Flux2DevFamily, ZImageFamily)
 # The longest `max_sequence_length` any family takes: the bound before the model is known (a manifest's line); a
 # run checks its own family's `max_text_length`.
 MAX_TEXT_LENGTH = max(family.max_text_length or 0 for family in FAMILIES)
