@@ -125,3 +125,18 @@ def test_direct_inversion_reconstructs_the_image_s_latent_and_the_edit_runs_free
     assert rel_err(images[0], target[0]) <= tolerance(1e-4)  # the source row is the image
     assert rel_err(images[1], images[0]) > 1e-3  # and the edit is free to change
     assert rel_err(rows(euler)[0], target[0]) > 100 * rel_err(images[0], target[0])
+    with pytest.raises(ValueError, match="this inversion placed the image after the source's 32 caption tokens, and "
+                                         "the edits' text pads to 64"):
+        p2p.Editor(pipe).edit(SOURCE, [LONG], inversion=direct, output_type="latent")
+
+
+def test_runs_of_other_text_lengths_in_one_batch_each_equal_the_run_alone(pipe):
+    editor = p2p.Editor(pipe)
+    options = dict(num_inference_steps=3, guidance_scale=5.0, **SIZE)
+    cases = [["a dog riding a bicycle"], [LONG]]  # the first run's text is 32 long, the second's 64
+    prepared = [editor.prepare(SOURCE, edits, seed=seed, **options) for seed, edits in enumerate(cases)]
+    assert [run.text_length for run in prepared] == [32, 64]
+    together = editor.run(prepared, output_type="latent")
+    for seed, (edits, result) in enumerate(zip(cases, together)):
+        alone = editor.edit(SOURCE, edits, seed=seed, output_type="latent", **options)
+        assert rel_err(result.images, alone.images) <= tolerance(), edits

@@ -142,13 +142,21 @@ class ZImageFamily(MMDiTFamily):
     def token_texts(self, tokenized: Tokenized) -> list[str]:
         return decoded_texts(self.pipe.tokenizer, tokenized)
 
+    def _caption(self, prompt: str) -> int:
+        """The caption's padded length in the transformer."""
+        return padded(len(tokenize_templated(self.pipe.tokenizer, prompt, self._template(), 0, padded=False).ids))
+
     def call_text(self, prompts: list[str], negative: list[str] | None, length: int, inversion, device) -> dict[str, Any]:
+        if inversion is not None and self._caption(prompts[0]) != length:
+            raise ValueError(f"this inversion placed the image after the source's {self._caption(prompts[0])} caption "
+                             f"tokens, and the edits' text pads to {length}, which moves it: the source row would not "
+                             "be the image; shorten the edits")
         # Lists of their own: the pipeline writes the templated prompts back into the lists it is given.
         if negative is not None:
-            caption = len(tokenize_templated(self.pipe.tokenizer, negative[0], self._template(), 0, padded=False).ids)
-            if padded(caption) > length:
-                raise ValueError(f"the negative prompt {quoted(negative[0])} pads to {padded(caption)} caption tokens, "
-                                 f"more than the prompts' {length}: Z-Image would then move the edits' image; shorten it")
+            if self._caption(negative[0]) > length:
+                raise ValueError(f"the negative prompt {quoted(negative[0])} pads to {self._caption(negative[0])} "
+                                 f"caption tokens, more than the prompts' {length}: Z-Image would then move the edits' "
+                                 "image; shorten it")
             return {"prompt": list(prompts), "negative_prompt": list(negative)}
         return {"prompt": list(prompts)}
 
