@@ -203,7 +203,7 @@ class Editor:
             edits: Edit objects (a plain string is an Edit with the defaults).
             num_inference_steps: denoising steps (the model's default, or the inversion's or cache's).
             guidance_scale: classifier-free guidance (the model's default, or the inversion's or cache's); <= 1
-                turns it off.
+                turns it off (Z-Image's pipeline guides at any value > 0; Flux-dev and FLUX.2 dev embed it).
             seed / generator / latents: the initial latent, one draw shared by all prompts, or (P, C, h, w).
             record_attention: True, a layer side, or a list of sides: keep per-token cross-attention maps.
             inversion: an Inversion from `invert()`, to edit a real image.
