@@ -13,6 +13,9 @@ qwenimage` is Qwen-Image's transformer at its real width (24 heads of 128, text 
 and a one-layer text encoder of the real width; its text is each call's longest prompt, as the pipeline pads it.
 `--arch flux2-klein` is FLUX.2 klein 4B's transformer (24 heads of 128, text width 7680) with `--depth` double- and
 `--single-depth` single-stream blocks, and a minimal Qwen3 of the real width; its text is `--max-sequence-length`.
+`--arch flux2-dev` is FLUX.2 dev's transformer (48 heads of 128, text width 15360, embedded guidance) with `--depth`
+double- and `--single-depth` single-stream blocks (the real model: 8 and 48), and a minimal Mistral3 of the real
+width; its text is `--max-sequence-length` (its system message and chat template included, padded on the left).
 `--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
@@ -93,7 +96,8 @@ class PeakMemory:
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein")  # the transformers (benchmark pipelines at the real widths)
+# the transformers (benchmark pipelines at the real widths)
+MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein", "flux2-dev")
 
 
 def build_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -103,12 +107,15 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         return load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     import pipelines
 
-    if args.arch == "flux2-klein":
+    if args.arch in ("flux2-klein", "flux2-dev"):
         import flux2_pipelines
 
+        kind = args.arch.removeprefix("flux2-")
         if args.tiny:
-            return flux2_pipelines.tiny_flux2_klein_pipeline().to(device=device, dtype=dtype)
-        return flux2_pipelines.flux2_benchmark_pipeline("klein", args.depth, single_depth=args.single_depth,
+            tiny = flux2_pipelines.tiny_flux2_klein_pipeline if kind == "klein" else flux2_pipelines.tiny_flux2_pipeline
+            return tiny().to(device=device, dtype=dtype)
+        # built on the device, its transformer in `dtype`: dev's 8 + 48 blocks take 64 GB in bfloat16
+        return flux2_pipelines.flux2_benchmark_pipeline(kind, args.depth, single_depth=args.single_depth,
                                                         device=device, dtype=dtype)
     if args.arch == "qwenimage":
         import qwen_pipelines
@@ -182,6 +189,7 @@ def main() -> None:
     if args.skip_explicit:
         del runs["explicit"]
     times = {k: [] for k in runs}
+    cpu_times = {k: [] for k in runs}  # the process's CPU seconds: on a shared CPU, what other jobs do not inflate
     memory = {k: [] for k in runs}
     failed: dict[str, str] = {}
     for r in range(args.rounds):
@@ -190,11 +198,11 @@ def main() -> None:
                 continue
             try:
                 with torch.inference_mode(), PeakMemory(device) as peak:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     fn()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - start
+                    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             except OOM as error:
                 failed[name] = "OOM"
                 print(f"round {r} {name:8s} out of memory: {str(error).splitlines()[0]}", flush=True)
@@ -204,8 +212,10 @@ def main() -> None:
                 continue
             if r > 0 or args.rounds == 1:
                 times[name].append(elapsed)
+                cpu_times[name].append(cpu)
                 memory[name].append(peak.used)
-            print(f"round {r} {name:8s} {elapsed:7.2f} s  peak {peak.used / 2**20:8.1f} MiB", flush=True)
+            print(f"round {r} {name:8s} {elapsed:7.2f} s (CPU {cpu:7.2f} s)  peak {peak.used / 2**20:8.1f} MiB",
+                  flush=True)
 
     t = {k: statistics.median(v) if v and k not in failed else None for k, v in times.items()}
     m = {k: max(v) if v and k not in failed else None for k, v in memory.items()}
@@ -218,7 +228,8 @@ def main() -> None:
             "chroma": f"Chroma1-HD ({args.depth}+{args.depth} blocks)",
             "pixart": f"PixArt-Σ ({args.depth} blocks)",
             "qwenimage": f"Qwen-Image ({args.depth} blocks)",
-            "flux2-klein": f"FLUX.2 klein 4B ({args.depth}+{args.single_depth or args.depth} blocks)"}[args.arch]
+            "flux2-klein": f"FLUX.2 klein 4B ({args.depth}+{args.single_depth or args.depth} blocks)",
+            "flux2-dev": f"FLUX.2 dev ({args.depth}+{args.single_depth or args.depth} blocks)"}[args.arch]
     arch += " architecture"
     if family.takes_max_sequence_length and args.arch != "qwenimage":  # Qwen-Image's is a bound, not a padding
         arch += f", text length {args.max_sequence_length}"
@@ -247,7 +258,8 @@ def main() -> None:
             "memory_measure": "cuda max_memory_allocated above the allocated baseline" if device.type == "cuda"
             else "resident-set growth",
             "runs": {k: {"status": failed.get(k, "ok"), "seconds": t[k], "peak_bytes": m[k],
-                         "round_seconds": times[k], "round_peak_bytes": memory[k],
+                         "round_seconds": times[k], "round_cpu_seconds": cpu_times[k],
+                         "round_peak_bytes": memory[k],
                          "time_vs_plain": ratio(t[k], t["plain"]), "memory_vs_plain": ratio(m[k], m["plain"])}
                      for k in runs},
         }

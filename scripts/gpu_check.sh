@@ -14,7 +14,8 @@
 # `bash scripts/gpu_check.sh`, timeout_s 560.
 #
 # Steps, in priority order, each under `timeout`, all inside a budget (P2P_GPU_BUDGET seconds, 500 by
-# default; a step that would start with under 20 s left, 60 s for steps 9 and 10, is skipped and reported so):
+# default; a step that would start with under 20 s left, 60 s for steps 9 and 10, 90 s for step 11, is skipped and
+# reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
 #   3. pytest on CUDA in float16: tests/test_{processor,editor,conformance,blend,inversion,cache,batch,device_guard}.py,
@@ -33,9 +34,14 @@
 #      plain vs fused (2 rounds); it starts only with 60 s of the budget left
 #  10. benchmarks/edit_vs_generate.py --arch flux2-klein: FLUX.2 klein 4B's transformer at full depth (5 + 20 blocks,
 #      3.9 B parameters, 8 GB in bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, text length 512,
-#      guidance 4.0 (the base model: two passes a step), bf16, plain vs fused (2 rounds); the lowest priority: it
-#      starts only with 60 s of the budget left
-#  11. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
+#      guidance 4.0 (the base model: two passes a step), bf16, plain vs fused (2 rounds); it starts only with 60 s of
+#      the budget left
+#  11. benchmarks/edit_vs_generate.py --arch flux2-dev: FLUX.2 dev's transformer at full depth (8 + 48 blocks, about
+#      32 B parameters, 64 GB (60 GiB) in bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, text
+#      length 512, embedded guidance 4.0 (one pass a step), bf16, plain vs fused (2 rounds); the lowest priority: it
+#      starts only with 90 s of the budget left, and is skipped, with the reason printed and reported, on a card of
+#      under 72 GiB (env.json's gpu_memory_gib; an 80 GB H100 has 79)
+#  12. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
 # Everything lands in outputs/gpu/ (log, junit-*.xml, bench-*.json, report.*); when $OUT is set, report.md,
 # report.json, the junit files and the log are copied there too. One failed step does not stop the others;
@@ -210,6 +216,11 @@ install_wheels() {  # diffusers and its missing requirements from .whl/, never t
     diffusers_version "installed from .whl/ into $SITE"
 }
 
+gpu_memory_gib() {  # the card's memory in whole GiB, from env.json; empty when unknown (no GPU)
+    "$PY" -c 'import json, sys; m = json.load(open(sys.argv[1])).get("gpu_memory_gib"); print(int(m) if m else "")' \
+        "$RUN/env.json" 2>/dev/null
+}
+
 pytest_files() {  # the engine test files that exist
     local f
     for f in processor editor conformance blend inversion cache batch device_guard; do
@@ -286,6 +297,8 @@ main() {
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-qwenimage.json"
         STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --tiny --steps 2 --threads 1 \
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-flux2-klein.json"
+        STEP_MIN=60 step bench-flux2-dev 120 "${mmdit[@]}" --arch flux2-dev --tiny --steps 2 --threads 1 \
+            --dtype "$BENCH_DTYPE" --json "$RUN/bench-flux2-dev.json"
     else
         step bench-sd3 70 "${mmdit[@]}" --arch sd3 --depth 24 --size 1024 --steps 28 --max-sequence-length 256 \
             --dtype bfloat16 --json "$RUN/bench-sd3.json"
@@ -303,6 +316,20 @@ main() {
         # pass on the empty prompt every step (the distilled model's 4 steps, at the base model's cost)
         STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --depth 5 --single-depth 20 --size 1024 \
             --steps 4 --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux2-klein.json"
+        # FLUX.2 dev's 8 double- and 48 single-stream blocks: about 32 B parameters, 60 GiB in bf16 before any
+        # activation, so a card of under 72 GiB skips it; embedded guidance 4.0, one pass a step
+        local gib need_gib=72
+        gib=$(gpu_memory_gib)
+        if [ -z "$gib" ] || ((gib < need_gib)); then
+            echo "=== bench-flux2-dev: skipped, the GPU has ${gib:-unknown} GiB; FLUX.2 dev's 8 + 48 blocks take" \
+                 "60 GiB in bf16 (${need_gib} GiB needed)"
+            record bench-flux2-dev skipped 0 "" 150 \
+                "GPU memory: ${gib:-unknown} GiB, ${need_gib} GiB needed (60 GiB of weights)"
+            publish
+        else
+            STEP_MIN=90 step bench-flux2-dev 150 "${mmdit[@]}" --arch flux2-dev --depth 8 --single-depth 48 \
+                --size 1024 --steps 4 --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux2-dev.json"
+        fi
     fi
 }
 

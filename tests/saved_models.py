@@ -89,3 +89,13 @@ def tiny_flux2_klein_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-flux2-klein"
     tiny_flux2_klein_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dev_dir(tmp_path_factory) -> Path:
+    """A saved tiny FLUX.2 dev pipeline (embedded guidance; its Mistral text padded on the left)."""
+    from flux2_pipelines import tiny_flux2_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-flux2-dev"
+    tiny_flux2_pipeline().save_pretrained(folder)
+    return folder

@@ -111,7 +111,7 @@ SETTINGS = {
     "zimage-cfg": ("zimage", dict(guidance_scale=5.0)), "zimage-no-cfg": ("zimage", dict(guidance_scale=0.0)),
 }
 # The text lengths of the runs: T5's, or a templated text's (FLUX.2 klein's template takes 16 tokens of its own,
-# dev's 33 with its system message).
+# dev's 32 with its system message).
 TEXT_LENGTH = {"flux2-klein": 32, "flux2-dev": 48, "zimage": 64}  # Z-Image's: the text encoder's (captions are unpadded)
 FLUX2 = (Flux2KleinPipeline, Flux2Pipeline)  # pipelines that take their latents patchified 2x2 and pack them
 

@@ -1,4 +1,4 @@
-"""SD3, Flux, Chroma, PixArt-Σ, Qwen-Image and FLUX.2 klein through the batch runner and the web app (the browser tests cover its page)."""
+"""SD3, Flux, Chroma, PixArt-Σ, Qwen-Image, FLUX.2 klein and FLUX.2 dev through the batch runner and the web app (the browser tests cover its page)."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import DTYPE_NAME, TORCH_DEVICE
 from PIL import Image
-from saved_models import (tiny_chroma_dir, tiny_flux2_klein_dir, tiny_flux_dir,  # noqa: F401 (fixtures)
-                          tiny_pixart_dir, tiny_qwenimage_dir, tiny_sd3_dir)
+from saved_models import (tiny_chroma_dir, tiny_flux2_dev_dir, tiny_flux2_klein_dir,  # noqa: F401 (fixtures)
+                          tiny_flux_dir, tiny_pixart_dir, tiny_qwenimage_dir, tiny_sd3_dir)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe
@@ -107,7 +107,8 @@ def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch)
 
 @pytest.mark.parametrize("model, family, guidance, maps", [("tiny_chroma_dir", "chroma", 3.0, 5), ("tiny_pixart_dir", "pixart", 4.5, 5),
                                                          ("tiny_qwenimage_dir", "qwenimage", 4.0, 5),
-                                                         ("tiny_flux2_klein_dir", "flux2-klein", 4.0, 5)])
+                                                         ("tiny_flux2_klein_dir", "flux2-klein", 4.0, 5),
+                                                         ("tiny_flux2_dev_dir", "flux2-dev", 4.0, 5)])
 def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_path, model, family, guidance, maps):
     from prompt2prompt import webapp
 
@@ -121,8 +122,10 @@ def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_p
         *rows)
     assert seed == 5 and len(gallery) == 2 and read_recipe(paths[1]).family == family
     assert [len(shown) for _, shown in heatmaps] == [maps, maps]  # a gallery per prompt, a map per word
-    # Qwen-Image pads to the longest prompt; FLUX.2 klein's chat template takes 16 tokens of its own
-    text = {"qwenimage": {}, "flux2-klein": {"max_sequence_length": 32}}.get(family, {"max_sequence_length": 16})
+    # Qwen-Image pads to the longest prompt; FLUX.2 klein's chat template takes 16 tokens of its own, dev's (with its
+    # system message) 32
+    text = {"qwenimage": {}, "flux2-klein": {"max_sequence_length": 32},
+            "flux2-dev": {"max_sequence_length": 48}}.get(family, {"max_sequence_length": 16})
     lines = [{"model": folder, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"], "seed": i,
               "num_inference_steps": 2, "height": 32, "width": 32, **text} for i in range(2)]
     manifest_path = tmp_path / "m.jsonl"
