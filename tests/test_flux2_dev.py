@@ -60,6 +60,21 @@ def test_a_longer_edit_starts_earlier_and_its_words_take_the_source_s(pipe):
     assert index[:5].tolist() == [0, 1, 2, 3, 4] and alpha[:5].tolist() == [1] * 5  # padding: the same positions
 
 
+def test_a_tokenizer_that_pads_on_the_right_puts_the_text_first(pipe):
+    pipe.tokenizer.padding_side = "right"
+    try:
+        editor = p2p.Editor(pipe)
+        assert editor.tokenize(SOURCE, max_sequence_length=48).lead == 0
+        result = editor.edit(SOURCE, [p2p.Edit(LONGER, cross_steps=0.0, self_steps=0.0)], **OPTIONS)
+        for row, prompt in enumerate((SOURCE, LONGER)):
+            latents = torch.randn((1, *editor.family.latent_shape(32, 32)), generator=torch.Generator().manual_seed(0))
+            own = pipe(prompt=prompt, latents=latents.to(pipe.device), num_inference_steps=3, height=32, width=32,
+                       max_sequence_length=48, output_type="latent").images
+            assert rel_err(result.images[row], own[0]) <= tolerance()
+    finally:
+        pipe.tokenizer.padding_side = "left"
+
+
 def test_refusals_name_what_the_pipeline_would_change(pipe):
     editor = p2p.Editor(pipe)
     options = dict(seed=0, height=32, width=32, max_sequence_length=48)

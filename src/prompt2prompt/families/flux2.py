@@ -269,12 +269,15 @@ class Flux2DevFamily(Flux2Family):
         return text.replace(_SENTINEL, "{}")
 
     def tokenize(self, prompt: str, pipeline_kwargs: Mapping[str, Any]) -> Tokenized:
-        """The templated prompt (the system message kept), padded on the left to `max_sequence_length`: the text
-        ends at the last position; the padding before it is attended text of no word."""
+        """The templated prompt (the system message kept), padded to `max_sequence_length` on the tokenizer's side
+        (Mistral's processor pads on the left: the text ends at the last position); the padding is attended text of
+        no word."""
         if isinstance(prompt, str) and _IMAGE_TOKEN in prompt:
             raise ValueError(f"the prompt {quoted(prompt)} holds {_IMAGE_TOKEN}, which FLUX.2 dev's pipeline deletes "
                              "from prompts; leave it out")
         t = super().tokenize(prompt, pipeline_kwargs)
+        if self._tokenizer().padding_side != "left":  # the padding side is the tokenizer's setting, not the model's
+            return t
         lead = t.length - len(t.ids)
         return replace(t, lead=lead, word_tokens=[[p + lead for p in positions] for positions in t.word_tokens])
 
