@@ -240,6 +240,23 @@ def test_a_misspelt_pipeline_keyword_is_refused_with_the_close_match(sd_pipe):
     with pytest.raises(ValueError, match="StableDiffusionPipeline takes no keyword 'guidance_rescal'; did you mean "
                                          "'guidance_rescale'"):
         editor.prepare(SOURCE, ["a dog riding a bicycle"], guidance_rescal=0.7, **SIZE)
+
+
+
+def test_run_sends_what_prepare_checked_and_takes_no_new_setting(sd_pipe):
+    editor = p2p.Editor(sd_pipe)
     run = editor.prepare(SOURCE, ["a dog riding a bicycle"], num_inference_steps=2, seed=0, **SIZE)
-    with pytest.raises(ValueError, match="takes no keyword 'etta'; did you mean 'eta'"):
-        editor.run(run, etta=0.5)
+    with pytest.raises(ValueError, match=r"run\(\) sends a run as prepare\(\) built and checked it; pass eta, "
+                                         r"guidance_rescale to prepare\(\)"):
+        editor.run(run, guidance_rescale=0.7, eta=0.5)
+
+
+def test_a_text_length_changed_at_send_time_is_refused_not_run_on_the_prepared_plan():
+    from mmdit_pipelines import tiny_sd3_pipeline
+
+    editor = p2p.Editor(on_device(tiny_sd3_pipeline()))
+    run = editor.prepare(SOURCE, ["a dog riding a bicycle"], num_inference_steps=2, seed=0, max_sequence_length=16,
+                         **SIZE)
+    assert run.text_length == 77 + 16  # the plan's text slices are for the prepared T5 length
+    with pytest.raises(ValueError, match="pass max_sequence_length to prepare"):
+        editor.run(run, max_sequence_length=32)

@@ -256,20 +256,24 @@ class Editor:
             callback_on_step_end: Callable | None = None, **pipeline_kwargs) -> EditResult | list[EditResult]:
         """Run one prepared run, or several as one forward batch (each keeps its own attention control).
 
-        Runs in one batch must share steps, guidance, size and pipeline keywords, and have no inversion and no
-        cache. Returns an EditResult, or one per run.
+        A run is sent as `prepare` built and checked it: its settings and pipeline keywords are `prepare`'s, and a
+        changed one needs a new `prepare` (`run` only chooses the output's form and a step callback). Runs in one
+        batch must share steps, guidance, size and pipeline keywords, and have no inversion and no cache. Returns an
+        EditResult, or one per run.
         """
-        _check_reserved(pipeline_kwargs, self.family)
+        if pipeline_kwargs:
+            names = ", ".join(sorted(pipeline_kwargs))
+            raise ValueError(f"run() sends a run as prepare() built and checked it; pass {names} to prepare() (or "
+                             "edit()) instead")
         _check_output_type(output_type)
-        self.family.check_call_kwargs(dict(pipeline_kwargs), None)
         if isinstance(run_or_runs, PreparedRun):
-            return self._run_one(run_or_runs, output_type, callback_on_step_end, pipeline_kwargs)
+            return self._run_one(run_or_runs, output_type, callback_on_step_end)
         runs = list(run_or_runs)
         if not runs or not all(isinstance(r, PreparedRun) for r in runs):
             raise TypeError("run() takes a PreparedRun from prepare(), or a non-empty list of them")
         if len(runs) == 1:
-            return [self._run_one(runs[0], output_type, callback_on_step_end, pipeline_kwargs)]
-        return self._run_group(runs, output_type, pipeline_kwargs)
+            return [self._run_one(runs[0], output_type, callback_on_step_end)]
+        return self._run_group(runs, output_type)
 
     def cache_source(self, prompt: str, *, device: torch.device | str | None = None, **kwargs) -> SourceCache:
         """Run the source alone and record what its edits need, so that later edits skip the source's rows.
@@ -288,7 +292,7 @@ class Editor:
         recorder = CacheRecorder(device)
         state = self._state(run, recorder=recorder)
         callback = StepCallback(run, state, self.family, recorder=recorder)
-        image = self._call(run, [state], callback, "pt", {})
+        image = self._call(run, [state], callback, "pt")
         return recorder.finish(
             prompt=prompt, pipeline_id=id(self.pipe),
             settings=self._cache_settings(run.num_inference_steps, run.guidance_scale, run.height, run.width,
@@ -386,12 +390,12 @@ class Editor:
 
     # -- run's stages ---------------------------------------------------------------------------------------------
 
-    def _run_one(self, run: PreparedRun, output_type: str, user_callback, pipeline_kwargs) -> EditResult:
+    def _run_one(self, run: PreparedRun, output_type: str, user_callback) -> EditResult:
         cache = run.cache
         state = self._state(run, cached=cache is not None)
         callback = StepCallback(run, state, self.family, user_callback=user_callback)
         if cache is None:
-            images = self._call(run, [state], callback, output_type, pipeline_kwargs)
+            images = self._call(run, [state], callback, output_type)
         else:
             if output_type == "latent":  # in the pipeline's own form (Flux: packed)
                 source = self.family.output_latents(cache.step_latents[-1].to(run.latents))
@@ -401,11 +405,10 @@ class Editor:
                 images = source
             else:
                 state.source = cache.evaluation(0, run.latents.device)
-                images = _concat(source, self._call(run, [state], callback, output_type, pipeline_kwargs))
+                images = _concat(source, self._call(run, [state], callback, output_type))
         return self._result(run, state, callback, images)
 
-    def _call(self, run: PreparedRun, states: list[RunState], callback, output_type: str, pipeline_kwargs,
-              group: _Group | None = None):
+    def _call(self, run: PreparedRun, states: list[RunState], callback, output_type: str, group: _Group | None = None):
         """The pipeline call of one run, or of a group of runs led by `run`, with their processors installed."""
         family = self.family
         if group is None:
@@ -418,7 +421,7 @@ class Editor:
             height=run.height, width=run.width, num_inference_steps=run.num_inference_steps,
             guidance_scale=run.guidance_scale, latents=family.call_latents(group.latents), output_type=output_type,
             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=group.tensor_inputs,
-            **{**run.pipeline_kwargs, **pipeline_kwargs},
+            **run.pipeline_kwargs,
         )
         inversion = run.inversion
         call_kwargs.update(family.call_text(prompts, group.negative, run.text_length, inversion,
@@ -468,7 +471,7 @@ class Editor:
             raise RuntimeError(f"the {type(pipe).__name__} call failed: {type(error).__name__}: {message}; "
                                "check the keywords passed through to it") from error
 
-    def _run_group(self, runs: list[PreparedRun], output_type: str, pipeline_kwargs) -> list[EditResult]:
+    def _run_group(self, runs: list[PreparedRun], output_type: str) -> list[EditResult]:
         first = runs[0]
         for r in runs:
             if r.inversion is not None or r.cache is not None:
@@ -497,7 +500,7 @@ class Editor:
             negative = [r.negative_prompt or "" for r in runs for _ in r.prompts]  # "" is diffusers' own default
         group = _Group(torch.cat([r.latents for r in runs]), [p for r in runs for p in r.prompts], negative, counts,
                        ["latents"])
-        images = self._call(first, states, on_step_end, output_type, pipeline_kwargs, group)
+        images = self._call(first, states, on_step_end, output_type, group)
         return [self._result(r, s, cb, images[a:b]) for r, s, cb, (a, b) in zip(runs, states, callbacks, bounds)]
 
     def _state(self, run: PreparedRun, **values) -> RunState:
