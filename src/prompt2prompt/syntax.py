@@ -20,9 +20,6 @@ from .limits import MAX_WEIGHT
 
 __all__ = ["ParsedPrompt", "PromptSyntaxError", "parse_prompt"]
 
-_SPECIAL = "[]()"
-
-
 class PromptSyntaxError(ValueError):
     """A malformed inline prompt; `column` (1-based) points at the offending character."""
 

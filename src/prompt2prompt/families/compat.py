@@ -12,9 +12,6 @@ from contextlib import contextmanager
 
 import torch
 
-CHECKED_WITH = ("0.42.0", "0.42.1")
-
-
 def execution_device(pipe) -> torch.device:
     """The device the pipeline runs its models on (`DiffusionPipeline._execution_device`: offloading-aware)."""
     return pipe._execution_device
