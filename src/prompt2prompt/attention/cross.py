@@ -186,6 +186,20 @@ def apply_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (probs @ v.float()).to(v.dtype)
 
 
+def edited_map(a_s: torch.Tensor, a_e: torch.Tensor, plan: EditPlan, e: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract's edit of edit e's text map `a_e` at `step`, from the source's `a_s` (.., keys), in float32.
+
+    The source's map through the mapper (replace) or the refinement index and alpha (refine), reweighted, mixed with
+    the edit's own by the token windows: (A_final, the same mix before reweighting, whose sum is the joint rule's r).
+    """
+    c, w, alpha = plan.cross[step, e].float(), plan.weights[e].float(), plan.alpha[e].float()
+    if plan.replace[e]:
+        a_map = a_s @ plan.mapper[e].float()
+    else:
+        a_map = alpha * a_s[..., plan.refine_index[e]] + (1 - alpha) * a_e
+    return c * (a_map * w) + (1 - c) * a_e, c * a_map + (1 - c) * a_e
+
+
 def _edit_cross_probs(probs: torch.Tensor, first: int, a_s: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
     """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77) of the edit rows.
 
@@ -193,16 +207,7 @@ def _edit_cross_probs(probs: torch.Tensor, first: int, a_s: torch.Tensor, plan: 
     """
     if plan.num_edits == 0:  # only the source, which is recorded but never edited
         return probs
-    edited = []
-    for e in range(plan.num_edits):
-        a_e = probs[first + e]
-        alpha, w, c = plan.alpha[e], plan.weights[e], plan.cross[step, e]
-        if plan.replace[e]:
-            a_map = a_s @ plan.mapper[e].to(a_s.dtype)
-        else:
-            a_map = alpha * a_s[..., plan.refine_index[e]] + (1 - alpha) * a_e
-        a_map = a_map * w
-        edited.append(c * a_map + (1 - c) * a_e)
+    edited = [edited_map(a_s, probs[first + e], plan, e, step)[0] for e in range(plan.num_edits)]
     return torch.cat([probs[:first], torch.stack(edited).to(probs.dtype)])  # float32, as `attention_probs` gives
 
 

@@ -15,7 +15,7 @@ materialised in the fused path only in the blocks whose text maps are recorded (
 import torch
 import torch.nn.functional as F
 
-from .cross import apply_probs, attention_probs, replace_self, with_source
+from .cross import apply_probs, attention_probs, edited_map, replace_self, with_source
 from .state import RunState
 
 KINDS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
@@ -76,14 +76,8 @@ def _edit_text_block(t_s: torch.Tensor, t_e: torch.Tensor, plan, e: int, step: i
     """(T_final, r) of edit e from the source's and the edit's text blocks (.., I, L), as the contract says."""
     if not cross_on:
         return t_e, t_e.sum(-1, keepdim=True)
-    c, w, alpha = plan.cross[step, e].float(), plan.weights[e].float(), plan.alpha[e].float()
-    if plan.replace[e]:
-        t_map = t_s @ plan.mapper[e].float()
-    else:
-        t_map = alpha * t_s[..., plan.refine_index[e]] + (1 - alpha) * t_e
-    t_final = c * (t_map * w) + (1 - c) * t_e
-    r = (c * t_map + (1 - c) * t_e).sum(-1, keepdim=True)
-    return t_final, r
+    t_final, mixed = edited_map(t_s, t_e, plan, e, step)
+    return t_final, mixed.sum(-1, keepdim=True)
 
 
 def joint_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RunState, block: int,
