@@ -16,6 +16,9 @@ and a one-layer text encoder of the real width; its text is each call's longest 
 `--arch flux2-dev` is FLUX.2 dev's transformer (48 heads of 128, text width 15360, embedded guidance) with `--depth`
 double- and `--single-depth` single-stream blocks (the real model: 8 and 48), and a minimal Mistral3 of the real
 width; its text is `--max-sequence-length` (its system message and chat template included, padded on the left).
+`--arch zimage` is Z-Image's transformer at its real width (30 heads of 128, caption width 2560) with `--depth` of its
+30 main blocks (the two noise- and two context-refiner blocks kept) and a two-layer Qwen3 of the real width; its text
+is each prompt's templated caption padded to a multiple of 32 (`--max-sequence-length` only bounds the encoder's input).
 `--tiny` swaps in the tests' tiny pipeline of the same family: a check of the plumbing, not a benchmark.
 
     python benchmarks/edit_vs_generate.py                                 # CPU default
@@ -97,7 +100,7 @@ OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # the transformers (benchmark pipelines at the real widths)
-MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein", "flux2-dev")
+MMDIT = ("sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein", "flux2-dev", "zimage")
 
 
 def build_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -117,6 +120,13 @@ def build_pipeline(args, device: torch.device, dtype: torch.dtype):
         # built on the device, its transformer in `dtype`: dev's 8 + 48 blocks take 64 GB in bfloat16
         return flux2_pipelines.flux2_benchmark_pipeline(kind, args.depth, single_depth=args.single_depth,
                                                         device=device, dtype=dtype)
+    if args.arch == "zimage":
+        import zimage_pipelines
+
+        if args.tiny:
+            return zimage_pipelines.tiny_zimage_pipeline().to(device=device, dtype=dtype)
+        # built on the device, its transformer in `dtype`: the 30 + 4 blocks take 25 GB in float32
+        return zimage_pipelines.zimage_benchmark_pipeline(args.depth, device=device, dtype=dtype)
     if args.arch == "qwenimage":
         import qwen_pipelines
 
@@ -181,8 +191,12 @@ def main() -> None:
     plain_kwargs = dict(getattr(family, "fixed_call", {}))  # PixArt-Σ: the text and size as an edit has them
     # the pipeline's own keywords for the editor's settings (Qwen-Image: guidance is true_cfg_scale, with a negative)
     plain_call = family.pipeline_call({"prompt": [SOURCE, EDIT], "latents": plain_latents, **common, **plain_kwargs})
+
+    def plain():  # fresh prompt lists every call: Z-Image's pipeline writes its templated prompts back into them
+        return pipe(**{k: list(v) if isinstance(v, list) else v for k, v in plain_call.items()})
+
     runs = {
-        "plain": lambda: pipe(**plain_call),
+        "plain": plain,
         "fused": lambda: p2p.Editor(pipe).edit(SOURCE, edit, latents=latents, **common),
         "explicit": lambda: p2p.Editor(pipe, attention="explicit").edit(SOURCE, edit, latents=latents, **common),
     }
@@ -229,9 +243,11 @@ def main() -> None:
             "pixart": f"PixArt-Σ ({args.depth} blocks)",
             "qwenimage": f"Qwen-Image ({args.depth} blocks)",
             "flux2-klein": f"FLUX.2 klein 4B ({args.depth}+{args.single_depth or args.depth} blocks)",
-            "flux2-dev": f"FLUX.2 dev ({args.depth}+{args.single_depth or args.depth} blocks)"}[args.arch]
+            "flux2-dev": f"FLUX.2 dev ({args.depth}+{args.single_depth or args.depth} blocks)",
+            "zimage": f"Z-Image ({args.depth} blocks + 2+2 refiner blocks)"}[args.arch]
     arch += " architecture"
-    if family.takes_max_sequence_length and args.arch != "qwenimage":  # Qwen-Image's is a bound, not a padding
+    # Qwen-Image's and Z-Image's are a bound, not a padding
+    if family.takes_max_sequence_length and args.arch not in ("qwenimage", "zimage"):
         arch += f", text length {args.max_sequence_length}"
     weights = f" ({args.model})" if args.model else (", tests' tiny pipeline" if args.tiny else ", random weights")
     title = (f"{arch}{weights}, {args.size} px, {args.steps} steps, guidance {guidance}, {args.device} {args.dtype}, "

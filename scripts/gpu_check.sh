@@ -14,14 +14,14 @@
 # `bash scripts/gpu_check.sh`, timeout_s 560.
 #
 # Steps, in priority order, each under `timeout`, all inside a budget (P2P_GPU_BUDGET seconds, 500 by
-# default; a step that would start with under 20 s left, 60 s for steps 9 and 10, 90 s for step 11, is skipped and
+# default; a step that would start with under 20 s left, 60 s for steps 9 to 11, 90 s for step 12, is skipped and
 # reported so):
 #   1. environment: card, driver, torch/CUDA/diffusers versions (fails at once without CUDA)
 #   2. diffusers from .whl when missing
 #   3. pytest on CUDA in float16: tests/test_{processor,editor,conformance,blend,inversion,cache,batch,device_guard}.py,
 #      those that exist, without the Ray test and with the conformance suite's UNet families only (SD, SDXL,
 #      v-prediction SD: -k "not local_ray and not (test_conformance and (sd3 or flux or chroma or pixart or
-#      qwenimage or flux2))"; P2P_GPU_PYTEST_K replaces the expression)
+#      qwenimage or flux2 or zimage))"; P2P_GPU_PYTEST_K replaces the expression)
 #   4. benchmarks/edit_vs_generate.py: SD 1.5 architecture, random weights, 512 px, 50 steps, fp16
 #   5. benchmarks/inversion.py: null-text, negative-prompt and direct inversion, 512 px, 50 steps, fp16
 #   6. benchmarks/edit_vs_generate.py --arch sdxl: 1024 px, P2P_GPU_SDXL_STEPS (20) steps, fp16; then
@@ -36,12 +36,16 @@
 #      3.9 B parameters, 8 GB in bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, text length 512,
 #      guidance 4.0 (the base model: two passes a step), bf16, plain vs fused (2 rounds); it starts only with 60 s of
 #      the budget left
-#  11. benchmarks/edit_vs_generate.py --arch flux2-dev: FLUX.2 dev's transformer at full depth (8 + 48 blocks, about
+#  11. benchmarks/edit_vs_generate.py --arch zimage: Z-Image's transformer at full depth (30 blocks and its 2 + 2
+#      refiner blocks, about 6 B parameters, 12.3 GB in bf16, built on the GPU in bf16: it fits any lent card),
+#      random weights, 1024 px, 4 steps, guidance 5.0 (CFG: conditional and unconditional rows in one batch),
+#      text bound 512, bf16, plain vs fused (2 rounds); it starts only with 60 s of the budget left
+#  12. benchmarks/edit_vs_generate.py --arch flux2-dev: FLUX.2 dev's transformer at full depth (8 + 48 blocks, about
 #      32 B parameters, 64 GB (60 GiB) in bf16, built on the GPU in bf16), random weights, 1024 px, 4 steps, text
 #      length 512, embedded guidance 4.0 (one pass a step), bf16, plain vs fused (2 rounds); the lowest priority: it
 #      starts only with 90 s of the budget left, and is skipped, with the reason printed and reported, on a card of
 #      under 72 GiB (env.json's gpu_memory_gib; an 80 GB H100 has 79)
-#  12. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
+#  13. scripts/gpu_report.py: report.md and report.json (rewritten after every step, so a killed run still
 #      leaves one)
 # Everything lands in outputs/gpu/ (log, junit-*.xml, bench-*.json, report.*); when $OUT is set, report.md,
 # report.json, the junit files and the log are copied there too. One failed step does not stop the others;
@@ -253,7 +257,7 @@ main() {
     quick_k="test_blend_mask_is_the_union or test_self_attention_untouched or test_edit_changes_the_output"
     quick_k+=" or (test_shapes_and_contents and direct) or test_job_ids_are_stable"
     # the conformance suite's UNet families, as tests/test_editor.py had them before the suite took them over
-    local unet_only="not (test_conformance and (sd3 or flux or chroma or pixart or qwenimage or flux2))"
+    local unet_only="not (test_conformance and (sd3 or flux or chroma or pixart or qwenimage or flux2 or zimage))"
     if ((QUICK)); then k=${P2P_GPU_PYTEST_K:-$quick_k}; else k=${P2P_GPU_PYTEST_K:-not local_ray and $unet_only}; fi
     # shellcheck disable=SC2086
     step "tests-$DTYPE" "$( ((QUICK)) && echo 240 || echo 110)" env P2P_TEST_DEVICE="$DEVICE" P2P_TEST_DTYPE="$DTYPE" \
@@ -297,6 +301,8 @@ main() {
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-qwenimage.json"
         STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --tiny --steps 2 --threads 1 \
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-flux2-klein.json"
+        STEP_MIN=60 step bench-zimage 120 "${mmdit[@]}" --arch zimage --tiny --steps 2 --threads 1 \
+            --dtype "$BENCH_DTYPE" --json "$RUN/bench-zimage.json"
         STEP_MIN=60 step bench-flux2-dev 120 "${mmdit[@]}" --arch flux2-dev --tiny --steps 2 --threads 1 \
             --dtype "$BENCH_DTYPE" --json "$RUN/bench-flux2-dev.json"
     else
@@ -316,6 +322,10 @@ main() {
         # pass on the empty prompt every step (the distilled model's 4 steps, at the base model's cost)
         STEP_MIN=60 step bench-flux2-klein 120 "${mmdit[@]}" --arch flux2-klein --depth 5 --single-depth 20 --size 1024 \
             --steps 4 --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-flux2-klein.json"
+        # Z-Image's 30 blocks and 2 + 2 refiner blocks: about 6 B parameters, 12.3 GB in bf16; guidance 5.0 runs the
+        # conditional and unconditional rows in one batch every step (Turbo's own setting, guidance 0, would not)
+        STEP_MIN=60 step bench-zimage 120 "${mmdit[@]}" --arch zimage --depth 30 --size 1024 --steps 4 \
+            --max-sequence-length 512 --dtype bfloat16 --json "$RUN/bench-zimage.json"
         # FLUX.2 dev's 8 double- and 48 single-stream blocks: about 32 B parameters, 60 GiB in bf16 before any
         # activation, so a card of under 72 GiB skips it; embedded guidance 4.0, one pass a step
         local gib need_gib=72

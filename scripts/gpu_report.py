@@ -29,6 +29,7 @@ BENCHES = {"sd15": "SD 1.5 architecture", "sdxl": "SDXL architecture",
            "pixart": "PixArt-Σ architecture (1024 px, 20 steps, bf16)",
            "qwenimage": "Qwen-Image architecture (60 blocks, 1024 px, 4 steps, bf16)",
            "flux2-klein": "FLUX.2 klein 4B architecture (5 + 20 blocks, 1024 px, 4 steps, bf16)",
+           "zimage": "Z-Image architecture (30 blocks + 2 + 2 refiner blocks, 1024 px, 4 steps, bf16)",
            "flux2-dev": "FLUX.2 dev architecture (8 + 48 blocks, 1024 px, 4 steps, bf16)"}
 RUNS = {"plain": "plain generation of the 2 prompts", "fused": "fused P2P edit (1 source + 1 edit)",
         "explicit": "explicit P2P edit"}
@@ -182,8 +183,8 @@ def main(folder: Path) -> int:
     steps = read_steps(folder)
     junits = [read_junit(path) for path in sorted(folder.glob("junit-*.xml"))]
     benches = {}
-    for name in ("sd15", "sdxl", "sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein", "flux2-dev",
-                 "inversion", "reedit"):
+    for name in ("sd15", "sdxl", "sd3", "flux", "chroma", "pixart", "qwenimage", "flux2-klein", "zimage",
+                 "flux2-dev", "inversion", "reedit"):
         data = _load_json(folder / f"bench-{name}.json")
         if data is not None:
             benches[name] = data

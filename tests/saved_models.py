@@ -99,3 +99,13 @@ def tiny_flux2_dev_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-flux2-dev"
     tiny_flux2_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_dir(tmp_path_factory) -> Path:
+    """A saved tiny Z-Image pipeline (image-first single stream after its refiners; CFG at any guidance above 0)."""
+    from zimage_pipelines import tiny_zimage_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-zimage"
+    tiny_zimage_pipeline().save_pretrained(folder)
+    return folder

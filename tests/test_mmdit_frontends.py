@@ -1,4 +1,4 @@
-"""SD3, Flux, Chroma, PixArt-Σ, Qwen-Image, FLUX.2 klein and FLUX.2 dev through the batch runner and the web app (the browser tests cover its page)."""
+"""SD3, Flux, Chroma, PixArt-Σ, Qwen-Image, FLUX.2 klein, FLUX.2 dev and Z-Image through the batch runner and the web app (the browser tests cover its page)."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from conftest import DTYPE_NAME, TORCH_DEVICE
 from PIL import Image
 from saved_models import (tiny_chroma_dir, tiny_flux2_dev_dir, tiny_flux2_klein_dir,  # noqa: F401 (fixtures)
-                          tiny_flux_dir, tiny_pixart_dir, tiny_qwenimage_dir, tiny_sd3_dir)
+                          tiny_flux_dir, tiny_pixart_dir, tiny_qwenimage_dir, tiny_sd3_dir, tiny_zimage_dir)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe
@@ -108,7 +108,8 @@ def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch)
 @pytest.mark.parametrize("model, family, guidance, maps", [("tiny_chroma_dir", "chroma", 3.0, 5), ("tiny_pixart_dir", "pixart", 4.5, 5),
                                                          ("tiny_qwenimage_dir", "qwenimage", 4.0, 5),
                                                          ("tiny_flux2_klein_dir", "flux2-klein", 4.0, 5),
-                                                         ("tiny_flux2_dev_dir", "flux2-dev", 4.0, 5)])
+                                                         ("tiny_flux2_dev_dir", "flux2-dev", 4.0, 5),
+                                                         ("tiny_zimage_dir", "zimage", 5.0, 5)])
 def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_path, model, family, guidance, maps):
     from prompt2prompt import webapp
 
@@ -123,9 +124,10 @@ def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_p
     assert seed == 5 and len(gallery) == 2 and read_recipe(paths[1]).family == family
     assert [len(shown) for _, shown in heatmaps] == [maps, maps]  # a gallery per prompt, a map per word
     # Qwen-Image pads to the longest prompt; FLUX.2 klein's chat template takes 16 tokens of its own, dev's (with its
-    # system message) 32
+    # system message) 32; Z-Image's bounds its encoder's input (template included), its captions padded to 32 inside
     text = {"qwenimage": {}, "flux2-klein": {"max_sequence_length": 32},
-            "flux2-dev": {"max_sequence_length": 48}}.get(family, {"max_sequence_length": 16})
+            "flux2-dev": {"max_sequence_length": 48},
+            "zimage": {"max_sequence_length": 64}}.get(family, {"max_sequence_length": 16})
     lines = [{"model": folder, "source": "a cat riding a bicycle", "edits": ["a dog riding a bicycle"], "seed": i,
               "num_inference_steps": 2, "height": 32, "width": 32, **text} for i in range(2)]
     manifest_path = tmp_path / "m.jsonl"

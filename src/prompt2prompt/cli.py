@@ -80,15 +80,18 @@ StepsOption = Annotated[int | None, typer.Option(
     show_default=False)]
 GuidanceOption = Annotated[float | None, typer.Option(
     "--guidance", help="Guidance scale [default: the model's: 5 for the demo model, 7.5 for SD 1.x/2.x/XL, 7.0 for "
-                       "SD3, 4.0 for Qwen-Image and FLUX.2 klein; Flux: its embedded guidance, 3.5; FLUX.2 dev: its "
-                       "embedded guidance, 4.0]; <= 1 turns classifier-free guidance off.",
+                       "SD3, 4.0 for Qwen-Image and FLUX.2 klein, 5.0 for Z-Image; Flux: its embedded guidance, 3.5; "
+                       "FLUX.2 dev: its embedded guidance, 4.0]; <= 1 turns classifier-free guidance off (Z-Image: "
+                       "<= 0; it guides at any value above 0).",
     show_default=False)]
 SequenceOption = Annotated[int | None, typer.Option(
     "--max-sequence-length", min=1, help="Models with T5 text: its length [default: the model's: 256 for SD3, 512 "
                                          "for Flux and Chroma, 300 for PixArt-Σ; FLUX.2 klein: its templated "
                                          "text's, 512; FLUX.2 dev: its templated Mistral text's, padded on the "
-                                         "left, 512]; Qwen-Image: the most tokens a prompt may take [512]. At "
-                                         "most the model's own bound.",
+                                         "left, 512]; Qwen-Image: the most tokens a prompt may take [512]; "
+                                         "Z-Image: the most tokens its templated text may take [512] (the model "
+                                         "pads each caption to a multiple of 32 itself). At most the model's own "
+                                         "bound.",
     show_default=False)]
 SeedOption = Annotated[int | None, typer.Option(min=0, max=2**63 - 1,
                                                 help="Seed of the initial latent [default: random, recorded].")]

@@ -163,7 +163,9 @@ class ZImageFamily(MMDiTFamily):
     # -- Sizes and latents ---------------------------------------------------------------------------------------
 
     def native_size(self) -> int:
-        return 1024  # ZImagePipeline's default height and width
+        # ZImagePipeline's default is 1024 px, the size its VAE (FLUX.1's) is configured for; the VAE says it for
+        # other models (a small test model's 32 px)
+        return int(self.pipe.vae.config.get("sample_size") or 1024)
 
     def patch_size(self) -> int:
         return self.model.config.all_patch_size[0]
