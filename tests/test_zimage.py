@@ -89,10 +89,24 @@ def test_guidance_above_zero_is_cfg_in_one_batch_conditional_rows_first(pipe):
     assert rel_err(fused[0], own[0]) <= tolerance()
 
 
+def test_an_image_whose_patches_are_padded_is_edited_with_its_pads_as_image_tokens(pipe):
+    # 40 px: a 10x10 patch grid, 100 image tokens, which the model pads to 128 with its learned token
+    editor = p2p.Editor(pipe)
+    edits = [p2p.Edit("a dog riding a bicycle", self_steps=(0.0, 1.0), blend=p2p.LocalBlend("cat", "dog", threshold=0.97))]
+    options = dict(num_inference_steps=3, seed=0, output_type="latent", height=40, width=40, guidance_scale=5.0)
+    fused, explicit = (p2p.Editor(pipe, attention=a).edit(SOURCE, edits, record_attention=True, **options)
+                       for a in ("fused", "explicit"))
+    assert fused.images.shape == (2, 16, 20, 20) and fused.masks[0].shape == (20, 20)
+    assert fused.attention[10].shape[:3] == (2, 10, 10)  # maps on the 10x10 grid, the pads left out
+    assert rel_err(fused.images, explicit.images) <= tolerance(1e-4)
+    latents = torch.randn((1, *editor.family.latent_shape(40, 40)), generator=torch.Generator().manual_seed(0))
+    own = pipe(prompt=SOURCE, latents=latents.to(pipe.device), num_inference_steps=3, guidance_scale=5.0,
+               output_type="latent", height=40, width=40).images
+    assert rel_err(fused.images[0], own[0]) <= tolerance()
+
+
 def test_refusals_name_what_would_move_the_image(pipe):
     editor = p2p.Editor(pipe)
-    with pytest.raises(ValueError, match="pads an image of 100 patches .* to a multiple of 32"):
-        editor.prepare(SOURCE, [], seed=0, height=40, width=40)
     with pytest.raises(ValueError, match="pads to 64 caption tokens, more than the prompts' 32"):
         editor.edit(SOURCE, ["a dog riding a bicycle"], negative_prompt=LONG, **OPTIONS)
     cache = editor.cache_source(SOURCE, seed=0, num_inference_steps=3, **SIZE)

@@ -86,7 +86,8 @@ class RunState:
         `probs` holds the source and the edits, or the edits alone in a cached run (the source's row then
         comes from the cache).
         """
-        maps = probs.mean(1).reshape(probs.shape[0], size[0], size[1], probs.shape[-1]).float()
+        grid = size[0] * size[1]  # queries past it are a model's image padding (Z-Image's), on no grid position
+        maps = probs[:, :, :grid].mean(1).reshape(probs.shape[0], size[0], size[1], probs.shape[-1]).float()
         first = self.plan.num_prompts - maps.shape[0]
         if self.layers.blend_size == size and place != "mid":
             self.blend_sum = _accumulate(self.blend_sum, maps, first, self.plan.num_prompts)

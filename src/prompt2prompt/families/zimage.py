@@ -17,8 +17,8 @@ What the contract asks here (docs/semantics.md, "Newer families"):
   plain generation. Where every prompt of a run pads to the same length, nothing moves.
 - Rows: CFG is on at any guidance > 0 (not > 1), the batch `[cond..., uncond...]` (`conditional_first`); late in a
   run with `cfg_truncation` < 1 the batch is the conditional rows alone.
-- Image padding: a token grid that is not a multiple of 32 gets learned image pads; those sizes are refused here
-  (the maps and masks live on the grid).
+- Image padding: a token grid that is not a multiple of 32 gets learned image pads after the image tokens; they are
+  image tokens for every rule (keys of the image block, queries like any other), and the maps leave them out.
 - Time and sign: the model is given `(1000 - t) / 1000` and predicts `x0 - noise`; the inversions negate it.
 """
 
@@ -197,13 +197,6 @@ class ZImageFamily(MMDiTFamily):
                    explicit: bool, options: Mapping[str, Any]) -> ZImageLayerPlan:
         plan = super().layer_plan(latent_size, text_length, blend=blend, record_attention=record_attention,
                                   explicit=explicit, options=options)
-        tokens = plan.grid[0] * plan.grid[1]
-        if tokens % SEQ_MULTIPLE:
-            scale = self.multiple()
-            raise ValueError(f"Z-Image pads an image of {tokens} patches ({latent_size[0] * scale // 2}x"
-                             f"{latent_size[1] * scale // 2} px) to a multiple of {SEQ_MULTIPLE} with tokens of its "
-                             f"own, which the edits do not place; choose a size whose (height / {scale}) x "
-                             f"(width / {scale}) is a multiple of {SEQ_MULTIPLE}, e.g. 512, 768 or 1024 px square")
         fields = {name: getattr(plan, name) for name in plan.__dataclass_fields__}
         return ZImageLayerPlan(**fields, image_start=text_length)
 
