@@ -12,9 +12,9 @@ SEED = 1
 # The paper's point: a caption without a position word lets the seed and the whole caption place things, so
 # regenerating the edited caption from the same seed may move them; P2P keeps them. A colour swap is the edit kind
 # where both models show it (docs/demo-model.md measures it); the seed is one where regeneration moves the circle.
-FREE_SOURCE = "a big red circle on a white background"
-FREE_EDIT = "a big green circle on a white background"
-FREE_SEED = 20
+FREE_SOURCE = "a small red circle on a white background"
+FREE_EDIT = "a small green circle on a white background"
+FREE_SEED = 10
 # A two-object scene: the blend keeps the star, pixel for pixel, while the circle changes colour.
 BLEND_SOURCE = "a big red circle on the left and a small blue star on the right on a white background"
 BLEND_EDIT = "a big green circle on the left and a small blue star on the right on a white background"
