@@ -8,14 +8,13 @@ The tokenizer (tests/zimage_pipelines.py) reads "user" as two pieces, "bicycle" 
     (20 tokens: positions 0..19; the transformer pads it to 32 with its learned pad token, attended, of no word)
 """
 
-import numpy as np
 import pytest
 import torch
 from conftest import on_device, rel_err, tolerance
+from flow_inversions import blocky_image, check_direct_and_euler
 from zimage_pipelines import caption_length, image_positions_after, tiny_zimage_pipeline
 
 import prompt2prompt as p2p
-from prompt2prompt.inversion import invert
 
 SOURCE = "a cat riding a bicycle"
 LONG = "a black cat riding a red bicycle and a dog riding a green bicycle on a road"  # 35 caption tokens: pads to 64
@@ -115,30 +114,10 @@ def test_refusals_name_what_would_move_the_image(pipe):
         editor.edit(SOURCE, [LONG], cache=cache, num_inference_steps=3, **SIZE)
 
 
-@pytest.fixture(scope="module")
-def image():
-    rng = np.random.default_rng(0)
-    return (np.kron(rng.random((4, 4, 3)), np.ones((8, 8, 1))) * 255).astype(np.uint8)  # 32x32, blocky
-
-
 @pytest.mark.parametrize("guidance", [0.0, 5.0])
-def test_direct_inversion_reconstructs_the_image_s_latent_and_the_edit_runs_free(pipe, image, guidance):
-    options = dict(num_inference_steps=4, height=32, width=32, progress=False)
-    direct = invert(pipe, image, SOURCE, guidance_scale=guidance, **options)
-    euler = invert(pipe, image, SOURCE, method="euler", guidance_scale=guidance, **options)
-    assert torch.equal(direct.trajectory, euler.trajectory)
-    family = p2p.Editor(pipe).family
-    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(pipe.device)
-    torch.testing.assert_close(direct.trajectory[0], family.encode_pixels(pixels), rtol=1e-5, atol=1e-5)
-
-    def rows(inv):
-        return p2p.Editor(pipe).edit(SOURCE, ["a dog riding a bicycle"], inversion=inv, output_type="latent").images
-
-    images = rows(direct)
-    target = direct.trajectory[0].to(images)
-    assert rel_err(images[0], target[0]) <= tolerance(1e-4)  # the source row is the image
-    assert rel_err(images[1], images[0]) > 1e-3  # and the edit is free to change
-    assert rel_err(rows(euler)[0], target[0]) > 100 * rel_err(images[0], target[0])
+def test_direct_inversion_reconstructs_the_image_s_latent_and_the_edit_runs_free(pipe, guidance):
+    direct = check_direct_and_euler(pipe, blocky_image(), SOURCE, "a dog riding a bicycle", source_tolerance=1e-4,
+                                    guidance_scale=guidance, num_inference_steps=4, height=32, width=32)
     with pytest.raises(ValueError, match="this inversion placed the image after the source's 32 caption tokens, and "
                                          "the edits' text pads to 64"):
         p2p.Editor(pipe).edit(SOURCE, [LONG], inversion=direct, output_type="latent")
