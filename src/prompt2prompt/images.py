@@ -85,7 +85,7 @@ def fit_note(size: tuple[int, int], height: int, width: int, *, fit: Literal["cr
 def image_size(pipe, *, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """The pixel size (height, width) to use with `pipe`: the caller's, checked, or the model's default.
 
-    Both sides must be multiples of what the model's family needs (SD: 8 latent pixels, 64 px; SD3 and Flux: a
+    Both sides must be multiples of what the model's family needs (SD: 8 latent pixels, 64 px; the transformers: a
     2x2 patch of the VAE's factor, 16 px).
     """
     family = family_of(pipe)

@@ -309,7 +309,7 @@ def load_pipeline(
     revision: str | None = None,
     allow_pickle: bool = False,
 ):
-    """Load a Stable Diffusion (1.x, 2.x, XL, 3, 3.5) or Flux.1 pipeline, on `device` in `torch_dtype`.
+    """Load a pipeline of any family in `prompt2prompt.families`, on `device` in `torch_dtype`.
 
     The family comes from the folder's model_index.json, or from a single file's weight names.
 

@@ -71,7 +71,7 @@ def heatmap(attention: torch.Tensor, image: Image.Image | None = None, size: int
 def attention_heatmaps(result, prompt_index: int = 0, res: int | None = None, *, overlay: bool = True) -> list[Image.Image]:
     """Per-token cross-attention heatmaps of one prompt of an EditResult, captioned with each token.
 
-    On SD3 and Flux, one heatmap per word: its text-block attention summed over its tokens in every text part.
+    On the transformers, one heatmap per word: its text-block attention summed over its tokens in every text part.
 
     The result must come from `edit(..., record_attention=...)`; `res` picks a recorded resolution
     (default: the first one).

@@ -91,7 +91,8 @@ class EditResult:
 
 
 class Editor:
-    """Prompt-to-Prompt on a loaded pipeline: Stable Diffusion 1.x, 2.x, XL, 3, 3.5 or Flux.1.
+    """Prompt-to-Prompt on a loaded pipeline of any family in `prompt2prompt.families` (Stable Diffusion 1.x to 3.5,
+    Flux.1, Chroma, PixArt-Σ, Qwen-Image, FLUX.2, Z-Image).
 
     Args:
         pipe: the diffusers pipeline; its own attention processors are restored after every call.
@@ -101,7 +102,7 @@ class Editor:
             or the nearest side with cross-attention in the down and up blocks when the model has none there).
         attention: "fused" (scaled-dot-product attention everywhere) or "explicit" (materialised
             probabilities, the reference).
-        cross_blocks, self_blocks, record_blocks: SD3 and Flux models: the blocks (numbered as they run) whose
+        cross_blocks, self_blocks, record_blocks: transformer models: the blocks (numbered as they run) whose
             text attention is edited (None: every block), whose image attention is the source's while the self
             window is open (None: Flux's Stable Flow "vital layers", every block on SD3), and whose text attention
             drives local blending and recorded maps (None: every block); see `prompt2prompt.families`.
@@ -162,7 +163,7 @@ class Editor:
     def tokenize(self, prompt: str, max_sequence_length: int | None = None) -> Tokenized:
         """The prompt's words and token positions under this pipeline's tokenizers (its joint text on MM-DiT).
 
-        `max_sequence_length` is the T5 length of SD3 and Flux runs (their pipelines' defaults: 256 and 512).
+        `max_sequence_length` is the text length of transformer runs (SD3's T5 default 256; most others' 512).
         """
         kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         return self.family.tokenize(prompt, kwargs)

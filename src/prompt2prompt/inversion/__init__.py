@@ -42,14 +42,15 @@ def invert(
     inversion_guidance: float = 1.0,
     progress: bool = True,
 ) -> Inversion:
-    """Invert a real image under `prompt` for editing with `pipe` (Stable Diffusion 1.x/2.x/XL/3/3.5 or Flux.1).
+    """Invert a real image under `prompt` for editing with `pipe` (any family with inversion methods).
 
     Args:
         image: a path, PIL image or array; fitted to `height` x `width` (default: the model's size) by `fit`.
         prompt: a caption of the image: the source prompt of the edits to come.
         method: on UNet pipelines "direct" (the default: exact source reconstruction, no optimisation), "null-text"
             (optimises the unconditional embedding, about 9x slower), "negative-prompt" (no optimisation) or "ddim"
-            (plain DDIM inversion, the baseline); on SD3 and Flux "direct" (the default) or "euler" (plain inverse Euler, the baseline).
+            (plain DDIM inversion, the baseline); on flow-matching transformers "direct" (the default) or "euler"
+            (plain inverse Euler, the baseline).
         num_inference_steps, guidance_scale: those of the edits to come; an inversion serves only them
             (None: the model's defaults, 50 and 7.5 on SD's UNets, 28 and 7.0 / 3.5 on SD3 / Flux).
         num_inner_steps, early_stop_epsilon: null-text's Adam iterations per step and its early-stop loss

@@ -24,7 +24,7 @@ class Inversion:
     """A real image inverted for editing: pass it to `Editor.edit(..., inversion=inv)`.
 
     N is `num_inference_steps`; step i is the i-th (descending) timestep of the edit's scheduler (DDIM on UNet
-    pipelines, the pipeline's flow-matching Euler on SD3 and Flux). Latents are unpacked (Flux's too).
+    pipelines, the pipeline's flow-matching Euler on the transformers). Latents are unpacked (packed ones' too).
     """
 
     latents: torch.Tensor  # x_T, the initial latent of every prompt: (1, C, h, w)
