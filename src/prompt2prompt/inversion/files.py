@@ -71,7 +71,7 @@ class Inversion:
     def save(self, path: str | PathLike) -> Path:
         """Write `<path>.safetensors` (tensors) and `<path>.json` (settings), atomically; returns the first.
 
-        >>> # inv.save("photo")  ->  photo.safetensors + photo.json; Inversion.load("photo") reads them back
+        >>> inv.save("photo")  # photo.safetensors and photo.json; Inversion.load("photo") reads them  # doctest: +SKIP
         """
         from safetensors.torch import save_file
 
