@@ -387,11 +387,21 @@ def text_mappers(source: Tokenized, edit: Tokenized, mode: str) -> tuple[torch.T
     return mapper, index, alpha
 
 
+def padded_left(t: Tokenized) -> Tokenized:
+    """`t`, a text from position 0 padded after its end, padded before its start instead (a tokenizer that pads on the
+    left): it ends at the last position, and its words' positions move with it."""
+    return _with_lead(t, t.length - len(t.ids))
+
+
 def _text_first(t: Tokenized) -> Tokenized:
     """`t` with its text from position 0 and its leading padding after it (itself when it has none)."""
-    if not t.lead:
+    return _with_lead(t, 0)
+
+
+def _with_lead(t: Tokenized, lead: int) -> Tokenized:
+    if lead == t.lead:
         return t
-    return replace(t, word_tokens=[[p - t.lead for p in positions] for positions in t.word_tokens], lead=0)
+    return replace(t, word_tokens=[[p - t.lead + lead for p in positions] for positions in t.word_tokens], lead=lead)
 
 
 def masked_padding(mapper: torch.Tensor, alpha: torch.Tensor, source: Tokenized, edit: Tokenized):

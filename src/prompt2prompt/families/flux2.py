@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..alignment import Tokenized, tokenize_templated
+from ..alignment import Tokenized, padded_left, tokenize_templated
 from ..limits import quoted
 from ..attention.joint import JointAttend
 from . import compat
@@ -276,14 +276,8 @@ class Flux2DevFamily(Flux2Family):
             raise ValueError(f"the prompt {quoted(prompt)} holds {_IMAGE_TOKEN}, which FLUX.2 dev's pipeline deletes "
                              "from prompts; leave it out")
         t = super().tokenize(prompt, pipeline_kwargs)
-        if self._tokenizer().padding_side != "left":  # the padding side is the tokenizer's setting, not the model's
-            return t
-        lead = t.length - len(t.ids)
-        return replace(t, lead=lead, word_tokens=[[p + lead for p in positions] for positions in t.word_tokens])
-
-    def token_texts(self, tokenized: Tokenized) -> list[str]:
-        texts = super().token_texts(tokenized)
-        return [""] * tokenized.lead + texts[: tokenized.length - tokenized.lead]
+        # the padding side is the tokenizer's setting, not the model's
+        return padded_left(t) if self._tokenizer().padding_side == "left" else t
 
     def check_call_kwargs(self, pipeline_kwargs: dict[str, Any], inversion) -> None:
         if pipeline_kwargs.get("caption_upsample_temperature"):

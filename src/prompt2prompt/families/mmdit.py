@@ -229,9 +229,9 @@ class MMDiTFamily(Family):
 
 def decoded_texts(tokenizer, tokenized: Tokenized) -> list[str]:
     """One readable text per position of a one-part text whose tokenizer marks spaces in its pieces (byte-level
-    BPE's "Ġ"): each token decoded, then "" for the padding."""
+    BPE's "Ġ"): each token decoded, and "" for the padding, before the text (`lead`) and after it."""
     texts = [tokenizer.decode([i]).strip() for i in tokenized.ids]
-    return texts + [""] * (tokenized.length - len(texts))
+    return [""] * tokenized.lead + texts + [""] * (tokenized.length - tokenized.lead - len(texts))
 
 
 class FlowDenoiser(Denoiser):

@@ -132,31 +132,32 @@ class ZImageFamily(MMDiTFamily):
                      length: int | None = None) -> list[Tokenized]:
         """Every prompt at the run's length L, the longest caption's padded length (or `length`): a prompt of n tokens
         has attended learned pads up to its padded length (`true_length`), and masked padding after it."""
-        limit, template = self.max_sequence_length(pipeline_kwargs), self._template()
-        tokens = [tokenize_templated(self.pipe.tokenizer, p, template, 0, limit, padded=False,
-                                     what="(its chat template included; raise max_sequence_length up to 512)")
-                  for p in prompts]
+        limit = self.max_sequence_length(pipeline_kwargs)
+        tokens = [self._caption(p, limit) for p in prompts]
         run_length = max([padded(len(t.ids)) for t in tokens] + [length or 0])
         return [replace(t, length=run_length, true_length=padded(len(t.ids))) for t in tokens]
 
     def token_texts(self, tokenized: Tokenized) -> list[str]:
         return decoded_texts(self.pipe.tokenizer, tokenized)
 
-    def _caption(self, prompt: str) -> int:
-        """The caption's padded length in the transformer."""
-        return padded(len(tokenize_templated(self.pipe.tokenizer, prompt, self._template(), 0, padded=False).ids))
+    def _caption(self, prompt: str, limit: int | None = None) -> Tokenized:
+        """The prompt's caption: the templated prompt's tokens, nothing dropped, unpadded (at most `limit`)."""
+        return tokenize_templated(self.pipe.tokenizer, prompt, self._template(), 0, limit, padded=False,
+                                  what="(its chat template included; raise max_sequence_length up to 512)")
 
     def call_text(self, prompts: list[str], negative: list[str] | None, length: int, inversion, device) -> dict[str, Any]:
-        if inversion is not None and self._caption(prompts[0]) != length:
-            raise ValueError(f"this inversion placed the image after the source's {self._caption(prompts[0])} caption "
-                             f"tokens, and the edits' text pads to {length}, which moves it: the source row would not "
-                             "be the image; shorten the edits")
+        if inversion is not None:
+            source = padded(len(self._caption(prompts[0]).ids))
+            if source != length:
+                raise ValueError(f"this inversion placed the image after the source's {source} caption tokens, and "
+                                 f"the edits' text pads to {length}, which moves it: the source row would not be the "
+                                 "image; shorten the edits")
         # Lists of their own: the pipeline writes the templated prompts back into the lists it is given.
         if negative is not None:
-            if self._caption(negative[0]) > length:
-                raise ValueError(f"the negative prompt {quoted(negative[0])} pads to {self._caption(negative[0])} "
-                                 f"caption tokens, more than the prompts' {length}: Z-Image would then move the edits' "
-                                 "image; shorten it")
+            caption = padded(len(self._caption(negative[0]).ids))
+            if caption > length:
+                raise ValueError(f"the negative prompt {quoted(negative[0])} pads to {caption} caption tokens, more "
+                                 f"than the prompts' {length}: Z-Image would then move the edits' image; shorten it")
             return {"prompt": list(prompts), "negative_prompt": list(negative)}
         return {"prompt": list(prompts)}
 
@@ -197,8 +198,7 @@ class ZImageFamily(MMDiTFamily):
                    explicit: bool, options: Mapping[str, Any]) -> ZImageLayerPlan:
         plan = super().layer_plan(latent_size, text_length, blend=blend, record_attention=record_attention,
                                   explicit=explicit, options=options)
-        fields = {name: getattr(plan, name) for name in plan.__dataclass_fields__}
-        return ZImageLayerPlan(**fields, image_start=text_length)
+        return ZImageLayerPlan(**vars(plan), image_start=text_length)
 
     processor_class = ZImageProcessor
 
