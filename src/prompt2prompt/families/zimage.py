@@ -164,9 +164,7 @@ class ZImageFamily(MMDiTFamily):
     # -- Sizes and latents ---------------------------------------------------------------------------------------
 
     def native_size(self) -> int:
-        # ZImagePipeline's default is 1024 px, the size its VAE (FLUX.1's) is configured for; the VAE says it for
-        # other models (a small test model's 32 px)
-        return int(self.pipe.vae.config.get("sample_size") or 1024)
+        return 1024  # ZImagePipeline's default height and width (its transformer's config names no size)
 
     def patch_size(self) -> int:
         return self.model.config.all_patch_size[0]
