@@ -80,16 +80,16 @@ def test_the_web_app_reuses_an_sd3_source_and_a_flux_inversion(tmp_path, tiny_sd
 
 
 def test_flux_jobs_share_one_forward_batch(tmp_path, tiny_flux_dir, monkeypatch):
-    from prompt2prompt.engine import Editor
+    from prompt2prompt.engine import send
 
     groups = []
-    run_group = Editor._run_group
+    run_group = send.run_group
 
-    def recording(self, runs, *args):
+    def recording(pipe, family, runs, *args):
         groups.append(len(runs))
-        return run_group(self, runs, *args)
+        return run_group(pipe, family, runs, *args)
 
-    monkeypatch.setattr(Editor, "_run_group", recording)
+    monkeypatch.setattr(send, "run_group", recording)
     base = {"model": str(tiny_flux_dir), "num_inference_steps": 2, "height": 32, "width": 32,
             "max_sequence_length": 16, "seed": 3}
     lines = [{**base, "source": "a cat riding a bicycle", "edits": [edit]}

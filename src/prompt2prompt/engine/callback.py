@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..attention.blend import apply_blend
@@ -13,9 +11,7 @@ from ..attention.state import RunState, pad_text
 from ..families.protocols import EditingFamily
 from ..schedules import step_index
 from .cache import CacheRecorder
-
-if TYPE_CHECKING:
-    from .editor import PreparedRun
+from .run import PreparedRun
 
 
 class StepCallback:
