@@ -92,7 +92,7 @@ def image_size(pipe, *, height: int | None = None, width: int | None = None) -> 
     default = family.default_size()
     height = default if height is None else height
     width = default if width is None else width
-    unit = family.image_multiple()
+    unit = family.inversion_multiple()
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
             sane = isinstance(value, (int, float)) and 0 < value < 2**31  # NaN and 10**400 have no nearest

@@ -84,7 +84,7 @@ def attention_heatmaps(result, prompt_index: int = 0, res: int | None = None, *,
         raise ValueError(f"no attention was recorded at resolution {res}; recorded: {sorted(result.attention)}")
     if not 0 <= prompt_index < len(result.prompts):
         raise ValueError(f"prompt_index {prompt_index} is out of range for {len(result.prompts)} prompts")
-    maps = result.attention[res][prompt_index]  # (h, w, 77)
+    maps = result.attention[res][prompt_index]  # (h, w, L)
     image = None
     if overlay and isinstance(result.images, list) and isinstance(result.images[prompt_index], Image.Image):
         image = result.images[prompt_index]

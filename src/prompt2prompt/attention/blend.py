@@ -11,7 +11,7 @@ def word_mask(
 ) -> torch.Tensor:
     """Where the words' attention is high: a (h, w) boolean mask at the latent size.
 
-    `maps` is one prompt's (res_h, res_w, 77) attention; the words' tokens are summed, max-pooled 3x3
+    `maps` is one prompt's (res_h, res_w, L) attention; the words' tokens are summed, max-pooled 3x3
     (when `pool`), nearest-upsampled, divided by the maximum and compared with `threshold`.
     """
     if not positions:

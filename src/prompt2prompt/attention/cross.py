@@ -201,9 +201,9 @@ def edited_map(a_s: torch.Tensor, a_e: torch.Tensor, plan: EditPlan, e: int, ste
 
 
 def _edit_cross_probs(probs: torch.Tensor, first: int, a_s: torch.Tensor, plan: EditPlan, step: int) -> torch.Tensor:
-    """The contract's cross-attention edit on materialised probabilities (B, heads, Q, 77) of the edit rows.
+    """The contract's cross-attention edit on materialised probabilities (B, heads, Q, L) of the edit rows.
 
-    `a_s` (heads, Q, 77) is the source's; the rows before `first` are returned as they are.
+    `a_s` (heads, Q, L) is the source's; the rows before `first` are returned as they are.
     """
     if plan.num_edits == 0:  # only the source, which is recorded but never edited
         return probs
@@ -216,9 +216,9 @@ def _fused_cross(q, k, v, mask, first: int, q_s, k_s, mask_s, plan: EditPlan, st
     flags = plan.flags[step]
     if not flags.cross:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    a = plan.a[step].to(v.dtype)[:, None, :, None]  # (E, 1, 77, 1); a no-op when the plan is in v's dtype
+    a = plan.a[step].to(v.dtype)[:, None, :, None]  # (E, 1, L, 1); a no-op when the plan is in v's dtype
     b = plan.b[step].to(v.dtype)[:, None, :, None]
-    v_edit = v[first:]  # (E, heads, 77, d)
+    v_edit = v[first:]  # (E, heads, L, d)
     v_mapped = torch.einsum("ekj,ehjd->ehkd", plan.mapper.to(v.dtype), v_edit * a)
     v_own = v_edit * b
     if flags.swap:

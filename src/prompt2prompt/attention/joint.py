@@ -203,7 +203,7 @@ def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int,
                 mask_e=None):
     """`T_final @ V_e[T]` and `r` of every edit, by two text-only attentions (the source's and the edit's own).
 
-    With `a = c w alpha`, `b = c w (1 - alpha) + 1 - c` (and their unweighted `ra`, `rb` for r), the text block
+    With `a = c w alpha`, `b = c w (1 - alpha) + 1 - c` (and their unweighted `a_unweighted`, `b_unweighted` for r), the text block
     is `t_s M diag(a) + t_e diag(b)`: `t_s @ (M (a V)) = mass_s * sdpa(Q_s, K_s[T], M (a V))`.
     """
     num_edits = v_text.shape[0]
@@ -211,7 +211,7 @@ def _text_terms(qi_s, kt_s, mass_s, qi_e, kt_e, mass_e, v_text, plan, step: int,
         own, r = _sdpa_with(qi_e, kt_e, v_text, torch.ones_like(v_text[..., :1]), mask_e)
         return mass_e * own, mass_e * r
     a, b = plan.a[step].to(v_text.dtype), plan.b[step].to(v_text.dtype)  # (E, L)
-    ra, rb = plan.ra[step].to(v_text.dtype), plan.rb[step].to(v_text.dtype)
+    ra, rb = plan.a_unweighted[step].to(v_text.dtype), plan.b_unweighted[step].to(v_text.dtype)
     mapper = plan.mapper.to(v_text.dtype)
     v_mapped = torch.einsum("ekj,ehjd->ehkd", mapper, v_text * a[:, None, :, None])
     r_mapped = torch.einsum("ekj,ej->ek", mapper, ra)[:, None, :, None]

@@ -44,17 +44,17 @@ class EditPlan:
     num_prompts: int
     num_inference_steps: int
     replace: tuple[bool, ...]  # (E,) replace mode (else refine)
-    mapper: torch.Tensor  # (E, 77, 77) replacement mapper M[k, j]; for refine the one-hot of m
-    refine_index: torch.Tensor  # (E, 77) long: refinement mapper m
-    alpha: torch.Tensor  # (E, 77) refinement alpha (1 for replace)
-    weights: torch.Tensor  # (E, 77) reweighting w
-    cross: torch.Tensor  # (N, E, 77) cross window c[i, e, j]
+    mapper: torch.Tensor  # (E, L, L) replacement mapper M[k, j]; for refine the one-hot of m
+    refine_index: torch.Tensor  # (E, L) long: refinement mapper m
+    alpha: torch.Tensor  # (E, L) refinement alpha (1 for replace)
+    weights: torch.Tensor  # (E, L) reweighting w
+    cross: torch.Tensor  # (N, E, L) cross window c[i, e, j]
     self_active: torch.Tensor  # (N, E) bool self window
-    a: torch.Tensor  # (N, E, 77) fused coefficients: out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e)
-    b: torch.Tensor  # (N, E, 77)
+    a: torch.Tensor  # (N, E, L) fused coefficients: out_e = A_s @ (M (a * V_e)) + A_e @ (b * V_e)
+    b: torch.Tensor  # (N, E, L)
     swap: torch.Tensor  # (N, E) bool: b is all zero, so the edit's own attention drops out
-    ra: torch.Tensor  # (N, E, L) a and b without the weights: the text mass an MM-DiT edit keeps (joint.py)
-    rb: torch.Tensor
+    a_unweighted: torch.Tensor  # (N, E, L) a and b without the weights: the text mass an MM-DiT edit keeps (joint.py)
+    b_unweighted: torch.Tensor
     mix_index: tuple[torch.Tensor | None, ...]  # per step, `flags[i].mix` as a long tensor (None if empty)
     flags: tuple[StepFlags, ...]  # per step, on the host
     # (P, L) additive key mask of each prompt's text: 0 on its true tokens, -inf on its masked padding; None when
@@ -71,7 +71,7 @@ class EditPlan:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
         tensors = {name: move(getattr(self, name)) for name in
-                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap", "ra", "rb")}
+                   ("mapper", "refine_index", "alpha", "weights", "cross", "self_active", "a", "b", "swap", "a_unweighted", "b_unweighted")}
         if self.key_mask is not None:
             tensors["key_mask"] = move(self.key_mask)
         mix_index = tuple(None if t is None else move(t) for t in self.mix_index)
@@ -129,7 +129,7 @@ def build_plan(source: Tokenized, edits: Sequence[Edit], tokenized: Sequence[Tok
     return EditPlan(
         num_prompts=e + 1, num_inference_steps=n, replace=tuple(replace), mapper=mapper, refine_index=refine_index,
         alpha=alpha, weights=weights, cross=cross, self_active=self_active, a=a, b=b, swap=swap, mix_index=mix_index,
-        flags=flags, ra=cross * alpha, rb=cross * (1 - alpha) + (1 - cross), key_mask=key_mask([source, *tokenized]),
+        flags=flags, a_unweighted=cross * alpha, b_unweighted=cross * (1 - alpha) + (1 - cross), key_mask=key_mask([source, *tokenized]),
     )
 
 

@@ -59,7 +59,7 @@ class RunState:
     cached: bool = False
     source: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     recorder: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
-    blend_sum: torch.Tensor | None = None  # (P, h, w, 77) summed over layers and evaluations
+    blend_sum: torch.Tensor | None = None  # (P, h, w, L) summed over layers and evaluations
     blend_layers: int = 0
     records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -81,7 +81,7 @@ class RunState:
         return self.plan.num_edits if self.cached else self.plan.num_prompts
 
     def record(self, probs: torch.Tensor, size: tuple[int, int], place: str) -> None:
-        """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, 77), averaged over heads.
+        """Accumulate conditional cross-attention maps of the last rows (.., heads, Q, L), averaged over heads.
 
         `probs` holds the source and the edits, or the edits alone in a cached run (the source's row then
         comes from the cache).

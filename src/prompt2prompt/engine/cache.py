@@ -34,8 +34,8 @@ class SourceCache:
     evaluations: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # per UNet evaluation: layer -> (q, k)
     step_latents: torch.Tensor  # the source's latents after each step: (N, 1, C, h, w)
     image: torch.Tensor  # the decoded source in [0, 1]: (1, 3, H, W)
-    blend_maps: torch.Tensor | None = None  # per evaluation, the blend layers' maps summed so far: (K, h, w, 77)
-    records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # size -> summed maps (1, h, w, 77)
+    blend_maps: torch.Tensor | None = None  # per evaluation, the blend layers' maps summed so far: (K, h, w, L)
+    records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # size -> summed maps (1, h, w, L)
     record_counts: dict[tuple[int, int], int] = field(default_factory=dict)
     inversion: Any = None  # the Inversion the source was made from, if any
 

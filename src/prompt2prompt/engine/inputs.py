@@ -94,7 +94,7 @@ def resolve_settings(family: Family, defaults: ModelDefaults, scheduler, steps, 
     width = default if width is None else width
     if not all(is_int(v) and v > 0 for v in (height, width)):
         raise ValueError(f"height and width must be positive integers, but are {height!r} and {width!r}")
-    multiple = family.multiple()
+    multiple = family.size_multiple()
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple}, but are {height} and {width}")
     family.check_pixels(height, width)

@@ -211,16 +211,16 @@ class Family:
     def default_size(self) -> int:
         return self.native_size()
 
-    def multiple(self) -> int:
+    def size_multiple(self) -> int:
         """What both sides of an image must be multiples of, in pixels."""
         raise NotImplementedError
 
-    def image_multiple(self) -> int:
+    def inversion_multiple(self) -> int:
         """What both sides of an image to invert must be multiples of, in pixels."""
-        return self.multiple()
+        return self.size_multiple()
 
     def size_unit(self) -> str:
-        """Why an image's sides are multiples of `image_multiple()`, for a message."""
+        """Why an image's sides are multiples of `inversion_multiple()`, for a message."""
         raise NotImplementedError
 
     def check_pixels(self, height: int, width: int) -> None:

@@ -136,7 +136,7 @@ class Flux2Family(MMDiTFamily):
     def patch_size(self) -> int:
         return 1  # the latents are patchified 2x2 already: one token per latent pixel
 
-    def multiple(self) -> int:
+    def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * 2
 
     def size_unit(self) -> str:

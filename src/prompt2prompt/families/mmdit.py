@@ -109,7 +109,7 @@ class MMDiTFamily(Family):
     def patch_size(self) -> int:
         raise NotImplementedError
 
-    def multiple(self) -> int:
+    def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * self.patch_size()
 
     def size_unit(self) -> str:

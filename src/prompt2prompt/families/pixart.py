@@ -81,7 +81,7 @@ class PixArtFamily(Family):
     def native_size(self) -> int:
         return self.model.config.sample_size * self.pipe.vae_scale_factor
 
-    def multiple(self) -> int:
+    def size_multiple(self) -> int:
         return self.pipe.vae_scale_factor * self.model.config.patch_size
 
     def size_unit(self) -> str:

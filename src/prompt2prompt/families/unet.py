@@ -97,10 +97,10 @@ class UNetFamily(Family):
     def native_size(self) -> int:
         return self.model.config.sample_size * self.pipe.vae_scale_factor
 
-    def multiple(self) -> int:
+    def size_multiple(self) -> int:
         return max(8, self.pipe.vae_scale_factor)  # diffusers' pipelines require multiples of 8 whatever the VAE
 
-    def image_multiple(self) -> int:
+    def inversion_multiple(self) -> int:
         return LATENT_MULTIPLE * self.pipe.vae_scale_factor
 
     def size_unit(self) -> str:
