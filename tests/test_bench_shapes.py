@@ -70,7 +70,7 @@ def bench(tmp_path_factory):
     seen = Counter()
     pairs = []
     for edit in shapes.shapes_edits(40, seed=0):
-        type_id = TYPES[edit.kind]
+        type_id = TYPES[edit.edit_type]
         pairs.append((f"{type_id}{seen[type_id]:011d}", edit))
         seen[type_id] += 1
     return out, mapping_path, mapping, pairs
@@ -145,7 +145,7 @@ def test_each_kind_masks_exactly_what_the_world_says_it_changes(bench, kind):
     border[1:-1, 1:-1] = False
     checked = 0
     for entry_id, edit in pairs:
-        if edit.kind != kind:
+        if edit.edit_type != kind:
             continue
         entry = mapping[entry_id]
         source, target = world.render(edit.source), world.render(edit.target)
@@ -218,7 +218,7 @@ def test_the_same_arguments_give_the_same_bytes_and_a_rewrite_replaces_files(ben
 
 
 def test_kinds_take_turns_and_bad_arguments_are_refused(tmp_path):
-    assert Counter(edit.kind for edit in shapes.shapes_edits(7)) == {"color": 2, "shape": 2, "background": 1,
+    assert Counter(edit.edit_type for edit in shapes.shapes_edits(7)) == {"color": 2, "shape": 2, "background": 1,
                                                                        "add": 1, "delete": 1}
     with pytest.raises(ValueError, match="multiple of 64.*500"):
         shapes.write_shapes_benchmark(tmp_path, size=500)

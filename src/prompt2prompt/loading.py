@@ -173,9 +173,9 @@ def _folder_family(source: ModelSource, index) -> tuple[str, type[families.Famil
     """(pipeline class name, family) of a diffusers folder, from its model_index.json `index`."""
     found = families.pipeline_class_for(index) if isinstance(index, dict) else None
     if found is None:
-        kind = index.get("_class_name") if isinstance(index, dict) else None
-        kind = kind if isinstance(kind, str) else "non-diffusers"
-        raise ModelLoadError(f"{source.id!r} holds a {kind} model; prompt2prompt edits "
+        class_name = index.get("_class_name") if isinstance(index, dict) else None
+        class_name = class_name if isinstance(class_name, str) else "non-diffusers"
+        raise ModelLoadError(f"{source.id!r} holds a {class_name} model; prompt2prompt edits "
                              f"{families.supported_models()} pipelines")
     return found
 
@@ -191,10 +191,10 @@ def _pipeline_class(source: ModelSource, index=None):
     else:
         index = _model_index(source) if index is None else index
         name, family = _folder_family(source, index)
-        kind = index.get("_class_name")
+        class_name = index.get("_class_name")
         missing = [component for component in family.components if not index.get(component)]
         if missing:
-            raise ModelLoadError(f"{source.id!r} holds a {kind} model without its {', '.join(map(repr, missing))}")
+            raise ModelLoadError(f"{source.id!r} holds a {class_name} model without its {', '.join(map(repr, missing))}")
         _check_libraries(source, index)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines warns about image processors we never use

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .cross import apply_probs, attention_probs, edited_map, replace_self, with_source
 from .state import RunState
 
-KINDS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
+STREAMS = ("joint", "single", "image")  # SD3 and Flux double-stream blocks; Flux single-stream; SD3.5's attn2
 
 
 def _sdpa_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor,
@@ -247,22 +247,22 @@ def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, explicit: bool) ->
 class JointAttend:
     """One MM-DiT attention layer's edited attention for one run: `(q, k, v, mask) -> out`, (B, heads, S, d).
 
-    `kind` is "joint" (a double-stream block's attention over image and text), "single" (a single-stream block's,
+    `stream` is "joint" (a double-stream block's attention over image and text), "single" (a single-stream block's,
     text first) or "image" (SD3.5's image-only `attn2`). A family's processor computes q, k and v as the model's
     own processor does and hands them here.
     """
 
-    def __init__(self, state: RunState, block: int, name: str, kind: str):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        self.state, self.block, self.name, self.kind = state, block, name, kind
+    def __init__(self, state: RunState, block: int, name: str, stream: str):
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, not {stream!r}")
+        self.state, self.block, self.name, self.stream = state, block, name, stream
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`: an additive key mask (B, 1, 1, S) that a family built from its pipeline's padding mask. The rules
         read the conditional rows last; a batch that holds them first is turned around and back."""
         rows, last = q.shape[0], self.state.in_conditional_last
         q, k, v, mask = last(q, rows), last(k, rows), last(v, rows), last(mask, rows)
-        if self.kind == "image":
+        if self.stream == "image":
             if mask is not None:
                 raise ValueError("Prompt-to-Prompt on image-only attention does not take an attention mask")
             return last(image_attend(q, k, v, self.state, self.block, self.name), rows)

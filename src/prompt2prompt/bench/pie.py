@@ -117,10 +117,10 @@ def decode_mask(pairs: Sequence[int], shape: tuple[int, int] = (SIZE, SIZE)) -> 
     return mask
 
 
-def _field(entry: dict[str, Any], name: str, key: str, kind: type = str) -> Any:
+def _field(entry: dict[str, Any], name: str, key: str, expected: type = str) -> Any:
     value = entry.get(name)
-    if not isinstance(value, kind):
-        raise PieError(f"entry {key!r} of {MAPPING_FILE}: {name} must be a {kind.__name__}, not {str(value)[:60]!r}")
+    if not isinstance(value, expected):
+        raise PieError(f"entry {key!r} of {MAPPING_FILE}: {name} must be a {expected.__name__}, not {str(value)[:60]!r}")
     return value
 
 
@@ -144,10 +144,10 @@ def load_pie(data_dir: str | Path, *, types: Sequence[str] | None = None) -> lis
     for key, entry in data.items():
         if not isinstance(entry, dict):
             raise PieError(f"entry {key!r} of {MAPPING_FILE} must be an object")
-        kind = _field(entry, "editing_type_id", key)
-        if kind not in EDITING_TYPES:
-            raise PieError(f"entry {key!r}: editing_type_id must be one of 0..9, not {kind!r}")
-        if types is not None and kind not in types:
+        editing_type = _field(entry, "editing_type_id", key)
+        if editing_type not in EDITING_TYPES:
+            raise PieError(f"entry {key!r}: editing_type_id must be one of 0..9, not {editing_type!r}")
+        if types is not None and editing_type not in types:
             continue
         relative = _field(entry, "image_path", key)
         image = (root / IMAGES / relative).resolve()
@@ -160,7 +160,7 @@ def load_pie(data_dir: str | Path, *, types: Sequence[str] | None = None) -> lis
         entries.append(Entry(
             id=str(key), image=image, original_prompt=strip_brackets(_field(entry, "original_prompt", key)),
             editing_prompt=strip_brackets(_field(entry, "editing_prompt", key)),
-            editing_instruction=entry.get("editing_instruction") or "", editing_type=kind, blended_word=blended,
+            editing_instruction=entry.get("editing_instruction") or "", editing_type=editing_type, blended_word=blended,
             mask=decode_mask(_field(entry, "mask", key, list)),
         ))
     return entries

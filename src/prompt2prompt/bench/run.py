@@ -171,13 +171,13 @@ def table(result: BenchResult, out: str | Path | None = None, *, published: bool
                if any(name in values for rows in result.rows.values() for values in rows.values())]
     scale = {**SCALE, "success": 100.0, "seconds": 1.0}
     sections: dict[str, dict[str, dict[str, float]]] = {}
-    for kind in ["all", *sorted({t for t in result.types.values()}, key=int)]:
+    for editing_type in ["all", *sorted({t for t in result.types.values()}, key=int)]:
         section = {}
         for method, rows in result.rows.items():
-            chosen = [v for entry_id, v in rows.items() if kind == "all" or result.types[entry_id] == kind]
+            chosen = [v for entry_id, v in rows.items() if editing_type == "all" or result.types[entry_id] == editing_type]
             section[method] = {c: _mean([v[c] * scale[c] for v in chosen if c in v]) for c in columns}
             section[method]["images"] = len(chosen)
-        sections[kind] = section
+        sections[editing_type] = section
     data = {"columns": columns, "sections": sections, "failed": result.failed, "settings": result.settings,
             "published": {m: PUBLISHED[m] for m in result.rows if m in PUBLISHED} if published else {}}
     if out is not None:
@@ -200,14 +200,14 @@ def _markdown(data: dict[str, Any]) -> str:
         lines += [f"Model {protocol['model']}, {protocol['num_inference_steps']} steps, guidance "
                   f"{protocol['guidance_scale']}, refinement with cross-attention {protocol['cross_steps']} and "
                   f"self-attention {protocol['self_steps']}; {data['settings'].get('resize') or 'no edit finished'}.", ""]
-    for kind, section in data["sections"].items():
-        title = "All editing types" if kind == "all" else f"Editing type {kind}: {EDITING_TYPES[kind]}"
+    for editing_type, section in data["sections"].items():
+        title = "All editing types" if editing_type == "all" else f"Editing type {editing_type}: {EDITING_TYPES[editing_type]}"
         lines += [f"### {title}", "", "| method | images | " + " | ".join(HEADERS[c] for c in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for method, values in section.items():
             lines.append(f"| {LABELS.get(method, method)} | {values['images']} | "
                          + " | ".join(_number(values[c]) for c in columns) + " |")
-        if kind == "all":
+        if editing_type == "all":
             for method, values in data["published"].items():
                 lines.append(f"| {LABELS[method]}, published (SD 1.4, 700 images) | 700 | "
                              + " | ".join(_number(values.get(c, math.nan)) for c in columns) + " |")
@@ -227,9 +227,9 @@ def _csv(data: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["editing_type", "method", "images", *data["columns"]])
-    for kind, section in data["sections"].items():
+    for editing_type, section in data["sections"].items():
         for method, values in section.items():
-            writer.writerow([kind, method, values["images"], *(_number(values[c]) for c in data["columns"])])
+            writer.writerow([editing_type, method, values["images"], *(_number(values[c]) for c in data["columns"])])
     for method, values in data["published"].items():
         writer.writerow(["all", f"{method} (published)", 700, *(_number(values.get(c, math.nan)) for c in data["columns"])])
     return buffer.getvalue()

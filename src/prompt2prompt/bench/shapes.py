@@ -29,10 +29,10 @@ from PIL import Image
 from ..demo import world
 from ..files import write_atomic, write_text_atomic
 
-__all__ = ["KINDS", "ShapesEdit", "edit_mask", "rle_encode", "shapes_edits", "write_shapes_benchmark"]
+__all__ = ["EDIT_TYPES", "ShapesEdit", "edit_mask", "rle_encode", "shapes_edits", "write_shapes_benchmark"]
 
-# kind -> (PIE editing type id, folder under annotation_images/)
-KINDS: dict[str, tuple[str, str]] = {
+# edit type -> (PIE editing type id, folder under annotation_images/)
+EDIT_TYPES: dict[str, tuple[str, str]] = {
     "color": ("6", "6_change_color"),
     "shape": ("1", "1_change_object"),
     "background": ("8", "8_change_background"),
@@ -46,7 +46,7 @@ OPPOSITE = dict(world.POSITION_PAIRS)  # where an added object goes; "center" ha
 class ShapesEdit:
     """One benchmark edit: the source scene, the edited scene and the PIE fields that are not images."""
 
-    kind: str  # a key of KINDS
+    edit_type: str  # a key of EDIT_TYPES
     source: world.Scene
     target: world.Scene
     instruction: str
@@ -66,10 +66,10 @@ def rle_encode(mask: np.ndarray) -> list[int]:
 
 
 def shapes_edits(num_scenes: int = 40, *, seed: int = 0) -> list[ShapesEdit]:
-    """The benchmark's edits: entry i is of kind `list(KINDS)[i % 5]`, on a held-out scene drawn from (seed, i)."""
+    """The benchmark's edits: entry i is of type `list(EDIT_TYPES)[i % 5]`, on a held-out scene drawn from (seed, i)."""
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be at least 1, got {num_scenes}")
-    return [_edit(list(KINDS)[i % len(KINDS)], np.random.default_rng([seed, i])) for i in range(num_scenes)]
+    return [_edit(list(EDIT_TYPES)[i % len(EDIT_TYPES)], np.random.default_rng([seed, i])) for i in range(num_scenes)]
 
 
 def write_shapes_benchmark(out_dir: str | Path, *, num_scenes: int = 40, seed: int = 0, size: int = 512) -> Path:
@@ -79,7 +79,7 @@ def write_shapes_benchmark(out_dir: str | Path, *, num_scenes: int = 40, seed: i
     images of an earlier, larger run that the new mapping does not list are left in place.
 
     Args:
-        num_scenes: entries, spread over the five kinds in turn (40: 8 of each).
+        num_scenes: entries, spread over the five edit types in turn (40: 8 of each).
         seed: draws the scenes and the edits.
         size: side of the images and masks, a multiple of 64 (512: PIE-Bench's).
 
@@ -88,12 +88,12 @@ def write_shapes_benchmark(out_dir: str | Path, *, num_scenes: int = 40, seed: i
     if size < world.SIZE or size % world.SIZE:
         raise ValueError(f"size must be a multiple of {world.SIZE} (each scene pixel becomes a block), got {size}")
     out_dir = Path(out_dir)
-    counts = dict.fromkeys(KINDS, 0)
+    counts = dict.fromkeys(EDIT_TYPES, 0)
     mapping = {}
     for edit in shapes_edits(num_scenes, seed=seed):
-        type_id, folder = KINDS[edit.kind]
-        entry_id = f"{type_id}{counts[edit.kind]:011d}"
-        counts[edit.kind] += 1
+        type_id, folder = EDIT_TYPES[edit.edit_type]
+        entry_id = f"{type_id}{counts[edit.edit_type]:011d}"
+        counts[edit.edit_type] += 1
         image_path = f"{folder}/{entry_id}.png"
         (out_dir / "annotation_images" / folder).mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(_upscale(world.render(edit.source).image, size))  # (size, size, 3) uint8: RGB
@@ -119,39 +119,39 @@ def edit_mask(edit: ShapesEdit) -> np.ndarray:
     them changes too: a perfect edit is not quite unchanged outside the mask.
     """
     source, target = world.render(edit.source).masks, world.render(edit.target).masks
-    if edit.kind == "color":
+    if edit.edit_type == "color":
         return source[0]
-    if edit.kind == "shape":
+    if edit.edit_type == "shape":
         return source[0] | target[0]
-    if edit.kind == "background":
+    if edit.edit_type == "background":
         return ~source[0]
-    if edit.kind == "add":
+    if edit.edit_type == "add":
         return target[1]
     return source[1]  # delete
 
 
-def _edit(kind: str, rng: np.random.Generator) -> ShapesEdit:
-    """One edit of `kind` on a held-out scene, every choice drawn from `rng`."""
-    if kind == "delete":
+def _edit(edit_type: str, rng: np.random.Generator) -> ShapesEdit:
+    """One edit of `edit_type` on a held-out scene, every choice drawn from `rng`."""
+    if edit_type == "delete":
         source = world.sample_scene(int(rng.integers(2**32)), num_objects=2, split="heldout")
         gone = source.objects[1]
-        return ShapesEdit(kind, source, replace(source, objects=source.objects[:1]),
+        return ShapesEdit(edit_type, source, replace(source, objects=source.objects[:1]),
                           f"Remove the {gone.color} {gone.shape}", "")
     source = world.sample_scene(int(rng.integers(2**32)), split="heldout")
-    while kind == "add" and source.objects[0].position not in OPPOSITE:
+    while edit_type == "add" and source.objects[0].position not in OPPOSITE:
         source = world.sample_scene(int(rng.integers(2**32)), split="heldout")
     obj = source.objects[0]
-    if kind == "color":
+    if edit_type == "color":
         color = str(rng.choice([c for c in world.COLORS if c != obj.color]))
         target = replace(source, objects=(replace(obj, color=color),))
-        return ShapesEdit(kind, source, target, f"Make the {obj.shape} {color}", f"{obj.color} {color}")
-    if kind == "shape":
+        return ShapesEdit(edit_type, source, target, f"Make the {obj.shape} {color}", f"{obj.color} {color}")
+    if edit_type == "shape":
         shape = str(rng.choice([s for s in world.SHAPES if s != obj.shape]))
         target = replace(source, objects=(replace(obj, shape=shape),))
-        return ShapesEdit(kind, source, target, f"Change the {obj.shape} to a {shape}", f"{obj.shape} {shape}")
-    if kind == "background":
+        return ShapesEdit(edit_type, source, target, f"Change the {obj.shape} to a {shape}", f"{obj.shape} {shape}")
+    if edit_type == "background":
         background = str(rng.choice([b for b in world.BACKGROUNDS if b != source.background]))
-        return ShapesEdit(kind, source, replace(source, background=background),
+        return ShapesEdit(edit_type, source, replace(source, background=background),
                           f"Change the background to {background}", "")
     # add: a second object as the world's two-object scenes have it, another colour at the opposite position
     position = OPPOSITE[obj.position]
@@ -159,7 +159,7 @@ def _edit(kind: str, rng: np.random.Generator) -> ShapesEdit:
     dx, dy = rng.uniform(-world.JITTER, world.JITTER, size=2)
     new = world.Obj(str(rng.choice(world.SHAPES)), str(rng.choice([c for c in world.COLORS if c != obj.color])),
                     str(rng.choice(list(world.SIZES))), position, (x + float(dx), y + float(dy)))
-    return ShapesEdit(kind, source, replace(source, objects=(obj, new)), f"Add {new.phrase()}", "")
+    return ShapesEdit(edit_type, source, replace(source, objects=(obj, new)), f"Add {new.phrase()}", "")
 
 
 def _bracket(original: str, edited: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from prompt2prompt.loading import DEMO_MODEL as MODEL_DIR  # the embedded UNet m
 SOURCE = "a big red circle in the center on a white background"
 SEED = 1
 # The paper's point: a caption without a position word lets the seed and the whole caption place things, so
-# regenerating the edited caption from the same seed may move them; P2P keeps them. A colour swap is the edit kind
+# regenerating the edited caption from the same seed may move them; P2P keeps them. A colour swap is the kind of edit
 # where both models show it (docs/demo-model.md measures it); the seed is one where regeneration moves the circle.
 FREE_SOURCE = "a small red circle on a white background"
 FREE_EDIT = "a small green circle on a white background"

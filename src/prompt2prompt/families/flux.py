@@ -21,7 +21,7 @@ FLUX_VITAL_BLOCKS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
 
 
 def double_then_single(model) -> list[tuple[str, str]]:
-    """(processor name, kind) of a Flux-style transformer's layers as they run: its double-stream blocks' ("joint"),
+    """(processor name, stream) of a Flux-style transformer's layers as they run: its double-stream blocks' ("joint"),
     then its single-stream blocks' ("single"); Flux.1's and FLUX.2's name them alike."""
     names = list(model.attn_processors)
     double = [n for n in names if n.startswith("transformer_blocks.")]

@@ -99,8 +99,8 @@ class Flux2Family(MMDiTFamily):
 
     def processors(self, states, counts):
         processors = super().processors(states, counts)
-        for name, (_, kind) in self.blocks().items():
-            if kind == "single":  # the parallel single-stream block has its own projections
+        for name, (_, stream) in self.blocks().items():
+            if stream == "single":  # the parallel single-stream block has its own projections
                 processors[name] = Flux2SingleProcessor(processors[name].attend)
         return processors
 

@@ -118,17 +118,17 @@ class MMDiTFamily(Family):
     # -- Blocks --------------------------------------------------------------------------------------------------
 
     def block_names(self) -> list[tuple[str, str]]:
-        """(processor name, kind) of every attention layer, in the order the blocks run."""
+        """(processor name, stream) of every attention layer, in the order the blocks run."""
         raise NotImplementedError
 
     def blocks(self) -> dict[str, tuple[int, str]]:
-        """Processor name -> (block number, kind)."""
+        """Processor name -> (block number, stream)."""
         numbers: dict[str, int] = {}
         out = {}
-        for name, kind in self.block_names():
+        for name, stream in self.block_names():
             block_name = name.rsplit(".attn", 1)[0]
             number = numbers.setdefault(block_name, len(numbers))
-            out[name] = (number, kind)
+            out[name] = (number, stream)
         return out
 
     def num_blocks(self) -> int:
@@ -170,8 +170,8 @@ class MMDiTFamily(Family):
 
     def processors(self, states: Sequence[RunState], counts: Sequence[int]) -> dict[str, Any]:
         processors = {}
-        for name, (number, kind) in self.blocks().items():
-            attends = [JointAttend(state, number, name, kind) for state in states]
+        for name, (number, stream) in self.blocks().items():
+            attends = [JointAttend(state, number, name, stream) for state in states]
             attend = attends[0] if len(attends) == 1 else _Grouped(attends, list(counts))
             processors[name] = self.processor_class(attend)
         return processors

@@ -185,7 +185,7 @@ class ZImageFamily(MMDiTFamily):
     def block_names(self) -> list[tuple[str, str]]:
         """The image-only refiner's attention layers, then the main blocks' (the text-only refiner is not edited)."""
         names = [(name, "image") for name, _ in self.model.noise_refiner.named_children()]
-        names = [(f"noise_refiner.{name}.attention", kind) for name, kind in names]
+        names = [(f"noise_refiner.{name}.attention", stream) for name, stream in names]
         return names + [(f"layers.{name}.attention", "single") for name, _ in self.model.layers.named_children()]
 
     def default_self_blocks(self) -> frozenset[int]:

@@ -92,8 +92,8 @@ def _loops(family: Family):
     """The inversion loops for the scheduler an edit of an inversion runs on (the family's, else the pipeline's)."""
     scheduler = family.inversion_scheduler()
     scheduler = family.pipe.scheduler if scheduler is None else scheduler
-    for kind, loops in _LOOPS:
-        if isinstance(scheduler, kind):
+    for scheduler_type, loops in _LOOPS:
+        if isinstance(scheduler, scheduler_type):
             return loops
     raise ValueError(f"inversion reverses DDIMScheduler's DDIM step or FlowMatchEulerDiscreteScheduler's Euler step; "
                      f"this pipeline's scheduler is {type(scheduler).__name__}: load the model's own scheduler")

@@ -97,14 +97,14 @@ def step_coefficients(scheduler: DDIMScheduler, timestep: int) -> tuple[float, f
     alpha_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
     s, sp = math.sqrt(alpha), math.sqrt(alpha_prev)  # signal scales
     n, np_ = math.sqrt(1 - alpha), math.sqrt(1 - alpha_prev)  # noise scales
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":  # x0 = (x - n out) / s, eps = out
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":  # x0 = (x - n out) / s, eps = out
         return sp / s, np_ - sp * n / s
-    if kind == "v_prediction":  # x0 = s x - n v, eps = s v + n x
+    if prediction == "v_prediction":  # x0 = s x - n v, eps = s v + n x
         return sp * s + np_ * n, np_ * s - sp * n
-    if kind == "sample":  # x0 = out, eps = (x - s out) / n
+    if prediction == "sample":  # x0 = out, eps = (x - s out) / n
         return np_ / n, sp - np_ * s / n
-    raise ValueError(f"cannot invert a scheduler with prediction_type={kind!r}")
+    raise ValueError(f"cannot invert a scheduler with prediction_type={prediction!r}")
 
 
 def inverse_step(scheduler: DDIMScheduler, model_output: torch.Tensor, timestep: int,
