@@ -25,7 +25,7 @@ TENSOR_NAMES = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds
 # The documented layers (docs/development.md, "Package layout"), top first: a module imports its own layer and the
 # layers above it only. The package's root re-exports the public API lazily, for the front ends.
 LAYERS = (("limits",), ("alignment", "schedules"), ("edits",), ("attention",), ("families",),
-          ("images", "visualize", "files", "loading"), ("inversion",), ("engine",), ("recipe", "syntax"),
+          ("images", "visualize", "files", "loading", "schedulers"), ("inversion",), ("engine",), ("recipe", "syntax"),
           ("", "cli", "webapp", "batch", "bench", "demo"))
 # Attributes that tell one kind of pipeline from another (a UNet, a transformer, SDXL's and SD3's extra encoders).
 MODEL_ATTRIBUTES = {"unet", "transformer", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}

@@ -136,7 +136,7 @@ def test_every_malformed_line_is_reported_with_its_number(tmp_path, tiny_sd_dir)
     message = str(caught.value)
     expected = {
         2: "not valid JSON", 3: "'steps' (did you mean 'num_inference_steps'?)", 4: "the job has no edits: give",
-        5: "self_steps", 7: "seed must be a non-negative integer", 8: "cannot be read as an image",
+        5: "self_steps", 7: "seed must be an integer from 0 to 2**63 - 1", 8: "cannot be read as an image",
         9: "'missing.png' is not a file", 10: "'inversion' needs an 'image'", 11: "id must be",
         12: "source_words and edit_words", 14: "already line 13's", 15: "a job is a JSON object, not list",
     }
@@ -470,7 +470,7 @@ def test_manifest_settings_have_the_recipe_s_bounds(tmp_path, tiny_sd_dir):
         2: "height must be a positive multiple of 8 px up to 4096", 3: "guidance_scale must be a finite number",
         4: "guidance_scale must be a finite number from -100 to 100", 5: "edits must be a non-empty list of edits of at most 64",
         6: "inversion num_inner_steps must be an integer from 0 to 100", 7: "early_stop_epsilon must be a finite number >= 0",
-        8: "id must be 1-100 letters", 9: "seed must be a non-negative integer", 10: "an integer of more than 4300 digits, which no field takes",
+        8: "id must be 1-100 letters", 9: "seed must be an integer from 0 to 2**63 - 1", 10: "an integer of more than 4300 digits, which no field takes",
         11: "not valid JSON (nested too deeply)", 12: "model '~nobody-here/model' is neither a usable path nor a hub id",
     }
     lines = str(caught.value).splitlines()[1:]

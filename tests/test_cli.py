@@ -16,7 +16,7 @@ from saved_models import tiny_sd_dir, tiny_sd_pickle_dir  # noqa: F401 (fixtures
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p
-from prompt2prompt import cli
+from prompt2prompt import engine, loading
 from prompt2prompt.cli import app
 from prompt2prompt.loading import load_pipeline
 from prompt2prompt.recipe import RECIPE_KEY, read_recipe, save_png
@@ -233,6 +233,12 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was loaded before the arguments were checked")
 
 
+def _forbid_model_loads(monkeypatch, fail) -> None:
+    """Make `fail` stand in for the library functions that every command loads its model through."""
+    monkeypatch.setattr(loading, "resolve_model", fail)
+    monkeypatch.setattr(engine, "load_editor", fail)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -247,8 +253,7 @@ def _no_model(*args, **kwargs):
     ],
 )
 def test_bad_edits_fail_before_a_model_loads(tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr(cli, "resolve_model", _no_model)
-    monkeypatch.setattr(cli, "load_editor", _no_model)
+    _forbid_model_loads(monkeypatch, _no_model)
     result = run("edit", *args, "--out", tmp_path)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
@@ -263,8 +268,7 @@ def test_syntax_errors_point_at_the_column(tiny_sd_dir, tmp_path):
 
 def test_messages_show_backslashes_and_keep_the_caret_under_its_column(tmp_path, monkeypatch):
     """Printed as rich markup, '\\[' lost its backslash: the advice said to write '[' and the caret moved left."""
-    monkeypatch.setattr(cli, "resolve_model", _no_model)
-    monkeypatch.setattr(cli, "load_editor", _no_model)
+    _forbid_model_loads(monkeypatch, _no_model)
     result = run("edit", r"a \[ [[red->green]] circle", "--out", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
@@ -389,8 +393,7 @@ def test_replay_refuses_crafted_recipes_before_a_model_loads(inline_edit, tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the recipe was checked")
 
-    monkeypatch.setattr(cli, "resolve_model", no_model)
-    monkeypatch.setattr(cli, "load_editor", no_model)
+    _forbid_model_loads(monkeypatch, no_model)
     result = run("replay", _crafted(inline_edit, tmp_path / "crafted.png", **changes), "--out", tmp_path / "replay")
     assert result.exit_code == 2, result.output
     assert message in _one_message(result)
@@ -406,9 +409,14 @@ def test_replay_takes_only_a_scheduler_the_pipeline_lists(inline_edit, tmp_path,
 
 
 def test_replay_of_a_result_with_nan_is_a_runtime_error(inline_edit, tmp_path, monkeypatch):
-    from prompt2prompt.engine import EditResult
+    real_run = p2p.Editor.run
 
-    monkeypatch.setattr(p2p.Editor, "edit", lambda *args, **kwargs: EditResult(np.full((2, 32, 32, 3), np.nan), [], []))
+    def diverging_run(self, *args, **kwargs):  # what a float16 overflow gives
+        result = real_run(self, *args, **kwargs)
+        result.images[:] = float("nan")
+        return result
+
+    monkeypatch.setattr(p2p.Editor, "run", diverging_run)
     result = run("replay", inline_edit[0] / "edit-1.png", "--out", tmp_path / "replay")
     assert result.exit_code == 1, result.output
     assert "error: the result has NaN/inf values" in _one_message(result)
@@ -453,8 +461,7 @@ def _one_error(result, message: str) -> None:
 )
 def test_usage_errors_are_one_line_and_exit_2_before_any_model_loads(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "resolve_model", _no_model)
-    monkeypatch.setattr(cli, "load_editor", _no_model)
+    _forbid_model_loads(monkeypatch, _no_model)
     result = run(*args)
     assert result.exit_code == 2, result.output
     _one_error(result, message)
@@ -462,8 +469,7 @@ def test_usage_errors_are_one_line_and_exit_2_before_any_model_loads(tmp_path, m
 
 
 def test_runtime_errors_are_one_line_and_exit_1_before_any_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "resolve_model", _no_model)
-    monkeypatch.setattr(cli, "load_editor", _no_model)
+    _forbid_model_loads(monkeypatch, _no_model)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = run("edit", "a [cat->dog]", "--device", "cuda", "--out", tmp_path)
     assert result.exit_code == 1
@@ -644,8 +650,7 @@ def test_seeds_make_one_run_folder_and_grid_each(tmp_path):
 )
 def test_seeds_and_scheduler_misuse_is_refused_before_a_model_loads(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "resolve_model", _no_model)
-    monkeypatch.setattr(cli, "load_editor", _no_model)
+    _forbid_model_loads(monkeypatch, _no_model)
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     prompt = ["--prompt", "a cat", "--to", "a dog"] if "--image" in args else ["a [cat->dog]"]
     result = run("edit", *prompt, *args)

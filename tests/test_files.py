@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from prompt2prompt import files
-from prompt2prompt.files import run_slug, write_atomic, write_folder_atomic, write_text_atomic
+from prompt2prompt.files import clear_staging, run_slug, write_atomic, write_folder_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -123,6 +123,56 @@ def test_a_failed_run_leaves_no_folder_and_a_users_latest_is_kept(tmp_path):
     (tmp_path / "latest").mkdir()  # the user's own folder of that name: not a link to replace
     folder = write_folder_atomic(tmp_path, "a-cat", _fill("source.png"))
     assert folder.name == "0001-a-cat" and not (tmp_path / "latest").is_symlink()
+
+
+def test_a_named_folder_is_staged_apart_and_published_once(tmp_path, umask):
+    os.umask(0o027)
+    (tmp_path / "jobs").mkdir()
+    staging = tmp_path / ".staging"
+    folder = write_folder_atomic(tmp_path / "jobs", "job-1", _fill("grid.png"), numbered=False, staging=staging)
+    assert folder == tmp_path / "jobs" / "job-1" and (folder / "grid.png").read_text() == "grid.png"
+    assert mode(folder) == 0o750 and not staging.exists()  # the staging folder goes once empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs"]  # no `latest`: only numbered runs have one
+    with pytest.raises(FileExistsError, match="job-1"):
+        write_folder_atomic(tmp_path / "jobs", "job-1", _fill("other.png"), numbered=False, staging=staging)
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.png"] and not staging.exists()
+    (tmp_path / "jobs" / "job-2").mkdir()  # even an empty folder, which a directory rename would replace
+    with pytest.raises(FileExistsError):
+        write_folder_atomic(tmp_path / "jobs", "job-2", _fill("grid.png"), numbered=False)
+    with pytest.raises(ValueError, match="one plain name"):
+        write_folder_atomic(tmp_path, "../job-3", _fill("grid.png"), numbered=False)
+
+
+def test_a_replaced_folder_is_the_new_one_whole_and_a_failed_write_keeps_the_old(tmp_path):
+    model = write_folder_atomic(tmp_path, "model", _fill("unet.safetensors", "old.json"), numbered=False, replace=True)
+    write_folder_atomic(tmp_path, "model", _fill("unet.safetensors"), numbered=False, replace=True)
+    assert sorted(p.name for p in model.iterdir()) == ["unet.safetensors"]  # nothing of the old one mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # neither the old folder nor a staging one left
+
+    def failing(folder):
+        (folder / "unet.safetensors").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomic(tmp_path, "model", failing, numbered=False, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (model / "unet.safetensors").read_text() == "unet.safetensors"
+    with pytest.raises(ValueError, match="numbered or replace"):
+        write_folder_atomic(tmp_path, "model", failing, replace=True)
+
+
+def test_clearing_a_staging_folder_removes_what_a_stopped_write_left(tmp_path):
+    staging = tmp_path / ".staging"
+    (staging / ".job-1.abcd1234.tmp").mkdir(parents=True)
+    (staging / ".job-1.abcd1234.tmp" / "grid.png").write_text("half")
+    (staging / "stray.txt").write_text("")
+    (tmp_path / "kept").mkdir()
+    (staging / "link").symlink_to(tmp_path / "kept")
+    assert [path.name for path in clear_staging(staging)] == [".job-1.abcd1234.tmp", "link", "stray.txt"]
+    assert not staging.exists() and (tmp_path / "kept").is_dir()  # a link is removed, never followed
+    staging.write_text("a file in its place")
+    assert clear_staging(staging) == [staging] and not staging.exists()
+    assert clear_staging(staging) == []
 
 
 @pytest.mark.parametrize("text, slug", [("a big [red->green] circle", "a-big-red-green-circle"),

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prompt2prompt.syntax import ParsedPrompt, PromptSyntaxError, parse_prompt
+from prompt2prompt.syntax import ParsedPrompt, PromptSyntaxError, edit_prompt, inline_edit, parse_prompt
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,26 @@ def test_an_error_shows_the_prompt_on_one_line_with_the_caret_under_its_column(t
         parse_prompt(text)
     header, shown, caret = str(caught.value).split("\n")  # three lines, whatever the prompt holds
     assert len(shown) == len(text) + 2 and shown.strip() and caret.index("^") == caught.value.column + 1
+
+
+@pytest.mark.parametrize(
+    "text, source, spec",
+    [
+        ("a [cat->dog] riding a (red:1.5) bike", "a cat riding a red bike",
+         {"prompt": "a dog riding a red bike", "weights": [[4, 1.5]]}),
+        ("a house[+ at winter]", "a house", {"prompt": "a house at winter", "weights": None}),
+        ("a (fluffy:2) cat", "a fluffy cat", {"prompt": "a fluffy cat", "weights": [[1, 2.0]]}),  # a pure reweight
+        (r"a  cat\[1\]", "a cat[1]", None),
+    ],
+)
+def test_inline_markup_makes_a_recipes_first_edit(text, source, spec):
+    assert inline_edit(text) == (source, spec)
+
+
+def test_an_edit_prompt_weights_words_but_swaps_none():
+    assert edit_prompt("a  (big:2) dog") == {"prompt": "a big dog", "weights": [[1, 2.0]]}
+    assert edit_prompt("a [dog->dog]") == {"prompt": "a dog", "weights": None}  # markup that changes nothing
+    with pytest.raises(ValueError, match=r"^--to takes an edit prompt, .* not \[old->new\] markup: 'a \[cat->dog\]'"):
+        edit_prompt("a [cat->dog]", what="--to")
+    with pytest.raises(PromptSyntaxError, match="column 8: the weight .x. is not a number"):
+        edit_prompt("a (big:x) dog")

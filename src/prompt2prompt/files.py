@@ -5,13 +5,16 @@ system) and is renamed over the target with `os.replace`. The temporary file kee
 for writers that choose a format by it (`PIL.Image.save`, `numpy.savez`), and it gets the mode a plain
 `open()` would give (0o666 less the umask), not `mkstemp`'s 0o600.
 
-A run's folder of files is published the same way: `write_folder_atomic` fills a hidden staging folder and
-renames it, whole, to the next free numbered name (`0001-a-big-red-circle-seed7`); a run never overwrites or
-mixes with an earlier one, and a reader never sees half a run.
+A folder of files is published the same way, by `write_folder_atomic`, the one place that does it: it fills a
+hidden staging folder and renames it, whole, into place. A run of `p2p edit` takes the next free numbered name
+(`0001-a-big-red-circle-seed7`) and `latest` links to it; a batch job takes a name of its own; an exported
+model replaces its folder. Nothing is overwritten by accident, nothing is mixed with an earlier folder,
+and a reader never sees half of one. `clear_staging` removes what a stopped write left in a staging folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -22,7 +25,8 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LATEST", "run_slug", "temporary_target", "write_atomic", "write_folder_atomic", "write_text_atomic"]
+__all__ = ["LATEST", "clear_staging", "run_slug", "temporary_target", "write_atomic", "write_folder_atomic",
+           "write_text_atomic"]
 
 LATEST = "latest"  # the link, beside the numbered run folders, to the newest of them
 _NUMBERED = re.compile(r"(\d{4,})-")  # a run folder's number, at the start of its name
@@ -117,25 +121,115 @@ def _next_number(parent: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def write_folder_atomic(parent: str | os.PathLike, label: str, write: Callable[[Path], object]) -> Path:
-    """Call `write(staging)` to fill a new folder, then rename it into `parent`, whole, as `NNNN-label`.
+def write_folder_atomic(parent: str | os.PathLike, name: str, write: Callable[[Path], object], *,
+                        numbered: bool = True, replace: bool = False,
+                        staging: str | os.PathLike | None = None) -> Path:
+    """Call `write(folder)` to fill a new hidden folder, then rename it, whole, into `parent` as `name`.
 
-    NNNN is the next number after the highest among `parent`'s numbered entries, so runs sort in their order;
-    a name taken meanwhile (by a run in another process) moves on to the next. The folder gets the mode a plain
-    `mkdir` gives. `parent` must exist. On any error the staging folder is removed and `parent` is left as it
-    was. Returns the published folder; `latest` in `parent` then links to it, where links can be made.
+    `parent` must exist. The folder gets the mode a plain `mkdir` gives. On any error the staging folder is removed
+    and `parent` is left as it was. Returns the published folder.
+
+    Args:
+        numbered: publish as `NNNN-name`, NNNN the next number after the highest among `parent`'s numbered
+            entries, so that runs sort in their order (a name taken meanwhile, by a run in another process, moves on
+            to the next), and point `parent/latest` at it where links can be made. Otherwise publish as `name`,
+            which must not exist yet, unless `replace`.
+        replace: an existing `parent/name` is replaced (for a folder with a fixed name, such as an exported
+            model). The old folder is moved aside, the new one renamed in, then the old one removed: a reader sees
+            the old folder or the new one, each whole, but for the instant between the two renames none.
+        staging: the folder to fill the new one in (made if missing, and removed again once empty); on the same file
+            system as `parent`. Default: `parent` itself, where the new folder is hidden as `.name.XXXXXXXX.tmp`.
+
+    Example: `write_folder_atomic("outputs", "a-cat-seed7", lambda folder: image.save(folder / "source.png"))`.
     """
     parent = Path(parent)
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{label}.", suffix=".tmp"))
+    if numbered and replace:
+        raise ValueError("a numbered folder takes a new number, so it replaces nothing: pass numbered or replace")
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"a folder name must be one plain name, not {name!r}")
+    folder = _staging_folder(parent if staging is None else Path(staging), name)
     try:
-        write(staging)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the run from the user's group
-        folder = _rename_numbered(staging, parent, label)
+        write(folder)
+        os.chmod(folder, 0o777 & ~_umask())  # mkdtemp's 0o700 would keep the folder from the user's group
+        if numbered:
+            published = _rename_numbered(folder, parent, name)
+        elif replace:
+            published = _rename_replacing(folder, parent / name)
+        else:
+            published = _rename_new(folder, parent / name)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    _link_latest(parent, folder)
-    return folder
+    finally:
+        if staging is not None:
+            with contextlib.suppress(OSError):  # not empty: another write is being staged there
+                Path(staging).rmdir()
+    if numbered:
+        _link_latest(parent, published)
+    return published
+
+
+def clear_staging(staging: str | os.PathLike) -> list[Path]:
+    """Remove a staging folder of `write_folder_atomic` and whatever a stopped write left there: half-filled
+    folders, or a file in its place (a link in its place is removed, never followed). Returns what was removed.
+
+    >>> import tempfile; parent = Path(tempfile.mkdtemp())
+    >>> (parent / ".staging" / "half").mkdir(parents=True)
+    >>> [path.name for path in clear_staging(parent / ".staging")], (parent / ".staging").exists()
+    (['half'], False)
+    """
+    staging = Path(staging)
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+        return [staging]
+    removed = sorted(staging.iterdir()) if staging.is_dir() else []
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # missing, or filled meanwhile by a write being staged
+        staging.rmdir()
+    return removed
+
+
+def _staging_folder(staging: Path, name: str) -> Path:
+    """A new hidden folder in `staging` (made if missing) to fill before its rename."""
+    for _ in range(_TRIES):
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(tempfile.mkdtemp(dir=staging, prefix=f".{name}.", suffix=".tmp"))
+        except FileNotFoundError:  # another write removed `staging`, empty, after its own rename: make it again
+            continue
+    raise FileNotFoundError(f"cannot make a staging folder in {str(staging)!r}")
+
+
+def _rename_new(folder: Path, target: Path) -> Path:
+    # A directory rename would replace an empty folder of that name: one that exists is refused first.
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(f"{str(target)!r} exists already; a folder is published once")
+    os.rename(folder, target)  # fails on a non-empty folder of that name made since the check
+    return target
+
+
+def _rename_replacing(folder: Path, target: Path) -> Path:
+    if not (target.exists() or target.is_symlink()):
+        os.rename(folder, target)
+        return target
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    try:
+        os.rename(target, aside / target.name)
+        try:
+            os.rename(folder, target)
+        except BaseException:
+            os.rename(aside / target.name, target)  # the old folder back in its place
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):  # empty unless the old folder could not go back: then it is kept there
+            aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
 
 
 def _rename_numbered(staging: Path, parent: Path, label: str) -> Path:

@@ -8,6 +8,10 @@
 A backslash makes the next character literal (``\\[``, ``\\(``, ``\\\\``, ``\\->``). Runs of whitespace collapse to
 one space, and words are what runs of whitespace separate, as everywhere in prompt2prompt. Weights are keyed by
 word position in the edit prompt; they are bounded by `MAX_WEIGHT`.
+
+What the syntax means for a recipe is here too, for every front end alike (the CLI, the web app, batch manifests):
+`inline_edit` turns a source prompt's markup into its edit, `edit_prompt` turns an edit prompt (which may weight
+words but swaps none) into an edit, each as a recipe's edit spec `{"prompt": ..., "weights": ...}`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 from .limits import MAX_WEIGHT
 
-__all__ = ["ParsedPrompt", "PromptSyntaxError", "parse_prompt"]
+__all__ = ["ParsedPrompt", "PromptSyntaxError", "edit_prompt", "inline_edit", "parse_prompt"]
+
 
 class PromptSyntaxError(ValueError):
     """A malformed inline prompt; `column` (1-based) points at the offending character."""
@@ -257,3 +263,42 @@ def parse_prompt(text: str) -> ParsedPrompt:
         if "\ud800" <= char <= "\udfff":  # how Python hands over bytes of a command line that are not UTF-8
             raise PromptSyntaxError(text, column, "this is not a character: the text has bytes that are not UTF-8")
     return _Parser(text).parse()
+
+
+def _spec(prompt: str, weights: dict[int, float]) -> dict[str, Any]:
+    """A recipe's edit spec: the prompt, and its weights as [word position, weight] pairs (None without any)."""
+    return {"prompt": prompt, "weights": [[position, weight] for position, weight in weights.items()] or None}
+
+
+def inline_edit(text: str) -> tuple[str, dict[str, Any] | None]:
+    """The source prompt of an inline prompt, and the edit spec its markup makes (None for a plain prompt).
+
+    The spec holds the edit's prompt and weights, as a recipe's edits do; the caller adds its other fields.
+    Raises `PromptSyntaxError` as `parse_prompt` does.
+
+    >>> inline_edit("a [cat->dog] on a (red:1.5) mat")
+    ('a cat on a red mat', {'prompt': 'a dog on a red mat', 'weights': [[4, 1.5]]})
+    >>> inline_edit("a cat on a mat")
+    ('a cat on a mat', None)
+    """
+    parsed = parse_prompt(text)
+    return parsed.source, None if parsed.edit is None else _spec(parsed.edit, parsed.weights)
+
+
+def edit_prompt(text: str, *, what: str = "an edit") -> dict[str, Any]:
+    """The edit spec of an edit prompt: one that may weight words, "a (fluffy:2) cat", but swaps, adds or drops
+    none, since [old->new] markup belongs in the source prompt.
+
+    `what` names the prompt in the error (the option or field it came from). Raises `PromptSyntaxError` as
+    `parse_prompt` does, and a ValueError for [old->new] markup.
+
+    >>> edit_prompt("a (fluffy:2) cat")
+    {'prompt': 'a fluffy cat', 'weights': [[1, 2.0]]}
+    >>> edit_prompt("a dog")
+    {'prompt': 'a dog', 'weights': None}
+    """
+    parsed = parse_prompt(text)
+    if parsed.edit is not None and parsed.edit != parsed.source:
+        raise ValueError(f"{what} takes an edit prompt, optionally with (word:weight) groups, not [old->new] markup: "
+                         f"{text!r}; put the markup in the source prompt instead")
+    return _spec(parsed.source, parsed.weights)

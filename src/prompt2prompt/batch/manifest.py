@@ -27,7 +27,7 @@ from ..loading import DEMO_MODELS
 from ..edits import check_edit_words, edit_from_dict
 from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
                       check_seed, check_side, file_digest)
-from ..syntax import PromptSyntaxError, parse_prompt
+from ..syntax import PromptSyntaxError, inline_edit
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]
 
@@ -180,13 +180,11 @@ def parse_job(data: Any, *, line: int, base: Path, model: str) -> Job:
     if not isinstance(edits, list):
         raise ValueError(f"'edits' must be a list of edits, not {edits!r}")
     try:
-        parsed = parse_prompt(source)  # inline markup, "a [cat->dog] riding a bicycle", makes the first edit
+        plain, inline = inline_edit(source)  # inline markup, "a [cat->dog] riding a bicycle", makes the first edit
     except PromptSyntaxError as error:  # one line, as every manifest error is
         raise ValueError(f"the source's inline markup, column {error.column}: {error.reason}") from None
-    if parsed.edit is not None:
-        source = parsed.source
-        weights = [[position, weight] for position, weight in parsed.weights.items()] or None
-        edits = [{"prompt": parsed.edit, "weights": weights}, *edits]
+    if inline is not None:
+        source, edits = plain, [inline, *edits]
     if not edits:
         raise ValueError("the job has no edits: give \"edits\": [\"a dog riding a bicycle\"] (prompts or objects), or "
                          "inline markup in the source, e.g. \"a [cat->dog] riding a bicycle\"")

@@ -20,14 +20,14 @@ import fcntl
 import html
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text_atomic
+from .. import files
+from ..files import write_folder_atomic, write_text_atomic
 from ..recipe import edit_label, save_grid, save_png
 from .manifest import Job
 from .worker import Outcome, describe_error
@@ -88,11 +88,7 @@ def _in_the_way(path: Path, why: str) -> RuntimeError:
 
 def clear_staging(out: Path) -> None:
     """Remove `.staging/`, whatever is there: half-built job folders, or a file in its place."""
-    staging = out / STAGING
-    if staging.is_symlink() or staging.is_file():
-        staging.unlink()
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
+    files.clear_staging(out / STAGING)
 
 
 def recover(out: Path) -> dict[str, dict[str, Any]]:
@@ -156,16 +152,16 @@ def job_row(job: Job, outcome: Outcome | None, error: BaseException | None = Non
 
 def publish(out: Path, job: Job, outcome: Outcome, row: dict[str, Any]) -> None:
     """Write a job's images into .staging/ and rename the finished folder into jobs/ in one step."""
-    final = out / JOBS / job.id
-    staging = out / STAGING / job.id
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for index, image in zip(outcome.indices, outcome.images):
-        save_png(image, staging / image_name(index), outcome.recipe.with_index(index))
-    save_grid(outcome.images, outcome.recipe, staging / GRID, outcome.indices)
-    (staging / "job.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
-    final.parent.mkdir(exist_ok=True)
-    os.rename(staging, final)  # a job is published once: done jobs are never run again
+
+    def write(folder: Path) -> None:
+        for index, image in zip(outcome.indices, outcome.images):
+            save_png(image, folder / image_name(index), outcome.recipe.with_index(index))
+        save_grid(outcome.images, outcome.recipe, folder / GRID, outcome.indices)
+        (folder / "job.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
+
+    (out / JOBS).mkdir(exist_ok=True)
+    # A job is published once (done jobs are never run again): a folder of its id in jobs/ is an error, not replaced.
+    write_folder_atomic(out / JOBS, job.id, write, numbered=False, staging=out / STAGING)
 
 
 def write_browse_page(out: Path, index: dict[str, dict[str, Any]]) -> Path:

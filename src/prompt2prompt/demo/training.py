@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 
 from prompt2prompt.demo import world
-from prompt2prompt.files import write_atomic
+from prompt2prompt.files import write_atomic, write_folder_atomic
 
-# The real CLIP BPE tokenizer, as the shipped UNet demo model carries it (it is in the wheel, unlike tests/).
+# The real CLIP BPE tokenizer, read from the shipped UNet demo model's own folder: the package carries it, so that
+# training runs from an installed wheel as from a checkout.
 TOKENIZER_DIR = Path(__file__).parent / "model" / "tokenizer"
 HELDOUT_SEED = 10_000_000  # held-out scenes use seeds from here on; training seeds stay far below
 
@@ -240,24 +240,18 @@ def export_folder(run: Path, pipe, out: Path, info: dict, config: Config, tokeni
     """Saves `pipe` (fp16 safetensors) with its training record, replacing `out` whole and atomically."""
     import shutil
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    # Ship the tokenizer's own vocab.json and merges.txt, as SD checkpoints do, not a re-serialisation.
-    for name in tokenizers:
-        shutil.rmtree(tmp / name)
-        shutil.copytree(TOKENIZER_DIR, tmp / name)
-    (tmp / "training.json").write_text(json.dumps({**info, "config": asdict(config)}, indent=1))
-    for name in ("MODEL_CARD.md", "prompt2prompt.json"):  # written by hand from the measurements: carried over
-        if (out / name).exists():
-            shutil.copy2(out / name, tmp / name)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        # Ship the tokenizer's own vocab.json and merges.txt, as SD checkpoints do, not a re-serialisation.
+        for name in tokenizers:
+            shutil.rmtree(folder / name)
+            shutil.copytree(TOKENIZER_DIR, folder / name)
+        (folder / "training.json").write_text(json.dumps({**info, "config": asdict(config)}, indent=1))
+        for name in ("MODEL_CARD.md", "prompt2prompt.json"):  # written by hand from the measurements: carried over
+            if (out / name).exists():
+                shutil.copy2(out / name, folder / name)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_folder_atomic(out.parent, out.name, write, numbered=False, replace=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log(run, f"export: {info} -> {out} ({size / 1e6:.1f} MB)")
-
-

@@ -1,0 +1,38 @@
+"""Recipes: everything needed to regenerate a result, stored as JSON in a text chunk of every PNG we write.
+
+A recipe holds the prompts, the edits, the seed, steps, guidance, the scheduler with its configuration, the model id
+and revision, the dtype and the package version. Replaying it on the same device and dtype gives the same images,
+bit for bit.
+
+- `format`: the `Recipe` dataclass, its JSON form and its field checks (a PNG can come from anyone, so a recipe read
+  from one is untrusted input: every field is checked before any model loads).
+- `record`: `recipe_for`, a recipe for a run of an editor, with the model's defaults written in.
+- `replay`: `prepare_recipe` makes a recipe a `PreparedRun`, inside `replaying` (the recipe's scheduler, taken only
+  from the pipeline's compatible ones, and its thread count); `run_recipe` sends it.
+- `png`: PNGs that carry their recipe and Automatic1111's parameters, result folders and labelled grids.
+
+The bounds and value checks are `prompt2prompt.limits`' (re-exported here for the front ends that import them from
+recipes); `P2P_ALLOW_LARGE=1` in the environment lifts the bounds for a real need.
+"""
+
+from ..limits import (ALLOW_LARGE, MAX_EDITS, MAX_GUIDANCE, MAX_INNER_STEPS, MAX_INPUT_BYTES, MAX_SIDE, MAX_STEPS,
+                      MAX_THREADS, MAX_TRAIN_TIMESTEPS, allow_large, check_guidance, check_int, check_seed, check_side)
+from .format import (EDIT_FIELDS, FORMAT, INVERSION_OPTIONS, KINDS, Recipe, RecipeError, build_edits, check_edits,
+                     check_inversion, package_version)
+from .png import (A1111_SAMPLERS, GRID_TILE, PARAMETERS_KEY, RECIPE_KEY, a1111_parameters, edit_label, grid_labels,
+                  read_recipe, save_grid, save_png, save_result)
+from .record import recipe_for, scheduler_config
+from .replay import check_finite, file_digest, prepare_recipe, replaying, run_recipe, source_key
+
+__all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "FORMAT", "GRID_TILE", "INVERSION_OPTIONS", "KINDS",
+           "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES", "MAX_SIDE", "MAX_STEPS", "MAX_THREADS",
+           "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
+           "allow_large", "build_edits", "check_edits", "check_finite", "check_guidance", "check_int",
+           "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "grid_labels",
+           "inversion_available", "package_version", "prepare_recipe", "read_recipe", "recipe_for", "replaying",
+           "run_recipe", "save_grid", "save_png", "save_result", "scheduler_config", "source_key"]
+
+
+def inversion_available() -> bool:  # removed once cli/webapp stop calling it
+    """True: every install can invert real images."""
+    return True
