@@ -399,7 +399,7 @@ def test_images_with_nan_fail_their_job_only(tmp_path, tiny_sd_dir, monkeypatch)
     summary = run_batch(manifest, tmp_path / "out", workers=0, batch_size=3, progress=False, **ON_DEVICE)
     assert (summary.done, summary.failed) == (2, 1)
     rows = index_rows(tmp_path / "out")
-    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("FloatingPointError: the images hold NaN")
+    assert rows[1]["status"] == "failed" and rows[1]["error"].startswith("RuntimeError: the result has NaN/inf values")
 
 
 def difference(source, edited, source_prompt, edit_prompt) -> float:

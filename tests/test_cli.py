@@ -409,14 +409,16 @@ def test_replay_takes_only_a_scheduler_the_pipeline_lists(inline_edit, tmp_path,
 
 
 def test_replay_of_a_result_with_nan_is_a_runtime_error(inline_edit, tmp_path, monkeypatch):
-    real_run = p2p.Editor.run
+    from prompt2prompt.engine import send
 
-    def diverging_run(self, *args, **kwargs):  # what a float16 overflow gives
-        result = real_run(self, *args, **kwargs)
-        result.images[:] = float("nan")
-        return result
+    real_images = send.pipeline_images
 
-    monkeypatch.setattr(p2p.Editor, "run", diverging_run)
+    def diverging(*args, **kwargs):  # what a float16 overflow gives
+        images = real_images(*args, **kwargs)
+        images[:] = float("nan")
+        return images
+
+    monkeypatch.setattr(send, "pipeline_images", diverging)
     result = run("replay", inline_edit[0] / "edit-1.png", "--out", tmp_path / "replay")
     assert result.exit_code == 1, result.output
     assert "error: the result has NaN/inf values" in _one_message(result)
@@ -514,14 +516,16 @@ def test_a_decompression_bomb_image_is_a_usage_error(tiny_sd_dir, tmp_path):
 
 
 def test_nan_images_fail_and_write_no_png(tiny_sd_dir, tmp_path, monkeypatch):
-    real_run = p2p.Editor.run
+    from prompt2prompt.engine import send
 
-    def diverging_run(self, *args, **kwargs):  # what a huge guidance or a float16 overflow gives
-        result = real_run(self, *args, **kwargs)
-        result.images[1:] = float("nan")
-        return result
+    real_images = send.pipeline_images
 
-    monkeypatch.setattr(p2p.Editor, "run", diverging_run)
+    def diverging(*args, **kwargs):  # what a huge guidance or a float16 overflow gives
+        images = real_images(*args, **kwargs)
+        images[1:] = float("nan")
+        return images
+
+    monkeypatch.setattr(send, "pipeline_images", diverging)
     result = run("edit", "a [cat->dog]", "--model", tiny_sd_dir, *FAST, "--out", tmp_path)
     assert result.exit_code == 1, result.output
     _one_error(result, "NaN")

@@ -231,3 +231,33 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
         canvas = Image.new("RGBA", image.size, (*background, 255))
         image = Image.alpha_composite(canvas, image)
     return image.convert("RGB")
+
+
+NON_FINITE = ("the result has NaN/inf values (a float16 overflow, usually): run in float32, or try another guidance "
+              "scale, weight or seed")
+
+
+def check_finite_images(images) -> None:
+    """Raise RuntimeError when a result's images hold NaN or infinite values (a run that diverged).
+
+    `images`: a float array or tensor, or a list of them or of PIL images. A PIL image can no longer hold NaN:
+    diffusers turned those pixels into 0s, so an image that is black in every pixel and channel counts as NaN.
+    The engine checks every run's floats before they become PIL images.
+
+    >>> check_finite_images(np.full((2, 8, 8, 3), 0.5))
+    >>> check_finite_images([np.full((8, 8, 3), np.nan)])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: the result has NaN/inf values (a float16 overflow, usually): run in float32, or try another guidance scale, weight or seed
+    """
+    items = images if isinstance(images, (list, tuple)) else [images]
+    for item in items:
+        if isinstance(item, Image.Image):
+            bad = item.mode in ("RGB", "L") and item.getbbox() is None  # every pixel 0
+        elif isinstance(item, torch.Tensor):
+            bad = not bool(torch.isfinite(item).all())
+        else:
+            array = np.asarray(item)
+            bad = array.dtype.kind in "fc" and not np.isfinite(array).all()
+        if bad:
+            raise RuntimeError(NON_FINITE)

@@ -128,7 +128,7 @@ def check_positive_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def check_finite(value: Any, what: str) -> float:
+def check_finite_number(value: Any, what: str) -> float:
     """`value` if it is a finite real number, else a ValueError naming `what`."""
     if not is_finite_number(value):
         raise ValueError(f"{what} must be a finite number, not {value!r}")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..engine import load_editor
+from ..images import check_finite_images
 from ..recipe import Recipe, recipe_for, run_recipe
 from .manifest import Job, ScoreHook
 from .together import edit_together
@@ -146,10 +147,10 @@ class Worker:
     def _outcome(self, job: Job, recipe, result, started: float, finished: float, batch: int) -> Outcome:
         if isinstance(result, Exception):
             return Outcome(job.id, "failed", started, finished, batch, self.name, error=describe_error(result))
-        if not np.isfinite(result).all():
-            return Outcome(job.id, "failed", started, finished, batch, self.name,
-                           error="FloatingPointError: the images hold NaN or infinite values (try float32, or another "
-                                 "guidance_scale or seed)")
+        try:
+            check_finite_images(result)  # before the PNGs, which would show NaN as black
+        except RuntimeError as error:
+            return Outcome(job.id, "failed", started, finished, batch, self.name, error=describe_error(error))
         images = _to_pil(result)
         indices = list(range(len(images)))
         scores = None

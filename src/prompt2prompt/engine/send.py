@@ -17,6 +17,7 @@ import torch
 from ..attention.plan import build_plan
 from ..attention.state import RunState, pad_text
 from ..families import Family
+from ..images import check_finite_images
 from .callback import StepCallback
 from .run import CallRows, EditResult, PreparedRun
 
@@ -109,7 +110,7 @@ def call(pipe, family: Family, run: PreparedRun, states: list[RunState], callbac
             pipe.scheduler = scheduler
         with family.installed(family.processors(states, rows.counts), states, rows.counts):
             images = pipeline_images(pipe, family, call_kwargs)
-        check_finite_output(images)
+        check_finite_images(images)
         return pipe.image_processor.numpy_to_pil(images) if output_type == "pil" else images
     finally:
         if hook is not None:
@@ -167,14 +168,6 @@ def result(family: Family, run: PreparedRun, state: RunState, callback: StepCall
     return EditResult(images=images, prompts=list(run.prompts), tokens=tokens, attention=attention,
                       masks={e: mask.cpu() for e, mask in callback.masks.items()}, family=family.name,
                       map_unit=family.map_unit, words=words)
-
-
-def check_finite_output(images) -> None:
-    """A run that diverged (NaN or inf: a float16 overflow, or a guidance or weight far too large) is an error."""
-    finite = bool(torch.isfinite(images).all()) if isinstance(images, torch.Tensor) else bool(np.isfinite(images).all())
-    if not finite:
-        raise RuntimeError("the result has NaN/inf values (a float16 overflow, usually): run in float32, or try "
-                           "another guidance scale, weight or seed")
 
 
 def _source_image(image: torch.Tensor, output_type: str, pipe):

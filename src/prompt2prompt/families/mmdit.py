@@ -14,7 +14,7 @@ from ..alignment import Tokenized, tokenize
 from ..attention.cross import attend_by_run
 from ..attention.joint import JointAttend
 from ..attention.state import JointLayerPlan, RunState
-from ..limits import check_finite
+from ..limits import check_finite_number
 from .base import Conditioning, Denoiser, Family, check_blocks, t5_length
 
 
@@ -187,7 +187,7 @@ class MMDiTFamily(Family):
             raise ValueError(f"this inversion was made with max_sequence_length={length}; edit it with the same, "
                              f"not {pipeline_kwargs['max_sequence_length']}")
         if "true_cfg_scale" in pipeline_kwargs:
-            check_finite(pipeline_kwargs["true_cfg_scale"], "true_cfg_scale")
+            check_finite_number(pipeline_kwargs["true_cfg_scale"], "true_cfg_scale")
         if pipeline_kwargs.get("skip_guidance_layers"):
             raise ValueError("skip_guidance_layers adds a forward pass the edits do not know; leave it unset")
         for key in self.other_prompts:

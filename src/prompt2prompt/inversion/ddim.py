@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..families.base import Conditioning, Denoiser
 from ..families.protocols import InvertingFamily
 from ..images import ImageInput, prepare_image
-from ..limits import MAX_INNER_STEPS, allow_large, check_finite, check_steps, is_finite_number, lift_hint
+from ..limits import MAX_INNER_STEPS, allow_large, check_finite_number, check_steps, is_finite_number, lift_hint
 from .common import encode_image, refuse_options
 from .files import Inversion
 
@@ -43,7 +43,7 @@ def invert_ddim(family: InvertingFamily, image: ImageInput, prompt: str, *, meth
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     family.tokenize(prompt, {})  # a caption over 77 tokens is refused here, not after the inversion
     check_steps(num_inference_steps, pipe.scheduler)
-    check_finite(guidance_scale, "guidance_scale")
+    check_finite_number(guidance_scale, "guidance_scale")
     if method == "null-text" and guidance_scale <= 1:
         raise ValueError(f"null-text inversion optimises the unconditional branch of classifier-free guidance, "
                          f"which guidance_scale={guidance_scale} turns off; use a guidance_scale above 1")

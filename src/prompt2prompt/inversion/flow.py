@@ -23,7 +23,7 @@ from ..families import compat
 from ..families.base import Conditioning, Denoiser
 from ..families.protocols import InvertingFamily
 from ..images import ImageInput, fit_image, image_size, load_image
-from ..limits import check_finite, check_steps
+from ..limits import check_finite_number, check_steps
 from .common import encode_image, refuse_options
 from .files import Inversion
 
@@ -48,8 +48,8 @@ def invert_flow(family: InvertingFamily, image: ImageInput, prompt: str, *, meth
     num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     check_steps(num_inference_steps, pipe.scheduler)
-    check_finite(guidance_scale, "guidance_scale")
-    check_finite(inversion_guidance, "inversion_guidance")
+    check_finite_number(guidance_scale, "guidance_scale")
+    check_finite_number(inversion_guidance, "inversion_guidance")
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     length = family.max_sequence_length(kwargs)  # at most 512, T5's limit in these pipelines
     family.tokenize(prompt, {"max_sequence_length": length})  # a prompt a text encoder would cut is refused here

@@ -22,12 +22,12 @@ from .format import (EDIT_FIELDS, FORMAT, INVERSION_OPTIONS, KINDS, Recipe, Reci
 from .png import (A1111_SAMPLERS, GRID_TILE, PARAMETERS_KEY, RECIPE_KEY, a1111_parameters, edit_label, grid_labels,
                   read_recipe, save_grid, save_png, save_result)
 from .record import recipe_for, scheduler_config
-from .replay import check_finite, file_digest, prepare_recipe, replaying, run_recipe, source_key
+from .replay import file_digest, prepare_recipe, replaying, run_recipe, source_key
 
 __all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "FORMAT", "GRID_TILE", "INVERSION_OPTIONS", "KINDS",
            "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES", "MAX_SIDE", "MAX_STEPS", "MAX_THREADS",
            "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
-           "allow_large", "build_edits", "check_edits", "check_finite", "check_guidance", "check_int",
+           "allow_large", "build_edits", "check_edits", "check_guidance", "check_int",
            "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "grid_labels",
            "inversion_available", "package_version", "prepare_recipe", "read_recipe", "recipe_for", "replaying",
            "run_recipe", "save_grid", "save_png", "save_result", "scheduler_config", "source_key"]

@@ -28,7 +28,7 @@ from .format import Recipe, RecipeError, build_edits
 if TYPE_CHECKING:
     from ..engine import Editor, EditResult, PreparedRun, SourceStore
 
-__all__ = ["check_finite", "file_digest", "prepare_recipe", "replaying", "run_recipe", "source_key"]
+__all__ = ["file_digest", "prepare_recipe", "replaying", "run_recipe", "source_key"]
 
 
 def file_digest(path: str | Path) -> str:
@@ -49,37 +49,6 @@ def file_digest(path: str | Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_finite(images: Any) -> None:
-    """Raise RuntimeError when a result's images hold NaN or infinite values (a float16 overflow, usually).
-
-    `images`: a float array or tensor, or a list of them or of PIL images. A PIL image can no longer hold NaN:
-    diffusers turned those pixels into 0s, so an image that is black in every pixel and channel counts as NaN.
-    `run_recipe` checks the float images itself, before they become PIL images.
-
-    >>> import numpy as np
-    >>> check_finite(np.full((2, 8, 8, 3), 0.5))
-    >>> check_finite([np.full((8, 8, 3), np.nan)])
-    Traceback (most recent call last):
-    ...
-    RuntimeError: the result has NaN/inf values (a float16 overflow, usually): run in float32 ...
-    """
-    import numpy as np
-    import torch
-
-    items = images if isinstance(images, (list, tuple)) else [images]
-    for item in items:
-        if isinstance(item, Image.Image):
-            bad = item.mode in ("RGB", "L") and item.getbbox() is None  # every pixel 0
-        elif isinstance(item, torch.Tensor):
-            bad = not bool(torch.isfinite(item).all())
-        else:
-            array = np.asarray(item)
-            bad = array.dtype.kind in "fc" and not np.isfinite(array).all()
-        if bad:
-            raise RuntimeError("the result has NaN/inf values (a float16 overflow, usually): run in float32 "
-                               "(--dtype float32), or try another guidance scale or seed")
 
 
 def source_key(recipe: Recipe) -> str:
@@ -231,12 +200,8 @@ def run_recipe(recipe: Recipe, editor: Editor, *, base_dir: str | Path = ".", so
 
     See `prepare_recipe` for `base_dir`, `sources` and `progress`; `output_type` is `Editor.run`'s. The scheduler
     and the edits' words are checked before any compute (RecipeError, a ValueError); a result with NaN or infinite
-    values raises RuntimeError (see `check_finite`).
+    values raises RuntimeError (the engine's `images.check_finite_images`).
     """
     with replaying(recipe, editor):
         run = prepare_recipe(recipe, editor, base_dir=base_dir, sources=sources, progress=progress)
-        result = editor.run(run, output_type="np" if output_type == "pil" else output_type)  # NaN shows in floats
-    check_finite(result.images)
-    if output_type == "pil":
-        result = dataclasses.replace(result, images=editor.pipe.image_processor.numpy_to_pil(result.images))
-    return result
+        return editor.run(run, output_type=output_type)
