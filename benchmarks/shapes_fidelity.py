@@ -17,9 +17,10 @@ unless given. Sections:
    swap's layout IoU is that of the two objects' bounding boxes (a new shape cannot cover the old one's
    pixels); "in place" counts edited objects whose box centre is within 6 px of the source's.
 3. Free-layout edits (no position word: the seed and the whole caption place the object): colour swap,
-   shape swap and adding "and a small <colour> <shape>", baseline beside P2P. The IoU is the first
-   object's; an added object counts when it is a separate object of the asked colour and shape and the
-   first object is still there, in its colour.
+   shape swap and adding "and a small <colour> <shape>", baseline beside P2P; an added object also by P2P
+   with a local blend on its words, less where the first object's words attend (at the model's threshold). The
+   IoU is the first object's; an added object counts when it is a separate object of the asked colour and shape
+   and the first object is still there, in its colour.
 4. Local blend at the model's threshold, on colour swaps of one- and two-object scenes: whether the mask
    (the blend's own, upsampled) covers the edited object without covering the whole image, and the PSNR of
    the decoded pixels outside it against the source.
@@ -178,11 +179,21 @@ def moved(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.hypot((t0 + b0 - t1 - b1) / 2, (l0 + r0 - l1 - r1) / 2))
 
 
+def blend_for(kind: str, scene: world.Scene, target: world.Scene, old: str, new: str, threshold: float) -> LocalBlend:
+    """The local blend of one edit: a swap's on its old and new words; an added object's on its own words, less where
+    the first object's words attend (the paper's exclusion), so that the rest of the picture is the source's."""
+    if kind != "add":
+        return LocalBlend(old, new, threshold=threshold)
+    first, added = scene.objects[0], target.objects[1]
+    return LocalBlend([], [added.color, added.shape], threshold=threshold, exclude_source_words=[first.color, first.shape],
+                      exclude_edit_words=[first.color, first.shape], exclude_threshold=threshold)
+
+
 def edits(editor: Editor, *, layout: str, kinds: tuple[str, ...], num_scenes: int, seed: int, steps: int,
-          guidance: float, threshold: float, blend: bool) -> dict:
-    """Each kind of edit on `num_scenes` held-out scenes of `layout`, by regeneration, P2P (and P2P + blend)."""
-    methods = METHODS if blend else METHODS[:2]
-    scores = {kind: {method: [] for method in methods} for kind in kinds}
+          guidance: float, threshold: float, blend: tuple[str, ...]) -> dict:
+    """Each kind of edit on `num_scenes` held-out scenes of `layout`, by regeneration, P2P, and for the kinds in
+    `blend`, P2P with a local blend at `threshold` (`blend_for`)."""
+    scores = {kind: {method: [] for method in (METHODS if kind in blend else METHODS[:2])} for kind in kinds}
     for i in tqdm(range(num_scenes), desc=f"{layout}-layout edits"):
         scene_seed = seed + i
         scene = world.sample_scene(scene_seed, split="heldout", layout=layout)
@@ -190,20 +201,24 @@ def edits(editor: Editor, *, layout: str, kinds: tuple[str, ...], num_scenes: in
         targets = [swap(scene, kind, rng) for kind in kinds]
         source_caption = scene.caption()
 
-        def make(target, old, new, with_blend):
+        def make(kind, target, old, new, with_blend):
             cross, self_steps, _ = editor.defaults.windows_for(source_caption, target.caption())
-            blend_words = LocalBlend(old, new, threshold=threshold) if with_blend else None
+            blend_words = blend_for(kind, scene, target, old, new, threshold) if with_blend else None
             return Edit(target.caption(), cross_steps=cross, self_steps=self_steps, blend=blend_words)
 
         common = dict(num_inference_steps=steps, guidance_scale=guidance, seed=scene_seed)
-        images = {"p2p": editor.edit(source_caption, [make(*t, False) for t in targets], **common).images}
-        if blend:
-            images["p2p+blend"] = editor.edit(source_caption, [make(*t, True) for t in targets], **common).images
+        images = {"p2p": editor.edit(source_caption, [make(k, *t, False) for k, t in zip(kinds, targets)],
+                                     **common).images}
+        blended = [k for k in kinds if k in blend]
+        if blended:
+            out = editor.edit(source_caption, [make(k, *t, True) for k, t in zip(kinds, targets) if k in blend],
+                              **common).images
+            images["p2p+blend"] = [out[0]] + [out[1 + blended.index(k)] if k in blend else None for k in kinds]
         images["baseline"] = [None] + [editor.edit(t.caption(), **common).images[0] for t, _, _ in targets]
         source_image = to_array(images["p2p"][0])
         source = parse(source_image)
         for k, (kind, (target, _, _)) in enumerate(zip(kinds, targets)):
-            for method in methods:
+            for method in scores[kind]:
                 result = score(kind, source, source_image, to_array(images[method][k + 1]), scene, target)
                 if result is not None:
                     scores[kind][method].append(result)
@@ -354,10 +369,10 @@ def main(argv: list[str] | None = None) -> None:
                                                                               seed=PLAIN_SEED + 1_000_000, **common)
     if args.scenes:
         report["fixed"] = edits(editor, layout="fixed", kinds=FIXED_KINDS, num_scenes=args.scenes, seed=EDIT_SEED,
-                                threshold=threshold, blend=True, **common)
+                                threshold=threshold, blend=FIXED_KINDS, **common)
     if args.free_scenes:
         report["free"] = edits(editor, layout="free", kinds=FREE_KINDS, num_scenes=args.free_scenes, seed=FREE_SEED,
-                               threshold=threshold, blend=False, **common)
+                               threshold=threshold, blend=("add",), **common)
     if args.blend_scenes:
         report["blend"] = blend_locality(editor, num_scenes=args.blend_scenes, seed=BLEND_SEED, threshold=threshold,
                                          words=args.blend_words, **common)
