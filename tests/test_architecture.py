@@ -10,6 +10,7 @@ so that a checker that can no longer fail is noticed.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
@@ -22,11 +23,25 @@ FAMILY_NAMES = {family.name for family in FAMILIES} | {"mmdit"}  # as recipes re
 TENSOR_NAMES = {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                 "add_text_embeds", "add_time_ids", "text_embeds", "time_ids", "prompt_attention_mask",
                 "negative_prompt_attention_mask", "encoder_attention_mask", "txt_ids", "img_ids"}
-# The documented layers (docs/development.md, "Package layout"), top first: a module imports its own layer and the
-# layers above it only. The package's root re-exports the public API lazily, for the front ends.
-LAYERS = (("limits",), ("alignment", "schedules"), ("edits",), ("attention",), ("families",),
-          ("images", "visualize", "files", "loading", "schedulers"), ("inversion",), ("engine",), ("recipe", "syntax"),
-          ("", "cli", "webapp", "batch", "bench", "demo"))
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "development.md"
+
+
+def documented_layers(text: str) -> tuple[tuple[str, ...], ...]:
+    """The layers of a development guide's "Package layout" list, top first: per numbered item, the modules named
+    before its first colon (`limits.py` -> "limits", `engine/` -> "engine", the package's `__init__.py` -> "")."""
+    section = text.split("## Package layout", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        item = re.match(r"\d+\. (.*?): ", line)
+        if item:
+            names = re.findall(r"`([\w.]+?)(?:\.py|/)`", item.group(1))
+            layers.append(tuple("" if name == "__init__" else name for name in names))
+    return tuple(layers)
+
+
+# The documented layers, top first: a module imports its own layer and the layers above it only. The package's root
+# re-exports the public API lazily, for the front ends.
+LAYERS = documented_layers(DOCS.read_text(encoding="utf-8"))
 # Attributes that tell one kind of pipeline from another (a UNet, a transformer, SDXL's and SD3's extra encoders).
 MODEL_ATTRIBUTES = {"unet", "transformer", "text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3"}
 # Objects that are diffusers' by this package's naming: a private attribute of one is a diffusers private name.
@@ -228,6 +243,16 @@ def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path)
 def test_each_module_imports_only_its_own_layer_and_the_layers_above():
     assert len(import_graph(PACKAGE)) > 30
     assert layer_violations(PACKAGE) == []
+
+
+def test_the_layers_are_the_documented_ones():
+    assert LAYERS[0] == ("limits",) and ("engine",) in LAYERS and LAYERS[-1][0] == ""  # the guide's list was read
+    top = {path.stem if path.suffix == ".py" else path.name for path in PACKAGE.iterdir()
+           if (path.suffix == ".py" and path.stem != "__init__") or (path / "__init__.py").exists()}
+    assert top == {name for layer in LAYERS for name in layer} - {""}  # every module in a layer, and no stale name
+    guide = ("## Package layout\n\n1. `limits.py`: bounds.\n2. `a.py`, `b/`: maths: `c.py` inside.\n"
+             "3. `__init__.py`, `cli/`: the front ends.\n\n## Next\n4. `z.py`: not a layer.\n")
+    assert documented_layers(guide) == (("limits",), ("a", "b"), ("", "cli"))
 
 
 def test_the_layer_check_finds_an_import_of_a_lower_layer_and_an_unplaced_module(tmp_path):
