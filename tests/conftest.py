@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["saved_models"]  # the tiny saved models' session fixtures (tiny_sd_dir, ...), for every test file
 
 torch.set_num_threads(2)
 

@@ -13,10 +13,10 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
-
 from prompt2prompt.families import FAMILIES
 from prompt2prompt.families.protocols import DescribedFamily, EditingFamily, InvertingFamily, SizedFamily, members
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prompt2prompt"
 
 FAMILY_NAMES = {family.name for family in FAMILIES} | {"mmdit"}  # as recipes record them, and the old "mmdit" branch
 # Keyword and tensor names of the pipelines' text inputs: only a family knows which of them its pipeline takes.

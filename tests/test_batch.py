@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import DTYPE_NAME, TORCH_DEVICE, tolerance
 from PIL import Image
-from saved_models import tiny_sd_dir, tiny_sd_pickle_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 from prompt2prompt import batch
@@ -221,7 +220,7 @@ def test_a_run_can_be_browsed_each_job_with_its_prompt_edits_and_labelled_grid(p
             re.findall(r'<tr><td>(\d+)</td><td><code>(\w+)</code></td><td class="prompt">(.*?)</td><td><ul>(.*?)</ul></td>',
                        page)]
     assert [(int(line), job_id) for line, job_id, _, _ in rows] == [(job.line, job.id) for job in jobs.jobs]
-    for (_, job_id, source, edits), job in zip(rows, jobs.jobs):
+    for (_, job_id, source, _edits), job in zip(rows, jobs.jobs):
         assert source == job.source and f'<img src="jobs/{job_id}/grid.png"' in page
         grid = Image.open(out / "jobs" / job_id / "grid.png")
         assert grid.width >= 32 * (1 + len(job.edits)) and grid.height > 32  # every image, with a label under it

@@ -74,7 +74,7 @@ def test_the_protocols_edits():
 
 def write_pie(root: Path, entries: dict) -> Path:
     """A PIE-format folder of 16x16 images from `entries` (id -> fields, image as an array)."""
-    for key, entry in entries.items():
+    for entry in entries.values():
         path = root / "annotation_images" / entry["image_path"]
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(entry.pop("pixels")).save(path)

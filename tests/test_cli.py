@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from saved_models import tiny_sd_dir, tiny_sd_pickle_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from saved_models import tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_sd3_dir, tiny_sd_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p

@@ -292,8 +292,8 @@ def _options(setting: str) -> dict:
     pipe_options = dict(num_inference_steps=STEPS, **SIZE, **SETTINGS[setting][1])
     if SETTINGS[setting][0] in ("sd3", "sd35", "flux", "flux-dev", "chroma", "pixart"):  # not Qwen-Image's: no T5
         pipe_options["max_sequence_length"] = T5_LENGTH
-    pipe_options.update({"max_sequence_length": length for family, length in TEXT_LENGTH.items()
-                         if SETTINGS[setting][0] == family})
+    if SETTINGS[setting][0] in TEXT_LENGTH:
+        pipe_options["max_sequence_length"] = TEXT_LENGTH[SETTINGS[setting][0]]
     return pipe_options
 
 

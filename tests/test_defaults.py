@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from saved_models import tiny_sd_dir, tiny_sd3_dir  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 import prompt2prompt as p2p

@@ -5,7 +5,6 @@ import torch
 from diffusers import ChromaPipeline, FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from saved_models import tiny_chroma_dir, tiny_flux_dir, tiny_pixart_dir, tiny_sd3_dir, tiny_sd_dir, tiny_sd_pickle_dir, tiny_sdxl_dir  # noqa: F401
 
 from prompt2prompt import Editor, loading
 from prompt2prompt.engine import load_editor

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from conftest import DTYPE_NAME, TORCH_DEVICE
 from PIL import Image
-from saved_models import (tiny_chroma_dir, tiny_flux2_dev_dir, tiny_flux2_klein_dir,  # noqa: F401 (fixtures)
-                          tiny_flux_dir, tiny_pixart_dir, tiny_qwenimage_dir, tiny_sd3_dir, tiny_zimage_dir)
 
 from prompt2prompt.batch import INDEX, load_manifest, run_batch
 from prompt2prompt.recipe import read_recipe, run_recipe

@@ -84,7 +84,8 @@ def classify_cli(case: Case, rc: int, stdout: str, stderr: str, violations: list
     if not errors:
         if rc == 1 and any(line.startswith(("some jobs failed", "differs from")) for line in lines):
             return
-        violations.append("exit %d with no 'error:' line%s" % (rc, f" (output: {short(rest[0], 120)})" if rest else ""))
+        output = f" (output: {short(rest[0], 120)})" if rest else ""
+        violations.append(f"exit {rc} with no 'error:' line{output}")
         return
     first = errors[0]
     allowed = {first}

@@ -70,7 +70,7 @@ class LocalBlend:
         return blend_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LocalBlend":
+    def from_dict(cls, data: Mapping[str, Any]) -> LocalBlend:
         """The LocalBlend that `data` (its keyword arguments) describes."""
         return blend_from_dict(data)
 
@@ -130,7 +130,7 @@ class Edit:
         return edit_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Edit":
+    def from_dict(cls, data: Mapping[str, Any]) -> Edit:
         """The Edit that `data` describes (the form `to_dict` writes); a clear error for a malformed one."""
         return edit_from_dict(data)
 

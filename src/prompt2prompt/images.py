@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from os import PathLike
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from .families import family_of
 
-ImageInput = Union[str, PathLike, Image.Image, np.ndarray]
+ImageInput = str | PathLike | Image.Image | np.ndarray
 
 
 

@@ -65,7 +65,7 @@ class EditPlan:
     def num_edits(self) -> int:
         return self.num_prompts - 1
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "EditPlan":
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> EditPlan:
         """A copy whose tensors live on `device`, the real-valued ones in `dtype` (the attention's)."""
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

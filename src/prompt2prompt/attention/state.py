@@ -33,7 +33,7 @@ class LayerPlan:
             return block in self.self_blocks
         return max(size) <= self.self_max_side
 
-    def with_text_length(self, length: int) -> "LayerPlan":
+    def with_text_length(self, length: int) -> LayerPlan:
         """These layer choices for a run whose text is `length` long (a UNet's layers do not depend on it)."""
         return self
 
@@ -138,7 +138,7 @@ class JointLayerPlan:
     def records(self, block: int) -> bool:
         return block in self.record_blocks and (self.blend_size is not None or bool(self.record_sizes))
 
-    def with_text_length(self, length: int) -> "JointLayerPlan":
+    def with_text_length(self, length: int) -> JointLayerPlan:
         """These block choices for a run whose text is `length` long."""
         return replace(self, text_length=length)
 

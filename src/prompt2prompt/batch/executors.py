@@ -117,7 +117,7 @@ class PoolExecutor:
             broken |= isinstance(error, futures.process.BrokenProcessPool)
             results.append((group, error if error is not None else future.result()))
         if broken:  # a worker died (killed, segfault): its pool is unusable, the run goes on with a new one
-            for future, group in self.pending.items():
+            for group in self.pending.values():
                 results.append((group, futures.process.BrokenProcessPool("a worker process of the pool died")))
             self.pending.clear()
             self.pool.shutdown(wait=False, cancel_futures=True)

@@ -87,7 +87,7 @@ def _resized(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(image)
 
 
-def run_bench(entries: Sequence[Entry], out: str | Path, *, methods: Sequence[str], protocol: Protocol = Protocol(),
+def run_bench(entries: Sequence[Entry], out: str | Path, *, methods: Sequence[str], protocol: Protocol | None = None,
               metrics: Metrics | None = None, extra: Callable[[Entry, np.ndarray], dict[str, float]] | None = None,
               device: str | None = None, dtype: str = "auto", workers: int = 0, ray_address: str | None = None,
               progress: bool = True) -> BenchResult:
@@ -103,6 +103,7 @@ def run_bench(entries: Sequence[Entry], out: str | Path, *, methods: Sequence[st
             benchmark's attribute success).
         device, dtype, workers, ray_address: as `run_batch`'s.
     """
+    protocol = Protocol() if protocol is None else protocol
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"protocol": asdict(protocol), "methods": list(methods), "metrics": [] if metrics is None else metrics.names,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prompt2prompt.files import write_atomic
-from prompt2prompt.loading import DEMO_MODEL as MODEL_DIR  # the embedded UNet model's folder, as `--model demo` finds it
 SOURCE = "a big red circle in the center on a white background"
 SEED = 1
 # The paper's point: a caption without a position word lets the seed and the whole caption place things, so

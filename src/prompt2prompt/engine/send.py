@@ -7,7 +7,7 @@ Each call installs the family's processors, pointing at fresh `RunState`s, calls
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
 
 from ..edits import check_edit_words
 from ..limits import MAX_INPUT_BYTES, allow_large, lift_hint, quoted
