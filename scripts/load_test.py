@@ -1,6 +1,7 @@
 """Load-test the web app on this machine: `p2p serve` on the demo model, hit through Gradio's queue over HTTP.
 
     .venv/bin/python scripts/load_test.py [--clients 4] [--edits 5] [--memory-edits 200] [--kill] [--steps 4]
+        [--cache-mb 10] [--image-every 8] [--repeat-seeds] [--max-growth-mib 30]
 
 It starts `p2p serve` in a subprocess on 127.0.0.1 (nothing else is ever contacted), then:
 1. latency alone: --alone edits, one at a time;
@@ -9,8 +10,11 @@ It starts `p2p serve` in a subprocess on 127.0.0.1 (nothing else is ever contact
    app's one-line message, never a bare error;
 3. with --kill, a second burst during which the server is killed with SIGKILL, then restarted: no partial run
    folder may remain under --out (the app stages runs and cleans leftovers at start), and it serves again;
-4. memory: --memory-edits edits sent by --clients clients at once, in bursts of --clients x --edits, the
-   server's resident memory (psutil, else /proc/PID/status) read after every burst: flat after the warm-up, or not.
+4. memory: --memory-edits edits sent by --clients clients at once, in bursts of --clients x --edits, each burst
+   with new seeds (unless --repeat-seeds) and every --image-every-th edit of a client a real-image edit (a fresh
+   random photo, uploaded and inverted), the server's resident memory (psutil, else /proc/PID/status) read after
+   every burst; a summary line gives it after the first burst and at the end, and with --max-growth-mib the growth
+   between them is a check.
 It prints a table and exits 1 if a check failed. Every loop is bounded in count and in time (--max-seconds).
 Not part of the test suite: the suite's tests run in seconds, this takes minutes at its defaults.
 """
@@ -18,6 +22,7 @@ Not part of the test suite: the suite's tests run in seconds, this takes minutes
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import secrets
@@ -33,6 +38,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 HOST = "127.0.0.1"  # loopback only, by design: there is no option to point this anywhere else
 SOURCE = "a big red circle in the center on a white background"
@@ -119,10 +126,12 @@ class Form:
         self.defaults = [c.get("props", {}).get("value") for c in self.inputs]
         self.at = {c["props"].get("elem_id"): i for i, c in enumerate(self.inputs) if c.get("props", {}).get("elem_id")}
 
-    def edit(self, seed: int, steps: int, edit: str) -> list:
+    def edit(self, seed: int, steps: int, edit: str, upload: dict | None = None) -> list:
+        """An edit of the source prompt drawn from `seed`, or of the uploaded photo `upload` (its caption: SOURCE)."""
         data = list(self.defaults)
         data[self.at["source"]], data[self.at["edit-1"]] = SOURCE, edit
         data[self.at["seed"]], data[self.at["steps"]] = seed, steps
+        data[self.at["upload"]] = upload
         return data
 
     def malformed(self, kind: int, steps: int) -> list:
@@ -136,6 +145,17 @@ class Form:
         else:
             data = data[:5]  # missing fields
         return data
+
+
+def upload_photo(url: str, seed: int, timeout: float) -> dict:
+    """A fresh random 64 x 64 photo, uploaded to the server: the request's value for the upload box."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    sent = httpx.post(url + "gradio_api/upload", files={"files": ("photo.png", buffer.getvalue(), "image/png")},
+                      timeout=timeout)
+    sent.raise_for_status()
+    return {"path": sent.json()[0], "orig_name": "photo.png", "meta": {"_type": "gradio.FileData"}}
 
 
 def call(url: str, form: Form, data: list, timeout: float) -> tuple[bool, str | None, float]:
@@ -166,8 +186,13 @@ def percentiles(seconds: list[float]) -> str:
     return f"{statistics.median(seconds):.2f} s / {cuts[18]:.2f} s"
 
 
-def burst(server: Server, form: Form, args: argparse.Namespace, deadline: Deadline, kill_after: float | None = None):
-    """--clients clients at once, --edits requests each; returns (good latencies, failures, bare errors, count)."""
+def burst(server: Server, form: Form, args: argparse.Namespace, deadline: Deadline, kill_after: float | None = None,
+          number: int = 0):
+    """--clients clients at once, --edits requests each; returns (good latencies, failures, bare errors, count).
+
+    Burst `number` draws its own seeds (the same for every burst with --repeat-seeds), and every --image-every-th
+    edit of a client edits a fresh uploaded photo.
+    """
     good, failures, bare, lock = [], [], [], threading.Lock()
     start = threading.Barrier(args.clients + (kill_after is not None))
 
@@ -177,8 +202,16 @@ def burst(server: Server, form: Form, args: argparse.Namespace, deadline: Deadli
             if time.monotonic() > deadline.end:
                 return
             bad = args.malformed_every and (i + 1) % args.malformed_every == 0
+            seed = 1000 * index + i + (0 if args.repeat_seeds else 100_000 * number)
+            try:
+                photo = (upload_photo(server.url, seed, args.timeout)
+                         if args.image_every and (i + 1) % args.image_every == 0 and not bad else None)
+            except httpx.HTTPError as error:
+                with lock:
+                    failures.append(f"the upload failed: {error}")
+                continue
             data = (form.malformed((index + i) % 4, args.steps) if bad
-                    else form.edit(1000 * index + i, args.steps, EDITS[(index + i) % len(EDITS)]))
+                    else form.edit(seed, args.steps, EDITS[(index + i) % len(EDITS)], photo))
             ok, error, seconds = call(server.url, form, data, args.timeout)
             with lock:
                 if bad and (ok or error is None or "\n" in error):
@@ -222,17 +255,21 @@ def main() -> int:
     parser.add_argument("--memory-edits", type=int, default=200, help="edits over which the server's memory is read")
     parser.add_argument("--cache-mb", type=float, default=2048,
                         help="p2p serve --cache-mb: the sources kept for reuse, which memory grows by until it is full")
-    parser.add_argument("--warmup", type=int, default=10, help="edits before the first memory reading")
+    parser.add_argument("--repeat-seeds", action="store_true",
+                        help="every memory burst sends the same seeds (default: new seeds, so new sources, each burst)")
+    parser.add_argument("--image-every", type=int, default=0,
+                        help="every Nth edit of a client in the memory bursts edits a fresh uploaded photo (0: none)")
+    parser.add_argument("--max-growth-mib", type=float,
+                        help="fail if the server's RSS at the end exceeds its RSS after the first memory burst by more")
     parser.add_argument("--queue", type=int, default=64, help="p2p serve --queue")
     parser.add_argument("--port", type=int, default=0, help="the server's port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--out", type=Path, help="the server's --out (default: a temporary folder, removed after)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one request may take")
     parser.add_argument("--max-seconds", type=float, default=3600, help="the whole test's limit")
     args = parser.parse_args()
-    for name in ("steps", "clients", "edits", "alone", "memory_edits", "queue"):
-        if getattr(args, name) < (0 if name in ("alone", "memory_edits") else 1):
+    for name in ("steps", "clients", "edits", "alone", "memory_edits", "queue", "image_every"):
+        if getattr(args, name) < (0 if name in ("alone", "memory_edits", "image_every") else 1):
             parser.error(f"--{name.replace('_', '-')} is too small")
-    args.warmup = min(args.warmup, args.memory_edits)
 
     deadline = Deadline(args.max_seconds)
     scratch = Path(tempfile.mkdtemp(prefix="p2p-load-"))
@@ -277,23 +314,30 @@ def main() -> int:
             form = Form(server.url)
 
         # Memory over --memory-edits edits sent by --clients clients at once (bursts of clients x edits, no
-        # malformed ones), read after the warm-up burst(s) and after every burst: flat, or growing.
+        # malformed ones), read after every burst: flat after the first, or growing.
         per_burst = args.clients * args.edits
         memory_args = argparse.Namespace(**{**vars(args), "malformed_every": 0})
         readings, done = [], 0
         while done < args.memory_edits:
             deadline.check()
-            good, failures, _, _ = burst(server, form, memory_args, deadline)
+            good, failures, _, _ = burst(server, form, memory_args, deadline, number=len(readings) + 1)
             done += per_burst
             problems += [f"a memory edit failed: {e}" for e in failures[:3]]
             readings.append((done, server.rss_mib()))
-        warm = next(((n, rss) for n, rss in readings if n >= args.warmup), readings[0])
-        rows.append((f"server RSS after {warm[0]} concurrent edits (warm-up)", f"{warm[1]:.0f} MiB"))
-        rows.append((f"server RSS after all {done} concurrent edits", f"{readings[-1][1]:.0f} MiB"))
-        after = [rss for n, rss in readings if n > warm[0]]
-        if after:
-            rows.append(("RSS after each later burst: min / max (MiB)", f"{min(after):.0f} / {max(after):.0f}"))
-        print("RSS per burst (edits, MiB): " + ", ".join(f"{n}: {rss:.0f}" for n, rss in readings), flush=True)
+            print(f"memory burst {len(readings)}: {done} edits, RSS {readings[-1][1]:.0f} MiB", flush=True)
+        if readings:
+            (first_n, first), (last_n, last) = readings[0], readings[-1]
+            rows.append((f"server RSS after the first burst ({first_n} concurrent edits)", f"{first:.0f} MiB"))
+            rows.append((f"server RSS after all {last_n} concurrent edits",
+                         f"{last:.0f} MiB ({last - first:+.0f} MiB)"))
+            print("RSS per burst (edits, MiB): " + ", ".join(f"{n}: {rss:.0f}" for n, rss in readings), flush=True)
+            print(f"memory: first burst {first:.0f} MiB, after {last_n} edits {last:.0f} MiB, growth "
+                  f"{last - first:+.0f} MiB (--cache-mb {args.cache_mb:g}, "
+                  f"{'repeated' if args.repeat_seeds else 'new'} seeds per burst, image every {args.image_every})",
+                  flush=True)
+            if args.max_growth_mib is not None and last - first > args.max_growth_mib:
+                problems.append(f"the server's RSS grew by {last - first:.0f} MiB after the first burst; the bound is "
+                                f"{args.max_growth_mib:g} MiB")
         cache = out / ".gradio"
         rows.append(("files in Gradio's cache at the end",
                      str(sum(1 for p in cache.rglob("*") if p.is_file())) if cache.is_dir() else "0"))

@@ -5,6 +5,7 @@ import doctest
 import io
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
-from saved_models import tiny_sd_dir  # noqa: F401 (fixture)
 
 import prompt2prompt as p2p
 from prompt2prompt import webapp
@@ -36,6 +36,45 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _handler(app, name: str):
+    """The built app's function `name` (a handler a user's action triggers), as Gradio calls it."""
+    return next(fn for fn in app.fns.values() if fn.name == name)
+
+
+def _start(app) -> webapp.Form:
+    """The Run button's values as the form starts, by name."""
+    return webapp.Form.of([component.value for component in _handler(app, "run_edit").inputs])
+
+
+def _click_run(app, form: webapp.Form):
+    """What the Run button shows for the values `form`: (gallery, downloads, heatmap galleries, seed, status line)."""
+    gallery, files, *heatmaps, seed, status = _handler(app, "run_edit").fn(*form.inputs())
+    return gallery, files, heatmaps, seed, status
+
+
+def _fill(form: webapp.Form, key: str, value) -> webapp.Form:
+    """`form` with the input `key` ("seed", "edit-1.mode": `Form.named`'s keys) set to `value`."""
+    row, _, name = key.rpartition(".")
+    setattr(form.rows[int(row.removeprefix("edit-")) - 1] if row else form, name, value)
+    return form
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Build the app on a model (once per model in this module): its Blocks, writing under a temporary folder."""
+    apps = {}
+
+    def build(model: str):
+        if model not in apps:
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # build_app sets it
+                apps[model] = webapp.build_app([model], out_dir=tmp_path_factory.mktemp("built") / "out",
+                                               max_upload_mb=UPLOAD_MB)
+        return apps[model]
+
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +176,9 @@ def test_edit_rows_are_added_and_removed(page):
     assert not page.locator("#edit-2 textarea").is_visible()
     page.click("text=Add edit")
     page.wait_for_selector("#edit-2 textarea", state="visible")
+    page.fill("#edit-2 textarea", "a fox riding a bicycle")
+    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")  # the page sends its row count
+    assert page.locator("#gallery img").count() == 3
     page.click("text=Remove edit")
     page.wait_for_selector("#edit-2 textarea", state="hidden")
 
@@ -222,12 +264,10 @@ def test_a_forged_request_cannot_make_the_app_read_a_server_path(server):
     app, out = server
     config = httpx.get(f"{app.local_url}config").json()
     (run,) = [d for d in config["dependencies"] if d.get("api_name") == "run_edit"]
-    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
     forged = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
 
     def submit(image, session: str) -> bool:
-        data = [app.fns[run["id"]].inputs[0].value, "a cat", 7, 2, 7.5, image, "null-text", 1, *row,
-                *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
+        data = _fill(webapp.Form.of(_form(app)), "image", image).inputs()
         joined = httpx.post(f"{app.local_url}gradio_api/queue/join",
                             json={"data": data, "fn_index": run["id"], "session_hash": session})
         if joined.status_code != 200:  # refused before it joins the queue
@@ -241,30 +281,44 @@ def test_a_forged_request_cannot_make_the_app_read_a_server_path(server):
     assert submit(None, "control") is True  # the same request without the forged path runs
 
 
-def test_uploads_must_be_small_images(tmp_path):
+def test_uploads_must_be_small_images(built, tmp_path):
+    show = _handler(built("demo"), "show_upload")
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(gr.Error, match="not an image"):
-        webapp._check_upload(str(text), 2**20)
+    assert "the upload is not an image that can be read" in show.fn(str(text), "")[1]
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)
+    preview, said = show.fn(str(big), "")
+    assert preview is None and said.startswith('<div class="error">the upload is 1.8 MB; the limit is 1.0 MB')
     photo = tmp_path / "photo.png"
     Image.new("RGB", (256, 256)).save(photo)
-    with pytest.raises(gr.Error, match="the limit is 0.0 MB"):
-        webapp._check_upload(str(photo), 10)
-    webapp._check_upload(str(photo), 2**20)
+    assert show.fn(str(photo), "")[0] == str(photo)
 
 
-def test_only_offered_models_load(tiny_sd_dir):
-    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
-    with pytest.raises(gr.Error, match="unknown model '/etc'"):
-        editors.get("/etc")
-    editor, source = editors.get(str(tiny_sd_dir))
-    assert source.id == str(tiny_sd_dir) and editors.get(str(tiny_sd_dir))[0] is editor
+def test_only_offered_models_load(built, monkeypatch):
+    app = built("demo")
+    loads = []
+    monkeypatch.setattr(webapp, "load_editor", lambda *args, **kwargs: loads.append(args))
+    picked = _handler(app, "model_defaults")
+    *_, status = picked.fn("/etc")  # the model picker offers only "demo"; a forged request names another
+    assert status.startswith('<div class="error">unknown model \'/etc\'; this server offers demo')
+    assert picked.fn("demo")[-1] == gr.skip() and loads == []  # the offered model loaded once, when the app was built
 
 
 def test_runs_queue_one_at_a_time(server):
     app, _ = server
-    (run,) = [fn for fn in app.fns.values() if fn.name == "run_edit"]
-    assert run.concurrency_limit == 1
+    assert _handler(app, "run_edit").concurrency_limit == 1
+
+
+def test_each_run_gives_its_free_memory_back_and_few_sessions_are_kept(server, monkeypatch):
+    """Gradio runs requests on several threads, each with a heap of its own, and keeps a copy of the form's config per
+    session: a run trims the C heaps, and the server keeps the last SESSIONS sessions, not Gradio's 10000."""
+    app, _ = server
+    trims = []
+    monkeypatch.setattr(webapp, "_release_memory", lambda: trims.append(1))  # the server runs in this process
+    assert _queue_call(app, _form(app), "trimmed")["success"] and trims == [1]
+    assert app.state_session_capacity == webapp.SESSIONS < 10000
+    assert webapp._malloc_trim() is not None or platform.libc_ver()[0] != "glibc"
 
 
 def test_a_file_that_is_no_image_gets_the_apps_message_not_a_bare_error(page, tmp_path):
@@ -304,13 +358,12 @@ def test_an_upload_error_stays_in_the_status_line_until_a_good_upload(tmp_path, 
     assert show.fn(str(photo), "Seed 1. Saved to `run`.") == (str(photo), gr.skip())  # the last run's line stays
 
 
-def test_a_decompression_bomb_upload_is_refused_before_decoding(tmp_path):
+def test_a_decompression_bomb_upload_is_refused_before_decoding(built, tmp_path):
     from test_images import bomb_png
 
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(bomb_png(20_000, 20_000))
-    with pytest.raises(gr.Error, match="the upload is too large to decode safely"):
-        webapp._check_upload(str(bomb), 2**20)
+    assert "the upload is too large to decode safely" in _handler(built("demo"), "show_upload").fn(str(bomb), "")[1]
 
 
 def test_errors_reach_the_user_as_their_message():
@@ -339,21 +392,26 @@ def test_gradio_writes_nothing_outside_the_output_folder(tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("seed", ["5", float("nan"), 2**70, True])
-def test_a_forged_seed_gets_a_message(tiny_sd_dir, tmp_path, seed):
-    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
-    rows = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
-    with pytest.raises(gr.Error, match="seed must be a whole number"):
-        webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a [cat->dog]", seed, 2, 7.5, None, "null-text", 0,
-                    *rows)
+def test_a_forged_seed_gets_a_message(built, tiny_sd_dir, seed):
+    form = _start(built(str(tiny_sd_dir)))
+    form.source, form.seed, form.steps, form.rows[0].prompt = "a [cat->dog]", seed, 2, ""
+    *_, status = _click_run(built(str(tiny_sd_dir)), form)
+    assert status.startswith('<div class="error">the seed must be a whole number')
 
 
-@pytest.mark.parametrize("field, value", [(4, ["a"]), (8, 5), (9, 5), (10, 10**9)])
-def test_a_forged_form_field_gets_a_message(tiny_sd_dir, tmp_path, field, value):
-    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
-    args = [editors, tmp_path, 2**20, str(tiny_sd_dir), "a [cat->dog]", 1, 2, 7.5, None, "null-text", 0]
-    args[field] = value
-    with pytest.raises(gr.Error):
-        webapp._run(*args, *[None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS))
+@pytest.mark.parametrize("key, value, message", [
+    ("source", ["a"], "the source prompt must be a str, not list"), ("image", 5, "the image must be a str, not int"),
+    ("method", 5, "the inversion method must be a str, not int"),
+    ("count", 10**9, "the edit count must be a whole number up to 4"),
+    ("edit-1.weight_words", "fluffy", "the edit 1 field 5 must be a list, not str"),
+])
+def test_a_forged_form_field_gets_a_message(built, tiny_sd_dir, key, value, message):
+    app = built(str(tiny_sd_dir))
+    form = _fill(_start(app), key, value)
+    *_, status = _click_run(app, form)
+    assert status.startswith(f'<div class="error">{message}')
+    checks = _handler(app, "run_edit").validator(*form.inputs())  # the input at fault says so before the queue
+    assert [item.key for item, check in zip(form.named(), checks) if not check["is_valid"]] == [key]
 
 
 # The whole image, as drawn: its object-fit box inside every clipping ancestor, its aspect ratio kept, and nothing
@@ -409,17 +467,17 @@ def test_the_gallery_shows_whole_images_and_the_heatmaps_their_tokens(page):
     assert not page.locator("#heatmaps-2").is_visible()
 
 
-def test_heatmaps_are_one_gallery_per_prompt_each_word_once(tiny_sd_dir, tmp_path):
-    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
-    row = ["a (fluffy:2) dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
-    gallery, _, heatmaps, _, _ = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
-                                             "null-text", 1, *row,
-                                             *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
-    assert [(label, [word for _, word in maps]) for label, maps in heatmaps] == [
+def test_heatmaps_are_one_gallery_per_prompt_each_word_once(built, tiny_sd_dir):
+    app = built(str(tiny_sd_dir))
+    form = _start(app)
+    form.source, form.seed, form.steps, form.rows[0].prompt = "a cat", 1, 2, "a (fluffy:2) dog"
+    gallery, _, heatmaps, _, _ = _click_run(app, form)
+    shown = [(heat["label"], heat["value"]) for heat in heatmaps if heat["visible"]]
+    assert [(label, [word for _, word in maps]) for label, maps in shown] == [
         ("source: a cat", ["a", "cat"]), ("edit 1: cat -> fluffy dog, reweight fluffy x2", ["a", "fluffy", "dog"])]
-    with Image.open(gallery[0][0]) as source:
+    with Image.open(gallery["value"][0][0]) as source:
         # The word is the tile's caption only: the map is its image's size, with no word written beneath it.
-        assert all(heat.size == source.size for _, maps in heatmaps for heat, _ in maps)
+        assert all(heat.size == source.size for _, maps in shown for heat, _ in maps)
 
 
 def test_the_heat_scale_is_drawn_in_the_heatmaps_own_colours():
@@ -468,30 +526,29 @@ def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, ca
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_failed_run_replaces_the_status_line_and_leaves_the_other_outputs(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
-    app = webapp.build_app(["demo"], out_dir=tmp_path)
-    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
-    form = [component.value for component in run.inputs]
-    form[8] = "a big [red->green circle in the center on a white background"
-    *others, status = run.fn(*form)
-    assert others == [gr.skip()] * (len(run.outputs) - 1)  # the last result stays, with no "Error" over it
+def test_a_failed_run_replaces_the_status_line_and_leaves_the_other_outputs(built):
+    app = built("demo")
+    form = _start(app)
+    form.rows[0].prompt = "a big [red->green circle in the center on a white background"
+    *others, status = _handler(app, "run_edit").fn(*form.inputs())
+    assert others == [gr.skip()] * (len(_handler(app, "run_edit").outputs) - 1)  # the last result stays, no "Error"
     assert status.startswith("<div class=\"error\">edit 1: column 7: '[' is never closed")
     assert "<pre>a big [red->green circle in the center on a\n      ^\nwhite background</pre>" in status
 
 
-def test_a_run_that_cannot_succeed_is_refused_before_it_joins_the_queue(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
-    app = webapp.build_app(["demo"], out_dir=tmp_path)
-    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
-    form = [component.value for component in run.inputs]
-    assert all(check["is_valid"] for check in run.validator(*form))
-    form[1] = "a [red circle"
-    checks = run.validator(*form)
-    assert [i for i, check in enumerate(checks) if not check["is_valid"]] == [1]  # the source prompt's box
-    assert checks[1]["message"] == "the source prompt: column 3: '[' is never closed: add ']' after the edited words"
-    shown = next(fn for fn in app.fns.values() if fn.name == "show_check")  # the status line says it at once
-    assert shown.fn(*form).startswith('<div class="error">the source prompt: column 3') and shown.queue is False
+def test_a_run_that_cannot_succeed_is_refused_before_it_joins_the_queue(built):
+    app = built("demo")
+    run = _handler(app, "run_edit")
+    form = _start(app)
+    assert all(check["is_valid"] for check in run.validator(*form.inputs()))
+    form.source = "a [red circle"
+    checks = run.validator(*form.inputs())
+    (refused,) = [(item.key, check) for item, check in zip(form.named(), checks) if not check["is_valid"]]
+    assert refused == ("source", {**refused[1], "message": "the source prompt: column 3: '[' is never closed: add "
+                                                           "']' after the edited words"})
+    shown = _handler(app, "show_check")  # the status line says it at once
+    assert shown.fn(*form.inputs()).startswith('<div class="error">the source prompt: column 3')
+    assert shown.queue is False
 
 
 def test_error_prompts_are_cut_to_the_status_column_with_the_caret_under_its_column():
@@ -536,9 +593,11 @@ def _queue_call(app, data: list, session: str) -> dict:
 
 
 def _form(app, source: str = "a cat", seed: int = 7) -> list:
-    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
-    model = next(fn for fn in app.fns.values() if fn.name == "run_edit").inputs[0].value
-    return [model, source, seed, 2, 7.5, None, "null-text", 1, *row, *([""] + row[1:]) * (webapp.MAX_EDITS - 1)]
+    """A Run request's values, as a browser sends them: the form as it starts, with `source`, `seed`, 2 steps and
+    the edit "a dog"."""
+    form = _start(app)
+    form.source, form.seed, form.steps, form.guidance, form.rows[0].prompt = source, seed, 2, 7.5, "a dog"
+    return form.inputs()
 
 
 def _join(app, data: list, session: str) -> httpx.Response:
@@ -549,22 +608,19 @@ def _join(app, data: list, session: str) -> httpx.Response:
                       json={"data": data, "fn_index": run["id"], "session_hash": session})
 
 
-@pytest.mark.parametrize("field, value, message", [
-    (2, "abc", "the request's 'Seed (-1: random)' is not what the form sends"),
-    (3, "abc", "the request's 'Steps' is not what the form sends"),
-    (3, None, "the request's 'Steps' is not what the form sends"),
-    (5, "/etc/passwd", "the request holds a file that was not uploaded to this app"),
-    (9, "fine", "Value: 'fine' (type: &lt;class 'str'>) is not in the list of choices"),
-    (slice(5, None), None, "the request holds 5 values; the form sends"),
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", "abc", "the request's 'Seed (-1: random)' is not what the form sends"),
+    ("steps", "abc", "the request's 'Steps' is not what the form sends"),
+    ("steps", None, "the request's 'Steps' is not what the form sends"),
+    ("image", "/etc/passwd", "the request holds a file that was not uploaded to this app"),
+    ("edit-1.mode", "fine", "Value: 'fine' (type: &lt;class 'str'>) is not in the list of choices"),
+    (None, 5, "the request holds 5 values; the form sends"),
 ])
-def test_a_forged_api_request_gets_the_apps_one_line_message(server, field, value, message):
+def test_a_forged_api_request_gets_the_apps_one_line_message(server, key, value, message):
     app, out = server
-    data = _form(app)
-    if isinstance(field, slice):
-        del data[field]
-    else:
-        data[field] = value
-    refused = _join(app, data, f"forged-{field}-{value}")
+    form = webapp.Form.of(_form(app))
+    data = form.inputs()[:value] if key is None else _fill(form, key, value).inputs()  # None: the first values only
+    refused = _join(app, data, f"forged-{key}-{value}")
     error = refused.json()["detail"]
     assert refused.status_code == 400 and error.startswith(message)
     assert "\n" not in error and str(out) not in error and "gradio" not in error.lower()
@@ -586,8 +642,7 @@ def test_a_request_refused_without_the_model_does_not_wait_for_the_queue(server,
     editing.start()
     try:
         assert started.wait(60)
-        malformed, syntax = _form(app), _form(app, source="a [cat")
-        malformed[3] = "abc"
+        malformed, syntax = _fill(webapp.Form.of(_form(app)), "steps", "abc").inputs(), _form(app, source="a [cat")
         for data, status, message in ((malformed, 400, "the request's 'Steps' is not what the form sends"),
                                       (syntax, 422, "the source prompt: column 3: '[' is never closed")):
             begun = time.perf_counter()
@@ -599,33 +654,35 @@ def test_a_request_refused_without_the_model_does_not_wait_for_the_queue(server,
         editing.join(120)
 
 
-def test_a_text_file_named_png_gets_a_message_without_a_server_path(tmp_path):
+def test_a_text_file_named_png_gets_a_message_without_a_server_path(built, tmp_path):
+    show = _handler(built("demo"), "show_upload")
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
-    with pytest.raises(gr.Error) as refused:
-        webapp._check_upload(str(notes), 2**20)
-    assert refused.value.message.startswith("the upload is not an image that can be read (cannot identify image "
-                                            "file): it is corrupt")
-    assert str(tmp_path) not in refused.value.message and "notes" not in refused.value.message
-    with pytest.raises(gr.Error, match="the upload is no longer on the server; upload the image again"):
-        webapp._check_upload(str(tmp_path / "gone.png"), 2**20)
+    _, said = show.fn(str(notes), "")
+    assert said.startswith('<div class="error">the upload is not an image that can be read (cannot identify image '
+                           "file): it is corrupt")
+    assert str(tmp_path) not in said and "notes" not in said
+    _, said = show.fn(str(tmp_path / "gone.png"), "")
+    assert said == '<div class="error">the upload is no longer on the server; upload the image again</div>'
 
 
 def test_a_run_is_written_aside_and_moved_into_the_output_folder_whole(tiny_sd_dir, tmp_path, monkeypatch):
-    editors = webapp._Editors([str(tiny_sd_dir)], "cpu", "auto")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # build_app sets it; restored
+    out = tmp_path / "out"
+    app = webapp.build_app([str(tiny_sd_dir)], out_dir=out)
     real_save, seen = webapp.save_result, []
 
     def watched_save(images, recipe, folder):  # what --out holds while the PNGs are being written
-        seen.append((folder, sorted(path.name for path in tmp_path.iterdir())))
+        seen.append((folder, sorted(path.name for path in out.iterdir())))
         return real_save(images, recipe, folder)
 
     monkeypatch.setattr(webapp, "save_result", watched_save)
-    row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
-    _, files, _, _, status = webapp._run(editors, tmp_path, 2**20, str(tiny_sd_dir), "a cat", 1, 2, 7.5, None,
-                                         "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+    form = _start(app)
+    form.source, form.seed, form.steps, form.rows[0].prompt = "a cat", 1, 2, "a dog"
+    _, files, _, _, status = _click_run(app, form)
     ((staging, during),) = seen
-    assert staging.parent == tmp_path / webapp.STAGING and during == [webapp.STAGING]
-    (run_folder,) = tmp_path.iterdir()  # the staging folder is gone
+    assert staging.parent == out / webapp.STAGING and during == [webapp.STAGING]
+    (run_folder,) = out.iterdir()  # the staging folder is gone
     assert run_folder.name == staging.name and f"`{run_folder.name}`" in status
     assert [Path(path) for path in files] == [run_folder / name for name in ("source.png", "edit-1.png", "grid.png")]
     assert all(Path(path).is_file() for path in files)
@@ -735,73 +792,71 @@ def test_the_form_starts_at_the_models_defaults_and_follows_the_picked_model(tin
     app = webapp.build_app([str(tiny_sd_dir), "demo"], out_dir=tmp_path)
     tiny, demo = load_editor(str(tiny_sd_dir))[0].defaults, load_editor("demo")[0].defaults
     assert (tiny.num_inference_steps, tiny.self_steps) != (demo.num_inference_steps, demo.self_steps)
-    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
-    steps, guidance, row = run.inputs[3], run.inputs[4], run.inputs[8:8 + webapp.ROW_FIELDS]
-    assert (steps.value, guidance.value) == (tiny.num_inference_steps, tiny.guidance_scale)
-    assert (row[2].value, row[3].value, row[10].value) == (tiny.cross_steps, tiny.self_steps, tiny.blend_threshold)
-    assert row[10].label == "Blend threshold"
-    follow = next(fn for fn in app.fns.values() if fn.name == "model_defaults")
-    assert follow.outputs[:2] == [steps, guidance] and follow.outputs[3:6] == [row[2], row[3], row[10]]
+    form = webapp.Form.of(_handler(app, "run_edit").inputs)  # the components, by name
+    row = form.rows[0]
+    assert (form.steps.value, form.guidance.value) == (tiny.num_inference_steps, tiny.guidance_scale)
+    assert (row.cross.value, row.self_steps.value, row.threshold.value) == (tiny.cross_steps, tiny.self_steps,
+                                                                            tiny.blend_threshold)
+    assert row.threshold.label == "Blend threshold" and form.image.elem_id == "upload"
+    follow = _handler(app, "model_defaults")
+    assert follow.outputs[:3] == [form.steps, form.guidance, form.method]
+    assert follow.outputs[3:-1] == [c for row in form.rows for c in (row.cross, row.self_steps, row.threshold)]
     picked_steps, picked_guidance, _, *per_row, status = follow.fn("demo")
     assert (picked_steps, picked_guidance) == (demo.num_inference_steps, demo.guidance_scale)
     assert per_row == [demo.cross_steps, demo.self_steps, demo.blend_threshold] * webapp.MAX_EDITS
     assert follow.outputs[-1].elem_id == "status" and status == gr.skip()
 
 
-def test_the_form_starts_filled_with_an_edit_the_default_model_draws(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
-    app = webapp.build_app(["demo"], out_dir=tmp_path / "out")
-    run = next(fn for fn in app.fns.values() if fn.name == "run_edit")
-    source, first_edit = run.inputs[1], run.inputs[8]
-    assert source.value == "a big red circle in the center on a white background"
-    assert first_edit.value == "a big purple circle in the center on a white background"
-    assert source.placeholder is None and first_edit.placeholder is None  # no grey text that looks filled in
-    assert "big" in [choice for choice, _ in run.inputs[8 + 6].choices]  # the word pickers offer its words
+def test_the_form_starts_filled_with_an_edit_the_default_model_draws(built):
+    app = built("demo")
+    form = webapp.Form.of(_handler(app, "run_edit").inputs)
+    assert form.source.value == "a big red circle in the center on a white background"
+    assert form.rows[0].prompt.value == "a big purple circle in the center on a white background"
+    assert form.source.placeholder is None and form.rows[0].prompt.placeholder is None  # no grey text that looks filled
+    assert "big" in [choice for choice, _ in form.rows[0].blend_source.choices]  # the word pickers offer its words
     # The first Run, with the form as it starts, draws the edit.
-    gallery, _, *_, status = run.fn(*[component.value for component in run.inputs])
+    gallery, _, _, _, status = _click_run(app, _start(app))
     assert "Saved to" in status and len(gallery["value"]) == 2
 
 
-def test_a_run_takes_the_models_defaults_for_sliders_left_at_them_and_says_so(tmp_path):
-    editors = webapp._Editors(["demo"], "cpu", "auto")
-    defaults = editors.get("demo")[0].defaults
-    source, edit = "a big red circle in the center on a white background", "a big red star in the center on a white background"
-    row = [edit, "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, ["circle"], ["star"], [], [],
-           defaults.blend_threshold]
-    _, files, _, _, status = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale, None,
-                                         "null-text", 1, *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
+def test_a_run_takes_the_models_defaults_for_sliders_left_at_them_and_says_so(built):
+    app = built("demo")
+    form = _start(app)  # the sliders at the model's defaults
+    defaults = webapp.load_editor("demo")[0].defaults
+    source = "a big red circle in the center on a white background"
+    edit = source.replace("circle", "star")
+    form.source, form.steps, form.rows[0].prompt = source, 2, edit
+    form.rows[0].blend_source, form.rows[0].blend_edit = ["circle"], ["star"]
+    _, files, _, _, status = _click_run(app, form)
     (spec,) = read_recipe(files[1]).edits
     cross, self_steps, why = defaults.windows_for(source, edit)
-    assert (spec["cross_steps"], spec["self_steps"]) == (cross, self_steps) != (defaults.cross_steps, defaults.self_steps)
+    assert (spec["cross_steps"], spec["self_steps"]) == (cross, self_steps)
+    assert (cross, self_steps) != (defaults.cross_steps, defaults.self_steps)
     assert spec["blend"]["threshold"] == defaults.blend_threshold
     assert "Defaults: " in status and why in status and f"guidance {defaults.guidance_scale:g}" in status
     assert "2 steps" not in status  # the steps slider was moved: not a default
 
 
-def test_gallery_captions_name_the_edited_words(tmp_path):
-    editors = webapp._Editors(["demo"], "cpu", "auto")
-    defaults = editors.get("demo")[0].defaults
+def test_gallery_captions_name_the_edited_words(built):
+    app = built("demo")
+    form = _start(app)
     source = "a big red circle in the center on a white background"
-    row = [source.replace("red", "green"), "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, [], [], [], [],
-           defaults.blend_threshold]
-    gallery, *_ = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale, None, "direct", 1,
-                              *row, *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
-    assert [caption for _, caption in gallery] == [f"source: {source}", "edit 1: red -> green"]
+    form.source, form.seed, form.steps, form.rows[0].prompt = source, 1, 2, source.replace("red", "green")
+    gallery, *_ = _click_run(app, form)
+    assert [caption for _, caption in gallery["value"]] == [f"source: {source}", "edit 1: red -> green"]
 
 
 def test_an_upload_is_edited_as_a_reconstruction_and_the_status_says_how_it_was_fitted_and_which_words_are_unknown(
-        tmp_path):
-    editors = webapp._Editors(["demo"], "cpu", "auto")
-    defaults = editors.get("demo")[0].defaults
+        built, tmp_path):
+    app = built("demo")
     photo = tmp_path / "wide.png"
     Image.fromarray(np.full((64, 128, 3), 240, np.uint8)).save(photo)  # 128x64: the demo model edits 64x64
     source = "a big red circle in the center on a white background"
-    row = [source.replace("red", "light green"), "auto", defaults.cross_steps, defaults.self_steps, [], 1.0, [], [],
-           [], [], defaults.blend_threshold]
-    gallery, *_, status = webapp._run(editors, tmp_path, 2**20, "demo", source, 1, 2, defaults.guidance_scale,
-                                      str(photo), "direct", 1, *row,
-                                      *[None] * (webapp.ROW_FIELDS * (webapp.MAX_EDITS - 1)))
-    assert [caption for _, caption in gallery] == [f"reconstruction: {source}", "edit 1: red -> light green"]
+    form = _start(app)
+    form.source, form.steps, form.image, form.method = source, 2, str(photo), "direct"
+    form.rows[0].prompt = source.replace("red", "light green")
+    gallery, *_, status = _click_run(app, form)
+    assert [caption for _, caption in gallery["value"]] == [f"reconstruction: {source}", "edit 1: red -> light green"]
     assert ("Note: the image is 128x64 px: it was resized and centre-cropped to the model's 64x64 px, the size of "
             "the results.") in status
     assert "Warning: the model was never trained on the word 'light'" in status

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import io
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from PIL import Image
 
@@ -37,9 +38,9 @@ from .engine import SourceStore, load_editor
 from .families.defaults import vocabulary_notice
 from .files import temporary_target
 from .images import fit_note, image_size, load_image, open_image
+from .limits import MAX_STEPS, check_guidance, check_int
 from .loading import ModelSource, check_device, parse_dtype
-from .recipe import (MAX_STEPS, check_guidance, check_int, edit_label, file_digest, inversion_available, recipe_for,
-                     run_recipe, save_result)
+from .recipe import edit_label, file_digest, recipe_for, run_recipe, save_result
 from .syntax import PromptSyntaxError, parse_prompt
 from .visualize import CAPTION_HEIGHT, heatmap
 
@@ -50,13 +51,12 @@ __all__ = ["build_app", "launch"]
 
 MAX_EDITS = 4
 MAX_PROMPTS = MAX_EDITS + 2  # the source, an edit from its inline markup and the rows': a heatmap gallery each
-# The Run button's inputs, in this order: model, source, seed, steps, guidance, image, inversion method, edit count,
-# then the rows. Per edit row, in this order: prompt, mode, cross, self, weight words, weight, blend source words,
-# blend edit words, exclude source words, exclude edit words, blend threshold.
-_SOURCE, _SEED, _STEPS, _GUIDANCE, _IMAGE, _METHOD, _COUNT, _ROWS = range(1, 9)
-ROW_FIELDS = 11
 QUEUE_SIZE = 64  # requests waiting at most (Gradio's queue max_size); one more is told the queue is full
 CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see _CacheBound)
+# Gradio keeps a copy of the form's config for each session (a page load, an API client), about 0.4 MiB here, for
+# 10000 sessions by default: gigabytes. The form's state lives in the page (hidden fields), so a session forgotten
+# loses nothing the app needs; only the last SESSIONS are kept.
+SESSIONS = 64
 STAGING = ".staging"  # under the output folder: runs being written, renamed into place when whole
 # A run folder's name, as _run_folder makes it: only such folders are ever cleaned up (never the user's own).
 _RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")
@@ -87,9 +87,9 @@ _STATUS_ERROR = '<div class="error">'  # how the status line starts when it show
 log = logging.getLogger(__name__)
 
 
-def _error(message: str, detail: str | None = None, *, field: int | None = None) -> Exception:
+def _error(message: str, detail: str | None = None, *, field: str | None = None) -> Exception:
     """A user's error: `message` in one line, `detail` (a prompt with a caret under a column) beneath it, and the
-    request's `field` at fault (its position in the Run button's inputs), if one is.
+    request's `field` at fault (its key in `Form.named`: "source", "edit-1.prompt"), if one is.
 
     The app shows it in the status line (`_status_error`) and leaves the other outputs as they were. Raised to
     Gradio (a request refused before any function runs), it is a `gradio.Error` whose message is `message`,
@@ -104,7 +104,7 @@ def _error_class() -> type[Exception]:
     import gradio as gr  # imported by build_app already, with its folders set
 
     class UserError(gr.Error):
-        def __init__(self, message: str, detail: str | None, field: int | None):
+        def __init__(self, message: str, detail: str | None, field: str | None):
             super().__init__(_html_text(message), print_exception=False)  # Gradio prints no traceback for it
             self.line, self.detail, self.field = message, detail, field
 
@@ -237,7 +237,94 @@ def _image_classes(path: str | Path) -> list[str]:
         return ["pixelated"] if max(image.size) < SMALL_IMAGE else []
 
 
-def _parse(text: str, what: str, field: int):
+T = TypeVar("T")
+
+
+def _field(label: str | None = None, *types: type) -> Any:
+    """A form input: its name in messages, and the types its component sends (None aside); only a forged request
+    sends others. An input without types has its own check in `_check_request`."""
+    return dataclasses.field(metadata={"label": label, "types": types})
+
+
+class _Input(NamedTuple):
+    key: str  # as `_error`'s field: "source", "edit-1.prompt"
+    value: Any
+    label: str | None
+    types: tuple[type, ...]
+
+
+@dataclasses.dataclass
+class EditRow(Generic[T]):
+    """One edit row of the form, by name: its components when the app is built, their values in a request."""
+
+    prompt: T = _field(None, str)
+    mode: T = _field(None, str)
+    cross: T = _field(None, int, float)
+    self_steps: T = _field(None, int, float)
+    weight_words: T = _field(None, list)
+    weight: T = _field(None, int, float)
+    blend_source: T = _field(None, list)
+    blend_edit: T = _field(None, list)
+    exclude_source: T = _field(None, list)
+    exclude_edit: T = _field(None, list)
+    threshold: T = _field(None, int, float)
+
+
+ROW_FIELDS = len(dataclasses.fields(EditRow))
+
+
+def _row_key(index: int, name: str) -> str:
+    """The key of edit row `index`'s (1-based) input `name`."""
+    return f"edit-{index}.{name}"
+
+
+@dataclasses.dataclass
+class Form(Generic[T]):
+    """The Run button's inputs, by name: their components when the app is built, their values in a request.
+
+    Gradio hands a request's values to a function in the order of `inputs()`; `Form.of` names them again.
+    """
+
+    model: T = _field("model", str)
+    source: T = _field("source prompt", str)
+    seed: T = _field()
+    steps: T = _field()
+    guidance: T = _field()
+    image: T = _field("image", str)
+    method: T = _field("inversion method", str)
+    count: T = _field("edit count", int, float)
+    rows: list[EditRow[T]] = dataclasses.field(default_factory=list)
+
+    def named(self) -> list[_Input]:
+        """Every input with its key, its name in messages and its types, in the order Gradio sends them."""
+        found = [_Input(f.name, getattr(self, f.name), f.metadata["label"], f.metadata["types"])
+                 for f in dataclasses.fields(self) if f.name != "rows"]
+        for i, row in enumerate(self.rows, 1):
+            found += [_Input(_row_key(i, f.name), getattr(row, f.name), f"edit {i} field {j}", f.metadata["types"])
+                      for j, f in enumerate(dataclasses.fields(row), 1)]
+        return found
+
+    def inputs(self) -> list[T]:
+        """The inputs in the order Gradio sends their values."""
+        return [item.value for item in self.named()]
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> Form[Any]:
+        """The form whose `inputs()` are `values`: a request's, named. Raises `_error` if they cannot be.
+
+        >>> row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
+        >>> form = Form.of(["demo", "a cat", 7, 30, 7.5, None, "direct", 1, *row])
+        >>> form.source, form.rows[0].prompt, form.rows[0].threshold
+        ('a cat', 'a dog', 0.3)
+        """
+        top = len(dataclasses.fields(cls)) - 1  # all but the rows
+        if len(values) < top or (len(values) - top) % ROW_FIELDS:
+            raise _error(f"the request holds {len(values)} values; the form sends {top} and {ROW_FIELDS} per edit row")
+        rows = [EditRow(*values[start:start + ROW_FIELDS]) for start in range(top, len(values), ROW_FIELDS)]
+        return cls(*values[:top], rows=rows)
+
+
+def _parse(text: str, what: str, field: str):
     try:
         return parse_prompt(text)
     except PromptSyntaxError as error:  # its message's last lines: the prompt and a caret under the column
@@ -245,36 +332,30 @@ def _parse(text: str, what: str, field: int):
         raise _error(f"{what}: {first}", "\n".join(rest), field=field) from None
 
 
-def _row_field(index: int) -> int:
-    """The position of edit row `index`'s prompt (1-based) among the Run button's inputs."""
-    return _ROWS + (index - 1) * ROW_FIELDS
-
-
-def _edit_spec(index: int, values: Sequence[Any]) -> dict[str, Any] | None:
-    """One row's recipe edit spec; None for an empty row. The prompt may weight words inline: "a (fluffy:2) cat"."""
-    prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit, excl_source, excl_edit, \
-        threshold = values
-    if not (prompt or "").strip():
+def _edit_spec(index: int, row: EditRow[Any]) -> dict[str, Any] | None:
+    """Row `index`'s recipe edit spec; None for an empty row. The prompt may weight words inline: "a (fluffy:2) cat"."""
+    if not (row.prompt or "").strip():
         return None
-    field = _row_field(index)
-    if cross is None or self_steps is None or (weight_words and weight is None):  # only a forged request
+    field = _row_key(index, "prompt")
+    if row.cross is None or row.self_steps is None or (row.weight_words and row.weight is None):  # a forged request
         raise _error(f"edit {index}: the cross and self windows and the weight must be numbers", field=field)
-    parsed = _parse(prompt, f"edit {index}", field)
+    parsed = _parse(row.prompt, f"edit {index}", field)
     if parsed.edit is not None and parsed.edit != parsed.source:
         raise _error(f"edit {index} takes an edit prompt, optionally with (word:weight) groups, not [old->new] "
                      "markup; put that in the source prompt", field=field)
     blend = None
-    if blend_source or blend_edit or excl_source or excl_edit:
-        if not blend_source or not blend_edit:
+    if row.blend_source or row.blend_edit or row.exclude_source or row.exclude_edit:
+        if not row.blend_source or not row.blend_edit:
             raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'",
-                         field=field + 6)  # the row's source words
-        blend = {"source_words": list(blend_source), "edit_words": list(blend_edit),
-                 "exclude_source_words": list(excl_source or []), "exclude_edit_words": list(excl_edit or []),
-                 "threshold": None if threshold is None else float(threshold)}
+                         field=_row_key(index, "blend_source"))
+        blend = {"source_words": list(row.blend_source), "edit_words": list(row.blend_edit),
+                 "exclude_source_words": list(row.exclude_source or []),
+                 "exclude_edit_words": list(row.exclude_edit or []),
+                 "threshold": None if row.threshold is None else float(row.threshold)}
     weights = [[position, w] for position, w in parsed.weights.items()]
-    weights += [[word, float(weight)] for word in weight_words or []]
-    return {"prompt": parsed.source, "mode": mode, "cross_steps": float(cross),
-            "self_steps": float(self_steps), "weights": weights or None, "blend": blend}
+    weights += [[word, float(row.weight)] for word in row.weight_words or []]
+    return {"prompt": parsed.source, "mode": row.mode, "cross_steps": float(row.cross),
+            "self_steps": float(row.self_steps), "weights": weights or None, "blend": blend}
 
 
 def _leave_defaults(spec: dict[str, Any], defaults) -> dict[str, Any]:
@@ -297,44 +378,38 @@ def _check_upload(path: str, max_bytes: int) -> str:
     try:
         size = os.path.getsize(path)
     except OSError:  # gone from Gradio's cache (see _CacheBound), or never there
-        raise _error("the upload is no longer on the server; upload the image again", field=_IMAGE) from None
+        raise _error("the upload is no longer on the server; upload the image again", field="image") from None
     if size > max_bytes:
-        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB", field=_IMAGE)
+        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB", field="image")
     try:
         open_image(path).close()
     except OSError:
-        raise _error("the upload is no longer on the server; upload the image again", field=_IMAGE) from None
+        raise _error("the upload is no longer on the server; upload the image again", field="image") from None
     except ValueError as error:  # its message starts with the quoted path, and Pillow's reason may name it too
         message = str(error).replace(f"'{path}'", "the upload", 1)
         # Pillow's reason ("cannot identify image file '/path'") reads as well without the path.
         message = message.replace(f" '{path}'", "").replace(path, "the upload")
-        raise _error(message, field=_IMAGE) from None
+        raise _error(message, field="image") from None
     return path
 
 
-# Each row field: the types its component sends (None where it may be empty). Only a forged request sends others.
-_ROW_TYPES = ((str,), (str,), (int, float), (int, float), (list,), (int, float), (list,), (list,), (list,), (list,),
-              (int, float))
-
-
-def _check_form(model, source, image, method, count, rows) -> None:
-    """Refuse a forged request whose fields are not what the form's components send, with a message."""
-    fields = [(0, "model", model, (str,)), (_SOURCE, "source prompt", source, (str,)), (_IMAGE, "image", image, (str,)),
-              (_METHOD, "inversion method", method, (str,)), (_COUNT, "edit count", count, (int, float))]
-    fields += [(_ROWS + i, f"edit {i // ROW_FIELDS + 1} field {i % ROW_FIELDS + 1}", value, _ROW_TYPES[i % ROW_FIELDS])
-               for i, value in enumerate(rows)]
-    for field, name, value, types in fields:
+def _check_form(form: Form[Any]) -> None:
+    """Refuse a forged request whose inputs are not what the form's components send, with a message."""
+    for key, value, label, types in form.named():
+        if not types:
+            continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise _error(f"the {name} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}",
-                         field=field)
+            raise _error(f"the {label} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}",
+                         field=key)
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise _error(f"the {name} must be a list of words", field=field)
+            raise _error(f"the {label} must be a list of words", field=key)
+    count = form.count
     if count is None:
-        raise _error("the request holds no edit count", field=_COUNT)
+        raise _error("the request holds no edit count", field="count")
     if isinstance(count, float) and not (math.isfinite(count) and count.is_integer()) or count > MAX_EDITS:
-        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}", field=_COUNT)
-    if len(rows) < ROW_FIELDS * int(count):
-        raise _error("the request holds fewer edit rows than its count", field=_COUNT)
+        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}", field="count")
+    if len(form.rows) < int(count):
+        raise _error("the request holds fewer edit rows than its count", field="count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,43 +426,42 @@ class _Request:
     method: str
 
 
-def _check_request(max_bytes: int, model: str, source: str, seed: float | None, steps: float, guidance: float,
-                   image: str | None, method: str, count: int, *rows: Any) -> _Request:
-    """The Run button's inputs (their order: `_SOURCE`, ...), checked without the model: the types, the prompts'
-    syntax, the numbers and the upload. Raises `_error` naming the field at fault."""
-    _check_form(model, source, image, method, count, rows)
-    if not (source or "").strip():
-        raise _error("type a source prompt first", field=_SOURCE)
-    parsed = _parse(source, "the source prompt", _SOURCE)  # inline markup ("a [cat->dog]") makes the first edit
+def _check_request(max_bytes: int, form: Form[Any]) -> _Request:
+    """The Run button's inputs, checked without the model: the types, the prompts' syntax, the numbers and the
+    upload. Raises `_error` naming the input at fault."""
+    _check_form(form)
+    if not (form.source or "").strip():
+        raise _error("type a source prompt first", field="source")
+    parsed = _parse(form.source, "the source prompt", "source")  # inline markup ("a [cat->dog]") makes an edit
     specs = []
     if parsed.edit is not None:
         specs.append({"prompt": parsed.edit, "mode": "auto", "cross_steps": None, "self_steps": None,  # the model's
                       "weights": [[position, w] for position, w in parsed.weights.items()] or None, "blend": None})
-    specs += [spec for i in range(int(count))
-              if (spec := _edit_spec(i + 1, rows[i * ROW_FIELDS:(i + 1) * ROW_FIELDS])) is not None]
+    specs += [spec for i, row in enumerate(form.rows[:max(int(form.count), 0)], 1)
+              if (spec := _edit_spec(i, row)) is not None]
     if not specs:
         raise _error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'",
-                     field=_row_field(1))
+                     field=_row_key(1, "prompt"))
     try:
-        steps, guidance = int(steps), float(guidance)
+        steps, guidance = int(form.steps), float(form.guidance)
     except (TypeError, ValueError, OverflowError):  # only a forged request sends these: the sliders give numbers
-        raise _error(f"steps and guidance must be numbers, not {steps!r} and {guidance!r}", field=_STEPS) from None
+        raise _error(f"steps and guidance must be numbers, not {form.steps!r} and {form.guidance!r}",
+                     field="steps") from None
     try:
         check_int(steps, "steps", 1, MAX_STEPS)
     except ValueError as error:
-        raise _error(str(error), field=_STEPS) from None
+        raise _error(str(error), field="steps") from None
     try:
         check_guidance(guidance)
     except ValueError as error:
-        raise _error(str(error), field=_GUIDANCE) from None
+        raise _error(str(error), field="guidance") from None
+    seed = form.seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed)
                              or seed >= 2**63):  # only a forged request: the seed box gives numbers
-        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}", field=_SEED)
-    if image:
-        if not inversion_available():
-            raise _error("real-image editing needs inversion, which this install lacks", field=_IMAGE)
-        _check_upload(image, max_bytes)
-    return _Request(model, parsed.source, specs, steps, guidance, seed, image or None, method)
+        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}", field="seed")
+    if form.image:
+        _check_upload(form.image, max_bytes)
+    return _Request(form.model, parsed.source, specs, steps, guidance, seed, form.image or None, form.method)
 
 
 def _run_folder(out_dir: Path, seed: int | None) -> Path:
@@ -477,6 +551,27 @@ class _CacheBound:
                         entry.unlink()
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _release_memory() -> None:
+    """Give the C heap's free pages back to the system, where the C library can (glibc).
+
+    Gradio runs each request on one of its worker threads, and glibc gives threads heaps of their own (arenas): what
+    a run frees in one arena stays there, free but resident, while the next run fills another. Under concurrent load
+    every arena keeps a run's worth of free pages, some hundreds of MiB in all; trimming after each run returns them.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _newest(folder: Path) -> float:
     """The latest modification time of `folder` and the files in it."""
     times = [folder.stat().st_mtime]
@@ -484,12 +579,13 @@ def _newest(folder: Path) -> float:
     return max(times)
 
 
-def _run(editors: _Editors, out_dir: Path, max_bytes: int, *form: Any):
-    """The Run button, given its inputs (`form`, checked by `_check_request`): edit, save the PNGs, and fill the
-    gallery, the downloads, the heatmaps (per prompt: its caption and its words' maps) and the status line."""
+def _run(editors: _Editors, out_dir: Path, max_bytes: int, *values: Any):
+    """The Run button, given its inputs' values (in `Form.inputs()` order, checked by `_check_request`): edit, save
+    the PNGs, and fill the gallery, the downloads, the heatmaps (per prompt: its caption and its words' maps) and
+    the status line."""
     import prompt2prompt as p2p
 
-    request = _check_request(max_bytes, *form)
+    request = _check_request(max_bytes, Form.of(values))
     image, specs, steps, guidance = request.image, request.specs, request.steps, request.guidance
     real: dict[str, Any] = {}
     seed = request.seed
@@ -572,7 +668,6 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
     import gradio as gr
 
     max_bytes = int(max_upload_mb * 2**20)
-    can_invert = inversion_available()
     cache = _CacheBound(out_dir / ".gradio", CACHE_RUNS)
 
     example_source, example_edit = defaults.example  # the default model's own example: the first Run works
@@ -582,44 +677,19 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
         with gr.Row():
             with gr.Column(scale=3):
                 source = gr.Textbox(example_source, label="Source prompt", elem_id="source")
-                rows: list[gr.components.Component] = []
-                groups = []
-                for i in range(MAX_EDITS):
-                    text = example_edit if i == 0 else ""
-                    with gr.Group(visible=i == 0) as group:
-                        prompt = gr.Textbox(text, label=f"Edit {i + 1}", elem_id=f"edit-{i + 1}")
-                        with gr.Row():
-                            mode = gr.Radio(list(MODES), value="auto", label="Mode")
-                            cross = gr.Slider(0, 1, value=defaults.cross_steps, step=0.05,
-                                              label="Cross-attention steps", elem_id=f"cross-{i + 1}")
-                            self_steps = gr.Slider(0, 1, value=defaults.self_steps, step=0.05,
-                                                   label="Self-attention steps", elem_id=f"self-{i + 1}")
-                        with gr.Row():
-                            weight_words = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
-                                                       label="Reweight words")
-                            weight = gr.Slider(-2, 5, value=1.0, step=0.1, label="Weight")
-                        with gr.Row():
-                            blend_source = gr.Dropdown(_words(example_source), multiselect=True,
-                                                       allow_custom_value=True, label="Local blend: source words")
-                            blend_edit = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
-                                                     label="Local blend: edit words")
-                            threshold = gr.Slider(0, 1, value=defaults.blend_threshold, step=0.05,
-                                                  label="Blend threshold", elem_id=f"threshold-{i + 1}")
-                        with gr.Row():
-                            exclude_source = gr.Dropdown(_words(example_source), multiselect=True,
-                                                         allow_custom_value=True, label="Exclude: source words")
-                            exclude_edit = gr.Dropdown(_words(text), multiselect=True, allow_custom_value=True,
-                                                       label="Exclude: edit words")
-                    prompt.change(lambda text: [gr.update(choices=_words(text))] * 3, prompt,
-                                  [weight_words, blend_edit, exclude_edit], queue=False)
+                rows, groups = [], []
+                for index in range(1, MAX_EDITS + 1):
+                    with gr.Group(visible=index == 1) as group:
+                        row = _edit_row(index, example_edit if index == 1 else "", example_source, defaults)
+                    row.prompt.change(lambda text: [gr.update(choices=_words(text))] * 3, row.prompt,
+                                      [row.weight_words, row.blend_edit, row.exclude_edit], queue=False)
+                    rows.append(row)
                     groups.append(group)
-                    rows += [prompt, mode, cross, self_steps, weight_words, weight, blend_source, blend_edit,
-                             exclude_source, exclude_edit, threshold]
                 with gr.Row():
                     add = gr.Button("Add edit", size="sm")
                     remove = gr.Button("Remove edit", size="sm")
             with gr.Column(scale=2):
-                model = gr.Dropdown(list(models), value=models[0], label="Model")
+                model = gr.Dropdown(list(models), value=models[0], label="Model", elem_id="model")
                 with gr.Row():
                     seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     reuse = gr.Button("Reuse seed", size="sm")
@@ -627,15 +697,13 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 guidance = gr.Slider(0, 20, value=defaults.guidance_scale, step=0.5, label="Guidance",
                                      elem_id="guidance")
                 with gr.Accordion("Real image", open=False):
-                    if not can_invert:
-                        gr.Markdown("Disabled: real-image editing needs inversion, which this install lacks.")
                     # Any file: the app checks it (_check_upload), so that a wrong one gets a clear message.
-                    image = gr.File(file_count="single", type="filepath", interactive=can_invert, elem_id="upload",
+                    image = gr.File(file_count="single", type="filepath", elem_id="upload",
                                     label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
                                           "caption is the source prompt)")
                     preview = gr.Image(label="Preview", interactive=False, height=160, elem_id="preview")
                     method = gr.Dropdown(list(first.inversion_methods), value=_default_method(first), label="Inversion",
-                                         interactive=can_invert)
+                                         elem_id="method")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 # The last run's outcome, or the last error: it stays until the next one replaces it.
                 status = gr.Markdown(elem_id="status")
@@ -652,11 +720,14 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 heatmaps = [gr.Gallery(columns=8, fit_columns=False, height="auto", object_fit="contain", visible=False,
                                        elem_id=f"heatmaps-{i}", elem_classes=["heatmaps"]) for i in range(MAX_PROMPTS)]
 
-        count = gr.State(1)
-        last_seed = gr.State(None)
+        # In the page, not in Gradio's session state, which keeps only the last SESSIONS sessions.
+        count = gr.Number(1, precision=0, visible="hidden", label="Edit count", elem_id="count")
+        last_seed = gr.Number(None, precision=0, visible="hidden", label="Last seed", elem_id="last-seed")
+        form = Form(model=model, source=source, seed=seed, steps=steps, guidance=guidance, image=image, method=method,
+                    count=count, rows=rows)
+        keys = [item.key for item in form.named()]
         source.change(lambda text: [gr.update(choices=_words(text))] * (2 * MAX_EDITS), source,
-                      [c for i in range(MAX_EDITS) for c in rows[i * ROW_FIELDS + 6:i * ROW_FIELDS + 10:2]],
-                      queue=False)
+                      [c for row in rows for c in (row.blend_source, row.exclude_source)], queue=False)
 
         def resize(n: int):
             return [n] + [gr.update(visible=i < n) for i in range(MAX_EDITS)]
@@ -691,58 +762,91 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                     gr.update(choices=list(family.inversion_methods), value=_default_method(family)), *per_row,
                     gr.skip())
 
-        row_defaults = [rows[i * ROW_FIELDS + field] for i in range(MAX_EDITS) for field in (2, 3, 10)]
+        row_defaults = [c for row in rows for c in (row.cross, row.self_steps, row.threshold)]
         model.change(model_defaults, model, [steps, guidance, method, *row_defaults, status], concurrency_limit=1,
                      concurrency_id="edit")
 
-        form = [model, source, seed, steps, guidance, image, method, count, *rows]  # _check_request's order
-
-        def check_form(*form_values):
-            """Refuse a Run that cannot succeed before it joins the queue (Gradio's validator): the field at fault
+        def check_form(*values):
+            """Refuse a Run that cannot succeed before it joins the queue (Gradio's validator): the input at fault
             gets the message. A request whose values no form sends is refused before this runs (`_blocks_class`)."""
             try:
-                _check_request(max_bytes, *form_values)
+                _check_request(max_bytes, Form.of(values))
             except Exception as error:
                 shown = _shown(error)
-                field = _SOURCE if shown.field is None else shown.field
-                return [gr.validate(i != field, shown.line if i == field else "") for i in range(len(form_values))]
-            return [gr.validate(True, "")] * len(form_values)
+                field = shown.field or "source"
+                return [gr.validate(key != field, shown.line if key == field else "") for key in keys]
+            return [gr.validate(True, "")] * len(keys)
 
-        def show_check(*form_values):
+        def show_check(*values):
             """The status line at once, beside the queued run: what is wrong with the form (which check_form logs),
             or nothing yet."""
             try:
-                _check_request(max_bytes, *form_values)
+                _check_request(max_bytes, Form.of(values))
             except Exception as error:
                 return _status_error(error, quiet=True)
             return ""
 
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
-        def run_edit(*form_values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        def run_edit(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             """The run's images, downloads, heatmaps, seed and status line; or, if it fails, the status line that
             says why, and the rest as it was."""
             try:
-                cache.run_started(form_values[_IMAGE] if isinstance(form_values[_IMAGE], str) else None)
-                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, *form_values)
+                upload = Form.of(values).image
+                cache.run_started(upload if isinstance(upload, str) else None)
+                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, *values)
             except Exception as error:
                 return *[gr.skip()] * (3 + MAX_PROMPTS), _status_error(error)
+            finally:
+                _release_memory()
             classes = _image_classes(shown[0][0])
             heat_galleries = [gr.update(value=maps, label=label, visible=True, elem_classes=["heatmaps", *classes])
                               for label, maps in heat]
             heat_galleries += [gr.update(value=None, visible=False)] * (MAX_PROMPTS - len(heat))
             return (gr.update(value=shown, elem_classes=classes), files, *heat_galleries, used_seed, said)
 
-        run.click(show_check, form, status, queue=False)
-        run.click(run_edit, form, [gallery, files, *heatmaps, last_seed, status], validator=check_form,
+        run.click(show_check, form.inputs(), status, queue=False)
+        run.click(run_edit, form.inputs(), [gallery, files, *heatmaps, last_seed, status], validator=check_form,
                   concurrency_limit=1, concurrency_id="edit")
     app.queue(default_concurrency_limit=1, max_size=queue_size)
     return app
 
 
+def _edit_row(index: int, text: str, source: str, defaults) -> EditRow[gr.components.Component]:
+    """Edit row `index`'s components (1-based), laid out in the current Gradio block: its prompt `text`, its word
+    pickers offering the words of `text` and of the source prompt `source`, its sliders at the model's `defaults`."""
+    import gradio as gr
+
+    def words(label: str, prompt: str, name: str) -> gr.Dropdown:
+        return gr.Dropdown(_words(prompt), multiselect=True, allow_custom_value=True, label=label,
+                           elem_id=f"{name}-{index}")
+
+    prompt = gr.Textbox(text, label=f"Edit {index}", elem_id=f"edit-{index}")
+    with gr.Row():
+        mode = gr.Radio(list(MODES), value="auto", label="Mode", elem_id=f"mode-{index}")
+        cross = gr.Slider(0, 1, value=defaults.cross_steps, step=0.05, label="Cross-attention steps",
+                          elem_id=f"cross-{index}")
+        self_steps = gr.Slider(0, 1, value=defaults.self_steps, step=0.05, label="Self-attention steps",
+                               elem_id=f"self-{index}")
+    with gr.Row():
+        weight_words = words("Reweight words", text, "weight-words")
+        weight = gr.Slider(-2, 5, value=1.0, step=0.1, label="Weight", elem_id=f"weight-{index}")
+    with gr.Row():
+        blend_source = words("Local blend: source words", source, "blend-source")
+        blend_edit = words("Local blend: edit words", text, "blend-edit")
+        threshold = gr.Slider(0, 1, value=defaults.blend_threshold, step=0.05, label="Blend threshold",
+                              elem_id=f"threshold-{index}")
+    with gr.Row():
+        exclude_source = words("Exclude: source words", source, "exclude-source")
+        exclude_edit = words("Exclude: edit words", text, "exclude-edit")
+    return EditRow(prompt=prompt, mode=mode, cross=cross, self_steps=self_steps, weight_words=weight_words,
+                   weight=weight, blend_source=blend_source, blend_edit=blend_edit, exclude_source=exclude_source,
+                   exclude_edit=exclude_edit, threshold=threshold)
+
+
 @functools.cache
 def _blocks_class() -> type[gr.Blocks]:
     """`gradio.Blocks` with the app's own messages for requests that Gradio refuses before any function runs
-    (fields missing, or of the wrong type: only a forged request), and the app's CSS at launch."""
+    (fields missing, or of the wrong type: only a forged request), and at launch the app's CSS and `SESSIONS`."""
     import gradio as gr
 
     class Blocks(gr.Blocks):
@@ -764,7 +868,7 @@ def _blocks_class() -> type[gr.Blocks]:
                 raise _shown(ValueError(reason)) from None
 
         def launch(self, **kwargs):
-            return super().launch(**{"css": CSS, **kwargs})
+            return super().launch(**{"css": CSS, "state_session_capacity": SESSIONS, **kwargs})
 
     return Blocks
 
