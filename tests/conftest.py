@@ -76,3 +76,10 @@ def sdxl_pipe():
     from pipelines import tiny_sdxl_pipeline
 
     return on_device(tiny_sdxl_pipeline())
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes the browser's `page` fixture is in the "browser" group (pyproject.toml's markers)."""
+    for item in items:
+        if "page" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)

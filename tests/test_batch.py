@@ -421,6 +421,7 @@ def test_score_hook_is_recorded_and_filters_edits(tmp_path, tiny_sd_dir):
     assert read_recipe(out / rows[1]["paths"][1]).image_index == 2
 
 
+@pytest.mark.ray
 def test_a_local_ray_run_gives_the_plain_run_s_outputs(plain_run, tmp_path):
     import ray
 

@@ -1,11 +1,14 @@
 """The joint-attention demo model's training: what it trains is what diffusers' StableDiffusion3Pipeline runs."""
 
+import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from prompt2prompt.demo import flow
 from prompt2prompt.demo.training import Config, build_tokenizer, tokenize
+
+pytestmark = pytest.mark.training
 
 
 def tiny():

@@ -113,6 +113,7 @@ def test_probe_corruption_changes_exactly_the_named_attribute():
     assert any(moved.startswith(f"a big red circle {p}") for p in world.POSITION_PHRASES.values())
 
 
+@pytest.mark.training
 def test_training_helpers_are_deterministic_and_resumable(tmp_path):
     import torch
 
