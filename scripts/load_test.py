@@ -45,7 +45,7 @@ HOST = "127.0.0.1"  # loopback only, by design: there is no option to point this
 SOURCE = "a big red circle in the center on a white background"
 EDITS = ["a big green circle in the center on a white background", "a big red star in the center on a white background",
          "a big blue circle in the center on a white background", "a big red square in the center on a white background"]
-RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")  # the app's run folders (webapp._run_folder)
+RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")  # the app's run folders (webapp.runs._run_name)
 
 
 class Deadline:

@@ -298,7 +298,7 @@ def test_uploads_must_be_small_images(built, tmp_path):
 def test_only_offered_models_load(built, monkeypatch):
     app = built("demo")
     loads = []
-    monkeypatch.setattr(webapp, "load_editor", lambda *args, **kwargs: loads.append(args))
+    monkeypatch.setattr(webapp.runs, "load_editor", lambda *args, **kwargs: loads.append(args))
     picked = _handler(app, "model_defaults")
     *_, status = picked.fn("/etc")  # the model picker offers only "demo"; a forged request names another
     assert status.startswith('<div class="error">unknown model \'/etc\'; this server offers demo')
@@ -315,7 +315,7 @@ def test_each_run_gives_its_free_memory_back_and_few_sessions_are_kept(server, m
     session: a run trims the C heaps, and the server keeps the last SESSIONS sessions, not Gradio's 10000."""
     app, _ = server
     trims = []
-    monkeypatch.setattr(webapp, "_release_memory", lambda: trims.append(1))  # the server runs in this process
+    monkeypatch.setattr(webapp.app, "_release_memory", lambda: trims.append(1))  # the server runs in this process
     assert _queue_call(app, _form(app), "trimmed")["success"] and trims == [1]
     assert app.state_session_capacity == webapp.SESSIONS < 10000
     assert webapp._malloc_trim() is not None or platform.libc_ver()[0] != "glibc"
@@ -336,7 +336,7 @@ def test_a_diverged_run_is_an_error_and_leaves_no_folder(page, server, monkeypat
     def diverged(*args, **kwargs):  # what run_recipe raises for NaN images (a float16 overflow, a huge weight)
         raise RuntimeError("the result has NaN/inf values")
 
-    monkeypatch.setattr(webapp, "run_recipe", diverged)  # the server runs in this process
+    monkeypatch.setattr(webapp.runs, "run_recipe", diverged)  # the server runs in this process
     before = set(out.iterdir())
     page.fill("#source textarea", "a cat")
     page.fill("#edit-1 textarea", "a dog")
@@ -564,8 +564,8 @@ def test_error_prompts_are_cut_to_the_status_column_with_the_caret_under_its_col
 
 
 def test_the_apps_docstring_examples_run():
-    failures, attempted = doctest.testmod(webapp)
-    assert attempted > 0 and failures == 0
+    results = [doctest.testmod(module) for module in (webapp.app, webapp.errors, webapp.form, webapp.runs)]
+    assert sum(attempted for _, attempted in results) > 0 and sum(failures for failures, _ in results) == 0
 
 
 def test_user_errors_are_logged_in_one_line_and_bugs_with_their_traceback(caplog):
@@ -630,14 +630,14 @@ def test_a_request_refused_without_the_model_does_not_wait_for_the_queue(server,
     """While an edit runs, a malformed request and one with a syntax error are refused at once, with the message."""
     app, _ = server
     started, release = threading.Event(), threading.Event()
-    real_run_recipe = webapp.run_recipe
+    real_run_recipe = webapp.runs.run_recipe
 
     def slow_run_recipe(*args, **kwargs):  # the server runs in this process
         started.set()
         release.wait(60)
         return real_run_recipe(*args, **kwargs)
 
-    monkeypatch.setattr(webapp, "run_recipe", slow_run_recipe)
+    monkeypatch.setattr(webapp.runs, "run_recipe", slow_run_recipe)
     editing = threading.Thread(target=_queue_call, args=(app, _form(app), "editing"))
     editing.start()
     try:
@@ -670,20 +670,20 @@ def test_a_run_is_written_aside_and_moved_into_the_output_folder_whole(tiny_sd_d
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))  # build_app sets it; restored
     out = tmp_path / "out"
     app = webapp.build_app([str(tiny_sd_dir)], out_dir=out)
-    real_save, seen = webapp.save_result, []
+    real_save, seen = webapp.runs.save_result, []
 
     def watched_save(images, recipe, folder):  # what --out holds while the PNGs are being written
         seen.append((folder, sorted(path.name for path in out.iterdir())))
         return real_save(images, recipe, folder)
 
-    monkeypatch.setattr(webapp, "save_result", watched_save)
+    monkeypatch.setattr(webapp.runs, "save_result", watched_save)
     form = _start(app)
     form.source, form.seed, form.steps, form.rows[0].prompt = "a cat", 1, 2, "a dog"
     _, files, _, _, status = _click_run(app, form)
     ((staging, during),) = seen
     assert staging.parent == out / webapp.STAGING and during == [webapp.STAGING]
     (run_folder,) = out.iterdir()  # the staging folder is gone
-    assert run_folder.name == staging.name and f"`{run_folder.name}`" in status
+    assert staging.name.startswith(f".{run_folder.name}.") and f"`{run_folder.name}`" in status
     assert [Path(path) for path in files] == [run_folder / name for name in ("source.png", "edit-1.png", "grid.png")]
     assert all(Path(path).is_file() for path in files)
 
@@ -732,7 +732,7 @@ def test_the_queue_size_comes_from_p2p_serve(tiny_sd_dir, tmp_path, server, monk
 
 
 def test_gradios_cache_keeps_the_files_of_recent_runs_only(tiny_sd_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(webapp, "CACHE_RUNS", 2)
+    monkeypatch.setattr(webapp.app, "CACHE_RUNS", 2)
     monkeypatch.setenv("GRADIO_TEMP_DIR", os.environ.get("GRADIO_TEMP_DIR", ""))
     out = tmp_path / "out"
     app = webapp.launch([str(tiny_sd_dir)], port=_free_port(), out_dir=out, prevent_thread_lock=True)
@@ -822,7 +822,7 @@ def test_the_form_starts_filled_with_an_edit_the_default_model_draws(built):
 def test_a_run_takes_the_models_defaults_for_sliders_left_at_them_and_says_so(built):
     app = built("demo")
     form = _start(app)  # the sliders at the model's defaults
-    defaults = webapp.load_editor("demo")[0].defaults
+    defaults = webapp.runs.load_editor("demo")[0].defaults
     source = "a big red circle in the center on a white background"
     edit = source.replace("circle", "star")
     form.source, form.steps, form.rows[0].prompt = source, 2, edit

@@ -70,7 +70,7 @@ def web_cases() -> list[Case]:
         ("row-prompt-markup", "RESULT = run(edit_rows=rows(row(prompt='a [red->green]')))", "error"),
         ("row-prompt-weight-1e39", "RESULT = run(edit_rows=rows(row(prompt='a big (green:1e39)' + " + repr(TAIL) + ")))",
          "error"),
-        ("row-short-list", "RESULT = run(edit_rows=[EDIT, 'auto'])", "error"),
+        ("row-short-list", "RESULT = request(['demo', SRC, 1, 2, 7.5, None, 'null-text', 1, EDIT, 'auto'])", "error"),
         ("rows-empty", "RESULT = run(edit_rows=[])", "error"),
         ("image-missing", "RESULT = run(image=IN + '/nowhere.png')", "error"),
         ("image-directory", "RESULT = run(image=IN)", "error"),

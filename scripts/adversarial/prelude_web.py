@@ -1,6 +1,8 @@
-"""What a web case's snippet can use: `run(...)`, which calls `webapp._run` as the Run button does, and `row`,
-`rows` to build its edit rows. child.py runs this file, then the snippet, in one namespace."""
+"""What a web case's snippet can use: `run(...)`, which calls `webapp._run` as the Run button does, with a `Form`
+built by name; `row` and `rows` to build its edit rows; and `request(values)` for a request's raw values. child.py
+runs this file, then the snippet, in one namespace."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,22 +22,26 @@ EDITORS = webapp._Editors(["demo"], "cpu", "auto")
 
 def row(prompt=EDIT, mode="auto", cross=0.8, self_steps=0.4, weight_words=None, weight=1.0, blend_source=None,
         blend_edit=None, exclude_source=None, exclude_edit=None, threshold=0.3):
-    """One edit row of the form, in the order of its fields."""
-    return [prompt, mode, cross, self_steps, weight_words or [], weight, blend_source or [], blend_edit or [],
-            exclude_source or [], exclude_edit or [], threshold]
+    """One edit row of the form, by name."""
+    return webapp.EditRow(prompt=prompt, mode=mode, cross=cross, self_steps=self_steps, weight_words=weight_words or [],
+                          weight=weight, blend_source=blend_source or [], blend_edit=blend_edit or [],
+                          exclude_source=exclude_source or [], exclude_edit=exclude_edit or [], threshold=threshold)
 
 
 def rows(*given):
-    """The form's flat list of every row's fields, `given` first and empty rows after."""
-    values = [None] * (webapp.ROW_FIELDS * webapp.MAX_EDITS)
-    for i, r in enumerate(given):
-        values[i * webapp.ROW_FIELDS:(i + 1) * webapp.ROW_FIELDS] = r
-    return values
+    """The form's edit rows: `given` first, and empty rows (every field None) after."""
+    empty = dict.fromkeys(field.name for field in dataclasses.fields(webapp.EditRow))
+    return [*given, *(webapp.EditRow(**empty) for _ in range(webapp.MAX_EDITS - len(given)))]
 
 
 def run(source=SRC, *, model="demo", seed=1, steps=2, guidance=7.5, image=None, method="null-text", count=1,
         edit_rows=None, max_bytes=10 * 2**20):
     """`webapp._run` with the demo defaults, one edit row (EDIT) unless `edit_rows` is given."""
-    values = rows(row()) if edit_rows is None else edit_rows
-    return webapp._run(EDITORS, Path(OUT), max_bytes, model, source, seed, steps, guidance, image, method, count,
-                       *values)
+    form = webapp.Form(model=model, source=source, seed=seed, steps=steps, guidance=guidance, image=image,
+                       method=method, count=count, rows=rows(row()) if edit_rows is None else edit_rows)
+    return webapp._run(EDITORS, Path(OUT), max_bytes, form)
+
+
+def request(values, *, max_bytes=10 * 2**20):
+    """`webapp._run` on a request's raw values, as Gradio hands them (a forged one's): `Form.of` names them first."""
+    return webapp._run(EDITORS, Path(OUT), max_bytes, webapp.Form.of(values))
