@@ -45,10 +45,10 @@ def test_a_flux_batch_runs_each_job_and_records_its_family(tmp_path, tiny_flux_d
 def test_the_web_apps_run_edits_an_sd3_model(tmp_path, tiny_sd3_dir):
     from prompt2prompt import webapp
 
-    editors = webapp._Editors([str(tiny_sd3_dir)], str(TORCH_DEVICE), DTYPE_NAME)
+    editors = webapp.Editors([str(tiny_sd3_dir)], str(TORCH_DEVICE), DTYPE_NAME)
     form = webapp.Form(model=str(tiny_sd3_dir), source="a [cat->dog] riding a bicycle", seed=5, steps=2, guidance=7.0,
                        image=None, method="direct", count=0)
-    gallery, paths, heatmaps, seed, status = webapp._run(editors, tmp_path, 10 * 2**20, form)
+    gallery, paths, heatmaps, seed, status = webapp.run_form(editors, tmp_path, 10 * 2**20, form)
     assert seed == 5 and len(gallery) == 2 and [len(maps) for _, maps in heatmaps] == [5, 5]  # one map per word
     recipe = read_recipe(paths[1])
     assert (recipe.family, recipe.cached_source) == ("sd3", True)
@@ -59,9 +59,9 @@ def test_the_web_app_reuses_an_sd3_source_and_a_flux_inversion(tmp_path, tiny_sd
 
     def run(model, source: str, **values):
         form = webapp.Form(model=str(model), source=source, steps=2, method="direct", count=0, **values)
-        return webapp._run(editors, tmp_path, 10 * 2**20, form)
+        return webapp.run_form(editors, tmp_path, 10 * 2**20, form)
 
-    editors = webapp._Editors([str(tiny_sd3_dir), str(tiny_flux_dir)], str(TORCH_DEVICE), DTYPE_NAME)
+    editors = webapp.Editors([str(tiny_sd3_dir), str(tiny_flux_dir)], str(TORCH_DEVICE), DTYPE_NAME)
     first = run(tiny_sd3_dir, "a [cat->dog] riding a bicycle", seed=5, guidance=7.0, image=None)
     second = run(tiny_sd3_dir, "a [cat->fox] riding a bicycle", seed=5, guidance=7.0, image=None)
     assert "source reused" not in first[4] and "source reused" in second[4]
@@ -119,10 +119,10 @@ def test_the_web_app_and_the_batch_runner_edit_the_newer_families(request, tmp_p
         monkeypatch.setattr(ZImageFamily, "native_size", lambda self: 32)
     app = webapp.build_app([folder], out_dir=tmp_path / "web", device=str(TORCH_DEVICE), dtype=DTYPE_NAME)
     assert app is not None  # the form starts at the model's defaults, whatever inversions it has (PixArt: none)
-    editors = webapp._Editors([folder], str(TORCH_DEVICE), DTYPE_NAME)
+    editors = webapp.Editors([folder], str(TORCH_DEVICE), DTYPE_NAME)
     form = webapp.Form(model=folder, source="a [cat->dog] riding a bicycle", seed=5, steps=2, guidance=guidance,
                        image=None, method=None, count=0)
-    gallery, paths, heatmaps, seed, _ = webapp._run(editors, tmp_path / "web", 10 * 2**20, form)
+    gallery, paths, heatmaps, seed, _ = webapp.run_form(editors, tmp_path / "web", 10 * 2**20, form)
     assert seed == 5 and len(gallery) == 2 and read_recipe(paths[1]).family == family
     assert [len(shown) for _, shown in heatmaps] == [maps, maps]  # a gallery per prompt, a map per word
     # Qwen-Image pads to the longest prompt; FLUX.2 klein's chat template takes 16 tokens of its own, dev's (with its

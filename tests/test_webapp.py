@@ -131,7 +131,7 @@ def _set_number(page, selector: str, value: str) -> None:
     page.press(selector, "Enter")
 
 
-def _run(page, source: str, edit: str, *, seed: str) -> None:
+def run_form(page, source: str, edit: str, *, seed: str) -> None:
     page.fill("#source textarea", source)
     page.fill("#edit-1 textarea", edit)
     _set_number(page, "#steps input[type=number]", "2")
@@ -148,7 +148,7 @@ def _pixels(path) -> np.ndarray:
 def test_edit_in_the_browser_downloads_a_png_that_replays(page, server, tiny_sd_dir, tmp_path):
     app, out = server
     before = set(out.iterdir())
-    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="-1")
+    run_form(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="-1")
     assert page.locator("#gallery img").count() == 2  # P = 1 source + 1 edit
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webapp.png"), full_page=True)
@@ -177,14 +177,14 @@ def test_edit_rows_are_added_and_removed(page):
     page.click("text=Add edit")
     page.wait_for_selector("#edit-2 textarea", state="visible")
     page.fill("#edit-2 textarea", "a fox riding a bicycle")
-    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")  # the page sends its row count
+    run_form(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")  # the page sends its row count
     assert page.locator("#gallery img").count() == 3
     page.click("text=Remove edit")
     page.wait_for_selector("#edit-2 textarea", state="hidden")
 
 
 def test_engine_errors_replace_the_status_line_and_keep_the_last_result(page):
-    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
+    run_form(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
     page.fill("#source textarea", "a cat")
     page.fill("#edit-1 textarea", "a dog")
     page.get_by_label("Reweight words").first.fill("unicorn")
@@ -210,7 +210,7 @@ def test_real_image_upload_is_inverted_and_recorded(page, server, tmp_path):
     page.click("text=Real image")
     page.set_input_files("input[type=file]", str(photo))
     before = set(out.iterdir())
-    _run(page, "a cat", "a dog", seed="-1")
+    run_form(page, "a cat", "a dog", seed="-1")
     (run_folder,) = set(out.iterdir()) - before
     recipe = read_recipe(run_folder / "edit-1.png")
     default_method = UNetFamily.inversion_methods[0]  # the form starts at the model's default inversion
@@ -234,7 +234,7 @@ def test_a_second_edit_of_the_same_upload_reuses_its_inversion_and_source(page, 
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
     page.click("text=Real image")
     page.set_input_files("input[type=file]", str(photo))
-    _run(page, "a photo of a cat", "a photo of a dog", seed="-1")
+    run_form(page, "a photo of a cat", "a photo of a dog", seed="-1")
     assert "source reused" not in page.inner_text("#status")
     before = set(out.iterdir())
     page.fill("#edit-1 textarea", "a photo of a (fluffy:2) fox")  # only the edit changes; inline weights work
@@ -315,10 +315,10 @@ def test_each_run_gives_its_free_memory_back_and_few_sessions_are_kept(server, m
     session: a run trims the C heaps, and the server keeps the last SESSIONS sessions, not Gradio's 10000."""
     app, _ = server
     trims = []
-    monkeypatch.setattr(webapp.app, "_release_memory", lambda: trims.append(1))  # the server runs in this process
+    monkeypatch.setattr(webapp.app, "release_memory", lambda: trims.append(1))  # the server runs in this process
     assert _queue_call(app, _form(app), "trimmed")["success"] and trims == [1]
     assert app.state_session_capacity == webapp.SESSIONS < 10000
-    assert webapp._malloc_trim() is not None or platform.libc_ver()[0] != "glibc"
+    assert webapp.malloc_trim() is not None or platform.libc_ver()[0] != "glibc"
 
 
 def test_a_file_that_is_no_image_gets_the_apps_message_not_a_bare_error(page, tmp_path):
@@ -367,8 +367,8 @@ def test_a_decompression_bomb_upload_is_refused_before_decoding(built, tmp_path)
 
 
 def test_errors_reach_the_user_as_their_message():
-    assert webapp._shown(ValueError("the word 'x' is not in the prompt")).message == "the word 'x' is not in the prompt"
-    assert webapp._shown(KeyError("x")).message == "KeyError: 'x'"
+    assert webapp.shown_error(ValueError("the word 'x' is not in the prompt")).message == "the word 'x' is not in the prompt"
+    assert webapp.shown_error(KeyError("x")).message == "KeyError: 'x'"
 
 
 def test_gradio_writes_nothing_outside_the_output_folder(tiny_sd_dir, tmp_path):
@@ -454,7 +454,7 @@ def _assert_whole(page, selector: str) -> None:
 
 
 def test_the_gallery_shows_whole_images_and_the_heatmaps_their_tokens(page):
-    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
+    run_form(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
     _assert_whole(page, "#gallery img")
     page.get_by_role("tab", name="Attention").click()
     page.wait_for_selector("#heatmaps-1 img")
@@ -481,7 +481,7 @@ def test_heatmaps_are_one_gallery_per_prompt_each_word_once(built, tiny_sd_dir):
 
 
 def test_the_heat_scale_is_drawn_in_the_heatmaps_own_colours():
-    html = webapp._heat_scale()
+    html = webapp.heat_scale()
     assert "least" in html and "most" in html
     data = html.split("base64,")[1].split('"')[0]
     with Image.open(io.BytesIO(base64.b64decode(data))) as ramp:
@@ -491,7 +491,7 @@ def test_the_heat_scale_is_drawn_in_the_heatmaps_own_colours():
 
 
 def test_a_prompt_syntax_error_shows_its_caret_under_the_column(page, caplog, capfd):
-    _run(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
+    run_form(page, "a cat riding a bicycle", "a dog riding a bicycle", seed="3")
     source = "a big red circle in the center on a white background"
     page.fill("#source textarea", source)
     page.fill("#edit-1 textarea", "a big [red->green circle in the center on a white background")
@@ -556,7 +556,7 @@ def test_error_prompts_are_cut_to_the_status_column_with_the_caret_under_its_col
 
     prompt = "a photo of a " * 6 + "[cat->dog sitting on a mat in a sunlit room by the window"
     lines = str(PromptSyntaxError(prompt, prompt.index("[") + 1, "'[' is never closed")).splitlines()[1:]
-    shown = webapp._wrapped(textwrap.dedent("\n".join(lines)), width=30).splitlines()
+    shown = webapp.wrapped(textwrap.dedent("\n".join(lines)), width=30).splitlines()
     assert all(len(line) <= 30 for line in shown)
     (caret,) = [i for i, line in enumerate(shown) if line.strip() == "^"]
     assert shown[caret - 1][shown[caret].index("^")] == "["
@@ -569,16 +569,16 @@ def test_the_apps_docstring_examples_run():
 
 
 def test_user_errors_are_logged_in_one_line_and_bugs_with_their_traceback(caplog):
-    shown = webapp._shown(ValueError("the word 'x' is not in the prompt\n  a cat\n  ^"))
+    shown = webapp.shown_error(ValueError("the word 'x' is not in the prompt\n  a cat\n  ^"))
     assert (shown.message, shown.detail) == ("the word 'x' is not in the prompt", "  a cat\n  ^")
-    webapp._shown(KeyError("x"))
+    webapp.shown_error(KeyError("x"))
     user, bug = caplog.records
     assert user.getMessage() == "refused: the word 'x' is not in the prompt" and user.exc_info is None
     assert bug.getMessage() == "failed: KeyError: 'x'" and bug.exc_info is not None
 
 
 def test_messages_are_escaped_for_the_toasts_html():
-    assert webapp._error("the word '<img src=x>' & more").message == "the word '&lt;img src=x>' &amp; more"
+    assert webapp.user_error("the word '<img src=x>' & more").message == "the word '&lt;img src=x>' &amp; more"
 
 
 def _queue_call(app, data: list, session: str) -> dict:
@@ -711,9 +711,9 @@ def test_the_cleanup_matches_the_temporary_names_save_result_makes(tmp_path):
     made = []
     for name in ("source.png", "edit-12.png", "grid.png"):
         write_atomic(tmp_path / name, lambda temporary: made.append(Path(temporary).name))
-    assert len(made) == 3 and all(webapp._is_leftover(name) for name in made)
+    assert len(made) == 3 and all(webapp.is_leftover(name) for name in made)
     for user in (".my.config.tmp", ".grid.png.tmp.png", ".grid.png.k2j4x8f2.tmp", ".notes.png.k2j4x8f2.tmp.png"):
-        assert not webapp._is_leftover(user)
+        assert not webapp.is_leftover(user)
 
 
 def test_the_queue_size_comes_from_p2p_serve(tiny_sd_dir, tmp_path, server, monkeypatch):
@@ -754,7 +754,7 @@ def test_the_cache_bound_keeps_an_upload_in_use_and_gradios_other_files(tmp_path
         path.write_bytes(b"x")
     for path in (old / "image.webp", old, upload / "photo.png", upload, other):
         os.utime(path, (0, 0))
-    cache = webapp._CacheBound(tmp_path, runs=1)
+    cache = webapp.CacheBound(tmp_path, runs=1)
     cache.run_started()
     cache.run_started(str(upload / "photo.png"))
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([upload.name, other.name])
@@ -776,7 +776,7 @@ def test_the_cache_bound_prunes_the_empty_files_gradios_upload_component_leaves(
     (tmp_path / "tmp_user.txt").write_bytes(b"")  # not a name tempfile makes
     os.utime(stray, (0, 0))
     os.utime(tmp_path / "tmp_user.txt", (0, 0))
-    cache = webapp._CacheBound(tmp_path, runs=1)
+    cache = webapp.CacheBound(tmp_path, runs=1)
     cache.run_started(str(upload))
     fresh = tmp_path / "tmpfresh123"  # an upload being written: newer than the runs the cache keeps
     fresh.write_bytes(b"")

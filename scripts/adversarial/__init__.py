@@ -27,7 +27,7 @@ build its inputs; `.venv/bin/python scripts/adversarial ...` works too):
     .venv/bin/python -m scripts.adversarial --only cli --match steps --keep
 
 Categories: syntax (inline prompt markup), cli (options), image (--image files), replay (crafted recipes in PNGs),
-batch (manifests and output folders), api (the Python API, as snippets), web (webapp._run).
+batch (manifests and output folders), api (the Python API, as snippets), web (webapp.run_form).
 The folders of cases with a violation are kept (see the report) unless --no-keep; --keep keeps every folder.
 
 Layout: `case.py` (the Case and Context types, the demo prompts), `inputs.py` (the hostile files), one

@@ -1,4 +1,4 @@
-"""web: `webapp._run` (what the Run button calls) with what a forged request or an odd upload can send, each a
+"""web: `webapp.run_form` (what the Run button calls) with what a forged request or an odd upload can send, each a
 snippet that child.py runs after prelude_web.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from .inputs import make_fifo, write_image
 
 
 def web_cases() -> list[Case]:
-    """`webapp._run` (what the Run button calls) with what a forged request or an odd upload can send."""
+    """`webapp.run_form` (what the Run button calls) with what a forged request or an odd upload can send."""
     specs: list[tuple[str, str, str]] = [
         ("baseline", "RESULT = run()", "ok"),
         ("inline-markup-only", "RESULT = run('a big [red->green]' + " + repr(TAIL) + ", count=0)", "ok"),

@@ -1,4 +1,4 @@
-"""What a web case's snippet can use: `run(...)`, which calls `webapp._run` as the Run button does, with a `Form`
+"""What a web case's snippet can use: `run(...)`, which calls `webapp.run_form` as the Run button does, with a `Form`
 built by name; `row` and `rows` to build its edit rows; and `request(values)` for a request's raw values. child.py
 runs this file, then the snippet, in one namespace."""
 
@@ -17,7 +17,7 @@ import gradio  # noqa: E402, F401
 from prompt2prompt import webapp  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
-EDITORS = webapp._Editors(["demo"], "cpu", "auto")
+EDITORS = webapp.Editors(["demo"], "cpu", "auto")
 
 
 def row(prompt=EDIT, mode="auto", cross=0.8, self_steps=0.4, weight_words=None, weight=1.0, blend_source=None,
@@ -36,12 +36,12 @@ def rows(*given):
 
 def run(source=SRC, *, model="demo", seed=1, steps=2, guidance=7.5, image=None, method="null-text", count=1,
         edit_rows=None, max_bytes=10 * 2**20):
-    """`webapp._run` with the demo defaults, one edit row (EDIT) unless `edit_rows` is given."""
+    """`webapp.run_form` with the demo defaults, one edit row (EDIT) unless `edit_rows` is given."""
     form = webapp.Form(model=model, source=source, seed=seed, steps=steps, guidance=guidance, image=image,
                        method=method, count=count, rows=rows(row()) if edit_rows is None else edit_rows)
-    return webapp._run(EDITORS, Path(OUT), max_bytes, form)
+    return webapp.run_form(EDITORS, Path(OUT), max_bytes, form)
 
 
 def request(values, *, max_bytes=10 * 2**20):
-    """`webapp._run` on a request's raw values, as Gradio hands them (a forged one's): `Form.of` names them first."""
-    return webapp._run(EDITORS, Path(OUT), max_bytes, webapp.Form.of(values))
+    """`webapp.run_form` on a request's raw values, as Gradio hands them (a forged one's): `Form.of` names them first."""
+    return webapp.run_form(EDITORS, Path(OUT), max_bytes, webapp.Form.of(values))

@@ -17,7 +17,7 @@ import torch
 
 from . import families
 
-__all__ = ["CPU_FLOAT16", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "ModelSource", "check_device",
+__all__ = ["CPU_FLOAT16", "Checkpoint", "DEMO_MODEL", "DEMO_MODELS", "ModelLoadError", "check_device",
            "default_device", "inversion_methods", "library_logs", "load_pipeline", "parse_dtype", "quiet_loading",
            "resolve_model", "slow_dtype"]
 
@@ -38,7 +38,7 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class Checkpoint:
     """Where a model lives: `id` as the user named it, `path` on disk, and the hub `revision` when known."""
 
     id: str
@@ -54,7 +54,7 @@ def _offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
+def resolve_model(model: str, *, revision: str | None = None) -> Checkpoint:
     """Find `model` on disk, fetching a hub id into the Hugging Face cache unless offline.
 
     Args:
@@ -67,7 +67,7 @@ def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"the {model} model is missing from this install (expected {folder}); "
                                  "reinstall prompt2prompt, or pass --model with another model")
-        return ModelSource(id=model, path=folder)
+        return Checkpoint(id=model, path=folder)
     path = Path(model).expanduser()
     if path.exists():
         if revision is not None:
@@ -76,15 +76,15 @@ def resolve_model(model: str, *, revision: str | None = None) -> ModelSource:
             if path.suffix != ".safetensors":
                 raise ModelLoadError(f"{model!r} is a file but not a .safetensors checkpoint; pass a .safetensors "
                                      "file or a diffusers folder (one with model_index.json)")
-            return ModelSource(id=str(path.resolve()), path=path.resolve(), single_file=True)
-        return ModelSource(id=str(path.resolve()), path=path.resolve())
+            return Checkpoint(id=str(path.resolve()), path=path.resolve(), single_file=True)
+        return Checkpoint(id=str(path.resolve()), path=path.resolve())
     if not _HUB_ID.match(model) or model.endswith(".safetensors"):
         raise ModelLoadError(f"no such file or folder: {model!r}; pass a diffusers folder, a .safetensors file, "
                              "a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'demo'")
     return _download(model, revision)
 
 
-def _download(repo_id: str, revision: str | None) -> ModelSource:
+def _download(repo_id: str, revision: str | None) -> Checkpoint:
     from diffusers import DiffusionPipeline
 
     offline = _offline()
@@ -104,7 +104,7 @@ def _download(repo_id: str, revision: str | None) -> ModelSource:
                              "your network, or pass --model with a local diffusers folder") from None
     # Cached snapshots live in .../snapshots/<commit>/: that commit pins the weights for replay.
     commit = folder.name if folder.parent.name == "snapshots" else revision
-    return ModelSource(id=repo_id, path=folder, revision=commit)
+    return Checkpoint(id=repo_id, path=folder, revision=commit)
 
 
 def default_device() -> str:
@@ -169,33 +169,33 @@ def slow_dtype(dtype: torch.dtype, device: str | torch.device) -> str | None:
     return CPU_FLOAT16 if dtype == torch.float16 and torch.device(device).type == "cpu" else None
 
 
-def _folder_family(source: ModelSource, index) -> tuple[str, type[families.Family]]:
+def _folder_family(checkpoint: Checkpoint, index) -> tuple[str, type[families.Family]]:
     """(pipeline class name, family) of a diffusers folder, from its model_index.json `index`."""
     found = families.pipeline_class_for(index) if isinstance(index, dict) else None
     if found is None:
         class_name = index.get("_class_name") if isinstance(index, dict) else None
         class_name = class_name if isinstance(class_name, str) else "non-diffusers"
-        raise ModelLoadError(f"{source.id!r} holds a {class_name} model; prompt2prompt edits "
+        raise ModelLoadError(f"{checkpoint.id!r} holds a {class_name} model; prompt2prompt edits "
                              f"{families.supported_models()} pipelines")
     return found
 
 
-def _pipeline_class(source: ModelSource, index=None):
-    """The diffusers pipeline class to load `source` with, as the families see it (`index`: its model_index.json,
+def _pipeline_class(checkpoint: Checkpoint, index=None):
+    """The diffusers pipeline class to load `checkpoint` with, as the families see it (`index`: its model_index.json,
     when the caller has read it already)."""
     import diffusers
     from transformers.utils import logging as transformers_logging
 
-    if source.single_file:
-        name = _checkpoint_class(source.path)
+    if checkpoint.single_file:
+        name = _checkpoint_class(checkpoint.path)
     else:
-        index = _model_index(source) if index is None else index
-        name, family = _folder_family(source, index)
+        index = _model_index(checkpoint) if index is None else index
+        name, family = _folder_family(checkpoint, index)
         class_name = index.get("_class_name")
         missing = [component for component in family.components if not index.get(component)]
         if missing:
-            raise ModelLoadError(f"{source.id!r} holds a {class_name} model without its {', '.join(map(repr, missing))}")
-        _check_libraries(source, index)
+            raise ModelLoadError(f"{checkpoint.id!r} holds a {class_name} model without its {', '.join(map(repr, missing))}")
+        _check_libraries(checkpoint, index)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # importing the pipelines warns about image processors we never use
     try:
@@ -206,11 +206,11 @@ def _pipeline_class(source: ModelSource, index=None):
 
 def inversion_methods(model: str) -> tuple[str, ...]:
     """The inversion methods of a model folder's family, read from its model_index.json without loading it."""
-    source = resolve_model(model)
-    if source.single_file:
-        raise ModelLoadError(f"{source.id!r} is a single file; pass a diffusers folder of "
+    checkpoint = resolve_model(model)
+    if checkpoint.single_file:
+        raise ModelLoadError(f"{checkpoint.id!r} is a single file; pass a diffusers folder of "
                              f"{families.supported_models()} pipelines")
-    return tuple(_folder_family(source, _model_index(source))[1].inversion_methods)
+    return tuple(_folder_family(checkpoint, _model_index(checkpoint))[1].inversion_methods)
 
 
 def _absent(index: dict) -> dict[str, None]:
@@ -222,10 +222,10 @@ def _absent(index: dict) -> dict[str, None]:
     return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
 
 
-def _model_index(source: ModelSource):
-    index_file = source.path / "model_index.json"
+def _model_index(checkpoint: Checkpoint):
+    index_file = checkpoint.path / "model_index.json"
     if not index_file.is_file():
-        raise ModelLoadError(f"{source.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
+        raise ModelLoadError(f"{checkpoint.id!r} is not a diffusers pipeline folder (it has no model_index.json); "
                              "save one with pipe.save_pretrained(folder), or pass a .safetensors file")
     try:
         return json.loads(index_file.read_text(encoding="utf-8"))
@@ -233,7 +233,7 @@ def _model_index(source: ModelSource):
         raise ModelLoadError(f"cannot read {str(index_file)!r}: {' '.join(str(error).split())}") from None
 
 
-def _check_libraries(source: ModelSource, index: dict) -> None:
+def _check_libraries(checkpoint: Checkpoint, index: dict) -> None:
     """Refuse components from other libraries than diffusers and transformers.
 
     diffusers imports the module that model_index.json names for each component: a folder naming another
@@ -250,37 +250,37 @@ def _check_libraries(source: ModelSource, index: dict) -> None:
         module = getattr(pipelines, library, None) if isinstance(library, str) and library.isidentifier() else None
         if inspect.ismodule(module) and module.__name__.startswith("diffusers."):
             continue  # a diffusers pipeline module, e.g. "stable_diffusion" for the safety checker
-        raise ModelLoadError(f"{source.id!r} takes its {name!r} component from {library!r}; prompt2prompt loads "
+        raise ModelLoadError(f"{checkpoint.id!r} takes its {name!r} component from {library!r}; prompt2prompt loads "
                              "components from diffusers and transformers only")
 
 
-def _check_safetensors(source: ModelSource) -> None:
+def _check_safetensors(checkpoint: Checkpoint) -> None:
     """Refuse a folder whose weights are pickles only, naming the way to opt in."""
     for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        folder = source.path / component
+        folder = checkpoint.path / component
         if not folder.is_dir() or any(folder.glob("*.safetensors")):
             continue
         pickles = sorted(f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickles:
             raise ModelLoadError(
-                f"{source.id!r} has pickle weights ({component}/{pickles[0]}) and no safetensors ones; prompt2prompt "
+                f"{checkpoint.id!r} has pickle weights ({component}/{pickles[0]}) and no safetensors ones; prompt2prompt "
                 "loads safetensors only, as a pickle can run code. Convert the weights to safetensors, or pass "
                 "--allow-pickle (allow_pickle=True) to read them with torch.load(weights_only=True)"
             )
 
 
-def _load_failure(source: ModelSource, error: Exception) -> str:
+def _load_failure(checkpoint: Checkpoint, error: Exception) -> str:
     """One line on why a model did not load."""
     if isinstance(error, pickle.UnpicklingError) or "weights only load failed" in str(error).lower():
-        return (f"cannot load {source.id!r}: its pickle weights cannot be read safely (torch.load(weights_only=True) "
+        return (f"cannot load {checkpoint.id!r}: its pickle weights cannot be read safely (torch.load(weights_only=True) "
                 "refused them: corrupt, or holding objects other than tensors); use safetensors weights")
     lines = str(error).strip().splitlines() or [""]
     detail = lines[0].rstrip(".")
     if not isinstance(error, (OSError, ValueError)):  # their messages are self-explaining; others need their type
         detail = f"{type(error).__name__}: {detail}"
     hint = (" A single-file checkpoint needs its base model's configuration from the hub (or its cache)."
-            if source.single_file else "")
-    return f"cannot load {source.id!r}: {detail}.{hint}"
+            if checkpoint.single_file else "")
+    return f"cannot load {checkpoint.id!r}: {detail}.{hint}"
 
 
 def _checkpoint_class(path: Path) -> str:
@@ -302,7 +302,7 @@ def _checkpoint_class(path: Path) -> str:
 
 
 def load_pipeline(
-    model: str | ModelSource,
+    model: str | Checkpoint,
     *,
     device: str | torch.device | None = None,
     torch_dtype: str | torch.dtype | None = None,
@@ -314,7 +314,7 @@ def load_pipeline(
     The family comes from the folder's model_index.json, or from a single file's weight names.
 
     Args:
-        model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `ModelSource`.
+        model: "demo", a diffusers folder, a single `.safetensors` file, a hub id, or a `Checkpoint`.
         device: defaults to "cuda" when available, else "cpu".
         torch_dtype: a dtype or its name; defaults to float16 on CUDA and float32 elsewhere.
         revision: a hub branch, tag or commit.
@@ -324,27 +324,27 @@ def load_pipeline(
 
     Example: `pipe = load_pipeline("demo")`.
     """
-    source = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
+    checkpoint = model if isinstance(model, Checkpoint) else resolve_model(model, revision=revision)
     device = check_device(device)
     dtype = parse_dtype(torch_dtype, device)
-    index = None if source.single_file else _model_index(source)
-    cls = _pipeline_class(source, index)
-    if not allow_pickle and not source.single_file:
-        _check_safetensors(source)
+    index = None if checkpoint.single_file else _model_index(checkpoint)
+    cls = _pipeline_class(checkpoint, index)
+    if not allow_pickle and not checkpoint.single_file:
+        _check_safetensors(checkpoint)
     try:
         with warnings.catch_warnings(), library_logs() as logged:
             # Recent diffusers rename torch_dtype to dtype; the old name still works there and is the only one before.
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
-            if source.single_file:  # resolve_model takes .safetensors files only
-                pipe = cls.from_single_file(str(source.path), torch_dtype=dtype, local_files_only=_offline())
+            if checkpoint.single_file:  # resolve_model takes .safetensors files only
+                pipe = cls.from_single_file(str(checkpoint.path), torch_dtype=dtype, local_files_only=_offline())
             else:
                 # use_safetensors=None prefers safetensors and falls back to pickles, loaded with weights_only=True.
-                pipe = cls.from_pretrained(str(source.path), torch_dtype=dtype, local_files_only=True,
+                pipe = cls.from_pretrained(str(checkpoint.path), torch_dtype=dtype, local_files_only=True,
                                            use_safetensors=None if allow_pickle else True, **_absent(index))
         incomplete = [m for m in logged if "newly initialized" in m or "were not initialized" in m]
         if incomplete:  # a checkpoint lacking weights would run on random ones: noise, with a warning at best
             detail = " ".join(incomplete[0].split())[:200]
-            raise ModelLoadError(f"cannot load {source.id!r}: its weights are incomplete ({detail}...); use a "
+            raise ModelLoadError(f"cannot load {checkpoint.id!r}: its weights are incomplete ({detail}...); use a "
                                  "complete checkpoint of a supported model")
         if slow_dtype(dtype, device) is None:
             return pipe.to(device)
@@ -354,7 +354,7 @@ def load_pipeline(
     except ModelLoadError:
         raise
     except Exception as error:  # a model folder is untrusted input: missing files, broken configs, bad weights
-        raise ModelLoadError(_load_failure(source, error)) from None
+        raise ModelLoadError(_load_failure(checkpoint, error)) from None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from .errors import console, say
 
 if TYPE_CHECKING:
     from ..engine import Editor, EditResult
-    from ..loading import ModelSource
+    from ..loading import Checkpoint
     from ..recipe import Recipe
 
 __all__ = ["load_editor", "output_folder", "publish", "report", "save_attention", "say_defaults", "use_scheduler"]
@@ -56,7 +56,7 @@ def output_folder(out: Path) -> Iterator[None]:
 
 
 def load_editor(model: str, device: str | None, dtype: str, *, revision: str | None = None,
-                allow_pickle: bool = False) -> tuple[Editor, ModelSource]:
+                allow_pickle: bool = False) -> tuple[Editor, Checkpoint]:
     """Load `model` behind one spinner; a download, before it, keeps its own progress bars. Returns the editor and
     the model's source, as `engine.load_editor` does."""
     from .. import engine

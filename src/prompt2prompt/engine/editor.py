@@ -25,7 +25,7 @@ from ..attention.state import LayerPlan
 from ..edits import Edit
 from ..families import Family, family_of
 from ..families.defaults import DEFAULTS_FILE
-from ..loading import ModelSource, check_device, load_pipeline, parse_dtype, quiet_loading, resolve_model
+from ..loading import Checkpoint, check_device, load_pipeline, parse_dtype, quiet_loading, resolve_model
 from . import send
 from .cache import CacheRecorder, SourceCache
 from .callback import StepCallback
@@ -83,7 +83,7 @@ class Editor:
         self.record_blocks = options["record_blocks"]
         self.attention = attention
         self.defaults = defaults
-        self.checkpoint: ModelSource | None = None  # where `from_pretrained` loaded the model from
+        self.checkpoint: Checkpoint | None = None  # where `from_pretrained` loaded the model from
 
     @property
     def layer_options(self) -> dict[str, Any]:
@@ -91,11 +91,11 @@ class Editor:
         return {name: getattr(self, name) for name in self.family.layer_options}
 
     @classmethod
-    def from_pretrained(cls, model: str | ModelSource, *, device: str | torch.device | None = None,
+    def from_pretrained(cls, model: str | Checkpoint, *, device: str | torch.device | None = None,
                         torch_dtype: str | torch.dtype | None = None, revision: str | None = None,
                         allow_pickle: bool = False, progress: bool = True, **kwargs) -> Editor:
         """Load a pipeline ("demo", "demo-flow", a diffusers folder, a single .safetensors file, a hub id, or a
-        `ModelSource`) and wrap it; `editor.checkpoint` says where it came from. `kwargs` go to `Editor`.
+        `Checkpoint`) and wrap it; `editor.checkpoint` says where it came from. `kwargs` go to `Editor`.
 
         `device`, `torch_dtype` (a dtype or its name; None or "auto": float16 on CUDA, float32 elsewhere), `revision`
         and `allow_pickle` are `loading.load_pipeline`'s: weights load from safetensors only, and `allow_pickle=True`
@@ -104,7 +104,7 @@ class Editor:
         """
         device = check_device(device)
         torch_dtype = parse_dtype(torch_dtype, device)  # before resolving: a bad device or dtype fails before any download
-        checkpoint = model if isinstance(model, ModelSource) else resolve_model(model, revision=revision)
+        checkpoint = model if isinstance(model, Checkpoint) else resolve_model(model, revision=revision)
         with contextlib.nullcontext() if progress else quiet_loading():
             pipe = load_pipeline(checkpoint, device=device, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
         pipe.set_progress_bar_config(disable=not progress)
@@ -277,14 +277,14 @@ class Editor:
 
 
 def load_editor(
-    model: str | ModelSource,
+    model: str | Checkpoint,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
     progress: bool = False,
     allow_pickle: bool = False,
-) -> tuple[Editor, ModelSource]:
+) -> tuple[Editor, Checkpoint]:
     """`Editor.from_pretrained` for the front ends, quiet by default: the editor and where its model came from.
 
     Example: `editor, checkpoint = load_editor("demo")`.

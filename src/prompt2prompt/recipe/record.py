@@ -10,7 +10,7 @@ from .format import Recipe, RecipeError
 
 if TYPE_CHECKING:
     from ..engine import Editor
-    from ..loading import ModelSource
+    from ..loading import Checkpoint
 
 __all__ = ["recipe_for", "scheduler_config"]
 
@@ -20,8 +20,8 @@ def scheduler_config(scheduler) -> dict[str, Any]:
     return json.loads(scheduler.to_json_string())
 
 
-def recipe_for(editor: Editor, model: ModelSource, *, used: list[str] | None = None, **fields: Any) -> Recipe:
-    """A recipe for a run of `editor`, whose pipeline was loaded from `model` (a `loading.ModelSource`).
+def recipe_for(editor: Editor, model: Checkpoint, *, used: list[str] | None = None, **fields: Any) -> Recipe:
+    """A recipe for a run of `editor`, whose pipeline was loaded from `model` (a `loading.Checkpoint`).
 
     The model id and revision, the scheduler, the dtype and the device come from them; `fields` give the rest.
     What `fields` leave out (None, or an edit without windows, a blend without a threshold) is the model's default

@@ -11,9 +11,9 @@ GRADIO_TEMP_DIR into the output folder.
 """
 
 # Beside the public two, the names that tests and scripts reach as prompt2prompt.webapp.<name>, as before the split.
-from .app import QUEUE_SIZE, SESSIONS, _heat_scale, build_app, launch  # noqa: F401
-from .errors import _error, _shown, _wrapped  # noqa: F401
+from .app import QUEUE_SIZE, SESSIONS, heat_scale, build_app, launch  # noqa: F401
+from .errors import user_error, shown_error, wrapped  # noqa: F401
 from .form import MAX_EDITS, ROW_FIELDS, EditRow, Form  # noqa: F401
-from .runs import CACHE_RUNS, STAGING, _CacheBound, _Editors, _is_leftover, _malloc_trim, _run  # noqa: F401
+from .runs import CACHE_RUNS, STAGING, CacheBound, Editors, is_leftover, malloc_trim, run_form  # noqa: F401
 
 __all__ = ["build_app", "launch"]

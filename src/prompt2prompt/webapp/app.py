@@ -20,9 +20,9 @@ from PIL import Image
 
 from ..edits import MODES
 from ..visualize import heatmap
-from .errors import _STATUS_ERROR, _error, _one_line, _shown, _status_error, log
-from .form import MAX_EDITS, EditRow, Form, _check_request, _check_upload, _words
-from .runs import CACHE_RUNS, _CacheBound, _clean_leftovers, _Editors, _release_memory, _run
+from .errors import STATUS_ERROR, user_error, one_line, shown_error, status_error, log
+from .form import MAX_EDITS, EditRow, Form, check_request, check_upload, prompt_words
+from .runs import CACHE_RUNS, CacheBound, clean_leftovers, Editors, release_memory, run_form
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -38,7 +38,7 @@ SMALL_IMAGE = 256
 # Gradio lays a thumbnail's caption over the bottom of its image, and the gallery's label over the first one's
 # top: here the caption sits beneath the image, which takes the rest of the square cell, whole, and the cells
 # start below the label. The gallery is as tall as its one row (Gradio's "auto" height is 450 to 550 px).
-# The status line shows an error in the error colour, its prompt and caret in monospace (cut to fit, `_wrapped`).
+# The status line shows an error in the error colour, its prompt and caret in monospace (cut to fit, `wrapped`).
 CSS = """
 .pixelated img { image-rendering: pixelated; }
 :is(#gallery, .heatmaps) .grid-container { padding-top: var(--size-6); }
@@ -60,7 +60,7 @@ def _default_method(family) -> str | None:
 
 
 
-def _heat_scale() -> str:
+def heat_scale() -> str:
     """The Attention tab's colour scale, drawn by `heatmap` itself from the least attention to the most."""
     import torch
 
@@ -86,23 +86,23 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
     Gradio's own upload cache and temporary files are moved into `out_dir` too (GRADIO_TEMP_DIR, set before
     gradio is first imported; see the module's docstring), and kept to the files of the last `CACHE_RUNS` runs.
     Each run is written into `out_dir/.staging` and moved into `out_dir` whole; what a crash left there is removed
-    first (`_clean_leftovers`). Sources and inversions of recent runs are kept within `cache_mb` MiB, so that
+    first (`clean_leftovers`). Sources and inversions of recent runs are kept within `cache_mb` MiB, so that
     changing only the edits re-runs only the edits. At most `queue_size` requests wait in the queue.
     `allow_pickle` is `load_pipeline`'s.
     """
     if not models:
         raise ValueError("the web app needs at least one model, e.g. models=['demo']")
-    editors = _Editors(models, device, dtype, cache_mb, allow_pickle)  # a bad device fails before any folder
+    editors = Editors(models, device, dtype, cache_mb, allow_pickle)  # a bad device fails before any folder
     first_editor = editors.get(models[0])[0]  # the default model loads now: the form starts at its own settings
     first, defaults = first_editor.family, first_editor.defaults
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out_dir)
+    clean_leftovers(out_dir)
     os.environ["GRADIO_TEMP_DIR"] = str(out_dir / ".gradio")
     import gradio as gr
 
     max_bytes = int(max_upload_mb * 2**20)
-    cache = _CacheBound(out_dir / ".gradio", CACHE_RUNS)
+    cache = CacheBound(out_dir / ".gradio", CACHE_RUNS)
 
     example_source, example_edit = defaults.example  # the default model's own example: the first Run works
 
@@ -115,7 +115,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 for index in range(1, MAX_EDITS + 1):
                     with gr.Group(visible=index == 1) as group:
                         row = _edit_row(index, example_edit if index == 1 else "", example_source, defaults)
-                    row.prompt.change(lambda text: [gr.update(choices=_words(text))] * 3, row.prompt,
+                    row.prompt.change(lambda text: [gr.update(choices=prompt_words(text))] * 3, row.prompt,
                                       [row.weight_words, row.blend_edit, row.exclude_edit], queue=False)
                     rows.append(row)
                     groups.append(group)
@@ -131,7 +131,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 guidance = gr.Slider(0, 20, value=defaults.guidance_scale, step=0.5, label="Guidance",
                                      elem_id="guidance")
                 with gr.Accordion("Real image", open=False):
-                    # Any file: the app checks it (_check_upload), so that a wrong one gets a clear message.
+                    # Any file: the app checks it (check_upload), so that a wrong one gets a clear message.
                     image = gr.File(file_count="single", type="filepath", elem_id="upload",
                                     label=f"Image to edit (PNG, JPEG, WebP, ...; up to {max_upload_mb:g} MB; its "
                                           "caption is the source prompt)")
@@ -149,7 +149,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
                 files = gr.File(label="Download: PNGs carrying their recipe (p2p replay FILE)", file_count="multiple",
                                 interactive=False, elem_id="downloads")
             with gr.Tab("Attention"):
-                gr.HTML(_heat_scale(), elem_id="heat-scale")
+                gr.HTML(heat_scale(), elem_id="heat-scale")
                 # One gallery per prompt, shown as a run fills it: the source's words, then each edit's.
                 heatmaps = [gr.Gallery(columns=8, fit_columns=False, height="auto", object_fit="contain", visible=False,
                                        elem_id=f"heatmaps-{i}", elem_classes=["heatmaps"]) for i in range(MAX_PROMPTS)]
@@ -160,7 +160,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
         form = Form(model=model, source=source, seed=seed, steps=steps, guidance=guidance, image=image, method=method,
                     count=count, rows=rows)
         keys = [item.key for item in form.named()]
-        source.change(lambda text: [gr.update(choices=_words(text))] * (2 * MAX_EDITS), source,
+        source.change(lambda text: [gr.update(choices=prompt_words(text))] * (2 * MAX_EDITS), source,
                       [c for row in rows for c in (row.blend_source, row.exclude_source)], queue=False)
 
         def resize(n: int):
@@ -176,9 +176,9 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
             if path is None:
                 return None, gr.skip()
             try:
-                return _check_upload(path, max_bytes), "" if (said or "").startswith(_STATUS_ERROR) else gr.skip()
+                return check_upload(path, max_bytes), "" if (said or "").startswith(STATUS_ERROR) else gr.skip()
             except Exception as error:
-                return None, _status_error(error)
+                return None, status_error(error)
 
         image.change(show_upload, [image, status], [preview, status], concurrency_limit=None)
 
@@ -189,7 +189,7 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
             try:
                 editor = editors.get(name)[0]
             except Exception as error:
-                return *[gr.skip()] * (3 + 3 * MAX_EDITS), _status_error(error)
+                return *[gr.skip()] * (3 + 3 * MAX_EDITS), status_error(error)
             picked, family = editor.defaults, editor.family
             per_row = [picked.cross_steps, picked.self_steps, picked.blend_threshold] * MAX_EDITS
             return (picked.num_inference_steps, picked.guidance_scale,
@@ -204,9 +204,9 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
             """Refuse a Run that cannot succeed before it joins the queue (Gradio's validator): the input at fault
             gets the message. A request whose values no form sends is refused before this runs (`_blocks_class`)."""
             try:
-                _check_request(max_bytes, Form.of(values))
+                check_request(max_bytes, Form.of(values))
             except Exception as error:
-                shown = _shown(error)
+                shown = shown_error(error)
                 field = shown.field or "source"
                 return [gr.validate(key != field, shown.line if key == field else "") for key in keys]
             return [gr.validate(True, "")] * len(keys)
@@ -215,9 +215,9 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
             """The status line at once, beside the queued run: what is wrong with the form (which check_form logs),
             or nothing yet."""
             try:
-                _check_request(max_bytes, Form.of(values))
+                check_request(max_bytes, Form.of(values))
             except Exception as error:
-                return _status_error(error, quiet=True)
+                return status_error(error, quiet=True)
             return ""
 
         # Gradio streams the pipeline's tqdm steps to the outputs when the function asks for a tracker.
@@ -227,11 +227,11 @@ def build_app(models: Sequence[str], *, out_dir: str | Path, device: str | None 
             try:
                 form = Form.of(values)
                 cache.run_started(form.image if isinstance(form.image, str) else None)
-                shown, files, heat, used_seed, said = _run(editors, out_dir, max_bytes, form)
+                shown, files, heat, used_seed, said = run_form(editors, out_dir, max_bytes, form)
             except Exception as error:
-                return *[gr.skip()] * (3 + MAX_PROMPTS), _status_error(error)
+                return *[gr.skip()] * (3 + MAX_PROMPTS), status_error(error)
             finally:
-                _release_memory()
+                release_memory()
             classes = _image_classes(shown[0][0])
             heat_galleries = [gr.update(value=maps, label=label, visible=True, elem_classes=["heatmaps", *classes])
                               for label, maps in heat]
@@ -251,7 +251,7 @@ def _edit_row(index: int, text: str, source: str, defaults) -> EditRow[gr.compon
     import gradio as gr
 
     def words(label: str, prompt: str, name: str) -> gr.Dropdown:
-        return gr.Dropdown(_words(prompt), multiselect=True, allow_custom_value=True, label=label,
+        return gr.Dropdown(prompt_words(prompt), multiselect=True, allow_custom_value=True, label=label,
                            elem_id=f"{name}-{index}")
 
     prompt = gr.Textbox(text, label=f"Edit {index}", elem_id=f"edit-{index}")
@@ -291,15 +291,15 @@ def _blocks_class() -> type[gr.Blocks]:
                 if hasattr(error, "line"):  # the app's own
                     raise
                 # Gradio's own (a value not among a dropdown's choices): its text, escaped, logged in one line
-                raise _shown(ValueError(_one_line(str(error.message)))) from None
+                raise shown_error(ValueError(one_line(str(error.message)))) from None
             except Exception as error:  # Gradio's own checks; its messages name its internals and server paths
                 fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
                 reason = _refusal(fn.inputs, inputs, error)
                 if reason is None:  # not the request's fault (the app's functions raise gradio.Error): a bug
-                    log.error("failed: %s", _one_line(str(error)), exc_info=error)
-                    raise _error(f"the server failed on this request ({type(error).__name__}); its log says "
+                    log.error("failed: %s", one_line(str(error)), exc_info=error)
+                    raise user_error(f"the server failed on this request ({type(error).__name__}); its log says "
                                  "why") from None
-                raise _shown(ValueError(reason)) from None
+                raise shown_error(ValueError(reason)) from None
 
         def launch(self, **kwargs):
             return super().launch(**{"css": CSS, "state_session_capacity": SESSIONS, **kwargs})

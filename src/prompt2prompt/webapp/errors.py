@@ -8,16 +8,16 @@ import logging
 import textwrap
 
 ERROR_COLUMNS = 48  # an error's prompt is cut into lines this long at most: the status column's width, in monospace
-_STATUS_ERROR = '<div class="error">'  # how the status line starts when it shows an error
+STATUS_ERROR = '<div class="error">'  # how the status line starts when it shows an error
 
 log = logging.getLogger("prompt2prompt.webapp")  # one logger for the app's modules
 
 
-def _error(message: str, detail: str | None = None, *, field: str | None = None) -> Exception:
+def user_error(message: str, detail: str | None = None, *, field: str | None = None) -> Exception:
     """A user's error: `message` in one line, `detail` (a prompt with a caret under a column) beneath it, and the
     request's `field` at fault (its key in `Form.named`: "source", "edit-1.prompt"), if one is.
 
-    The app shows it in the status line (`_status_error`) and leaves the other outputs as they were. Raised to
+    The app shows it in the status line (`status_error`) and leaves the other outputs as they were. Raised to
     Gradio (a request refused before any function runs), it is a `gradio.Error` whose message is `message`,
     escaped: Gradio renders a toast's text as HTML, so the user's words are escaped (only & and <, which are all
     that text needs: an API client reads the message nearly as written).
@@ -40,16 +40,16 @@ def _error_class() -> type[Exception]:
     return UserError
 
 
-def _shown(error: Exception, *, quiet: bool = False) -> Exception:
-    """`error` as the app's `_error`, and logged unless `quiet` (where another function logs the same error): a
+def shown_error(error: Exception, *, quiet: bool = False) -> Exception:
+    """`error` as the app's `user_error`, and logged unless `quiet` (where another function logs the same error): a
     user's error in one line, anything else (a bug) with its traceback."""
     if isinstance(error, _error_class()):
         shown = error
     elif isinstance(error, (ValueError, OSError, RuntimeError)):  # the engine's checks, files, models, NaN results
         lines = str(error).splitlines() or [type(error).__name__]
-        shown = _error(lines[0], "\n".join(lines[1:]) or None)
+        shown = user_error(lines[0], "\n".join(lines[1:]) or None)
     else:
-        shown = _error(f"{type(error).__name__}: {_one_line(str(error))}")
+        shown = user_error(f"{type(error).__name__}: {one_line(str(error))}")
         if not quiet:
             log.error("failed: %s", shown.line, exc_info=error)
         return shown
@@ -58,21 +58,21 @@ def _shown(error: Exception, *, quiet: bool = False) -> Exception:
     return shown
 
 
-def _status_error(error: Exception, *, quiet: bool = False) -> str:
-    """The status line that shows `error` (`_shown(error, quiet=quiet)`): its message, and its detail in monospace
-    with each prompt cut into lines that fit the status column, the caret kept under its column (`_wrapped`)."""
-    shown = _shown(error, quiet=quiet)
-    text = f"{_STATUS_ERROR}{_html_text(shown.line)}</div>"
+def status_error(error: Exception, *, quiet: bool = False) -> str:
+    """The status line that shows `error` (`shown_error(error, quiet=quiet)`): its message, and its detail in monospace
+    with each prompt cut into lines that fit the status column, the caret kept under its column (`wrapped`)."""
+    shown = shown_error(error, quiet=quiet)
+    text = f"{STATUS_ERROR}{_html_text(shown.line)}</div>"
     if shown.detail:
-        text += f"<pre>{_html_text(_wrapped(textwrap.dedent(shown.detail)))}</pre>"
+        text += f"<pre>{_html_text(wrapped(textwrap.dedent(shown.detail)))}</pre>"
     return text
 
 
-def _wrapped(detail: str, width: int = ERROR_COLUMNS) -> str:
+def wrapped(detail: str, width: int = ERROR_COLUMNS) -> str:
     r"""`detail` with each line longer than `width` cut at spaces, and each caret line ("  ^") beneath the piece of
     the line above it that holds the caret's column.
 
-    >>> print(_wrapped("  a big [red circle\n        ^", width=8))
+    >>> print(wrapped("  a big [red circle\n        ^", width=8))
       a big
     [red
     ^
@@ -96,7 +96,7 @@ def _wrapped(detail: str, width: int = ERROR_COLUMNS) -> str:
     return "\n".join(shown)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(text.split())
 
 

@@ -1,6 +1,6 @@
 """The Run button's form by name (`Form`, `EditRow`) and the checks of a request made without the model.
 
-A request's values arrive in the order of `Form.inputs()`; `Form.of` names them, and `_check_request` checks the
+A request's values arrive in the order of `Form.inputs()`; `Form.of` names them, and `check_request` checks the
 types (only a forged request sends others), the prompts' syntax, the numbers and the upload.
 """
 
@@ -16,12 +16,12 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from ..images import open_image
 from ..limits import MAX_STEPS, check_guidance, check_int
 from ..syntax import PromptSyntaxError, edit_prompt, inline_edit
-from .errors import _error
+from .errors import user_error
 
 MAX_EDITS = 4
 
 
-def _words(prompt: str | None) -> list[str]:
+def prompt_words(prompt: str | None) -> list[str]:
     """The prompt's distinct words, in order: the choices of the word pickers."""
     return list(dict.fromkeys((prompt or "").split()))
 
@@ -33,12 +33,12 @@ P = TypeVar("P")
 
 def _field(label: str | None = None, *types: type) -> Any:
     """A form input: its name in messages, and the types its component sends (None aside); only a forged request
-    sends others. An input without types has its own check in `_check_request`."""
+    sends others. An input without types has its own check in `check_request`."""
     return dataclasses.field(metadata={"label": label, "types": types})
 
 
 class _Input(NamedTuple):
-    key: str  # as `_error`'s field: "source", "edit-1.prompt"
+    key: str  # as `user_error`'s field: "source", "edit-1.prompt"
     value: Any
     label: str | None
     types: tuple[type, ...]
@@ -101,7 +101,7 @@ class Form(Generic[T]):
 
     @classmethod
     def of(cls, values: Sequence[Any]) -> Form[Any]:
-        """The form whose `inputs()` are `values`: a request's, named. Raises `_error` if they cannot be.
+        """The form whose `inputs()` are `values`: a request's, named. Raises `user_error` if they cannot be.
 
         >>> row = ["a dog", "auto", 0.8, 0.4, [], 1.0, [], [], [], [], 0.3]
         >>> form = Form.of(["demo", "a cat", 7, 30, 7.5, None, "direct", 1, *row])
@@ -110,21 +110,21 @@ class Form(Generic[T]):
         """
         top = len(dataclasses.fields(cls)) - 1  # all but the rows
         if len(values) < top or (len(values) - top) % ROW_FIELDS:
-            raise _error(f"the request holds {len(values)} values; the form sends {top} and {ROW_FIELDS} per edit row")
+            raise user_error(f"the request holds {len(values)} values; the form sends {top} and {ROW_FIELDS} per edit row")
         rows = [EditRow(*values[start:start + ROW_FIELDS]) for start in range(top, len(values), ROW_FIELDS)]
         return cls(*values[:top], rows=rows)
 
 
 def _parsed(parse: Callable[[str], P], text: str, what: str, field: str) -> P:
-    """`parse(text)` (`syntax.inline_edit` or `syntax.edit_prompt`), its errors as the app's `_error` on `field`: a
+    """`parse(text)` (`syntax.inline_edit` or `syntax.edit_prompt`), its errors as the app's `user_error` on `field`: a
     syntax error's message after `what`, and its prompt and caret (its message's last lines) as the detail."""
     try:
         return parse(text)
     except PromptSyntaxError as error:
         first, *rest = str(error).splitlines()
-        raise _error(f"{what}: {first}", "\n".join(rest), field=field) from None
+        raise user_error(f"{what}: {first}", "\n".join(rest), field=field) from None
     except ValueError as error:  # edit_prompt's: [old->new] markup in an edit row
-        raise _error(str(error), field=field) from None
+        raise user_error(str(error), field=field) from None
 
 
 def _edit_spec(index: int, row: EditRow[Any]) -> dict[str, Any] | None:
@@ -133,13 +133,13 @@ def _edit_spec(index: int, row: EditRow[Any]) -> dict[str, Any] | None:
         return None
     field = _row_key(index, "prompt")
     if row.cross is None or row.self_steps is None or (row.weight_words and row.weight is None):  # a forged request
-        raise _error(f"edit {index}: the cross and self windows and the weight must be numbers", field=field)
+        raise user_error(f"edit {index}: the cross and self windows and the weight must be numbers", field=field)
     what = f"edit {index}"
     parsed = _parsed(functools.partial(edit_prompt, what=what), row.prompt, what, field)
     blend = None
     if row.blend_source or row.blend_edit or row.exclude_source or row.exclude_edit:
         if not row.blend_source or not row.blend_edit:
-            raise _error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'",
+            raise user_error(f"edit {index}: local blend needs words on both sides, e.g. source 'cat' and edit 'dog'",
                          field=_row_key(index, "blend_source"))
         blend = {"source_words": list(row.blend_source), "edit_words": list(row.blend_edit),
                  "exclude_source_words": list(row.exclude_source or []),
@@ -150,38 +150,25 @@ def _edit_spec(index: int, row: EditRow[Any]) -> dict[str, Any] | None:
             "self_steps": float(row.self_steps), "weights": weights or None, "blend": blend}
 
 
-def _leave_defaults(spec: dict[str, Any], defaults) -> dict[str, Any]:
-    """`spec` without the windows and blend threshold whose sliders stand at the model's defaults (`defaults`, a
-    `ModelDefaults`): the run then takes the model's own, its per-word windows included (the demo model's shape
-    swaps take a shorter cross-attention window), and the status line says which it took."""
-    spec = dict(spec)
-    for name in ("cross_steps", "self_steps"):
-        if spec[name] == getattr(defaults, name):
-            spec[name] = None
-    if spec["blend"] is not None and spec["blend"]["threshold"] == defaults.blend_threshold:
-        spec["blend"] = {**spec["blend"], "threshold": None}
-    return spec
-
-
-def _check_upload(path: str, max_bytes: int) -> str:
+def check_upload(path: str, max_bytes: int) -> str:
     """`path` if it holds an image within the limits; the upload component takes any file, so that a wrong one
     gets this message and not Gradio's bare "Error". The messages name "the upload", never its path on the server.
     """
     try:
         size = os.path.getsize(path)
-    except OSError:  # gone from Gradio's cache (see _CacheBound), or never there
-        raise _error("the upload is no longer on the server; upload the image again", field="image") from None
+    except OSError:  # gone from Gradio's cache (see CacheBound), or never there
+        raise user_error("the upload is no longer on the server; upload the image again", field="image") from None
     if size > max_bytes:
-        raise _error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB", field="image")
+        raise user_error(f"the upload is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB", field="image")
     try:
         open_image(path).close()
     except OSError:
-        raise _error("the upload is no longer on the server; upload the image again", field="image") from None
+        raise user_error("the upload is no longer on the server; upload the image again", field="image") from None
     except ValueError as error:  # its message starts with the quoted path, and Pillow's reason may name it too
         message = str(error).replace(f"'{path}'", "the upload", 1)
         # Pillow's reason ("cannot identify image file '/path'") reads as well without the path.
         message = message.replace(f" '{path}'", "").replace(path, "the upload")
-        raise _error(message, field="image") from None
+        raise user_error(message, field="image") from None
     return path
 
 
@@ -191,22 +178,22 @@ def _check_form(form: Form[Any]) -> None:
         if not types:
             continue
         if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise _error(f"the {label} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}",
+            raise user_error(f"the {label} must be a {' or '.join(t.__name__ for t in types)}, not {type(value).__name__}",
                          field=key)
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise _error(f"the {label} must be a list of words", field=key)
+            raise user_error(f"the {label} must be a list of words", field=key)
     count = form.count
     if count is None:
-        raise _error("the request holds no edit count", field="count")
+        raise user_error("the request holds no edit count", field="count")
     if isinstance(count, float) and not (math.isfinite(count) and count.is_integer()) or count > MAX_EDITS:
-        raise _error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}", field="count")
+        raise user_error(f"the edit count must be a whole number up to {MAX_EDITS}, not {count!r}", field="count")
     if len(form.rows) < int(count):
-        raise _error("the request holds fewer edit rows than its count", field="count")
+        raise user_error("the request holds fewer edit rows than its count", field="count")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    """A Run request, checked as far as it can be without the model (`_check_request`)."""
+    """A Run request, checked as far as it can be without the model (`check_request`)."""
 
     model: str
     source: str  # without its inline markup
@@ -218,12 +205,12 @@ class _Request:
     method: str
 
 
-def _check_request(max_bytes: int, form: Form[Any]) -> _Request:
+def check_request(max_bytes: int, form: Form[Any]) -> _Request:
     """The Run button's inputs, checked without the model: the types, the prompts' syntax, the numbers and the
-    upload. Raises `_error` naming the input at fault."""
+    upload. Raises `user_error` naming the input at fault."""
     _check_form(form)
     if not (form.source or "").strip():
-        raise _error("type a source prompt first", field="source")
+        raise user_error("type a source prompt first", field="source")
     # Inline markup ("a [cat->dog]") makes an edit, at the model's windows.
     source, inline = _parsed(inline_edit, form.source, "the source prompt", "source")
     specs = []
@@ -233,26 +220,26 @@ def _check_request(max_bytes: int, form: Form[Any]) -> _Request:
     specs += [spec for i, row in enumerate(form.rows[:max(int(form.count), 0)], 1)
               if (spec := _edit_spec(i, row)) is not None]
     if not specs:
-        raise _error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'",
+        raise user_error("type at least one edit prompt, or inline markup in the source: 'a [cat->dog]'",
                      field=_row_key(1, "prompt"))
     try:
         steps, guidance = int(form.steps), float(form.guidance)
     except (TypeError, ValueError, OverflowError):  # only a forged request sends these: the sliders give numbers
-        raise _error(f"steps and guidance must be numbers, not {form.steps!r} and {form.guidance!r}",
+        raise user_error(f"steps and guidance must be numbers, not {form.steps!r} and {form.guidance!r}",
                      field="steps") from None
     try:
         check_int(steps, "steps", 1, MAX_STEPS)
     except ValueError as error:
-        raise _error(str(error), field="steps") from None
+        raise user_error(str(error), field="steps") from None
     try:
         check_guidance(guidance)
     except ValueError as error:
-        raise _error(str(error), field="guidance") from None
+        raise user_error(str(error), field="guidance") from None
     seed = form.seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, float)) or not math.isfinite(seed)
                              or seed >= 2**63):  # only a forged request: the seed box gives numbers
-        raise _error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}", field="seed")
+        raise user_error(f"the seed must be a whole number from 0 to 2**63 - 1 (-1: random), not {seed!r}", field="seed")
     if form.image:
-        _check_upload(form.image, max_bytes)
+        check_upload(form.image, max_bytes)
     return _Request(form.model, source, specs, steps, guidance, seed, form.image or None, form.method)
 

@@ -21,20 +21,20 @@ from ..engine import SourceStore, load_editor
 from ..families.defaults import vocabulary_notice
 from ..files import clear_staging, temporary_target, write_folder_atomic
 from ..images import fit_note, image_size, load_image
-from ..loading import ModelSource, check_device, parse_dtype
+from ..loading import Checkpoint, check_device, parse_dtype
 from ..recipe import edit_label, file_digest, recipe_for, run_recipe, save_result
 from ..visualize import CAPTION_HEIGHT
-from .errors import _error, log
-from .form import Form, _check_request
+from .errors import user_error, log
+from .form import Form, check_request
 
-CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see _CacheBound)
+CACHE_RUNS = 32  # Gradio's cache keeps the files of this many recent runs (see CacheBound)
 STAGING = ".staging"  # under the output folder: runs being written, renamed into place when whole
 # A run folder's name, as _run_name makes it: only such folders are ever cleaned up (never the user's own).
 _RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+|image)-[0-9a-f]{6}")
 _RESULT_PNG = re.compile(r"(source|grid|edit-[1-9][0-9]*)[.]png")  # the PNGs save_result writes
 
 
-class _Editors:
+class Editors:
     """Editors for the offered models, loaded on first use, and the sources and inversions of recent runs."""
 
     def __init__(self, models: Sequence[str], device: str | None, dtype: str, cache_mb: float = 2048,
@@ -43,14 +43,14 @@ class _Editors:
         self.device = check_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.allow_pickle = allow_pickle
-        self.loaded: dict[str, tuple[Any, ModelSource]] = {}
+        self.loaded: dict[str, tuple[Any, Checkpoint]] = {}
         self.lock = threading.Lock()
         # Changing only the edit rows re-runs only the edits: the source and its inversion are kept here.
         self.sources = SourceStore(int(cache_mb * 2**20))
 
     def get(self, model: str):
         if model not in self.models:  # the picker offers only these; a forged request gets no other path
-            raise _error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
+            raise user_error(f"unknown model {model!r}; this server offers {', '.join(self.models)}")
         with self.lock:
             if model not in self.loaded:
                 # With progress bars: Gradio's track_tqdm follows the pipeline's denoising bar.
@@ -88,13 +88,13 @@ def _run_name(seed: int | None) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{seed if seed is not None else 'image'}-{secrets.token_hex(3)}"
 
 
-def _is_leftover(name: str) -> bool:
+def is_leftover(name: str) -> bool:
     """Whether `name` is the temporary file of one of save_result's PNGs (".edit-1.png.k2j4x8f2.tmp.png"), left by
     a write that never finished."""
     return bool(_RESULT_PNG.fullmatch(temporary_target(name) or ""))
 
 
-def _clean_leftovers(out_dir: Path) -> list[Path]:
+def clean_leftovers(out_dir: Path) -> list[Path]:
     """Remove what a crash left in `out_dir`: the staging folder, run folders that are empty or lack their grid.png
     (save_result writes it last; runs made before staging existed were written in place), and the temporary files
     of save_result's PNGs in the others.
@@ -107,7 +107,7 @@ def _clean_leftovers(out_dir: Path) -> list[Path]:
             if not (entry / "grid.png").is_file():
                 found.append(entry)
             else:
-                found += [file for file in entry.iterdir() if _is_leftover(file.name)]
+                found += [file for file in entry.iterdir() if is_leftover(file.name)]
     for path in found:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -119,7 +119,7 @@ def _clean_leftovers(out_dir: Path) -> list[Path]:
     return removed
 
 
-class _CacheBound:
+class CacheBound:
     """Keeps Gradio's cache (GRADIO_TEMP_DIR) to the files of the last `runs` runs.
 
     Gradio copies every image it shows or offers for download into its cache and deletes none while the server
@@ -158,7 +158,7 @@ class _CacheBound:
 
 
 @functools.cache
-def _malloc_trim():
+def malloc_trim():
     """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
     try:
         return ctypes.CDLL(None).malloc_trim
@@ -166,14 +166,14 @@ def _malloc_trim():
         return None
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Give the C heap's free pages back to the system, where the C library can (glibc).
 
     Gradio runs each request on one of its worker threads, and glibc gives threads heaps of their own (arenas): what
     a run frees in one arena stays there, free but resident, while the next run fills another. Under concurrent load
     every arena keeps a run's worth of free pages, some hundreds of MiB in all; trimming after each run returns them.
     """
-    trim = _malloc_trim()
+    trim = malloc_trim()
     if trim is not None:
         trim(0)
 
@@ -185,13 +185,13 @@ def _newest(folder: Path) -> float:
     return max(times)
 
 
-def _run(editors: _Editors, out_dir: Path, max_bytes: int, form: Form[Any]):
-    """The Run button, given its inputs' values by name (`form`, checked by `_check_request`): edit, save the PNGs
+def run_form(editors: Editors, out_dir: Path, max_bytes: int, form: Form[Any]):
+    """The Run button, given its inputs' values by name (`form`, checked by `check_request`): edit, save the PNGs
     in a run folder published whole into `out_dir`, and fill the gallery, the downloads, the heatmaps (per prompt:
     its caption and its words' maps) and the status line."""
     import prompt2prompt as p2p
 
-    request = _check_request(max_bytes, form)
+    request = check_request(max_bytes, form)
     image, specs, steps, guidance = request.image, request.specs, request.steps, request.guidance
     seed = request.seed
     if image:
@@ -225,7 +225,7 @@ def _run(editors: _Editors, out_dir: Path, max_bytes: int, form: Form[Any]):
         done.update(recipe=recipe, result=result, timing=timing, paths=paths)
 
     # Written in the staging folder and moved into out_dir whole: a failed run (the engine's checks, NaN results)
-    # leaves no folder behind, and a crash leaves half a run only in the staging folder (_clean_leftovers).
+    # leaves no folder behind, and a crash leaves half a run only in the staging folder (clean_leftovers).
     folder = write_folder_atomic(out_dir, _run_name(seed), write, numbered=False, staging=out_dir / STAGING)
     recipe, result, timing = done["recipe"], done["result"], done["timing"]
     paths = [folder / path for path in done["paths"]]
