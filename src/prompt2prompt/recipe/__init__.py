@@ -29,10 +29,5 @@ __all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "FORMAT", "GRID_TILE"
            "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
            "allow_large", "build_edits", "check_edits", "check_guidance", "check_int",
            "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "grid_labels",
-           "inversion_available", "package_version", "prepare_recipe", "read_recipe", "recipe_for", "replaying",
+           "package_version", "prepare_recipe", "read_recipe", "recipe_for", "replaying",
            "run_recipe", "save_grid", "save_png", "save_result", "scheduler_config", "source_key"]
-
-
-def inversion_available() -> bool:  # removed once cli/webapp stop calling it
-    """True: every install can invert real images."""
-    return True
