@@ -359,7 +359,8 @@ def test_a_png_with_oversized_metadata_is_a_recipe_error_in_our_words(tmp_path, 
 def test_input_files_that_never_end_or_are_huge_are_refused_before_reading(tmp_path, monkeypatch):
     import os
 
-    from prompt2prompt.recipe import MAX_INPUT_BYTES, file_digest
+    from prompt2prompt.limits import MAX_INPUT_BYTES
+    from prompt2prompt.recipe import file_digest
 
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)

@@ -25,8 +25,8 @@ from ..families import MAX_TEXT_LENGTH
 from ..limits import CROSS_STEPS, SELF_STEPS
 from ..loading import DEMO_MODELS
 from ..edits import check_edit_words, edit_from_dict
-from ..recipe import (EDIT_FIELDS, INVERSION_OPTIONS, MAX_STEPS, check_edits, check_guidance, check_int, check_inversion,
-                      check_seed, check_side, file_digest)
+from ..limits import MAX_STEPS, check_guidance, check_int, check_seed, check_side
+from ..recipe import EDIT_FIELDS, INVERSION_OPTIONS, check_edits, check_inversion, file_digest
 from ..syntax import PromptSyntaxError, inline_edit
 
 __all__ = ["Job", "Manifest", "ManifestError", "ScoreHook", "load_manifest", "load_score_hook", "parse_job", "plan_groups"]

@@ -74,7 +74,7 @@ def sequence_length(editor: Editor, length: int | None) -> int | None:
 def check_numbers(steps: int | None, guidance: float | None, height: int | None = None,
                   width: int | None = None) -> None:
     """The run's numbers, checked as a recipe's are, before any model loads (None: the model's default)."""
-    from ..recipe import MAX_STEPS, check_guidance, check_int, check_side
+    from ..limits import MAX_STEPS, check_guidance, check_int, check_side
 
     if steps is not None:
         check_int(steps, "--steps", 1, MAX_STEPS)

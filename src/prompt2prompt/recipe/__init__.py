@@ -11,12 +11,10 @@ bit for bit.
   from the pipeline's compatible ones, and its thread count); `run_recipe` sends it.
 - `png`: PNGs that carry their recipe and Automatic1111's parameters, result folders and labelled grids.
 
-The bounds and value checks are `prompt2prompt.limits`' (re-exported here for the front ends that import them from
-recipes); `P2P_ALLOW_LARGE=1` in the environment lifts the bounds for a real need.
+The bounds and value checks are `prompt2prompt.limits`'; `P2P_ALLOW_LARGE=1` in the environment lifts the bounds
+for a real need.
 """
 
-from ..limits import (ALLOW_LARGE, MAX_EDITS, MAX_GUIDANCE, MAX_INNER_STEPS, MAX_INPUT_BYTES, MAX_SIDE, MAX_STEPS,
-                      MAX_THREADS, MAX_TRAIN_TIMESTEPS, allow_large, check_guidance, check_int, check_seed, check_side)
 from .format import (EDIT_FIELDS, FORMAT, INVERSION_OPTIONS, KINDS, Recipe, RecipeError, build_edits, check_edits,
                      check_inversion, package_version)
 from .png import (A1111_SAMPLERS, GRID_TILE, PARAMETERS_KEY, RECIPE_KEY, a1111_parameters, edit_label, grid_labels,
@@ -24,10 +22,8 @@ from .png import (A1111_SAMPLERS, GRID_TILE, PARAMETERS_KEY, RECIPE_KEY, a1111_p
 from .record import recipe_for, scheduler_config
 from .replay import file_digest, prepare_recipe, replaying, run_recipe, source_key
 
-__all__ = ["A1111_SAMPLERS", "ALLOW_LARGE", "EDIT_FIELDS", "FORMAT", "GRID_TILE", "INVERSION_OPTIONS", "KINDS",
-           "MAX_EDITS", "MAX_GUIDANCE", "MAX_INNER_STEPS", "MAX_INPUT_BYTES", "MAX_SIDE", "MAX_STEPS", "MAX_THREADS",
-           "MAX_TRAIN_TIMESTEPS", "PARAMETERS_KEY", "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters",
-           "allow_large", "build_edits", "check_edits", "check_guidance", "check_int",
-           "check_inversion", "check_seed", "check_side", "edit_label", "file_digest", "grid_labels",
-           "package_version", "prepare_recipe", "read_recipe", "recipe_for", "replaying",
-           "run_recipe", "save_grid", "save_png", "save_result", "scheduler_config", "source_key"]
+__all__ = ["A1111_SAMPLERS", "EDIT_FIELDS", "FORMAT", "GRID_TILE", "INVERSION_OPTIONS", "KINDS", "PARAMETERS_KEY",
+           "RECIPE_KEY", "Recipe", "RecipeError", "a1111_parameters", "build_edits", "check_edits",
+           "check_inversion", "edit_label", "file_digest", "grid_labels", "package_version", "prepare_recipe",
+           "read_recipe", "recipe_for", "replaying", "run_recipe", "save_grid", "save_png", "save_result",
+           "scheduler_config", "source_key"]
