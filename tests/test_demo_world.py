@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prompt2prompt.demo import world
-from prompt2prompt.demo.parse import mask_iou, parse
+from prompt2prompt.demo.parse import mask_iou, parse, placement, placement_iou
 from prompt2prompt.demo.train import corrupt, load_config, lr_at, save_atomic, step_generator
 
 ATTRIBUTE_WORDS = [*world.COLORS, *world.SHAPES, *world.SIZES, *world.BACKGROUNDS, "left", "right", "top", "bottom",
@@ -89,6 +89,25 @@ def test_parser_reads_back_rendered_scenes():
                         and mask_iou(found.mask, mask) > 0.9)
     assert backgrounds == 60
     assert correct >= objects - 1  # a rare overlap can hide a corner of the first object
+
+
+def test_placement_recovers_centre_and_radius_whatever_the_shape():
+    # The layout of a shape swap: a perfect one, drawn by the world, keeps its placement though its box changes.
+    center = (30.3, 35.7)
+    found = {shape: parse(world.render(world.Scene((world.Obj(shape, "red", "big", None, center),), "white")).image)
+             .find("red") for shape in world.SHAPES}
+    for shape, obj in found.items():
+        x, y, radius = placement(obj)
+        assert obj.shape == shape
+        assert abs(x - center[0]) < 0.6 and abs(y - center[1]) < 0.6 and abs(radius - world.SIZES["big"]) < 0.6
+    widths = {shape: int(obj.mask.any(0).sum()) for shape, obj in found.items()}
+    assert widths["circle"] - widths["square"] >= 4  # their bounding boxes' IoU is about 0.69
+    assert placement_iou(found["circle"], found["square"]) > 0.9
+    assert placement_iou(found["circle"], None) == 0.0
+    moved = world.render(world.Scene((world.Obj("square", "red", "big", None, (center[0] + 8, center[1])),), "white"))
+    assert placement_iou(found["circle"], parse(moved.image).find("red")) < 0.65
+    small = world.render(world.Scene((world.Obj("square", "red", "small", None, center),), "white"))
+    assert placement_iou(found["circle"], parse(small.image).find("red")) < 0.6
 
 
 def test_bad_arguments_name_the_value():

@@ -111,6 +111,43 @@ def _areas() -> dict[tuple[str, str], float]:
             for shape in world.SHAPES for size, radius in world.SIZES.items()}
 
 
+@lru_cache(maxsize=1)
+def _placements() -> dict[str, tuple[float, float, float]]:
+    """Per shape, drawn at radius 1: its area, and where its bounding box's centre sits from the object's centre."""
+    radius, units = 28.0, {}
+    for shape in world.SHAPES:
+        mask = world.shape_coverage(shape, (32.0, 32.0), radius) >= 0.5
+        x, y = box_center(mask)
+        units[shape] = (float(mask.sum()) / radius**2, (x - 32.0) / radius, (y - 32.0) / radius)
+    return units
+
+
+def box_center(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the centre of a non-empty mask's bounding box, in pixels."""
+    ys, xs = np.nonzero(mask)
+    return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+
+
+def placement(obj: ParsedObject) -> tuple[float, float, float]:
+    """Where the world placed an object: its centre (x, y) and radius in pixels, recovered from its mask's area and
+    bounding box for its shape. Unlike the mask or the box, this does not change when only the shape does (a circle
+    and a square of one size and place have boxes of IoU 0.69, and one placement)."""
+    area, dx, dy = _placements()[obj.shape]
+    radius = float(np.sqrt(obj.mask.sum() / area))
+    x, y = box_center(obj.mask)
+    return x - dx * radius, y - dy * radius, radius
+
+
+def placement_iou(a: ParsedObject | None, b: ParsedObject | None) -> float:
+    """Intersection over union of two objects' placements, each the square of side twice its radius around its
+    centre (0 when either is missing): the layout of a shape swap, 1 for a perfect one."""
+    if a is None or b is None:
+        return 0.0
+    (x0, y0, r0), (x1, y1, r1) = placement(a), placement(b)
+    overlap = max(0.0, min(x0 + r0, x1 + r1) - max(x0 - r0, x1 - r1)) * max(0.0, min(y0 + r0, y1 + r1) - max(y0 - r0, y1 - r1))
+    return overlap / (4 * r0**2 + 4 * r1**2 - overlap)
+
+
 def classify_shape(mask: np.ndarray) -> str:
     """The shape whose bounding-box-normalised template overlaps the mask best (IoU)."""
     normalised = _normalised(mask)
@@ -129,8 +166,7 @@ def classify_size(mask: np.ndarray, shape: str) -> str:
 
 def classify_position(mask: np.ndarray) -> str:
     """The world position nearest to the centre of the mask's bounding box."""
-    ys, xs = np.nonzero(mask)
-    center = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+    center = box_center(mask)
     return min(world.POSITIONS, key=lambda p: np.hypot(center[0] - world.POSITIONS[p][0],
                                                        center[1] - world.POSITIONS[p][1]))
 
