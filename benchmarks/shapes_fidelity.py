@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from prompt2prompt import Edit, Editor, LocalBlend
 from prompt2prompt.demo import world
-from prompt2prompt.demo.parse import ParsedScene, mask_iou, parse, placement_iou
+from prompt2prompt.demo.parse import ParsedScene, box_center, mask_iou, parse, placement_iou
 from prompt2prompt.files import write_text_atomic
 
 PLAIN_SEED = 20_000_000  # held-out captions and seeds: far above every training seed
@@ -193,8 +193,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def moved(a: np.ndarray, b: np.ndarray) -> float:
     """Pixels between the centres of two masks' bounding boxes."""
-    (t0, l0, b0, r0), (t1, l1, b1, r1) = box(a), box(b)
-    return float(np.hypot((t0 + b0 - t1 - b1) / 2, (l0 + r0 - l1 - r1) / 2))
+    (x0, y0), (x1, y1) = box_center(a), box_center(b)
+    return float(np.hypot(x0 - x1, y0 - y1))
 
 
 def blend_for(kind: str, scene: world.Scene, target: world.Scene, old: str, new: str, threshold: float) -> LocalBlend:
