@@ -57,6 +57,16 @@ def edit_args(prompt: str | bytes, *extra: str | bytes) -> list[str | bytes]:
     return ["edit", prompt, *FAST, "--out", "@OUT@", *extra]
 
 
+def with_changes(base: dict, changes: dict, *, drop: Any = None) -> dict:
+    """`base` with `changes` applied in place: a key whose new value is `drop` is removed."""
+    for key, value in changes.items():
+        if value is drop:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return base
+
+
 def quote(value: str | bytes) -> str:
     """Shell-quote an argument; bytes and non-printable text as $'...' with escapes."""
     raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .case import EDIT, SRC, Case, short
+from .case import EDIT, SRC, Case, short, with_changes
 from .inputs import afile, canary_module, demo_index, image_at, make_fifo, make_sparse, model_folder, setup_all
 
 _DROP = object()  # a `line(key=_DROP)` leaves the key out
@@ -21,13 +21,7 @@ def batch_cases() -> list[Case]:
     cases: list[Case] = []
 
     def line(**changes) -> dict:
-        data = copy.deepcopy(good)
-        for key, value in changes.items():
-            if value is _DROP:
-                data.pop(key, None)
-            else:
-                data[key] = value
-        return data
+        return with_changes(copy.deepcopy(good), changes, drop=_DROP)
 
     def add(name, lines=None, expect="usage", *, raw: bytes | Callable[[Path], bytes] | None = None,
             extra=("--workers", "0"), manifest="@IN@/m.jsonl", setup_extra=None, check=None, env=None):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .case import CANARY, CATEGORIES, EDIT, FAST, INLINE, SRC, Case, Context, quote, short
+from .case import CANARY, CATEGORIES, EDIT, FAST, INLINE, SRC, Case, Context, quote, short, with_changes
 from .cases_api import api_cases
 from .cases_batch import batch_cases
 from .cases_cli import cli_cases
@@ -86,12 +86,7 @@ def child_env(root: Path, extra: dict[str, str | None], threads: int) -> dict[st
     env = {key: value for key, value in os.environ.items() if key not in SCRUB_ENV}
     env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
+    return with_changes(env, extra)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
