@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from prompt2prompt import Edit, Editor, LocalBlend
 from prompt2prompt.demo import world
-from prompt2prompt.demo.parse import ParsedScene, box_center, mask_iou, parse, placement_iou
+from prompt2prompt.demo.parse import ParsedScene, box_center, boxes_iou, mask_iou, parse, placement_iou
 from prompt2prompt.files import write_text_atomic
 
 PLAIN_SEED = 20_000_000  # held-out captions and seeds: far above every training seed
@@ -184,11 +184,7 @@ def box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two masks' bounding boxes (0 when either is empty)."""
-    if not a.any() or not b.any():
-        return 0.0
-    (t0, l0, b0, r0), (t1, l1, b1, r1) = box(a), box(b)
-    inter = max(0, min(b0, b1) - max(t0, t1)) * max(0, min(r0, r1) - max(l0, l1))
-    return inter / ((b0 - t0) * (r0 - l0) + (b1 - t1) * (r1 - l1) - inter)
+    return boxes_iou(box(a), box(b)) if a.any() and b.any() else 0.0
 
 
 def moved(a: np.ndarray, b: np.ndarray) -> float:

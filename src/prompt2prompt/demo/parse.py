@@ -144,8 +144,14 @@ def placement_iou(a: ParsedObject | None, b: ParsedObject | None) -> float:
     if a is None or b is None:
         return 0.0
     (x0, y0, r0), (x1, y1, r1) = placement(a), placement(b)
-    overlap = max(0.0, min(x0 + r0, x1 + r1) - max(x0 - r0, x1 - r1)) * max(0.0, min(y0 + r0, y1 + r1) - max(y0 - r0, y1 - r1))
-    return overlap / (4 * r0**2 + 4 * r1**2 - overlap)
+    return boxes_iou((y0 - r0, x0 - r0, y0 + r0, x0 + r0), (y1 - r1, x1 - r1, y1 + r1, x1 + r1))
+
+
+def boxes_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two non-empty (top, left, bottom, right) boxes."""
+    (t0, l0, b0, r0), (t1, l1, b1, r1) = a, b
+    overlap = max(0.0, min(b0, b1) - max(t0, t1)) * max(0.0, min(r0, r1) - max(l0, l1))
+    return overlap / ((b0 - t0) * (r0 - l0) + (b1 - t1) * (r1 - l1) - overlap)
 
 
 def classify_shape(mask: np.ndarray) -> str:
